@@ -1,0 +1,98 @@
+"""Resampling onto the canonical training grid and back onto a scan's own grid.
+
+The canonical grid has the identity direction (SimpleITK's LPS axes) and the target spacing, and covers the
+whole world box of the input, so oblique scans lose no tissue and predictions can return exactly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import SimpleITK as sitk
+
+from iris_pipelines.imaging.geometry import _IDENTITY, Geometry
+
+_LABEL_MAX = 255
+_SIZE_EPS = 1e-6  # keeps float noise in a box that is exactly n voxels wide from adding a voxel
+
+
+def _as_spacing(spacing: float | Sequence[float]) -> np.ndarray:
+    values = np.broadcast_to(np.asarray(spacing, dtype=np.float64), (3,))
+    if np.any(values <= 0):
+        raise ValueError(f"target spacing must be positive, got {tuple(values)}")
+    return values
+
+
+def canonical_geometry(image_geometry: Geometry, spacing: float | Sequence[float]) -> Geometry:
+    """Identity-direction grid at ``spacing`` covering the input's voxel box, centred on it."""
+    target = _as_spacing(spacing)
+    corners = image_geometry.world_corners()
+    low, high = corners.min(axis=0), corners.max(axis=0)
+    size = np.maximum(np.ceil((high - low) / target - _SIZE_EPS), 1).astype(int)
+    centre = (low + high) / 2.0
+    origin = centre - (size - 1) / 2.0 * target
+    return Geometry(tuple(size), tuple(target), tuple(origin), _IDENTITY)
+
+
+def _minimum(image: sitk.Image) -> float:
+    stats = sitk.MinimumMaximumImageFilter()
+    stats.Execute(image)
+    return stats.GetMinimum()
+
+
+def _as_label(image: sitk.Image) -> sitk.Image:
+    if image.GetPixelID() == sitk.sitkUInt8:
+        return image
+    stats = sitk.MinimumMaximumImageFilter()
+    stats.Execute(image)
+    if stats.GetMinimum() < 0 or stats.GetMaximum() > _LABEL_MAX:
+        raise ValueError(
+            f"label values must lie in 0..{_LABEL_MAX}, got {stats.GetMinimum()}..{stats.GetMaximum()}"
+        )
+    return sitk.Cast(image, sitk.sitkUInt8)
+
+
+def resample_to_geometry(
+    image: sitk.Image, geometry: Geometry, *, is_label: bool, default_value: float | None = None
+) -> sitk.Image:
+    """Resample onto ``geometry`` in world space.
+
+    Labels use nearest neighbour (no invented classes) and come back as uint8 with background 0 outside
+    the input. Images use linear interpolation into float32 (integer output would round away the
+    interpolation) and are padded with their minimum, i.e. air for CT rather than a fake 0 HU.
+    """
+    if is_label:
+        source = _as_label(image)
+        interpolator, pixel_type = sitk.sitkNearestNeighbor, sitk.sitkUInt8
+        fill = 0.0 if default_value is None else default_value
+    else:
+        source = image
+        interpolator, pixel_type = sitk.sitkLinear, sitk.sitkFloat32
+        fill = _minimum(image) if default_value is None else default_value
+    return sitk.Resample(
+        source,
+        geometry.size,
+        sitk.Transform(3, sitk.sitkIdentity),
+        interpolator,
+        geometry.origin,
+        geometry.spacing,
+        geometry.direction,
+        float(fill),
+        pixel_type,
+    )
+
+
+def to_canonical(image: sitk.Image, spacing: float | Sequence[float], *, is_label: bool) -> sitk.Image:
+    """Resample onto the canonical grid derived from the image's own geometry.
+
+    An image and its label must share one canonical grid: compute it once with :func:`canonical_geometry`
+    and use :func:`resample_to_geometry` for both when their headers may differ by float noise.
+    """
+    target = canonical_geometry(Geometry.from_image(image), spacing)
+    return resample_to_geometry(image, target, is_label=is_label)
+
+
+def restore_geometry(image: sitk.Image, original: Geometry, *, is_label: bool) -> sitk.Image:
+    """Send a canonical-grid result back onto the scan's grid with its exact header."""
+    return resample_to_geometry(image, original, is_label=is_label)
