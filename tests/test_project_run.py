@@ -24,12 +24,13 @@ SMALL_PHANTOMS = "phantoms.cases_per_dataset=3,phantoms.size_scale=0.6"
 
 @pytest.fixture(scope="module")
 def project_copy(tmp_path_factory) -> Path:
-    """conf/, pyproject and the lock file in a fresh folder, with the source imported from this checkout."""
+    """The project's code and configuration in a fresh folder, with no data and no MLflow store."""
     root = tmp_path_factory.mktemp("project")
-    for name in ("conf", "pyproject.toml", "requirements.lock", ".telemetry"):
+    for name in ("conf", "src", "pyproject.toml", "requirements.lock", ".telemetry"):
         source = PROJECT_ROOT / name
         if source.is_dir():
-            shutil.copytree(source, root / name, ignore=shutil.ignore_patterns("credentials*"))
+            ignore = shutil.ignore_patterns("credentials*", "__pycache__", "*.egg-info")
+            shutil.copytree(source, root / name, ignore=ignore)
         else:
             shutil.copy2(source, root / name)
     for layer in ("01_raw", "02_intermediate", "05_model_input", "08_reporting"):
@@ -44,11 +45,13 @@ def project_copy(tmp_path_factory) -> Path:
 
 
 def kedro_run(root: Path, *args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "KEDRO_DISABLE_TELEMETRY": "1", "PYTHONPATH": str(PROJECT_ROOT / "src")}
+    env = {**os.environ, "KEDRO_DISABLE_TELEMETRY": "1"}
     result = subprocess.run(
-        [KEDRO, "run", *args], cwd=root, env=env, capture_output=True, text=True, timeout=900
+        [KEDRO, "run", *args], cwd=root, env=env, capture_output=True, text=True, timeout=900, check=False
     )
-    assert result.returncode == 0, f"kedro run {' '.join(args)} failed:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
+    assert result.returncode == 0, (
+        f"kedro run {' '.join(args)} failed:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
+    )
     return result
 
 

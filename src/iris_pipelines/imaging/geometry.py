@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import SimpleITK as sitk
 
-_IDENTITY = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
+IDENTITY_DIRECTION = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
 
 
 @dataclass(frozen=True)
@@ -34,7 +34,7 @@ class Geometry:
         if len(self.size) != 3 or len(self.spacing) != 3 or len(self.origin) != 3 or len(self.direction) != 9:
             raise ValueError("Geometry needs 3 sizes, 3 spacings, 3 origin values and 9 direction values")
         if min(self.size) < 1 or min(self.spacing) <= 0:
-            raise ValueError(f"Geometry needs positive sizes and spacings, got {self.size} and {self.spacing}")
+            raise ValueError(f"Geometry needs positive sizes and spacings: {self.size}, {self.spacing}")
 
     @classmethod
     def from_image(cls, image: sitk.Image) -> Geometry:
@@ -104,4 +104,4 @@ class Geometry:
 
     @property
     def is_identity_direction(self) -> bool:
-        return bool(np.allclose(self.direction, _IDENTITY, rtol=0.0, atol=1e-6))
+        return bool(np.allclose(self.direction, IDENTITY_DIRECTION, rtol=0.0, atol=1e-6))

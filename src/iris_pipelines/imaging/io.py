@@ -17,8 +17,11 @@ import uuid
 import zlib
 from pathlib import Path
 
+import nibabel
 import numpy as np
 import SimpleITK as sitk
+from nibabel.filebasedimages import ImageFileError
+from nibabel.spatialimages import HeaderDataError
 
 from iris_pipelines.imaging.errors import InvalidInputError
 
@@ -32,6 +35,7 @@ _SUFFIX_FORMATS: dict[str, str] = {
     ".nrrd": "nrrd",
     ".nhdr": "nrrd",
 }
+_FORMAT_NAMES = {"nifti": "NIfTI", "mha": "MetaImage", "nrrd": "NRRD", "dicom": "DICOM"}
 _GZIP_MAGIC = b"\x1f\x8b"
 _CHUNK = 1 << 20
 _CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
@@ -62,30 +66,33 @@ def detect_format(path: str | os.PathLike[str]) -> str:
     )
 
 
+_ERROR_MARKER = re.compile(r"(?:Description|ERROR):")
+_ITK_OBJECT = re.compile(r"\b\w+\(0x[0-9a-fA-F]+\):\s*")
+
+
 def _condense(message: str) -> str:
-    """Reduce a multi-line ITK exception to the sentence that says what went wrong."""
+    """Reduce a multi-line ITK exception to the sentences that say what went wrong."""
     lines = [line.strip() for line in message.splitlines() if line.strip()]
-    for marker in ("Description:", "sitk::ERROR:"):
-        hits = [line.split(marker, 1)[1].strip() for line in lines if marker in line]
-        if hits:
-            text = " ".join(hits)
-            break
-    else:
+    start = next((i for i, line in enumerate(lines) if _ERROR_MARKER.search(line)), None)
+    if start is None:
         text = lines[-1] if lines else "unknown reader error"
-    text = re.sub(r"\s+", " ", text)
+    else:
+        text = " ".join([_ERROR_MARKER.split(lines[start], maxsplit=1)[1], *lines[start + 1 :]])
+    text = re.sub(r"\s+", " ", _ITK_OBJECT.sub("", text)).strip()
     return text if len(text) <= _MAX_REASON_CHARS else text[: _MAX_REASON_CHARS - 1] + "…"
 
 
-def _check_gzip_stream(path: Path) -> None:
-    """Fail on a truncated or corrupt gzip stream.
+def _gzip_payload_bytes(path: Path) -> int:
+    """Decompressed length of a gzip file, failing on a truncated or corrupt stream.
 
     ITK's NIfTI reader zero-fills a truncated ``.nii.gz`` without any error (checked with SimpleITK 2.5),
     so the stream is verified here; decompressing once more costs well under a second per CT volume.
     """
+    total = 0
     try:
         with gzip.open(path, "rb") as stream:
-            while stream.read(_CHUNK):
-                pass
+            while chunk := stream.read(_CHUNK):
+                total += len(chunk)
     except (EOFError, OSError, zlib.error) as exc:
         raise InvalidInputError(
             str(path),
@@ -93,6 +100,34 @@ def _check_gzip_stream(path: Path) -> None:
             f"the gzip stream is truncated or corrupt ({_condense(str(exc))}); "
             "re-export or re-download the file",
         ) from None
+    return total
+
+
+def _check_nifti(path: Path, payload_bytes: int) -> None:
+    """Fail on what ITK's NIfTI reader hides: missing voxel bytes (zero-filled) and NaN/Inf (set to 0)."""
+    try:
+        proxy = nibabel.load(path).dataobj
+    except (ImageFileError, HeaderDataError, ValueError, OSError, EOFError):
+        return  # not parseable as NIfTI here; ITK's reader reports the problem next
+    expected = proxy.offset + int(np.prod(proxy.shape)) * proxy.dtype.itemsize
+    if payload_bytes < expected:
+        raise InvalidInputError(
+            str(path),
+            "unreadable",
+            f"the file is truncated: it holds {payload_bytes} of the {expected} bytes its header declares; "
+            "re-export or re-download it",
+        )
+    if proxy.dtype.kind == "f":
+        # ITK's NIfTI reader silently turns NaN and Inf into 0, so they must be counted in the file itself.
+        stored = np.asanyarray(proxy.get_unscaled())
+        non_finite = int(stored.size - np.count_nonzero(np.isfinite(stored)))
+        if non_finite:
+            raise InvalidInputError(
+                str(path),
+                "non_finite",
+                f"{non_finite} of {stored.size} voxels are NaN or infinite (a NIfTI reader would silently "
+                "turn them into 0); fix or mask them before ingesting",
+            )
 
 
 def _pick_dicom_series(directory: Path) -> list[str]:
@@ -147,8 +182,10 @@ def read_image(path: str | os.PathLike[str], *, pixel_type: int | None = None) -
         if source.stat().st_size == 0:
             raise InvalidInputError(str(path), "unreadable", "the file is empty (0 bytes); re-export it")
         with source.open("rb") as handle:
-            if handle.read(2) == _GZIP_MAGIC:
-                _check_gzip_stream(source)
+            gzipped = handle.read(2) == _GZIP_MAGIC
+        payload_bytes = _gzip_payload_bytes(source) if gzipped else source.stat().st_size
+        if image_format == "nifti":
+            _check_nifti(source, payload_bytes)
         reader = sitk.ImageFileReader()
         reader.SetFileName(str(source))
     reader.SetOutputPixelType(output_type)
@@ -156,7 +193,10 @@ def read_image(path: str | os.PathLike[str], *, pixel_type: int | None = None) -
         return reader.Execute()
     except RuntimeError as exc:
         raise InvalidInputError(
-            str(path), "unreadable", f"the {image_format} reader failed: {_condense(str(exc))}"
+            str(path),
+            "unreadable",
+            f"the {_FORMAT_NAMES[image_format]} reader failed ({_condense(str(exc))}); "
+            f"the file may be truncated, corrupt or not a valid {_FORMAT_NAMES[image_format]} file",
         ) from None
 
 

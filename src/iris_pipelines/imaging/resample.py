@@ -11,7 +11,7 @@ from collections.abc import Sequence
 import numpy as np
 import SimpleITK as sitk
 
-from iris_pipelines.imaging.geometry import _IDENTITY, Geometry
+from iris_pipelines.imaging.geometry import IDENTITY_DIRECTION, Geometry
 
 _LABEL_MAX = 255
 _SIZE_EPS = 1e-6  # keeps float noise in a box that is exactly n voxels wide from adding a voxel
@@ -32,7 +32,7 @@ def canonical_geometry(image_geometry: Geometry, spacing: float | Sequence[float
     size = np.maximum(np.ceil((high - low) / target - _SIZE_EPS), 1).astype(int)
     centre = (low + high) / 2.0
     origin = centre - (size - 1) / 2.0 * target
-    return Geometry(tuple(size), tuple(target), tuple(origin), _IDENTITY)
+    return Geometry(tuple(size), tuple(target), tuple(origin), IDENTITY_DIRECTION)
 
 
 def _minimum(image: sitk.Image) -> float:

@@ -1,0 +1,258 @@
+"""The episode index: subject-level splits, per-dataset class tables and fixed evaluation episodes.
+
+Every random choice draws from a generator seeded by (seed, purpose, dataset[, case]) and works on sorted
+ids, so the index depends only on the manifest's content and the seed: never on row order, and adding a
+dataset leaves the other datasets' splits and episodes unchanged.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+logger = logging.getLogger(__name__)
+
+SPLITS = ("train", "val", "test")
+HELDOUT_SPLITS = ("context", "test")
+REQUIRED_COLUMNS = ("dataset", "case_id", "subject_id", "heldout", "labels", "class_voxels")
+
+
+@dataclass(frozen=True)
+class SplitRatios:
+    train: float = 0.6
+    val: float = 0.2
+    test: float = 0.2
+
+    def __post_init__(self) -> None:
+        values = (self.train, self.val, self.test)
+        if min(values) < 0 or not math.isclose(sum(values), 1.0, abs_tol=1e-6):
+            raise ValueError(f"episodes.ratios must be non-negative and sum to 1, got {values}")
+
+
+@dataclass(frozen=True)
+class EpisodeParams:
+    """``params:episodes``."""
+
+    seed: int = 0
+    ratios: SplitRatios = field(default_factory=SplitRatios)
+    heldout_context_ratio: float = 0.5
+    n_references: int = 3
+
+    def __post_init__(self) -> None:
+        if not 0 < self.heldout_context_ratio < 1:
+            raise ValueError(
+                f"episodes.heldout_context_ratio must be in (0, 1), got {self.heldout_context_ratio}"
+            )
+        if self.n_references < 1:
+            raise ValueError(f"episodes.n_references must be >= 1, got {self.n_references}")
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> EpisodeParams:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown episodes parameter(s) {unknown}; expected some of {sorted(known)}")
+        values = dict(data)
+        if "ratios" in values:
+            values["ratios"] = SplitRatios(**values["ratios"])
+        return cls(**values)
+
+    @classmethod
+    def coerce(cls, params: EpisodeParams | Mapping[str, Any]) -> EpisodeParams:
+        return params if isinstance(params, cls) else cls.from_dict(params)
+
+
+def derived_seed(*parts: object) -> int:
+    """A stable 32-bit seed from any parts (Python's hash() is salted per process, so it cannot be used)."""
+    digest = hashlib.sha256("\x1f".join(str(p) for p in parts).encode()).digest()
+    return int.from_bytes(digest[:4], "little")
+
+
+def split_counts(n: int, fractions: Sequence[float]) -> list[int]:
+    """Largest-remainder rounding of ``n`` subjects over ``fractions``; when there are at least as many
+    subjects as splits, every split with a positive fraction gets one, taken from the largest split."""
+    raw = [n * f for f in fractions]
+    counts = [math.floor(r) for r in raw]
+    by_remainder = sorted(range(len(raw)), key=lambda i: (-(raw[i] - counts[i]), i))
+    for i in by_remainder[: n - sum(counts)]:
+        counts[i] += 1
+    if n >= len(fractions):
+        for i, fraction in enumerate(fractions):
+            if fraction > 0 and counts[i] == 0:
+                counts[max(range(len(counts)), key=lambda j: counts[j])] -= 1
+                counts[i] = 1
+    return counts
+
+
+def _assign_subjects(
+    subjects: Sequence[str], names: Sequence[str], fractions: Sequence[float], seed: int
+) -> dict[str, str]:
+    order = np.random.default_rng(seed).permutation(len(subjects))
+    shuffled = [subjects[i] for i in order]
+    assignment: dict[str, str] = {}
+    start = 0
+    for name, count in zip(names, split_counts(len(subjects), fractions), strict=True):
+        assignment.update((s, name) for s in shuffled[start : start + count])
+        start += count
+    return assignment
+
+
+def _json_map(value: Any) -> dict[str, Any]:
+    return dict(json.loads(value) if isinstance(value, str) else value)
+
+
+def _prepare(manifest: pd.DataFrame) -> pd.DataFrame:
+    """Validate and sort the manifest so nothing downstream depends on its row order."""
+    missing = [c for c in REQUIRED_COLUMNS if c not in manifest.columns]
+    if missing:
+        raise ValueError(f"preprocessed_manifest lacks column(s) {missing}")
+    table = manifest.loc[:, list(REQUIRED_COLUMNS)].copy()
+    for column in ("dataset", "case_id", "subject_id"):
+        table[column] = table[column].astype(str)
+    table["heldout"] = table["heldout"].astype(bool)
+    duplicated = table.duplicated(["dataset", "case_id"])
+    if duplicated.any():
+        pairs = table.loc[duplicated, ["dataset", "case_id"]].to_numpy().tolist()
+        raise ValueError(f"preprocessed_manifest has duplicate (dataset, case_id) rows: {pairs[:5]}")
+    mixed = table.groupby("dataset")["heldout"].nunique()
+    if (mixed > 1).any():
+        raise ValueError(f"datasets mix held-out and training cases: {sorted(mixed[mixed > 1].index)}")
+    table["labels"] = table["labels"].map(_json_map)
+    table["class_voxels"] = table["class_voxels"].map(_json_map)
+    return table.sort_values(["dataset", "case_id"], kind="stable").reset_index(drop=True)
+
+
+def assign_splits(table: pd.DataFrame, params: EpisodeParams) -> pd.Series:
+    """Split each dataset over its subjects; held-out datasets go to context/test only."""
+    ratios = params.ratios
+    splits = pd.Series("", index=table.index, dtype=object)
+    for dataset, group in table.groupby("dataset", sort=True):
+        subjects = sorted(group["subject_id"].unique())
+        if bool(group["heldout"].iloc[0]):
+            names, fractions = (
+                HELDOUT_SPLITS,
+                (params.heldout_context_ratio, 1 - params.heldout_context_ratio),
+            )
+        else:
+            names, fractions = SPLITS, (ratios.train, ratios.val, ratios.test)
+        if len(subjects) < len(names):
+            logger.warning(
+                "dataset %s has %d subject(s); some of %s stay empty", dataset, len(subjects), names
+            )
+        assignment = _assign_subjects(subjects, names, fractions, derived_seed(params.seed, "split", dataset))
+        splits[group.index] = group["subject_id"].map(assignment)
+    return splits
+
+
+def class_tables(table: pd.DataFrame) -> dict[str, dict[str, dict[str, Any]]]:
+    """Per dataset and label: name, training cases that contain it, and whether no training dataset has
+    a class of that name (compared case-insensitively)."""
+    declared = {dataset: {} for dataset in table["dataset"].unique()}
+    for dataset, labels in zip(table["dataset"], table["labels"], strict=True):
+        declared[dataset].update(labels)
+    training_datasets = set(table.loc[~table["heldout"], "dataset"])
+    seen_in_training = {str(name).strip().lower() for d in training_datasets for name in declared[d].values()}
+    train_rows = table[table["split"] == "train"]
+    tables: dict[str, dict[str, dict[str, Any]]] = {}
+    for dataset in sorted(declared):
+        rows = train_rows[train_rows["dataset"] == dataset]
+        tables[dataset] = {
+            label: {
+                "name": str(name),
+                "train_cases": int(sum(int(v.get(label, 0)) > 0 for v in rows["class_voxels"])),
+                "novel": str(name).strip().lower() not in seen_in_training,
+            }
+            for label, name in sorted(declared[dataset].items(), key=lambda item: int(item[0]))
+        }
+    return tables
+
+
+def _present_classes(case: pd.Series) -> list[int]:
+    return sorted(int(label) for label in case["labels"] if int(case["class_voxels"].get(label, 0)) > 0)
+
+
+def _draw_references(
+    query: pd.Series, pool: pd.DataFrame, classes: list[int], k: int, seed: int
+) -> list[str]:
+    """k distinct cases of other subjects, seeded; those containing every query class come first so a
+    reference can show each class whenever the pool allows it."""
+    candidates = pool[pool["subject_id"] != query["subject_id"]]
+    order = np.random.default_rng(seed).permutation(len(candidates))
+    shuffled = [candidates.iloc[i] for i in order]
+    covering = [c for c in shuffled if set(classes) <= set(_present_classes(c))]
+    others = [c for c in shuffled if not set(classes) <= set(_present_classes(c))]
+    return [str(c["case_id"]) for c in (covering + others)[:k]]
+
+
+def build_episodes(table: pd.DataFrame, params: EpisodeParams) -> list[dict[str, Any]]:
+    """One fixed episode per val/test case that shows any declared class and has a reference available."""
+    episodes: list[dict[str, Any]] = []
+    skipped = 0
+    for dataset, group in table.groupby("dataset", sort=True):
+        pool = group[group["split"] == ("context" if bool(group["heldout"].iloc[0]) else "train")]
+        for _, query in group[group["split"].isin(["val", "test"])].iterrows():
+            classes = _present_classes(query)
+            seed = derived_seed(params.seed, "episode", dataset, query["case_id"])
+            references = _draw_references(query, pool, classes, params.n_references, seed) if classes else []
+            if not references:
+                skipped += 1
+                continue
+            episodes.append(
+                {
+                    "episode_id": f"{dataset}/{query['case_id']}",
+                    "split": str(query["split"]),
+                    "dataset": str(dataset),
+                    "query": str(query["case_id"]),
+                    "references": references,
+                    "classes": classes,
+                    "seed": seed,
+                }
+            )
+    if skipped:
+        logger.warning(
+            "%d val/test case(s) have no foreground class or no reference; no episode for them", skipped
+        )
+    return episodes
+
+
+def index_checksum(index: Mapping[str, Any]) -> str:
+    """sha256 of the canonical JSON (sorted keys, no whitespace) of everything but the checksum."""
+    body = {key: value for key, value in index.items() if key != "checksum"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def build_episode_index(
+    preprocessed_manifest: pd.DataFrame, params: EpisodeParams | Mapping[str, Any]
+) -> dict[str, Any]:
+    """The ``episode_index`` contract of docs/data-contracts.md, deterministic in (manifest content, seed)."""
+    params = EpisodeParams.coerce(params)
+    table = _prepare(preprocessed_manifest)
+    table["split"] = assign_splits(table, params)
+    cases = [
+        {
+            "dataset": r.dataset,
+            "case_id": r.case_id,
+            "subject_id": r.subject_id,
+            "split": r.split,
+            "heldout": bool(r.heldout),
+        }
+        for r in table.itertuples(index=False)
+    ]
+    index: dict[str, Any] = {
+        "seed": int(params.seed),
+        "cases": cases,
+        "classes": class_tables(table),
+        "episodes": build_episodes(table, params),
+    }
+    index["checksum"] = index_checksum(index)
+    counts = table["split"].value_counts().to_dict()
+    logger.info("episode index: %s cases by split, %d episodes", counts, len(index["episodes"]))
+    return index

@@ -1,0 +1,277 @@
+"""Check every discovered case and build the ``case_manifest`` and ``ingest_report`` tables.
+
+A case is accepted only when its image and label can be read, are 3-D, share one grid, the image is finite
+and the label holds declared integer labels with some foreground. Everything else becomes one report row
+(and one WARNING), so a bad file never stops a collection from being ingested unless ``strict`` is set.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import SimpleITK as sitk
+from tqdm import tqdm
+
+from iris_pipelines.collection.layouts import CaseRef, Problem, discover_cases
+from iris_pipelines.imaging.errors import InvalidInputError
+from iris_pipelines.imaging.geometry import Geometry
+from iris_pipelines.imaging.io import detect_format, file_sha256, read_image
+
+logger = logging.getLogger(__name__)
+
+MANIFEST_COLUMNS = (
+    "dataset",
+    "case_id",
+    "subject_id",
+    "modality",
+    "heldout",
+    "layout",
+    "image_path",
+    "label_path",
+    "image_format",
+    "size",
+    "spacing",
+    "origin",
+    "direction",
+    "labels",
+    "image_sha256",
+    "label_sha256",
+)
+REPORT_COLUMNS = ("dataset", "case_id", "path", "reason", "check")
+
+# Direction cosines are unitless, so they get their own tolerance: NIfTI stores them as float32
+# (~1e-7 error) and qform/sform round-trips add ~1e-6, while 1e-4 still catches a 0.006° rotation.
+DIRECTION_ATOL = 1e-4
+_MAX_LISTED = 10
+
+
+def _format_values(values: Iterable[float]) -> str:
+    return "(" + ", ".join(repr(round(float(v), 6)) if isinstance(v, float) else str(v) for v in values) + ")"
+
+
+def _require_3d(image: sitk.Image, path: Path) -> None:
+    dimension = image.GetDimension()
+    if dimension != 3:
+        raise InvalidInputError(
+            str(path),
+            "not_3d",
+            f"the image is {dimension}-D (size {_format_values(image.GetSize())}); Iris needs one 3-D volume "
+            "per file: split channels or time points into separate cases",
+        )
+    components = image.GetNumberOfComponentsPerPixel()
+    if components != 1:
+        raise InvalidInputError(
+            str(path),
+            "not_3d",
+            f"the image has {components} values per voxel; Iris needs a single-channel 3-D volume",
+        )
+
+
+def _require_finite(values: np.ndarray, path: Path) -> None:
+    if not np.issubdtype(values.dtype, np.floating):
+        return
+    non_finite = values.size - int(np.count_nonzero(np.isfinite(values)))
+    if non_finite:
+        nans = int(np.count_nonzero(np.isnan(values)))
+        raise InvalidInputError(
+            str(path),
+            "non_finite",
+            f"the image has {non_finite} non-finite voxels ({nans} NaN, {non_finite - nans} infinite) "
+            f"out of {values.size}; replace them (e.g. with the background value) and re-export",
+        )
+
+
+def _first_grid_difference(image: Geometry, label: Geometry, tolerance_mm: float) -> str | None:
+    """Name the first differing grid attribute with both values, or None when the grids agree."""
+    checks = (
+        ("size", 0.0),
+        ("spacing", tolerance_mm),
+        ("origin", tolerance_mm),
+        ("direction", DIRECTION_ATOL),
+    )
+    for name, tolerance in checks:
+        ours, theirs = getattr(image, name), getattr(label, name)
+        if not np.allclose(ours, theirs, rtol=0.0, atol=tolerance):
+            return f"{name} {_format_values(ours)} in the image vs {_format_values(theirs)} in the label"
+    return None
+
+
+def _label_values(values: np.ndarray, path: Path) -> np.ndarray:
+    """Distinct label values, refusing fractional or NaN ones (interpolated or probability masks)."""
+    if not np.issubdtype(values.dtype, np.integer):
+        rounded = np.rint(values)
+        fractional = values != rounded  # NaN != NaN, so NaNs count too
+        count = int(np.count_nonzero(fractional))
+        if count:
+            examples = np.unique(values[fractional])[:_MAX_LISTED]
+            raise InvalidInputError(
+                str(path),
+                "non_integer_label",
+                f"{count} label voxels are not whole numbers (e.g. {', '.join(f'{v:g}' for v in examples)}); "
+                "a label map must hold integer class values: re-export it without interpolation",
+            )
+        values = rounded
+    # sorted=False uses a hash table: ~2x faster than sorting a 512² × 300 volume.
+    return np.sort(np.unique(values, sorted=False)).astype(np.int64)
+
+
+def _require_declared_foreground(present: np.ndarray, labels: Mapping[int, str], path: Path) -> None:
+    undeclared = [int(v) for v in present if v != 0 and int(v) not in labels]
+    if undeclared:
+        listed = ", ".join(map(str, undeclared[:_MAX_LISTED])) + (
+            " …" if len(undeclared) > _MAX_LISTED else ""
+        )
+        raise InvalidInputError(
+            str(path),
+            "undeclared_label",
+            f"the label holds value(s) {listed} not declared in the dataset's labels "
+            f"{dict(sorted(labels.items()))}; declare them or remove them from the label",
+        )
+    if not np.any(present != 0):
+        raise InvalidInputError(
+            str(path),
+            "empty_label",
+            "the label has no foreground voxel (all background); it cannot serve as a reference or be "
+            "evaluated: remove the case or fix the label",
+        )
+
+
+def validate_case(ref: CaseRef, *, tolerance_mm: float) -> dict[str, Any]:
+    """Read the image and label once each, check them, and return the case's ``case_manifest`` row.
+
+    Raises :class:`InvalidInputError` naming the offending file and the problem.
+    """
+    image = read_image(ref.image_path)
+    _require_3d(image, ref.image_path)
+    _require_finite(sitk.GetArrayViewFromImage(image), ref.image_path)
+    geometry = Geometry.from_image(image)
+    del image  # the label is read next; do not hold two volumes
+    label = read_image(ref.label_path)
+    _require_3d(label, ref.label_path)
+    difference = _first_grid_difference(geometry, Geometry.from_image(label), tolerance_mm)
+    if difference:
+        raise InvalidInputError(
+            str(ref.label_path),
+            "grid_mismatch",
+            f"image and label are on different grids: {difference}; resample the label onto the image grid",
+        )
+    present = _label_values(sitk.GetArrayViewFromImage(label), ref.label_path)
+    _require_declared_foreground(present, ref.labels, ref.label_path)
+    return {
+        "dataset": ref.dataset,
+        "case_id": ref.case_id,
+        "subject_id": ref.subject_id,
+        "modality": ref.modality,
+        "heldout": ref.heldout,
+        "layout": ref.layout,
+        "image_path": str(ref.image_path),
+        "label_path": str(ref.label_path),
+        "image_format": detect_format(ref.image_path),
+        **geometry.to_dict(),
+        "labels": json.dumps({str(value): name for value, name in sorted(ref.labels.items())}),
+        "image_sha256": file_sha256(ref.image_path),
+        "label_sha256": file_sha256(ref.label_path),
+    }
+
+
+def _drop_duplicate_cases(refs: list[CaseRef]) -> tuple[list[CaseRef], list[Problem]]:
+    """Keep the first case of each id; a later one with the same id is a reject, not an overwrite."""
+    first: dict[str, CaseRef] = {}
+    problems: list[Problem] = []
+    for ref in refs:
+        if ref.case_id in first:
+            problems.append(
+                Problem(
+                    ref.dataset,
+                    ref.case_id,
+                    str(ref.image_path),
+                    "duplicate_case",
+                    f"case id {ref.case_id!r} appears twice in dataset {ref.dataset!r} "
+                    f"(first: {first[ref.case_id].image_path}); rename or remove one",
+                )
+            )
+        else:
+            first[ref.case_id] = ref
+    return list(first.values()), problems
+
+
+def discover_sources(sources: Iterable[Mapping[str, Any]]) -> tuple[list[CaseRef], list[Problem]]:
+    """Cases of all sources, refusing a source whose name an earlier one already uses."""
+    refs: list[CaseRef] = []
+    problems: list[Problem] = []
+    seen: dict[str, str] = {}
+    for source in sources:
+        name = str(source.get("name") or "")
+        if name in seen:
+            problems.append(
+                Problem(
+                    name,
+                    "",
+                    str(source.get("path") or ""),
+                    "duplicate_dataset",
+                    f"dataset name {name!r} is already used by the source at {seen[name]}; "
+                    "give each source a unique name",
+                )
+            )
+            continue
+        if name:
+            seen[name] = str(source.get("path") or "")
+        found, found_problems = discover_cases(source)
+        unique, duplicates = _drop_duplicate_cases(found)
+        refs.extend(unique)
+        problems.extend(found_problems + duplicates)
+    return refs, problems
+
+
+def _reject(problem: Problem, *, strict: bool, rejects: list[dict[str, str]]) -> None:
+    if strict:
+        raise problem.to_error()
+    where = f"{problem.dataset}/{problem.case_id}" if problem.case_id else problem.dataset or "source"
+    logger.warning("Rejected %s: %s: %s", where, problem.path, problem.reason)
+    rejects.append(
+        {
+            "dataset": problem.dataset,
+            "case_id": problem.case_id,
+            "path": problem.path,
+            "reason": problem.reason,
+            "check": problem.check,
+        }
+    )
+
+
+def ingest_sources(
+    sources: Iterable[Mapping[str, Any]], *, strict: bool = False, tolerance_mm: float = 1e-3
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Discover and check every case of ``sources``: ``(case_manifest, ingest_report)``.
+
+    Bad inputs are logged and reported and the rest goes on; ``strict`` raises the first
+    :class:`InvalidInputError` instead, for users who want a collection accepted whole or not at all.
+    """
+    sources = list(sources)
+    refs, problems = discover_sources(sources)
+    rejects: list[dict[str, str]] = []
+    for problem in problems:
+        if problem.warning:
+            logger.warning("%s: %s: %s", problem.dataset, problem.path, problem.reason)
+        else:
+            _reject(problem, strict=strict, rejects=rejects)
+    rows: list[dict[str, Any]] = []
+    for ref in tqdm(refs, desc="Checking cases", unit="case"):
+        try:
+            rows.append(validate_case(ref, tolerance_mm=tolerance_mm))
+        except InvalidInputError as err:
+            _reject(
+                Problem(ref.dataset, ref.case_id, err.path, err.check, err.reason),
+                strict=strict,
+                rejects=rejects,
+            )
+    if not rows:
+        logger.warning("No case was accepted from %d source(s); see the ingest report", len(sources))
+    manifest = pd.DataFrame(rows, columns=list(MANIFEST_COLUMNS)).astype({"heldout": bool})
+    return manifest, pd.DataFrame(rejects, columns=list(REPORT_COLUMNS))

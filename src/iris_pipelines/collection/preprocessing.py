@@ -1,0 +1,436 @@
+"""Turn ingested cases into canonical, normalised, memory-mappable arrays, in parallel and cached.
+
+One case is read, resampled onto an identity-direction grid at the target spacing, intensity-normalised by
+modality and stored as ``image.npy`` (float32) + ``label.npy`` (uint8) + ``meta.json`` under
+``<output_dir>/<cache_key[:2]>/<cache_key>/``. The key hashes the inputs' checksums, the parameters that
+change the output and :data:`PREPROCESS_VERSION`, so re-runs skip unchanged cases and older manifest
+versions keep pointing at valid files. Cases fan out over dask.distributed (a local cluster, a SLURM
+cluster, or in-process for debugging); a failing case is reported and the rest go on unless ``strict``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import uuid
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+import pandas as pd
+import SimpleITK as sitk
+from dask_jobqueue import SLURMCluster
+from distributed import Client, LocalCluster, SpecCluster, as_completed
+from tqdm.auto import tqdm
+
+from iris_pipelines.imaging.errors import InvalidInputError
+from iris_pipelines.imaging.geometry import Geometry
+from iris_pipelines.imaging.io import read_image
+from iris_pipelines.imaging.resample import canonical_geometry, resample_to_geometry
+from iris_pipelines.imaging.stats import class_statistics
+
+logger = logging.getLogger(__name__)
+
+# Bump whenever a code change alters the arrays or meta.json, so cached cases are rebuilt, not reused.
+PREPROCESS_VERSION = "1"
+
+REPORT_COLUMNS = ["dataset", "case_id", "path", "check", "reason"]
+ADDED_COLUMNS = [
+    "image_array",
+    "label_array",
+    "preprocessed_geometry",
+    "original_geometry",
+    "class_voxels",
+    "class_bboxes",
+    "cache_key",
+]
+SCHEDULER_KINDS = ("local", "slurm", "synchronous")
+MODALITIES = ("CT", "MR", "PET")
+_BLOCK = 1 << 20
+
+
+def _from_mapping(cls: type, data: Mapping[str, Any], section: str) -> dict[str, Any]:
+    """Check a parameter mapping against a dataclass so a typo fails loudly instead of being ignored."""
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ValueError(f"unknown {section} parameter(s) {unknown}; expected some of {sorted(known)}")
+    return dict(data)
+
+
+@dataclass(frozen=True)
+class SchedulerParams:
+    """Where cases run: ``local`` (LocalCluster), ``slurm`` (dask-jobqueue) or ``synchronous`` (in-process).
+
+    For ``slurm`` every job starts ``cores`` single-threaded worker processes that share ``memory``;
+    one case per process keeps the peak per process near one volume's working set.
+    """
+
+    kind: str = "local"
+    n_workers: int = 2
+    threads_per_worker: int = 1
+    memory_limit: str = "4GiB"
+    queue: str | None = None
+    account: str | None = None
+    cores: int = 4
+    memory: str = "16GiB"
+    walltime: str = "02:00:00"
+    job_extra_directives: tuple[str, ...] = ()
+    jobs: int = 1
+    interface: str | None = None
+    log_directory: str | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "job_extra_directives", tuple(self.job_extra_directives))
+        if self.kind not in SCHEDULER_KINDS:
+            raise ValueError(f"preprocess.scheduler.kind must be one of {SCHEDULER_KINDS}, got {self.kind!r}")
+        if min(self.n_workers, self.threads_per_worker, self.cores, self.jobs) < 1:
+            raise ValueError(
+                "preprocess.scheduler n_workers, threads_per_worker, cores and jobs must be >= 1"
+            )
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> SchedulerParams:
+        return cls(**_from_mapping(cls, data, "preprocess.scheduler"))
+
+    @property
+    def itk_threads(self) -> int | None:
+        """Threads SimpleITK may use inside one worker; None keeps its default (all cores) in-process."""
+        if self.kind == "local":
+            return self.threads_per_worker
+        if self.kind == "slurm":
+            return 1
+        return None
+
+
+@dataclass(frozen=True)
+class PreprocessParams:
+    """``params:preprocess``. Only spacing and the modality's normalisation enter the cache key."""
+
+    target_spacing: tuple[float, float, float] = (3.0, 3.0, 3.0)
+    ct_window: tuple[float, float] = (-990.0, 500.0)
+    percentiles: tuple[float, float] = (2.0, 98.0)
+    output_dir: str = "data/05_model_input/volumes"
+    strict: bool = False
+    scheduler: SchedulerParams = field(default_factory=SchedulerParams)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "target_spacing", tuple(float(v) for v in self.target_spacing))
+        object.__setattr__(self, "ct_window", tuple(float(v) for v in self.ct_window))
+        object.__setattr__(self, "percentiles", tuple(float(v) for v in self.percentiles))
+        if len(self.target_spacing) != 3 or min(self.target_spacing) <= 0:
+            raise ValueError(
+                f"preprocess.target_spacing needs 3 positive mm values, got {self.target_spacing}"
+            )
+        if len(self.ct_window) != 2 or self.ct_window[0] >= self.ct_window[1]:
+            raise ValueError(f"preprocess.ct_window needs [low, high] with low < high, got {self.ct_window}")
+        low, high = self.percentiles if len(self.percentiles) == 2 else (1.0, 0.0)
+        if not 0 <= low < high <= 100:
+            raise ValueError(f"preprocess.percentiles needs [low, high] in 0..100, got {self.percentiles}")
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> PreprocessParams:
+        values = _from_mapping(cls, data, "preprocess")
+        if "scheduler" in values:
+            values["scheduler"] = SchedulerParams.from_dict(values["scheduler"] or {})
+        return cls(**values)
+
+    @classmethod
+    def coerce(cls, params: PreprocessParams | Mapping[str, Any]) -> PreprocessParams:
+        return params if isinstance(params, cls) else cls.from_dict(params)
+
+
+class CaseOutcome(NamedTuple):
+    """What one case produced: a manifest row, or a report row; ``cached`` when nothing was recomputed."""
+
+    row: dict[str, Any] | None
+    failure: dict[str, str] | None
+    cached: bool = False
+
+
+def _declared_labels(row: Mapping[str, Any]) -> dict[str, str]:
+    labels = row["labels"]
+    return dict(json.loads(labels) if isinstance(labels, str) else labels)
+
+
+def cache_key(row: Mapping[str, Any], params: PreprocessParams) -> str:
+    """sha256 over what decides the output bytes; the normalisation parameter of other modalities is left
+    out so that, say, changing the CT window does not rebuild every MR case."""
+    modality = str(row["modality"]).upper()
+    normalisation = (
+        {"ct_window": list(params.ct_window)}
+        if modality == "CT"
+        else {"percentiles": list(params.percentiles)}
+    )
+    payload = {
+        "version": PREPROCESS_VERSION,
+        "image_sha256": row["image_sha256"],
+        "label_sha256": row["label_sha256"],
+        "modality": modality,
+        "labels": _declared_labels(row),
+        "target_spacing": list(params.target_spacing),
+        "normalisation": normalisation,
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def case_directory(output_dir: str | os.PathLike[str], key: str) -> Path:
+    return Path(output_dir) / key[:2] / key
+
+
+def _mean_std(array: np.ndarray) -> tuple[float, float]:
+    """Two-pass float64 mean and standard deviation over 1 Mi-voxel blocks: exact enough, and no full-size
+    temporary (``ndarray.std`` allocates a float64 copy of the whole volume)."""
+    flat = array.reshape(-1)
+    blocks = range(0, flat.size, _BLOCK)
+    mean = sum(float(flat[i : i + _BLOCK].sum(dtype=np.float64)) for i in blocks) / flat.size
+    squares = sum(float(np.square(flat[i : i + _BLOCK] - mean, dtype=np.float64).sum()) for i in blocks)
+    return mean, (squares / flat.size) ** 0.5
+
+
+def normalize_in_place(array: np.ndarray, modality: str, params: PreprocessParams) -> None:
+    """The recipe of ``imaging.normalize.normalize_intensity`` (clip, then z-score), in place in float32.
+
+    Measured on a 274x274x334 volume: ``normalize_intensity`` takes 1.45 s and four extra volumes of
+    float32/float64 temporaries; this takes 0.15 s and an eighth of a volume (MR/PET: 0.66 s and one
+    transient copy inside ``np.percentile``). The tests hold both to the same result within 1e-5.
+    """
+    if modality == "CT":
+        low, high = params.ct_window
+    else:
+        low, high = np.percentile(array, params.percentiles)
+    np.clip(array, low, high, out=array)
+    mean, std = _mean_std(array)
+    if std == 0:
+        array.fill(0)
+        return
+    array -= mean
+    array /= std
+
+
+def _image_array(row: Mapping[str, Any], params: PreprocessParams) -> tuple[np.ndarray, Geometry, Geometry]:
+    """Canonical, normalised float32 image array with the original and the canonical geometry.
+
+    Each intermediate is dropped as soon as the next exists and normalisation runs in place, so a worker
+    holds at most the input and the resampled volume (or the resampled volume and its array) at a time.
+    """
+    path = str(row["image_path"])
+    modality = str(row["modality"]).upper()
+    if modality not in MODALITIES:
+        raise InvalidInputError(path, "unknown_modality", f"modality {modality!r} is not one of {MODALITIES}")
+    image = read_image(path)
+    original = Geometry.from_image(image)
+    grid = canonical_geometry(original, params.target_spacing)
+    canonical = resample_to_geometry(image, grid, is_label=False)
+    del image
+    array = sitk.GetArrayFromImage(canonical)
+    del canonical
+    if not np.isfinite(array).all():
+        raise InvalidInputError(path, "non_finite", "the image holds NaN or infinite values; fix the export")
+    normalize_in_place(array, modality, params)
+    return array, original, grid
+
+
+def _label_array(row: Mapping[str, Any], grid: Geometry) -> np.ndarray:
+    """The label on the image's canonical grid (world-space nearest neighbour), so the two always align."""
+    label_path = str(row["label_path"])
+    try:
+        canonical = resample_to_geometry(read_image(label_path), grid, is_label=True)
+    except ValueError as exc:  # resample refuses values outside uint8
+        raise InvalidInputError(label_path, "label_range", f"{exc}; relabel the classes as 1..255") from None
+    return sitk.GetArrayFromImage(canonical)
+
+
+def _write_case(directory: Path, image: np.ndarray, label: np.ndarray, meta: dict[str, Any]) -> None:
+    """Fill a scratch directory beside the target and rename it into place in one ``os.replace``.
+
+    A killed run leaves at most a hidden ``.<key>.tmp-*`` directory, never a case without its meta.json.
+    If another worker renamed the same case first, its (identical) result is kept.
+    """
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    scratch = directory.parent / f".{directory.name}.tmp-{uuid.uuid4().hex}"
+    scratch.mkdir()
+    try:
+        np.save(scratch / "image.npy", image)
+        np.save(scratch / "label.npy", label)
+        (scratch / "meta.json").write_text(json.dumps(meta, indent=1, sort_keys=True))
+        try:
+            os.replace(scratch, directory)
+        except OSError:
+            if not (directory / "meta.json").exists():
+                raise
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _meta(
+    key: str,
+    params: PreprocessParams,
+    *,
+    original: Geometry,
+    grid: Geometry,
+    voxels: Mapping[int, int],
+    bboxes: Mapping[int, list[int] | None],
+) -> dict[str, Any]:
+    return {
+        "version": PREPROCESS_VERSION,
+        "cache_key": key,
+        "target_spacing": list(params.target_spacing),
+        "original_geometry": original.to_dict(),
+        "preprocessed_geometry": grid.to_dict(),
+        "class_voxels": {str(k): int(v) for k, v in sorted(voxels.items())},
+        # Absent classes have no box; they are left out so every stored box can be unpacked.
+        "class_bboxes": {str(k): [int(i) for i in v] for k, v in sorted(bboxes.items()) if v is not None},
+    }
+
+
+def _manifest_row(row: Mapping[str, Any], directory: Path, meta: Mapping[str, Any]) -> dict[str, Any]:
+    """The preprocessed_manifest row, built only from meta.json so fresh and cached runs agree exactly."""
+    return {
+        **row,
+        "image_array": str(directory / "image.npy"),
+        "label_array": str(directory / "label.npy"),
+        "preprocessed_geometry": Geometry.from_dict(meta["preprocessed_geometry"]).to_json(),
+        "original_geometry": Geometry.from_dict(meta["original_geometry"]).to_json(),
+        "class_voxels": json.dumps(meta["class_voxels"], sort_keys=True),
+        "class_bboxes": json.dumps(meta["class_bboxes"], sort_keys=True),
+        "cache_key": meta["cache_key"],
+    }
+
+
+def _preprocess(row: Mapping[str, Any], params: PreprocessParams) -> tuple[dict[str, Any], bool]:
+    """The manifest row and whether it came from the cache."""
+    key = cache_key(row, params)
+    directory = case_directory(Path(params.output_dir).absolute(), key)
+    meta_path = directory / "meta.json"
+    if meta_path.exists():
+        return _manifest_row(row, directory, json.loads(meta_path.read_text())), True
+    image, original, grid = _image_array(row, params)
+    label = _label_array(row, grid)
+    labels = sorted(int(k) for k in _declared_labels(row))
+    voxels, bboxes = class_statistics(label, labels)
+    meta = _meta(key, params, original=original, grid=grid, voxels=voxels, bboxes=bboxes)
+    _write_case(directory, image, label, meta)
+    return _manifest_row(row, directory, meta), False
+
+
+def preprocess_case(row: Mapping[str, Any], params: PreprocessParams | Mapping[str, Any]) -> dict[str, Any]:
+    """One case_manifest row -> one preprocessed_manifest row; reuses the cached case when its key exists.
+
+    Raises :class:`InvalidInputError` for unusable input.
+    """
+    return _preprocess(row, PreprocessParams.coerce(params))[0]
+
+
+def _failure(row: Mapping[str, Any], path: str, check: str, reason: str) -> dict[str, str]:
+    return {
+        "dataset": str(row["dataset"]),
+        "case_id": str(row["case_id"]),
+        "path": path,
+        "check": check,
+        "reason": reason,
+    }
+
+
+def run_case(row: Mapping[str, Any], params: PreprocessParams, itk_threads: int | None = None) -> CaseOutcome:
+    """Worker entry point: never raises, so one bad case cannot take a batch (or a worker) down."""
+    if itk_threads is not None:
+        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(itk_threads)
+    try:
+        manifest_row, cached = _preprocess(row, params)
+        return CaseOutcome(manifest_row, None, cached)
+    except InvalidInputError as exc:
+        return CaseOutcome(None, _failure(row, exc.path, exc.check, exc.reason))
+    except Exception as exc:  # a batch stage records every failure; strict mode turns it into an error
+        reason = f"preprocessing failed with {type(exc).__name__}: {exc}"
+        return CaseOutcome(None, _failure(row, str(row["image_path"]), "preprocess_failed", reason))
+
+
+def build_cluster(scheduler: SchedulerParams) -> SpecCluster:
+    """The dask cluster for ``local`` or ``slurm``; SLURM jobs are only submitted when it is scaled."""
+    if scheduler.kind == "local":
+        return LocalCluster(
+            n_workers=scheduler.n_workers,
+            threads_per_worker=scheduler.threads_per_worker,
+            processes=True,
+            memory_limit=scheduler.memory_limit,
+            dashboard_address=None,
+        )
+    if scheduler.kind == "slurm":
+        return SLURMCluster(
+            queue=scheduler.queue,
+            account=scheduler.account,
+            cores=scheduler.cores,
+            processes=scheduler.cores,
+            memory=scheduler.memory,
+            walltime=scheduler.walltime,
+            job_extra_directives=list(scheduler.job_extra_directives),
+            interface=scheduler.interface,
+            log_directory=scheduler.log_directory,
+        )
+    raise ValueError(f"scheduler kind {scheduler.kind!r} has no cluster")
+
+
+def _run_synchronous(
+    rows: list[dict[str, Any]], params: PreprocessParams
+) -> Iterator[tuple[int, CaseOutcome]]:
+    for index, row in enumerate(tqdm(rows, desc="preprocess", unit="case")):
+        yield index, run_case(row, params)
+
+
+def _run_distributed(
+    rows: list[dict[str, Any]], params: PreprocessParams
+) -> Iterator[tuple[int, CaseOutcome]]:
+    """Fan cases out one task each; results stream back as they finish, in any order."""
+    scheduler = params.scheduler
+    with build_cluster(scheduler) as cluster:
+        if scheduler.kind == "slurm":
+            cluster.scale(jobs=scheduler.jobs)
+        with Client(cluster) as client:
+            futures = client.map(run_case, rows, params=params, itk_threads=scheduler.itk_threads, pure=False)
+            index_of = {future.key: index for index, future in enumerate(futures)}
+            finished = tqdm(as_completed(futures), total=len(futures), desc="preprocess", unit="case")
+            for future in finished:
+                index = index_of[future.key]
+                if future.status == "error":
+                    exc = future.exception()
+                    reason = f"the dask worker failed ({type(exc).__name__}: {exc})"
+                    failure = _failure(rows[index], str(rows[index]["image_path"]), "worker_failed", reason)
+                    yield index, CaseOutcome(None, failure)
+                else:
+                    yield index, future.result()
+
+
+def preprocess_cases(
+    manifest: pd.DataFrame, params: PreprocessParams | Mapping[str, Any]
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Preprocess every case_manifest row -> (preprocessed_manifest, preprocess_report).
+
+    Rows keep the manifest's order. Failed cases are left out of the manifest and listed in the report;
+    with ``strict`` the first failure raises :class:`InvalidInputError` instead.
+    """
+    params = PreprocessParams.coerce(params)
+    rows = manifest.to_dict("records")
+    runner = _run_synchronous if params.scheduler.kind == "synchronous" else _run_distributed
+    outcomes: dict[int, CaseOutcome] = {}
+    for index, outcome in runner(rows, params):
+        if outcome.failure is not None:
+            failure = outcome.failure
+            if params.strict:
+                raise InvalidInputError(failure["path"], failure["check"], failure["reason"])
+            logger.warning(
+                "preprocess rejected %s/%s: %s", failure["dataset"], failure["case_id"], failure["reason"]
+            )
+        outcomes[index] = outcome
+    ordered = [outcomes[i] for i in sorted(outcomes)]
+    done = [o.row for o in ordered if o.row is not None]
+    failures = [o.failure for o in ordered if o.failure is not None]
+    cached = sum(o.cached for o in ordered)
+    logger.info("preprocessed %d cases (%d from cache), %d rejected", len(done), cached, len(failures))
+    columns = list(manifest.columns) + [c for c in ADDED_COLUMNS if c not in manifest.columns]
+    return pd.DataFrame(done, columns=columns), pd.DataFrame(failures, columns=REPORT_COLUMNS)

@@ -1,0 +1,145 @@
+"""The Iris network: ``encode_task`` once per reference, ``segment`` any number of queries.
+
+Task embeddings are plain tensors (B, K, m+1, C): cache them, average them over references (context
+ensemble), keep them in the EMA memory bank, or optimise them with the weights frozen (in-context
+tuning); gradients flow into T whenever it requires grad.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .config import IrisConfig
+from .encoder import ResidualUNetEncoder
+from .mask_decoder import MaskDecoder
+from .task_encoding import TaskEncoder
+
+
+def _padding(shape: tuple[int, ...], divisor: int) -> list[int]:
+    """``F.pad`` amounts that grow each spatial size to a multiple of ``divisor``, split evenly."""
+    pad: list[int] = []
+    for size in reversed(shape):  # F.pad lists the last dimension first
+        extra = -size % divisor
+        pad += [extra // 2, extra - extra // 2]
+    return pad
+
+
+def _crop(x: Tensor, pad: list[int]) -> Tensor:
+    """Undo :func:`_padding` on the last three dimensions."""
+    d, h, w = x.shape[-3:]
+    pw0, pw1, ph0, ph1, pd0, pd1 = pad
+    return x[..., pd0 : d - pd1, ph0 : h - ph1, pw0 : w - pw1]
+
+
+def _check_volume(name: str, x: Tensor, channels: int | None = None) -> None:
+    if x.dim() != 5 or (channels is not None and x.shape[1] != channels):
+        want = f"(B, {channels}, D, H, W)" if channels is not None else "(B, K, D, H, W)"
+        raise ValueError(f"{name} must have shape {want}, got {tuple(x.shape)}")
+
+
+class Iris(nn.Module):
+    """In-context 3-D segmentation (Gao et al., CVPR 2025).
+
+    Inputs of any spatial size are padded to a multiple of 2**stages (image with ``config.pad_mode``,
+    masks with zeros at the same place) and the logits are cropped back, so outputs match the input.
+    """
+
+    def __init__(self, config: IrisConfig | None = None) -> None:
+        super().__init__()
+        self.config = config or IrisConfig()
+        self.encoder = ResidualUNetEncoder(self.config)
+        self.task_encoder = TaskEncoder(self.config)
+        self.mask_decoder = MaskDecoder(self.config)
+        bank_shape = (self.config.memory_bank_size, self.config.num_tokens, self.config.embed_dim)
+        self.register_buffer("memory_bank", torch.zeros(bank_shape))
+        self.register_buffer("bank_initialized", torch.zeros(self.config.memory_bank_size, dtype=torch.bool))
+
+    def _pad_image(self, image: Tensor) -> tuple[Tensor, list[int]]:
+        pad = _padding(tuple(image.shape[2:]), self.config.size_divisor)
+        if not any(pad):
+            return image, pad
+        return F.pad(image, pad, mode=self.config.pad_mode), pad
+
+    def encode_task(self, ref_image: Tensor, ref_masks: Tensor) -> Tensor:
+        """(B, 1, D, H, W) reference and (B, K, D, H, W) binary masks → T of shape (B, K, m+1, C)."""
+        _check_volume("ref_image", ref_image, self.config.in_channels)
+        _check_volume("ref_masks", ref_masks)
+        if ref_masks.shape[0] != ref_image.shape[0] or ref_masks.shape[2:] != ref_image.shape[2:]:
+            raise ValueError(
+                f"ref_masks {tuple(ref_masks.shape)} must match ref_image {tuple(ref_image.shape)} "
+                "in batch and spatial size"
+            )
+        image, pad = self._pad_image(ref_image)
+        masks = F.pad(ref_masks.to(image.dtype), pad) if any(pad) else ref_masks.to(image.dtype)
+        bottleneck = self.encoder(image)[-1]
+        return self.task_encoder(bottleneck, masks)
+
+    def segment(self, query: Tensor, task_embedding: Tensor) -> Tensor:
+        """(B, 1, D, H, W) query and T (B or 1, K, m+1, C) → logits (B, K, D, H, W), all classes at once."""
+        _check_volume("query", query, self.config.in_channels)
+        expected = (self.config.num_tokens, self.config.embed_dim)
+        if task_embedding.dim() != 4 or tuple(task_embedding.shape[2:]) != expected:
+            raise ValueError(
+                f"task_embedding must have shape (B, K, {expected[0]}, {expected[1]}), "
+                f"got {tuple(task_embedding.shape)}"
+            )
+        b = query.shape[0]
+        if task_embedding.shape[0] == 1 and b > 1:
+            task_embedding = task_embedding.expand(b, -1, -1, -1)
+        elif task_embedding.shape[0] != b:
+            raise ValueError(
+                f"task_embedding batch {task_embedding.shape[0]} must be 1 or equal the query batch {b}"
+            )
+        image, pad = self._pad_image(query)
+        logits = self.mask_decoder(self.encoder(image), task_embedding)
+        return _crop(logits, pad) if any(pad) else logits
+
+    def forward(self, query: Tensor, ref_image: Tensor, ref_masks: Tensor) -> Tensor:
+        """One-shot segmentation: ``segment(query, encode_task(ref_image, ref_masks))``."""
+        return self.segment(query, self.encode_task(ref_image, ref_masks))
+
+    @torch.no_grad()
+    def update_memory_bank(self, class_ids: Tensor, embeddings: Tensor, momentum: float = 0.999) -> None:
+        """EMA update T_k ← α·T_k + (1−α)·T_new per class (supplement, α = 0.999); the first update copies.
+
+        Args:
+            class_ids: (N,) global class ids; negative ids mark padding slots and are skipped.
+            embeddings: (N, m+1, C) new embeddings, e.g. ``T[class_mask]``; detached here.
+            momentum: α.
+
+        A class that appears several times in one call is updated once per occurrence, in order.
+        """
+        if self.config.memory_bank_size == 0:
+            raise RuntimeError("the memory bank is disabled (IrisConfig.memory_bank_size == 0)")
+        class_ids = class_ids.reshape(-1)
+        if embeddings.shape != (class_ids.numel(), *self.memory_bank.shape[1:]):
+            raise ValueError(
+                f"embeddings must have shape ({class_ids.numel()}, {self.memory_bank.shape[1]}, "
+                f"{self.memory_bank.shape[2]}), got {tuple(embeddings.shape)}"
+            )
+        embeddings = embeddings.detach().to(self.memory_bank.dtype)
+        for cid, new in zip(class_ids.tolist(), embeddings, strict=True):
+            if cid < 0:
+                continue
+            if cid >= self.config.memory_bank_size:
+                raise ValueError(f"class id {cid} is outside the memory bank (size {self.config.memory_bank_size})")
+            if self.bank_initialized[cid]:
+                self.memory_bank[cid].mul_(momentum).add_(new, alpha=1.0 - momentum)
+            else:
+                self.memory_bank[cid].copy_(new)
+                self.bank_initialized[cid] = True
+
+    def memory_bank_embedding(self, class_ids: Tensor) -> Tensor:
+        """T (1, K, m+1, C) for seen classes picked by global id, for reference-free segmentation."""
+        class_ids = class_ids.reshape(-1).to(self.memory_bank.device)
+        missing = class_ids[~self.bank_initialized[class_ids]]
+        if missing.numel():
+            raise KeyError(f"memory bank has no embedding yet for class ids {missing.tolist()}")
+        return self.memory_bank[class_ids].unsqueeze(0)
+
+
+def count_parameters(module: nn.Module, trainable_only: bool = False) -> int:
+    """Number of parameter elements (works on meta-device modules)."""
+    return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)

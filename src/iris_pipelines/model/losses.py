@@ -1,0 +1,99 @@
+"""Segmentation loss L_seg = L_dice + L_ce on per-class sigmoid logits (paper §3.2; MASS uses both, weight 1).
+
+Each class slot is a binary task (multi-label sigmoid, not softmax): Iris decomposes multi-class
+segmentation into binary tasks, and the K slots of an episode need not be mutually exclusive.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+_SPATIAL = (-3, -2, -1)
+
+
+class LossTerms(NamedTuple):
+    """The weighted total and its two (unweighted) parts, for logging."""
+
+    total: Tensor
+    dice: Tensor
+    bce: Tensor
+
+
+def _slot_mask(logits: Tensor, class_mask: Tensor | None) -> Tensor:
+    if logits.dim() != 5:
+        raise ValueError(f"logits must have shape (B, K, D, H, W), got {tuple(logits.shape)}")
+    if class_mask is None:
+        return torch.ones(logits.shape[:2], dtype=torch.bool, device=logits.device)
+    if class_mask.shape != logits.shape[:2]:
+        raise ValueError(f"class_mask must have shape {tuple(logits.shape[:2])}, got {tuple(class_mask.shape)}")
+    return class_mask.to(device=logits.device, dtype=torch.bool)
+
+
+def _masked_mean(per_slot: Tensor, slots: Tensor) -> Tensor:
+    """Mean over the real class slots; zero (still attached to the graph) when there are none."""
+    weights = slots.to(per_slot.dtype)
+    return (per_slot * weights).sum() / weights.sum().clamp_min(1.0)
+
+
+def soft_dice_loss(logits: Tensor, target: Tensor, class_mask: Tensor | None = None, smooth: float = 1.0) -> Tensor:
+    """Smoothed soft Dice loss, 1 − (2Σpt + s) / (Σp + Σt + s), per (episode, class) slot, then averaged.
+
+    Why per slot with additive smoothing rather than batch Dice: slot k of two episodes in a batch holds
+    two unrelated classes, so pooling a "class" over the batch has no meaning here. The smoothing s (one
+    voxel's worth) keeps the ratio finite for a class that is absent from the query crop, and makes an
+    empty prediction of an absent class score ≈ 0 loss while any false-positive mass pushes it towards 1.
+    For a present class an empty prediction scores ≈ 1 (s is negligible next to Σt), so emptiness is not
+    rewarded. When Σp of an absent class is large the Dice gradient is tiny, so the BCE term does most of
+    the work of silencing it.
+    """
+    slots = _slot_mask(logits, class_mask)
+    probs = torch.sigmoid(logits.float())
+    target = target.to(probs.dtype)
+    intersection = (probs * target).sum(_SPATIAL)
+    denominator = probs.sum(_SPATIAL) + target.sum(_SPATIAL)
+    dice = (2.0 * intersection + smooth) / (denominator + smooth)
+    return _masked_mean(1.0 - dice, slots)
+
+
+def bce_loss(logits: Tensor, target: Tensor, class_mask: Tensor | None = None) -> Tensor:
+    """Voxel-mean binary cross-entropy on logits per slot, averaged over the real slots."""
+    slots = _slot_mask(logits, class_mask)
+    per_voxel = F.binary_cross_entropy_with_logits(logits.float(), target.float(), reduction="none")
+    return _masked_mean(per_voxel.mean(_SPATIAL), slots)
+
+
+def segmentation_loss(
+    logits: Tensor,
+    target: Tensor,
+    class_mask: Tensor | None = None,
+    dice_weight: float = 1.0,
+    bce_weight: float = 1.0,
+    smooth: float = 1.0,
+) -> LossTerms:
+    """L_seg = dice_weight·Dice + bce_weight·BCE on (B, K, D, H, W) logits and {0, 1} targets.
+
+    ``class_mask`` (B, K) bool marks the real class slots; padding slots (episodes with fewer classes
+    than K) contribute nothing. Computed in float32 so it is safe under bf16 autocast.
+    """
+    if target.shape != logits.shape:
+        raise ValueError(f"target {tuple(target.shape)} must match logits {tuple(logits.shape)}")
+    dice = soft_dice_loss(logits, target, class_mask, smooth)
+    bce = bce_loss(logits, target, class_mask)
+    return LossTerms(dice_weight * dice + bce_weight * bce, dice, bce)
+
+
+def dice_score(pred_mask: Tensor, target: Tensor) -> Tensor:
+    """Hard Dice 2|P∩T| / (|P| + |T|) over the last three (spatial) dimensions; leading dims are kept.
+
+    Both empty counts as a perfect 1.0 (nothing to find, nothing found).
+    """
+    if pred_mask.shape != target.shape:
+        raise ValueError(f"pred_mask {tuple(pred_mask.shape)} must match target {tuple(target.shape)}")
+    pred, true = pred_mask.bool(), target.bool()
+    intersection = (pred & true).sum(_SPATIAL).double()
+    total = (pred.sum(_SPATIAL) + true.sum(_SPATIAL)).double()
+    return torch.where(total > 0, 2.0 * intersection / total.clamp_min(1.0), torch.ones_like(total))

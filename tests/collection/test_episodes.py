@@ -1,0 +1,168 @@
+"""Guards on the episode index: subject-level splits, held-out isolation, references, determinism."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from iris_pipelines.collection.episodes import (
+    EpisodeParams,
+    build_episode_index,
+    index_checksum,
+    split_counts,
+)
+
+REPO = Path(__file__).resolve().parents[2]
+# dataset -> (held out, subjects, cases per subject, labels)
+DATASETS = {
+    "abdomen": (False, 10, 2, {"1": "liver", "2": "spleen"}),
+    "brain": (False, 5, 1, {"1": "white matter"}),
+    "tiny": (False, 3, 1, {"1": "Liver"}),
+    "pelvis": (True, 6, 1, {"1": "sacrum", "2": "liver"}),
+}
+
+
+def make_manifest() -> pd.DataFrame:
+    rows = []
+    for dataset, (heldout, n_subjects, per_subject, labels) in DATASETS.items():
+        for s in range(n_subjects):
+            for c in range(per_subject):
+                # Every fourth case lacks the last declared class; case 0 of subject 1 is all background.
+                voxels = {
+                    label: (0 if (label == max(labels) and (s + c) % 4 == 3) else 100 + s) for label in labels
+                }
+                if s == 1 and c == 0:
+                    voxels = dict.fromkeys(labels, 0)
+                rows.append(
+                    {
+                        "dataset": dataset,
+                        "case_id": f"{dataset}-{s:02d}-{c}",
+                        "subject_id": f"p{s:02d}",
+                        "heldout": heldout,
+                        "labels": json.dumps(labels),
+                        "class_voxels": json.dumps(voxels),
+                        "modality": "CT",
+                    }
+                )
+    return pd.DataFrame(rows)
+
+
+@pytest.fixture(scope="module")
+def manifest() -> pd.DataFrame:
+    return make_manifest()
+
+
+@pytest.fixture(scope="module")
+def index(manifest: pd.DataFrame) -> dict:
+    return build_episode_index(manifest, {"seed": 0})
+
+
+def _cases(index: dict) -> pd.DataFrame:
+    return pd.DataFrame(index["cases"]).set_index(["dataset", "case_id"], drop=False)
+
+
+def test_no_subject_in_two_splits(index):
+    splits_per_subject = pd.DataFrame(index["cases"]).groupby(["dataset", "subject_id"])["split"].nunique()
+    assert (splits_per_subject == 1).all()
+
+
+def test_heldout_datasets_are_never_trained_or_validated_on(index):
+    cases = _cases(index)
+    assert set(cases.loc[cases["heldout"], "split"]) == {"context", "test"}
+    assert set(cases.loc[~cases["heldout"], "split"]) == {"train", "val", "test"}
+    for dataset, (heldout, *_rest) in DATASETS.items():
+        if not heldout:
+            assert set(cases.loc[cases["dataset"] == dataset, "split"]) == {"train", "val", "test"}
+
+
+def test_references_are_other_subjects_from_the_reference_pool(index, manifest):
+    cases = _cases(index)
+    voxels = {(r.dataset, r.case_id): json.loads(r.class_voxels) for r in manifest.itertuples()}
+    assert index["episodes"]
+    for episode in index["episodes"]:
+        dataset = episode["dataset"]
+        query = cases.loc[(dataset, episode["query"])]
+        pool = "context" if query["heldout"] else "train"
+        assert episode["split"] == query["split"] in {"val", "test"}
+        assert 1 <= len(episode["references"]) == len(set(episode["references"])) <= 3
+        for reference in episode["references"]:
+            ref = cases.loc[(dataset, reference)]
+            assert reference != episode["query"]
+            assert ref["subject_id"] != query["subject_id"]
+            assert ref["split"] == pool
+        present = sorted(int(k) for k, v in voxels[(dataset, episode["query"])].items() if v > 0)
+        assert episode["classes"] == present
+
+
+def test_every_query_with_foreground_gets_an_episode(index, manifest):
+    cases = _cases(index)
+    queries = cases[cases["split"].isin(["val", "test"])]
+    background_only = {f"{d}-01-0" for d in DATASETS}
+    expected = {(d, c) for d, c in zip(queries["dataset"], queries["case_id"], strict=True)} - {
+        (c.split("-")[0], c) for c in background_only
+    }
+    assert {(e["dataset"], e["query"]) for e in index["episodes"]} == expected
+
+
+def test_class_tables(index, manifest):
+    cases = _cases(index)
+    classes = index["classes"]
+    assert classes["pelvis"]["1"] == {"name": "sacrum", "train_cases": 0, "novel": True}
+    assert classes["pelvis"]["2"]["novel"] is False  # "liver" is a training class
+    assert classes["tiny"]["1"]["novel"] is False
+    train_ids = set(cases.loc[cases["split"] == "train", "case_id"])
+    abdomen = manifest[(manifest["dataset"] == "abdomen") & manifest["case_id"].isin(train_ids)]
+    spleen_cases = sum(json.loads(v)["2"] > 0 for v in abdomen["class_voxels"])
+    assert classes["abdomen"]["2"] == {"name": "spleen", "train_cases": spleen_cases, "novel": False}
+
+
+def test_deterministic_under_row_shuffles(index, manifest):
+    for seed in (1, 2, 3):
+        shuffled = manifest.sample(frac=1.0, random_state=seed).reset_index(drop=True)
+        assert build_episode_index(shuffled, {"seed": 0}) == index
+
+
+def test_checksum_is_of_the_canonical_json_and_follows_the_seed(index, manifest):
+    assert index["checksum"] == index_checksum(json.loads(json.dumps(index)))
+    other = build_episode_index(manifest, {"seed": 1})
+    assert other["checksum"] != index["checksum"] and other["seed"] == 1
+
+
+def test_adding_a_dataset_leaves_the_others_unchanged(index, manifest):
+    smaller = build_episode_index(manifest[manifest["dataset"] != "brain"], {"seed": 0})
+    keep = [c for c in index["cases"] if c["dataset"] != "brain"]
+    assert smaller["cases"] == keep
+    assert smaller["episodes"] == [e for e in index["episodes"] if e["dataset"] != "brain"]
+
+
+@pytest.mark.parametrize(
+    ("n", "fractions", "expected"),
+    [
+        (10, (0.6, 0.2, 0.2), [6, 2, 2]),
+        (3, (0.6, 0.2, 0.2), [1, 1, 1]),
+        (5, (0.75, 0.05, 0.2), [3, 1, 1]),
+        (2, (0.6, 0.2, 0.2), [1, 1, 0]),
+        (7, (0.5, 0.5), [4, 3]),
+        (4, (1.0, 0.0, 0.0), [4, 0, 0]),
+    ],
+)
+def test_split_counts(n, fractions, expected):
+    assert split_counts(n, fractions) == expected
+
+
+def test_params_from_the_conf_file():
+    data = yaml.safe_load((REPO / "conf" / "base" / "parameters_episodes.yml").read_text())["episodes"]
+    assert EpisodeParams.from_dict(data) == EpisodeParams()
+    with pytest.raises(ValueError, match="sum to 1"):
+        EpisodeParams.from_dict({"ratios": {"train": 0.9, "val": 0.2, "test": 0.2}})
+    with pytest.raises(ValueError, match="n_refs"):
+        EpisodeParams.from_dict({"n_refs": 2})
+
+
+def test_duplicate_cases_are_refused(manifest):
+    with pytest.raises(ValueError, match="duplicate"):
+        build_episode_index(pd.concat([manifest, manifest.iloc[:1]]), {})

@@ -1,0 +1,246 @@
+"""Per-case checks (one test per kind of bad input) and the manifest / report tables."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import SimpleITK as sitk
+from builders import (
+    ORIGIN,
+    SIZE,
+    SPACING,
+    image_volume,
+    label_volume,
+    write,
+    write_csv,
+    write_dicom_case,
+    write_msd,
+    write_nnunet,
+)
+
+from iris_pipelines.collection.ingest import MANIFEST_COLUMNS, REPORT_COLUMNS, ingest_sources, validate_case
+from iris_pipelines.collection.layouts import CaseRef
+from iris_pipelines.imaging.errors import InvalidInputError
+from iris_pipelines.imaging.io import file_sha256
+
+LABELS = {1: "liver", 2: "tumour"}
+
+
+def _case(
+    tmp_path: Path,
+    image: sitk.Image | None = None,
+    label: sitk.Image | None = None,
+    *,
+    suffix: str = ".nii.gz",
+) -> CaseRef:
+    image_path = write(image if image is not None else image_volume(), tmp_path / f"img{suffix}")
+    label_path = write(label if label is not None else label_volume(), tmp_path / "seg.nii.gz")
+    return CaseRef("ds", "c0", "s0", "CT", False, "msd", image_path, label_path, dict(LABELS))
+
+
+def _rejection(ref: CaseRef) -> InvalidInputError:
+    with pytest.raises(InvalidInputError) as caught:
+        validate_case(ref, tolerance_mm=1e-3)
+    return caught.value
+
+
+def test_valid_case_gives_a_manifest_row(tmp_path: Path) -> None:
+    ref = _case(tmp_path)
+    row = validate_case(ref, tolerance_mm=1e-3)
+    assert tuple(row) == MANIFEST_COLUMNS
+    assert row["size"] == list(SIZE)
+    np.testing.assert_allclose(row["spacing"], SPACING, atol=1e-6)
+    np.testing.assert_allclose(row["origin"], ORIGIN, atol=1e-6)
+    assert row["direction"] == [1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0]
+    assert json.loads(row["labels"]) == {"1": "liver", "2": "tumour"}
+    assert row["image_format"] == "nifti"
+    assert row["image_sha256"] == file_sha256(ref.image_path)
+    assert row["label_sha256"] == file_sha256(ref.label_path)
+    assert row["image_path"] == str(ref.image_path)
+
+
+def test_truncated_gzip_is_unreadable(tmp_path: Path) -> None:
+    ref = _case(tmp_path)
+    data = ref.image_path.read_bytes()
+    ref.image_path.write_bytes(data[: len(data) // 2])
+    error = _rejection(ref)
+    assert (error.check, error.path) == ("unreadable", str(ref.image_path))
+    assert "truncated" in error.reason
+
+
+def test_zero_byte_file_is_unreadable(tmp_path: Path) -> None:
+    ref = _case(tmp_path)
+    ref.label_path.write_bytes(b"")
+    error = _rejection(ref)
+    assert (error.check, error.path) == ("unreadable", str(ref.label_path))
+    assert "empty" in error.reason and "0 bytes" in error.reason
+
+
+def test_shape_mismatch_names_both_sizes(tmp_path: Path) -> None:
+    ref = _case(tmp_path, label=label_volume((8, 9, 11)))
+    error = _rejection(ref)
+    assert (error.check, error.path) == ("grid_mismatch", str(ref.label_path))
+    assert "size (8, 9, 10) in the image vs (8, 9, 11) in the label" in error.reason
+
+
+def test_origin_within_tolerance_is_accepted_beyond_it_rejected(tmp_path: Path) -> None:
+    label = label_volume()
+    label.SetOrigin((ORIGIN[0] + 5e-4, *ORIGIN[1:]))
+    assert validate_case(_case(tmp_path, label=label), tolerance_mm=1e-3)["case_id"] == "c0"
+    label.SetOrigin((ORIGIN[0] + 0.5, *ORIGIN[1:]))
+    error = _rejection(_case(tmp_path, label=label))
+    assert error.check == "grid_mismatch"
+    assert "origin (-10.0, 20.0, 5.0) in the image vs (-9.5, 20.0, 5.0) in the label" in error.reason
+
+
+def test_undeclared_label_value(tmp_path: Path) -> None:
+    ref = _case(tmp_path, label=label_volume(values=(1, 3)))
+    error = _rejection(ref)
+    assert (error.check, error.path) == ("undeclared_label", str(ref.label_path))
+    assert "value(s) 3 not declared" in error.reason
+
+
+def test_nan_intensities(tmp_path: Path) -> None:
+    values = sitk.GetArrayFromImage(image_volume())
+    values[0, 0, :3] = np.nan
+    values[1, 1, 1] = np.inf
+    image = sitk.GetImageFromArray(values)
+    image.CopyInformation(image_volume())
+    # MetaImage keeps NaN/Inf; ITK's NIfTI reader (niftilib) silently turns them into 0 when reading.
+    ref = _case(tmp_path, image=image, suffix=".mha")
+    error = _rejection(ref)
+    assert (error.check, error.path) == ("non_finite", str(ref.image_path))
+    assert "4 non-finite voxels (3 NaN, 1 infinite)" in error.reason
+
+
+def test_nan_intensities_in_nifti(tmp_path: Path) -> None:
+    """NIfTI is the common case and the hard one: ITK's reader would hand back 0 where the file has NaN."""
+    values = sitk.GetArrayFromImage(image_volume())
+    values[2, 2, :2] = np.nan
+    image = sitk.GetImageFromArray(values)
+    image.CopyInformation(image_volume())
+    ref = _case(tmp_path, image=image, suffix=".nii.gz")
+    error = _rejection(ref)
+    assert (error.check, error.path) == ("non_finite", str(ref.image_path))
+    assert "2 of" in error.reason and "NaN or infinite" in error.reason
+
+
+def test_4d_image_is_not_3d(tmp_path: Path) -> None:
+    ref = _case(tmp_path, image=sitk.Image([8, 9, 10, 2], sitk.sitkFloat32))
+    error = _rejection(ref)
+    assert (error.check, error.path) == ("not_3d", str(ref.image_path))
+    assert "4-D" in error.reason and "(8, 9, 10, 2)" in error.reason
+
+
+def test_empty_label(tmp_path: Path) -> None:
+    ref = _case(tmp_path, label=label_volume(values=()))
+    error = _rejection(ref)
+    assert (error.check, error.path) == ("empty_label", str(ref.label_path))
+    assert "no foreground" in error.reason
+
+
+def test_non_integer_label_values(tmp_path: Path) -> None:
+    label = sitk.Cast(label_volume(), sitk.sitkFloat32) * 0.5
+    ref = _case(tmp_path, label=label)
+    error = _rejection(ref)
+    assert (error.check, error.path) == ("non_integer_label", str(ref.label_path))
+    assert "not whole numbers" in error.reason and "0.5" in error.reason
+
+
+@pytest.fixture
+def collection(tmp_path: Path) -> list[dict[str, object]]:
+    """MSD (one case broken), nnU-Net (.mha), CSV with a DICOM series, and a source that cannot be read."""
+    msd = write_msd(tmp_path / "Task01", ["liver_0", "liver_1", "liver_2"])
+    write(label_volume(values=(1, 7)), msd / "labelsTr" / "liver_1.nii.gz")
+    nnunet = write_nnunet(tmp_path / "Dataset002_Prostate", ["pro_00", "pro_01"])
+    csv_root = tmp_path / "site"
+    write_dicom_case(csv_root, "scan_a")
+    csv_path = write_csv(
+        csv_root,
+        [
+            {
+                "case_id": "scan_a",
+                "subject_id": "P7",
+                "image": "images/scan_a",
+                "label": "labels/scan_a.nii.gz",
+            }
+        ],
+        labels={"1": "kidney", "2": "cyst"},
+    )
+    (tmp_path / "nothing").mkdir()
+    return [
+        {"name": "liver", "layout": "msd", "path": str(msd)},
+        {"name": "prostate", "layout": "nnunet", "path": str(nnunet), "subject_pattern": r"^(\w+)_\d+$"},
+        {"name": "site", "layout": "csv", "path": str(csv_path), "modality": "CT", "heldout": True},
+        {"name": "broken", "layout": "msd", "path": str(tmp_path / "nothing")},
+        {"name": "liver", "layout": "msd", "path": str(msd)},
+    ]
+
+
+def test_ingest_continues_past_bad_inputs(
+    collection: list[dict[str, object]], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.WARNING, logger="iris_pipelines.collection.ingest"):
+        manifest, report = ingest_sources(collection)
+    assert list(manifest.columns) == list(MANIFEST_COLUMNS)
+    assert list(report.columns) == list(REPORT_COLUMNS)
+    columns = ["dataset", "case_id", "subject_id", "modality", "heldout", "image_format"]
+    assert list(manifest[columns].itertuples(index=False, name=None)) == [
+        ("liver", "liver_0", "liver_0", "CT", False, "nifti"),
+        ("liver", "liver_2", "liver_2", "CT", False, "nifti"),
+        ("prostate", "pro_00", "pro", "MR", False, "mha"),
+        ("prostate", "pro_01", "pro", "MR", False, "mha"),
+        ("site", "scan_a", "P7", "CT", True, "dicom"),
+    ]
+    assert sorted(report["check"]) == ["duplicate_dataset", "missing_file", "undeclared_label"]
+    undeclared = report.set_index("check").loc["undeclared_label"]
+    assert (undeclared["dataset"], undeclared["case_id"]) == ("liver", "liver_1")
+    assert undeclared["path"].endswith("labelsTr/liver_1.nii.gz") and "7" in undeclared["reason"]
+    warnings = [record for record in caplog.records if record.levelno == logging.WARNING]
+    assert len(warnings) == 3 and any("liver_1.nii.gz" in record.getMessage() for record in warnings)
+    # The catalog stores both tables; they must survive parquet and CSV unchanged.
+    manifest.to_parquet(tmp_path / "m.parquet")
+    back = pd.read_parquet(tmp_path / "m.parquet")
+    assert list(back.loc[4, "size"]) == list(SIZE) and back["heldout"].dtype == bool
+    report.to_csv(tmp_path / "r.csv", index=False)
+
+
+def test_strict_mode_raises_the_first_problem(collection: list[dict[str, object]]) -> None:
+    with pytest.raises(InvalidInputError) as caught:
+        ingest_sources(collection, strict=True)
+    assert caught.value.check == "missing_file"
+    assert "dataset.json" in str(caught.value)
+
+
+def test_strict_mode_raises_on_a_bad_case(tmp_path: Path) -> None:
+    msd = write_msd(tmp_path / "Task01", ["a", "b"])
+    write(label_volume(values=()), msd / "labelsTr" / "b.nii.gz")
+    with pytest.raises(InvalidInputError, match=r"labelsTr/b\.nii\.gz: the label has no foreground"):
+        ingest_sources([{"name": "t", "layout": "msd", "path": str(msd)}], strict=True)
+
+
+def test_duplicate_case_ids_in_a_dataset(tmp_path: Path) -> None:
+    root = write_msd(tmp_path / "Task", ["a"])
+    meta = json.loads((root / "dataset.json").read_text())
+    meta["training"] *= 2
+    (root / "dataset.json").write_text(json.dumps(meta))
+    manifest, report = ingest_sources([{"name": "t", "layout": "msd", "path": str(root)}])
+    assert list(manifest["case_id"]) == ["a"]
+    assert report.to_dict("records")[0] | {"reason": ""} == {
+        "dataset": "t",
+        "case_id": "a",
+        "path": str(root / "imagesTr" / "a.nii.gz"),
+        "reason": "",
+        "check": "duplicate_case",
+    }
+
+
+def test_no_sources_give_empty_tables() -> None:
+    manifest, report = ingest_sources([])
+    assert manifest.empty and report.empty
+    assert list(manifest.columns) == list(MANIFEST_COLUMNS)

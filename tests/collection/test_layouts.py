@@ -1,0 +1,207 @@
+"""Case discovery for the MSD, nnU-Net v2 and CSV-manifest layouts, and its problems."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from builders import image_volume, label_volume, write, write_csv, write_dicom_case, write_msd, write_nnunet
+
+from iris_pipelines.collection.layouts import (
+    CaseRef,
+    Problem,
+    discover_cases,
+    normalise_modality,
+    parse_labels,
+)
+from iris_pipelines.imaging.errors import InvalidInputError
+
+
+def _only_problem(problems: list[Problem]) -> Problem:
+    assert len(problems) == 1, problems
+    return problems[0]
+
+
+def test_msd_source_lists_training_cases(tmp_path: Path) -> None:
+    root = write_msd(tmp_path / "Task03_Liver", ["liver_0", "liver_1"])
+    refs, problems = discover_cases({"name": "liver", "layout": "msd", "path": str(root)})
+    assert problems == []
+    assert [ref.case_id for ref in refs] == ["liver_0", "liver_1"]
+    first = refs[0]
+    assert first == CaseRef(
+        dataset="liver",
+        case_id="liver_0",
+        subject_id="liver_0",
+        modality="CT",
+        heldout=False,
+        layout="msd",
+        image_path=root / "imagesTr" / "liver_0.nii.gz",
+        label_path=root / "labelsTr" / "liver_0.nii.gz",
+        labels={1: "liver", 2: "tumour"},
+    )
+
+
+def test_msd_modality_alias_and_subject_pattern(tmp_path: Path) -> None:
+    root = write_msd(tmp_path / "Task05", ["pat01_t1", "pat01_t2", "pat02_t1"], modality="MRI")
+    refs, problems = discover_cases(
+        {"name": "p", "layout": "msd", "path": str(root), "subject_pattern": r"^(pat\d+)_", "heldout": True}
+    )
+    assert problems == []
+    assert [ref.subject_id for ref in refs] == ["pat01", "pat01", "pat02"]
+    assert {ref.modality for ref in refs} == {"MR"}
+    assert all(ref.heldout for ref in refs)
+
+
+def test_dataset_json_naming_missing_file_is_reported(tmp_path: Path) -> None:
+    root = write_msd(tmp_path / "Task", ["a", "b"])
+    missing = root / "imagesTr" / "b.nii.gz"
+    missing.unlink()
+    refs, problems = discover_cases({"name": "t", "layout": "msd", "path": str(root)})
+    assert [ref.case_id for ref in refs] == ["a"]
+    problem = _only_problem(problems)
+    assert (problem.check, problem.case_id, problem.path) == ("missing_file", "b", str(missing))
+    assert "does not exist" in problem.reason and "dataset.json" in problem.reason
+
+
+def test_missing_dataset_json(tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    refs, problems = discover_cases({"name": "e", "layout": "msd", "path": str(tmp_path / "empty")})
+    problem = _only_problem(problems)
+    assert refs == []
+    assert problem.check == "missing_file"
+    assert problem.path.endswith("dataset.json")
+
+
+def test_malformed_dataset_json(tmp_path: Path) -> None:
+    root = write_msd(tmp_path / "Task", ["a"])
+    (root / "dataset.json").write_text('{"labels": {"0": "background",')
+    refs, problems = discover_cases({"name": "t", "layout": "msd", "path": str(root)})
+    problem = _only_problem(problems)
+    assert refs == [] and problem.check == "malformed_json" and "not valid JSON" in problem.reason
+
+
+def test_unknown_layout(tmp_path: Path) -> None:
+    _, problems = discover_cases({"name": "x", "layout": "bids", "path": str(tmp_path)})
+    problem = _only_problem(problems)
+    assert problem.check == "unknown_layout" and "'bids'" in problem.reason
+
+
+def test_unknown_source_key_is_refused(tmp_path: Path) -> None:
+    root = write_msd(tmp_path / "Task", ["a"])
+    _, problems = discover_cases({"name": "t", "layout": "msd", "path": str(root), "heldOut": True})
+    assert _only_problem(problems).check == "bad_source"
+
+
+def test_unknown_modality_tells_user_to_set_it(tmp_path: Path) -> None:
+    root = write_msd(tmp_path / "Task", ["a"], modality="zscore")
+    _, problems = discover_cases({"name": "t", "layout": "msd", "path": str(root)})
+    problem = _only_problem(problems)
+    assert problem.check == "unknown_modality"
+    assert "'zscore'" in problem.reason and "set `modality" in problem.reason
+    refs, problems = discover_cases({"name": "t", "layout": "msd", "path": str(root), "modality": "ct"})
+    assert problems == [] and refs[0].modality == "CT"
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [("MRI", "MR"), ("T1", "MR"), ("T2", "MR"), ("ADC", "MR"), ("FLAIR", "MR"), ("cineMRI", "MR"),
+     ("CT", "CT"), ("ct", "CT"), ("PET", "PET")],
+)  # fmt: skip
+def test_normalise_modality(value: str, expected: str) -> None:
+    assert normalise_modality(value, where="dataset.json") == expected
+
+
+def test_parse_labels_accepts_both_styles_and_refuses_regions() -> None:
+    assert parse_labels({"0": "background", "1": "liver"}, where="x") == {1: "liver"}
+    assert parse_labels({"background": 0, "liver": 1, "spleen": 2}, where="x") == {1: "liver", 2: "spleen"}
+    with pytest.raises(InvalidInputError) as caught:
+        parse_labels({"background": 0, "whole tumour": [1, 2, 3], "core": [2, 3]}, where="d.json")
+    assert caught.value.check == "unsupported_labels" and "region" in caught.value.reason
+
+
+def test_nnunet_source_with_mha_ending(tmp_path: Path) -> None:
+    root = write_nnunet(tmp_path / "Dataset005_Prostate", ["prostate_00", "prostate_01"])
+    refs, problems = discover_cases(
+        {"name": "prostate", "layout": "nnunet", "path": str(root), "subject_pattern": r"(\w+)_\d+"}
+    )
+    assert problems == []
+    assert [(ref.case_id, ref.subject_id) for ref in refs] == [
+        ("prostate_00", "prostate"),
+        ("prostate_01", "prostate"),
+    ]
+    assert refs[0].image_path == root / "imagesTr" / "prostate_00_0000.mha"
+    assert refs[0].label_path == root / "labelsTr" / "prostate_00.mha"
+    assert refs[0].labels == {1: "prostate", 2: "zone"}
+    assert refs[0].modality == "MR" and refs[0].layout == "nnunet"
+
+
+def test_nnunet_image_without_label(tmp_path: Path) -> None:
+    root = write_nnunet(tmp_path / "Dataset001_X", ["a", "b"])
+    (root / "labelsTr" / "b.mha").unlink()
+    refs, problems = discover_cases({"name": "x", "layout": "nnunet", "path": str(root)})
+    problem = _only_problem(problems)
+    assert [ref.case_id for ref in refs] == ["a"]
+    assert (problem.check, problem.case_id) == ("missing_file", "b")
+    assert problem.path == str(root / "labelsTr" / "b.mha") and "has no label" in problem.reason
+
+
+def test_nnunet_multichannel_takes_channel_0_with_warning(tmp_path: Path) -> None:
+    root = write_nnunet(tmp_path / "Dataset002_Brain", ["a"], channel_names={"0": "FLAIR", "1": "T1"})
+    refs, problems = discover_cases({"name": "brain", "layout": "nnunet", "path": str(root)})
+    problem = _only_problem(problems)
+    assert problem.warning and problem.check == "multichannel" and "channel 0" in problem.reason
+    assert refs[0].image_path.name == "a_0000.mha"
+
+
+def test_nnunet_region_labels_are_rejected(tmp_path: Path) -> None:
+    root = write_nnunet(
+        tmp_path / "Dataset003_Brats", ["a"], labels={"background": 0, "whole": [1, 2], "core": 2}
+    )
+    refs, problems = discover_cases({"name": "b", "layout": "nnunet", "path": str(root)})
+    problem = _only_problem(problems)
+    assert refs == [] and problem.check == "unsupported_labels"
+    assert "region-based" in problem.reason and problem.path.endswith("dataset.json")
+
+
+def test_csv_source_with_dicom_series_image(tmp_path: Path) -> None:
+    root = tmp_path / "hospital"
+    dicom_dir, label = write_dicom_case(root, "scan_a")
+    nifti = write(image_volume(), root / "images" / "scan_b.nii.gz")
+    write(label_volume(), root / "labels" / "scan_b.nii.gz")
+    csv_path = write_csv(
+        root,
+        [
+            {
+                "case_id": "scan_a",
+                "subject_id": "P1",
+                "image": "images/scan_a",
+                "label": "labels/scan_a.nii.gz",
+            },
+            {"case_id": "scan_b", "subject_id": "P1", "image": str(nifti), "label": "labels/scan_b.nii.gz"},
+        ],
+        labels={"0": "background", "1": "kidney", "2": "cyst"},
+    )
+    refs, problems = discover_cases({"name": "h", "layout": "csv", "path": str(csv_path), "modality": "CT"})
+    assert problems == []
+    assert [(ref.case_id, ref.subject_id) for ref in refs] == [("scan_a", "P1"), ("scan_b", "P1")]
+    assert refs[0].image_path == dicom_dir and refs[0].label_path == label
+    assert refs[1].labels == {1: "kidney", 2: "cyst"}
+
+
+def test_csv_labels_column_and_directory_path(tmp_path: Path) -> None:
+    root = tmp_path / "site"
+    write(image_volume(), root / "a.nii.gz")
+    write(label_volume(), root / "a_seg.nii.gz")
+    row = {"case_id": "a", "subject_id": "", "image": "a.nii.gz", "label": "a_seg.nii.gz"}
+    write_csv(root, [{**row, "labels": json.dumps({"liver": 1})}], labels=None)
+    refs, problems = discover_cases({"name": "s", "layout": "csv", "path": str(root), "modality": "PET"})
+    assert problems == []
+    assert (refs[0].subject_id, refs[0].labels, refs[0].modality) == ("a", {1: "liver"}, "PET")
+
+
+def test_csv_without_labels_is_reported(tmp_path: Path) -> None:
+    csv_path = write_csv(tmp_path, [{"case_id": "a", "image": "a.nii", "label": "b.nii"}], labels=None)
+    _, problems = discover_cases({"name": "s", "layout": "csv", "path": str(csv_path), "modality": "CT"})
+    problem = _only_problem(problems)
+    assert problem.check == "missing_file" and problem.path.endswith("labels.json")

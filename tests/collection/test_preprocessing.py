@@ -1,0 +1,342 @@
+"""preprocess_cases: caching, atomic writes, rejects, stored arrays and geometry, dask vs in-process."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import SimpleITK as sitk
+import yaml
+from kedro.config import OmegaConfigLoader
+
+from iris_pipelines.collection.preprocessing import (
+    ADDED_COLUMNS,
+    REPORT_COLUMNS,
+    PreprocessParams,
+    SchedulerParams,
+    build_cluster,
+    cache_key,
+    normalize_in_place,
+    preprocess_case,
+    preprocess_cases,
+)
+from iris_pipelines.imaging.errors import InvalidInputError
+from iris_pipelines.imaging.geometry import Geometry
+from iris_pipelines.imaging.io import file_sha256
+from iris_pipelines.imaging.normalize import normalize_intensity
+
+REPO = Path(__file__).resolve().parents[2]
+SIZE = (24, 20, 12)  # x, y, z
+LIVER = (slice(2, 6), slice(3, 9), slice(4, 12))  # z, y, x
+TUMOUR = (slice(7, 9), slice(10, 13), slice(14, 18))
+LABELS = {"1": "liver", "2": "tumour"}
+OBLIQUE = (0.8660254, -0.5, 0.0, 0.5, 0.8660254, 0.0, 0.0, 0.0, 1.0)
+LPS_FLIP = (-1.0, 0.0, 0.0, 0.0, -1.0, 0.0, 0.0, 0.0, 1.0)
+IDENTITY = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
+# case id -> (spacing, direction, modality)
+CASES = {
+    "exact": ((2.0, 2.0, 2.0), IDENTITY, "CT"),
+    "lps": ((2.0, 2.0, 2.0), LPS_FLIP, "CT"),
+    "aniso": ((0.8, 1.2, 3.5), IDENTITY, "CT"),
+    "oblique": ((1.0, 1.5, 2.5), OBLIQUE, "MR"),
+}
+
+
+def _write_volume(array: np.ndarray, spacing, direction, path: Path) -> None:
+    image = sitk.GetImageFromArray(array)
+    image.SetSpacing(spacing)
+    image.SetDirection(direction)
+    image.SetOrigin((-12.0, 7.5, 30.0))
+    sitk.WriteImage(image, str(path))
+
+
+def _label_volume() -> np.ndarray:
+    label = np.zeros(SIZE[::-1], dtype=np.uint8)
+    label[LIVER] = 1
+    label[TUMOUR] = 2
+    return label
+
+
+def make_case(root: Path, case_id: str, spacing, direction, modality: str) -> dict:
+    rng = np.random.default_rng(len(case_id))
+    image = rng.normal(40, 300, SIZE[::-1]).astype(np.int16)
+    image_path, label_path = root / f"{case_id}_img.nii.gz", root / f"{case_id}_seg.nii.gz"
+    _write_volume(image, spacing, direction, image_path)
+    _write_volume(_label_volume(), spacing, direction, label_path)
+    geometry = Geometry.from_image(sitk.ReadImage(str(image_path)))
+    return {
+        "dataset": "toy",
+        "case_id": case_id,
+        "subject_id": f"s-{case_id}",
+        "modality": modality,
+        "heldout": False,
+        "layout": "csv",
+        "image_path": str(image_path),
+        "label_path": str(label_path),
+        "image_format": "nifti",
+        **geometry.to_dict(),
+        "labels": json.dumps(LABELS),
+        "image_sha256": file_sha256(image_path),
+        "label_sha256": file_sha256(label_path),
+    }
+
+
+@pytest.fixture(scope="module")
+def manifest(tmp_path_factory: pytest.TempPathFactory) -> pd.DataFrame:
+    root = tmp_path_factory.mktemp("raw")
+    return pd.DataFrame([make_case(root, name, *spec) for name, spec in CASES.items()])
+
+
+def _params(output_dir: Path, kind: str = "synchronous", **overrides) -> PreprocessParams:
+    values = {
+        "target_spacing": (2.0, 2.0, 2.0),
+        "output_dir": str(output_dir),
+        "scheduler": SchedulerParams(kind=kind, n_workers=2, memory_limit="1GiB"),
+        **overrides,
+    }
+    return PreprocessParams(**values)
+
+
+@pytest.fixture(scope="module")
+def processed(manifest: pd.DataFrame, tmp_path_factory: pytest.TempPathFactory):
+    output_dir = tmp_path_factory.mktemp("volumes")
+    result, report = preprocess_cases(manifest, _params(output_dir))
+    return output_dir, result.set_index("case_id", drop=False), report
+
+
+def test_every_case_gets_the_contract_columns(manifest, processed):
+    _, result, report = processed
+    assert report.empty and list(report.columns) == REPORT_COLUMNS
+    assert list(result.columns) == list(manifest.columns) + ADDED_COLUMNS
+    assert list(result["case_id"]) == list(manifest["case_id"])
+
+
+def test_arrays_memory_map_on_the_canonical_grid(processed):
+    _, result, _ = processed
+    for row in result.itertuples():
+        grid = Geometry.from_json(row.preprocessed_geometry)
+        assert grid.is_identity_direction and grid.spacing == (2.0, 2.0, 2.0)
+        image = np.load(row.image_array, mmap_mode="r")
+        label = np.load(row.label_array, mmap_mode="r")
+        assert isinstance(image, np.memmap) and isinstance(label, np.memmap)
+        assert image.dtype == np.float32 and label.dtype == np.uint8
+        assert image.shape == label.shape == grid.size[::-1]
+        assert Path(row.image_array).parent.name == row.cache_key
+        assert Path(row.image_array).parent.parent.name == row.cache_key[:2]
+
+
+def test_original_geometry_is_the_inputs(processed):
+    _, result, _ = processed
+    for row in result.itertuples():
+        stored = Geometry.from_json(row.original_geometry)
+        assert stored == Geometry.from_image(sitk.ReadImage(row.image_path))
+        assert stored == Geometry(row.size, row.spacing, row.origin, row.direction)
+
+
+def _mirror_xy(box: list[int]) -> list[int]:
+    z0, y0, x0, z1, y1, x1 = box
+    return [z0, SIZE[1] - y1, SIZE[0] - x1, z1, SIZE[1] - y0, SIZE[0] - x0]
+
+
+def test_class_statistics_of_a_constructed_label(processed):
+    _, result, _ = processed
+    liver_box = [2, 3, 4, 6, 9, 12]
+    tumour_box = [7, 10, 14, 9, 13, 18]
+    exact = result.loc["exact"]
+    assert json.loads(exact.class_voxels) == {"1": 4 * 6 * 8, "2": 2 * 3 * 4}
+    assert json.loads(exact.class_bboxes) == {"1": liver_box, "2": tumour_box}
+    # LPS-flipped x and y: the canonical (identity) grid mirrors the boxes along those axes.
+    flipped = json.loads(result.loc["lps"].class_bboxes)
+    assert flipped == {"1": _mirror_xy(liver_box), "2": _mirror_xy(tumour_box)}
+    assert json.loads(result.loc["lps"].class_voxels) == json.loads(exact.class_voxels)
+
+
+def test_class_statistics_match_the_stored_labels(processed):
+    _, result, _ = processed
+    for row in result.itertuples():
+        label = np.load(row.label_array, mmap_mode="r")
+        voxels, boxes = json.loads(row.class_voxels), json.loads(row.class_bboxes)
+        for value in (1, 2):
+            where = np.argwhere(label == value)
+            assert voxels[str(value)] == len(where) > 0
+            assert boxes[str(value)] == [*where.min(axis=0).tolist(), *(where.max(axis=0) + 1).tolist()]
+
+
+def test_rerun_skips_cached_cases(manifest, processed):
+    output_dir, first, _ = processed
+    files = sorted(p for p in output_dir.rglob("*") if p.is_file())
+    stamps = {p: p.stat().st_mtime_ns for p in files}
+    again, _ = preprocess_cases(manifest, _params(output_dir))
+    assert {p: p.stat().st_mtime_ns for p in files} == stamps
+    assert sorted(p for p in output_dir.rglob("*") if p.is_file()) == files
+    pd.testing.assert_frame_equal(again.set_index("case_id", drop=False), first)
+
+
+def test_cache_key_follows_the_parameters_that_matter(manifest, tmp_path):
+    ct, mr = manifest.iloc[0].to_dict(), manifest.iloc[3].to_dict()
+    base = _params(tmp_path)
+    assert cache_key(ct, base) != cache_key(ct, _params(tmp_path, target_spacing=(1.5, 1.5, 1.5)))
+    wider = _params(tmp_path, ct_window=(-1000.0, 1000.0))
+    assert cache_key(ct, base) != cache_key(ct, wider)
+    assert cache_key(mr, base) == cache_key(mr, wider)  # the CT window does not touch MR output
+    assert cache_key(ct, base) == cache_key(ct, _params(tmp_path / "elsewhere", strict=True))
+    assert cache_key(ct, base) != cache_key({**ct, "image_sha256": "0" * 64}, base)
+
+
+def test_writes_are_atomic(manifest, tmp_path, monkeypatch):
+    row = manifest.iloc[0].to_dict()
+    real_save = np.save
+
+    def fail_on_label(path, array):
+        if Path(path).name == "label.npy":
+            raise OSError("disk full")
+        real_save(path, array)
+
+    monkeypatch.setattr(np, "save", fail_on_label)
+    result, report = preprocess_cases(manifest.iloc[:1], _params(tmp_path))
+    assert result.empty and report.loc[0, "check"] == "preprocess_failed"
+    assert "disk full" in report.loc[0, "reason"]
+    assert [p for p in tmp_path.rglob("*") if p.is_file()] == []  # no half case, no scratch left
+    monkeypatch.undo()
+    preprocess_case(row, _params(tmp_path))
+    entries = [p.name for p in tmp_path.rglob("*")]
+    assert not [name for name in entries if name.startswith(".")]
+    assert sorted(p.name for p in tmp_path.rglob("*.*")) == ["image.npy", "label.npy", "meta.json"]
+
+
+def test_a_bad_case_is_reported_and_the_rest_go_on(manifest, tmp_path):
+    broken = tmp_path / "broken.nii"
+    broken.write_bytes(b"not a nifti file at all" * 20)
+    bad_rows = [
+        {
+            **manifest.iloc[0].to_dict(),
+            "case_id": "missing",
+            "image_path": str(tmp_path / "gone.nii.gz"),
+            "image_sha256": "1" * 64,
+        },
+        {
+            **manifest.iloc[1].to_dict(),
+            "case_id": "garbage",
+            "image_path": str(broken),
+            "image_sha256": "2" * 64,
+        },
+    ]
+    mixed = pd.concat([pd.DataFrame(bad_rows[:1]), manifest, pd.DataFrame(bad_rows[1:])], ignore_index=True)
+    result, report = preprocess_cases(mixed, _params(tmp_path / "out"))
+    assert list(result["case_id"]) == list(manifest["case_id"])
+    assert list(report["case_id"]) == ["missing", "garbage"]
+    assert list(report["check"]) == ["missing_file", "unreadable"]
+    assert list(report["path"]) == [str(tmp_path / "gone.nii.gz"), str(broken)]
+    with pytest.raises(InvalidInputError, match="gone.nii.gz"):
+        preprocess_cases(mixed, _params(tmp_path / "strict", strict=True))
+
+
+def test_out_of_range_labels_are_rejected(manifest, tmp_path):
+    row = manifest.iloc[0].to_dict()
+    label = sitk.ReadImage(row["label_path"], sitk.sitkInt16) * 200  # 400 does not fit uint8
+    path = tmp_path / "wide_seg.nii.gz"
+    sitk.WriteImage(label, str(path))
+    with pytest.raises(InvalidInputError) as error:
+        preprocess_case({**row, "label_path": str(path), "label_sha256": "3" * 64}, _params(tmp_path))
+    assert error.value.check == "label_range" and error.value.path == str(path)
+
+
+def test_dask_local_cluster_matches_in_process(manifest, processed, tmp_path):
+    output_dir, in_process, _ = processed
+    on_dask, report = preprocess_cases(manifest, _params(tmp_path, kind="local"))
+    on_dask = on_dask.set_index("case_id", drop=False)
+    assert report.empty
+    for column in ("image_array", "label_array"):
+        for ours, theirs in zip(on_dask[column], in_process[column], strict=True):
+            np.testing.assert_array_equal(np.load(ours), np.load(theirs))
+            assert Path(ours).relative_to(tmp_path) == Path(theirs).relative_to(output_dir)
+    same = on_dask.columns.difference(["image_array", "label_array"])
+    pd.testing.assert_frame_equal(on_dask[same], in_process[same])
+
+
+def test_slurm_cluster_job_script_carries_the_directives():
+    scheduler = SchedulerParams(
+        kind="slurm",
+        queue="cpu",
+        account="imaging",
+        cores=4,
+        memory="16GiB",
+        walltime="01:30:00",
+        job_extra_directives=("--qos=normal",),
+        jobs=2,
+    )
+    with build_cluster(scheduler) as cluster:
+        script = cluster.job_script()
+    for directive in (
+        "#SBATCH -p cpu",
+        "#SBATCH -A imaging",
+        "#SBATCH -n 1",
+        "#SBATCH --cpus-per-task=4",
+        "#SBATCH --mem=16G",
+        "#SBATCH -t 01:30:00",
+        "#SBATCH --qos=normal",
+        "--nworkers 4",
+        "--nthreads 1",
+    ):
+        assert directive in script
+
+
+def _load_params(conf: Path, env: str) -> PreprocessParams:
+    loader = OmegaConfigLoader(
+        str(conf),
+        base_env="base",
+        default_run_env=env,
+        merge_strategy={"parameters": "soft", "globals": "soft"},
+    )
+    return PreprocessParams.from_dict(loader["parameters"]["preprocess"])
+
+
+def test_params_from_the_conf_files(tmp_path):
+    for env in ("base", "hpcc"):
+        (tmp_path / env).mkdir()
+        for name in ("globals.yml", "parameters_preprocess.yml"):
+            shutil.copy(REPO / "conf" / env / name, tmp_path / env / name)
+    (tmp_path / "local").mkdir()
+    assert _load_params(tmp_path, "local") == PreprocessParams()
+    hpcc = _load_params(tmp_path, "hpcc")
+    data_root = yaml.safe_load((tmp_path / "hpcc" / "globals.yml").read_text())["data_root"]
+    assert hpcc.output_dir == f"{data_root}/05_model_input/volumes"
+    assert hpcc.target_spacing == (1.5, 1.5, 1.5) and hpcc.scheduler.kind == "slurm"
+    assert hpcc.ct_window == PreprocessParams().ct_window and hpcc.scheduler.cores == 8
+    with pytest.raises(ValueError, match="target_spacng"):
+        PreprocessParams.from_dict({"target_spacng": [1, 1, 1]})
+    with pytest.raises(ValueError, match="kind"):
+        PreprocessParams.from_dict({"scheduler": {"kind": "kubernetes"}})
+
+
+@pytest.mark.parametrize("modality", ["CT", "MR", "PET"])
+def test_in_place_normalisation_matches_the_imaging_recipe(modality):
+    rng = np.random.default_rng(7)
+    volume = rng.normal(100, 700, (9, 300, 500)).astype(np.float32)  # > 1 block of 2**20 voxels
+    params = PreprocessParams(ct_window=(-500.0, 800.0), percentiles=(5.0, 95.0))
+    expected = normalize_intensity(
+        volume, modality, ct_window=params.ct_window, percentiles=params.percentiles
+    )
+    normalize_in_place(volume, modality, params)
+    np.testing.assert_allclose(volume, expected, rtol=0, atol=1e-5)
+    constant = np.full((3, 4, 5), 7.0, dtype=np.float32)
+    normalize_in_place(constant, modality, params)
+    assert not constant.any()
+
+
+def test_non_finite_images_are_rejected(manifest, tmp_path):
+    row = manifest.iloc[0].to_dict()
+    source = sitk.ReadImage(row["image_path"])
+    array = sitk.GetArrayFromImage(source).astype(np.float32)
+    array[3, 3, 3] = np.nan
+    image = sitk.GetImageFromArray(array)
+    image.CopyInformation(source)
+    path = tmp_path / "nan_img.mha"  # ITK NIfTI I/O turns NaN into 0; MetaImage keeps it
+    sitk.WriteImage(image, str(path))
+    with pytest.raises(InvalidInputError) as error:
+        preprocess_case({**row, "image_path": str(path), "image_sha256": "4" * 64}, _params(tmp_path))
+    assert error.value.check == "non_finite"

@@ -1,0 +1,51 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from iris_pipelines.imaging.normalize import normalize_intensity
+
+
+def test_ct_clips_to_window_then_z_scores() -> None:
+    # Clipped to (-100, 100): four voxels at -100, four at 100 -> mean 0, population std 100.
+    array = np.array([-3000, -100, -200, -100, 100, 250, 100, 3000], dtype=np.int16).reshape(2, 2, 2)
+    result = normalize_intensity(array, "CT", ct_window=(-100.0, 100.0))
+    assert result.dtype == np.float32
+    np.testing.assert_allclose(result.ravel(), [-1, -1, -1, -1, 1, 1, 1, 1], atol=1e-6)
+
+
+def test_ct_default_window_keeps_values_inside() -> None:
+    # Inside (-990, 500) nothing is clipped: values 0, 0, 0, 0, 0, 0, 0, 400 -> mean 50,
+    # variance (7 * 50**2 + 350**2) / 8 = 17500, std = sqrt(17500).
+    array = np.zeros((2, 2, 2))
+    array[1, 1, 1] = 400.0
+    result = normalize_intensity(array, "ct")
+    std = 17500.0**0.5
+    assert result[0, 0, 0] == pytest.approx(-50.0 / std, abs=1e-6)
+    assert result[1, 1, 1] == pytest.approx(350.0 / std, abs=1e-6)
+
+
+@pytest.mark.parametrize("modality", ["MR", "PET"])
+def test_mr_pet_clip_to_percentiles(modality: str) -> None:
+    # Values 0..8 (9 voxels); the 25th/75th percentiles (linear interpolation) are exactly 2 and 6.
+    # Clipped: 2, 2, 2, 3, 4, 5, 6, 6, 6 -> mean 4, variance (3*4 + 1 + 0 + 1 + 3*4) / 9 = 26/9.
+    array = np.arange(9, dtype=np.float64).reshape(1, 3, 3)
+    result = normalize_intensity(array, modality, percentiles=(25.0, 75.0))
+    std = (26.0 / 9.0) ** 0.5
+    expected = np.array([-2, -2, -2, -1, 0, 1, 2, 2, 2]) / std
+    np.testing.assert_allclose(result.ravel(), expected, atol=1e-6)
+
+
+def test_constant_volume_gives_zeros() -> None:
+    result = normalize_intensity(np.full((2, 2, 2), 7.0), "MR")
+    assert result.dtype == np.float32
+    assert not result.any()
+
+
+def test_unknown_modality_and_non_finite_are_rejected() -> None:
+    with pytest.raises(ValueError, match="'US'"):
+        normalize_intensity(np.zeros((2, 2, 2)), "US")
+    bad = np.zeros((2, 2, 2))
+    bad[0, 0, 0] = np.nan
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        normalize_intensity(bad, "CT")

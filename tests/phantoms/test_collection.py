@@ -1,0 +1,298 @@
+"""The generated collection: dataset mix, on-disk layouts, labels, geometry, determinism, idempotence."""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import hashlib
+import json
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from iris_pipelines.imaging.io import read_image
+from iris_pipelines.phantoms import DatasetSpec, default_specs, generate_collection, render_case
+from iris_pipelines.phantoms.collection import STAMP_NAME
+
+Collection = tuple[Path, list[dict[str, Any]]]
+SPECS = {spec.name: spec for spec in default_specs()}
+
+
+@dataclass(frozen=True)
+class Case:
+    case_id: str
+    subject_id: str
+    image: Path
+    label: Path
+
+
+def _cases(source: dict[str, Any]) -> tuple[list[Case], dict[int, str]]:
+    """Read a source's index the way its layout's documentation says, independently of the writer."""
+    root = Path(source["path"])
+    if source["layout"] == "msd":
+        meta = json.loads((root / "dataset.json").read_text())
+        assert meta["numTraining"] == len(meta["training"])
+        assert meta["modality"] == {"0": source["modality"]}
+        assert meta["labels"]["0"] == "background"
+        labels = {int(k): v for k, v in meta["labels"].items() if k != "0"}
+        cases = []
+        for entry in meta["training"]:
+            assert entry["image"].startswith("./imagesTr/") and entry["label"].startswith("./labelsTr/")
+            image = root / entry["image"]
+            case_id = image.name.removesuffix(".nii.gz")
+            cases.append(Case(case_id, case_id, image, root / entry["label"]))
+        return cases, labels
+    if source["layout"] == "nnunet":
+        meta = json.loads((root / "dataset.json").read_text())
+        ending = meta["file_ending"]
+        assert meta["channel_names"] == {"0": source["modality"]}
+        assert meta["labels"]["background"] == 0
+        images = sorted(p for p in (root / "imagesTr").iterdir() if not p.name.startswith("."))
+        assert images and all(p.name.endswith(f"_0000{ending}") for p in images)
+        assert meta["numTraining"] == len(images)
+        ids = [p.name.removesuffix(f"_0000{ending}") for p in images]
+        cases = [Case(i, i, p, root / "labelsTr" / f"{i}{ending}") for i, p in zip(ids, images, strict=True)]
+        return cases, {v: k for k, v in meta["labels"].items() if v != 0}
+    with (root / "manifest.csv").open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert rows and list(rows[0]) == ["case_id", "subject_id", "image", "label"]
+    labels = {int(k): v for k, v in json.loads((root / "labels.json").read_text()).items()}
+    return [Case(r["case_id"], r["subject_id"], root / r["image"], root / r["label"]) for r in rows], labels
+
+
+def _spec(source: dict[str, Any]) -> DatasetSpec:
+    return SPECS[source["name"]]
+
+
+def _label_array(case: Case) -> np.ndarray:
+    return sitk.GetArrayFromImage(read_image(case.label))
+
+
+def _world_centroid(label: sitk.Image, value: int) -> np.ndarray:
+    index = np.argwhere(sitk.GetArrayViewFromImage(label) == value)[:, ::-1].astype(float)
+    matrix = np.asarray(label.GetDirection()).reshape(3, 3) * np.asarray(label.GetSpacing())
+    return (index @ matrix.T + np.asarray(label.GetOrigin())).mean(axis=0)
+
+
+def test_dataset_mix_imitates_the_paper() -> None:
+    specs = default_specs()
+    training = [s for s in specs if not s.heldout]
+    heldout = [s for s in specs if s.heldout]
+    assert len(training) >= 6 and len(heldout) >= 2
+    seen = {c for s in training for c in s.classes}
+    for spec in heldout:
+        assert set(spec.classes) - seen, f"{spec.name} has no novel class"
+    assert any(c in seen for s in heldout for c in s.classes), "no seen concept in a held-out dataset"
+    shared = Counter(c for s in training for c in s.classes)
+    assert max(shared.values()) >= 2
+    assert {s.modality for s in specs} == {"CT", "MR", "PET"}
+    assert {s.layout for s in specs} == {"msd", "nnunet", "csv"}
+    assert {s.file_ending for s in specs if s.layout == "nnunet"} == {".nii.gz", ".mha", ".nrrd"}
+    assert {s.direction for s in specs} >= {"identity", "flipped", "oblique"}
+    assert any(s.sequences_per_subject > 1 for s in specs)
+    assert any(s.dicom_cases for s in specs if s.layout == "csv")
+    assert all(2 <= len(s.classes) <= 8 for s in specs)
+    assert len({s.noise for s in specs if s.modality == "CT"}) >= 3
+
+
+def test_spec_validation_names_the_problem() -> None:
+    spec = SPECS["AbdomenCT"]
+    with pytest.raises(ValueError, match="unknown class concepts"):
+        dataclasses.replace(spec, classes=("liver", "brain"))
+    with pytest.raises(ValueError, match="does not suit layout"):
+        dataclasses.replace(spec, file_ending=".mha")
+    with pytest.raises(ValueError, match="DICOM"):
+        dataclasses.replace(spec, dicom_cases=1)
+    with pytest.raises(ValueError, match="no acquisition"):
+        dataclasses.replace(spec, acquisitions=("T2",))
+
+
+def test_sources_point_at_valid_layouts(collection: Collection) -> None:
+    root, sources = collection
+    assert [s["name"] for s in sources] == list(SPECS)
+    for source in sources:
+        assert set(source) == {"name", "layout", "path", "modality", "heldout"}
+        spec = _spec(source)
+        assert Path(source["path"]).is_absolute() and Path(source["path"]).parent == root.resolve()
+        assert source["layout"] == spec.layout and source["modality"] == spec.modality
+        assert source["heldout"] is spec.heldout
+        cases, labels = _cases(source)
+        assert labels == dict(enumerate(spec.classes, start=1))
+        assert len(cases) >= 2 and len({c.case_id for c in cases}) == len(cases)
+        for case in cases:
+            assert case.image.exists() and case.label.is_file()
+            if case.image.is_dir():
+                assert source["layout"] == "csv" and len(list(case.image.glob("*.dcm"))) > 10
+            else:
+                assert case.image.name.endswith(spec.file_ending)
+                assert case.label.name.endswith(spec.file_ending)
+    dicom = [c for s in sources for c in _cases(s)[0] if c.image.is_dir()]
+    assert len(dicom) >= 2
+
+
+def test_declared_labels_are_the_labels_present(collection: Collection) -> None:
+    _, sources = collection
+    for source in sources:
+        cases, labels = _cases(source)
+        present = Counter()
+        for case in cases:
+            values = set(np.unique(_label_array(case)).tolist())
+            assert values <= {0, *labels}, f"{case.label} holds undeclared labels"
+            present.update(values - {0})
+        for value, name in labels.items():
+            assert present[value] >= len(cases) / 2, f"{source['name']}: {name} is missing from most cases"
+
+
+def test_images_match_their_labels_and_modality(collection: Collection) -> None:
+    _, sources = collection
+    for source in sources:
+        spec = _spec(source)
+        for case in _cases(source)[0]:
+            image, label = read_image(case.image), read_image(case.label)
+            assert image.GetSize() == label.GetSize()
+            np.testing.assert_allclose(image.GetOrigin(), label.GetOrigin(), atol=1e-3)
+            np.testing.assert_allclose(image.GetSpacing(), label.GetSpacing(), atol=1e-4)
+            np.testing.assert_allclose(image.GetDirection(), label.GetDirection(), atol=1e-5)
+            pixels = sitk.GetArrayFromImage(image).astype(np.float64)
+            labels = sitk.GetArrayFromImage(label)
+            assert np.isfinite(pixels).all()
+            if spec.modality == "CT":
+                assert np.percentile(pixels, 2) < -900, "no air around the body"
+                assert pixels.max() > 400, "no bone"
+                for value, name in enumerate(spec.classes, start=1):
+                    median = np.median(pixels[labels == value])
+                    bony = name in {"spine", "sacrum", "hip_left", "hip_right"}
+                    assert median > 150 if bony else -50 < median < 250, (case.image, name, median)
+            elif spec.modality == "MR":
+                assert pixels.min() >= 0 and np.percentile(pixels, 99) > 200
+            else:
+                bladder = spec.classes.index("bladder") + 1
+                assert np.median(pixels[labels == bladder]) > 3 * np.median(pixels[pixels > 0.1])
+
+
+def test_geometry_varies_like_real_collections(collection: Collection) -> None:
+    _, sources = collection
+    spacings, directions = [], []
+    for source in sources:
+        for case in _cases(source)[0]:
+            label = read_image(case.label)
+            spacings.append(label.GetSpacing())
+            directions.append(np.asarray(label.GetDirection()).reshape(3, 3))
+            assert np.prod(label.GetSize()) <= 1_300_000, f"{case.label}: too many voxels for CPU training"
+            extent = np.asarray(label.GetSize()) * np.asarray(label.GetSpacing())
+            assert np.all((extent > 90) & (extent < 320)), f"{case.label}: field of view {extent} mm"
+    spacings = np.asarray(spacings)
+    assert 0.7 <= spacings.min() < 1.0 and 4.0 < spacings.max() <= 5.0
+    assert (spacings.max(axis=1) / spacings.min(axis=1)).max() > 3, "no strongly anisotropic scan"
+    assert any(np.allclose(d, np.eye(3), atol=1e-6) for d in directions)
+    assert any(np.allclose(d, np.diag([-1.0, -1.0, 1.0]), atol=1e-6) for d in directions)
+    oblique = [d for d in directions if not np.allclose(np.abs(d), np.round(np.abs(d)), atol=1e-3)]
+    assert oblique
+    for d in oblique:
+        tilt = np.degrees(np.arccos(np.clip(np.abs(np.diag(d)), 0, 1)))
+        assert tilt.max() >= 10 and tilt.max() <= 40
+
+
+def test_same_concept_lands_in_the_same_body_region(collection: Collection) -> None:
+    """A concept's world centroid agrees across datasets whose grids differ in direction and spacing."""
+    _, sources = collection
+    by_name = {s["name"]: s for s in sources}
+    checks = {
+        "liver": (["TrunkCT", "AbdomenCT", "LiverTumourCT", "AbdomenMR"], np.array([-42.0, 2.0, 62.0])),
+        "bladder": (["PelvisMR", "PelvisCT", "LesionPET"], np.array([0.0, -32.0, -100.0])),
+        "kidney_left": (["KidneyTumourCT", "AbdomenCT", "LesionPET"], np.array([47.0, 40.0, 16.0])),
+    }
+    for concept, (datasets, nominal) in checks.items():
+        centroids = []
+        for dataset in datasets:
+            value = SPECS[dataset].classes.index(concept) + 1
+            for case in _cases(by_name[dataset])[0]:
+                centroids.append(_world_centroid(read_image(case.label), value))
+        centroids = np.asarray(centroids)
+        # Subjects differ (pose ±6 mm, organ ±5 mm, size), and a FOV may clip an organ, but never by 30 mm.
+        assert np.all(np.linalg.norm(centroids - nominal, axis=1) < 30), (concept, centroids)
+        assert np.ptp(centroids[:, 0]) < 40 and np.ptp(centroids[:, 2]) < 40
+
+
+def test_subjects_with_two_sequences_share_anatomy(collection: Collection) -> None:
+    _, sources = collection
+    source = next(s for s in sources if _spec(s).sequences_per_subject > 1)
+    cases = _cases(source)[0]
+    subjects = Counter(c.subject_id for c in cases)
+    assert all(count == _spec(source).sequences_per_subject for count in subjects.values())
+    first, second = (c for c in cases if c.subject_id == cases[0].subject_id)
+    liver = _spec(source).classes.index("liver") + 1
+    spleen = _spec(source).classes.index("spleen") + 1
+    ratios = []
+    reference = _world_centroid(read_image(first.label), liver)
+    for case in (first, second):
+        label, image = read_image(case.label), sitk.GetArrayFromImage(read_image(case.image)).astype(float)
+        assert np.linalg.norm(_world_centroid(label, liver) - reference) < 3
+        labels = sitk.GetArrayFromImage(label)
+        ratios.append(np.median(image[labels == liver]) / np.median(image[labels == spleen]))
+    assert ratios[0] > 1 > ratios[1], "T1 and T2 should invert the liver/spleen contrast"
+
+
+def test_any_case_renders_alone(collection: Collection) -> None:
+    _, sources = collection
+    source = next(s for s in sources if s["name"] == "LiverTumourCT")
+    case = _cases(source)[0][1]
+    image, label = render_case(SPECS["LiverTumourCT"], seed=0, subject=1)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(label), _label_array(case))
+    stored = sitk.GetArrayFromImage(read_image(case.image))
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(image), stored)
+
+
+def _fingerprints(root: Path) -> dict[str, str]:
+    """sha256 per file; DICOM series by pixels and geometry, since their UIDs are random by design."""
+    prints = {}
+    for path in sorted(root.rglob("*")):
+        relative = path.relative_to(root).as_posix()
+        if path.name == STAMP_NAME or path.suffix == ".dcm":
+            continue
+        if path.is_dir() and any(path.glob("*.dcm")):
+            image = read_image(path)
+            digest = hashlib.sha256(sitk.GetArrayViewFromImage(image).tobytes())
+            grid = [*image.GetOrigin(), *image.GetSpacing(), *image.GetDirection()]
+            digest.update(np.round(grid, 4).tobytes())
+            prints[relative] = digest.hexdigest()
+        elif path.is_file():
+            prints[relative] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return prints
+
+
+def test_generation_is_deterministic(tmp_path: Path) -> None:
+    small = {"cases_per_dataset": 1, "size_scale": 0.4}
+    generate_collection(tmp_path / "a", seed=7, **small)
+    generate_collection(tmp_path / "b", seed=7, **small)
+    generate_collection(tmp_path / "c", seed=8, **small)
+    first, second, other = (_fingerprints(tmp_path / n) for n in "abc")
+    assert first == second
+    assert any(k.startswith("TrunkCT/images/") and "." not in k.rsplit("/", 1)[1] for k in first)
+    labels = [k for k in first if "labels" in k and not k.endswith(".json")]
+    assert labels and all(first[k] != other.get(k) for k in labels)
+
+
+def test_second_call_reuses_and_changed_parameters_regenerate(collection: Collection, tmp_path: Path) -> None:
+    root, sources = collection
+    before = {p: p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file()}
+    assert generate_collection(root, seed=0, cases_per_dataset=2) == sources
+    assert {p: p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file()} == before
+
+    specs = [SPECS["PelvisMR"], SPECS["TrunkCT"]]
+    small = tmp_path / "small"
+    generate_collection(small, cases_per_dataset=3, size_scale=0.3, specs=specs)
+    stamp = json.loads((small / STAMP_NAME).read_text())
+    assert stamp["params"]["cases_per_dataset"] == 3
+    assert all((small / f["path"]).is_file() for f in stamp["files"])
+    generate_collection(small, cases_per_dataset=2, size_scale=0.3, specs=specs)
+    assert len(list((small / "Dataset005_PelvisMR" / "imagesTr").glob("*.nrrd"))) == 2, "stale cases linger"
+    missing = small / "Dataset005_PelvisMR" / "labelsTr" / "pelvis_001.nrrd"
+    missing.unlink()
+    generate_collection(small, cases_per_dataset=2, size_scale=0.3, specs=specs)
+    assert missing.is_file()
