@@ -6,6 +6,9 @@ VENV := .venv
 BIN := $(VENV)/bin
 export KEDRO_DISABLE_TELEMETRY := 1
 export PYTHONDONTWRITEBYTECODE := 1
+# CI may start with no locale; progress bars and Kedro's rich logs print UTF-8.
+export PYTHONIOENCODING := utf-8
+export PYTHONUTF8 := 1
 
 .PHONY: install run test lint lock viz clean-data
 

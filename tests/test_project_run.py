@@ -47,7 +47,8 @@ def project_copy(tmp_path_factory) -> Path:
 def kedro_run(root: Path, *args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "KEDRO_DISABLE_TELEMETRY": "1"}
     result = subprocess.run(
-        [KEDRO, "run", *args], cwd=root, env=env, capture_output=True, text=True, timeout=900, check=False
+        [KEDRO, "run", *args], cwd=root, env=env, capture_output=True, encoding="utf-8", errors="replace",
+        timeout=900, check=False,
     )
     assert result.returncode == 0, (
         f"kedro run {' '.join(args)} failed:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
