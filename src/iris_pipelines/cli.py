@@ -24,32 +24,65 @@ def main() -> None:
 
 @main.command()
 @click.argument("path", type=click.Path(path_type=Path))
-@click.option("--layout", type=click.Choice(["msd", "nnunet", "csv"]), required=True,
-              help="How the dataset is laid out on disk.")
-@click.option("--modality", type=str, default=None,
-              help="CT, MR or PET; read from dataset.json when omitted (MSD, nnU-Net).")
+@click.option(
+    "--layout",
+    type=click.Choice(["msd", "nnunet", "csv"]),
+    required=True,
+    help="How the dataset is laid out on disk.",
+)
+@click.option(
+    "--modality",
+    type=str,
+    default=None,
+    help="CT, MR or PET; read from dataset.json when omitted (MSD, nnU-Net).",
+)
 @click.option("--name", type=str, default=None, help="Dataset name (default: the folder name).")
-@click.option("--subject-pattern", type=str, default=None,
-              help="Regex with one group mapping a case id to its subject id.")
-@click.option("--tolerance-mm", type=float, default=1e-3, show_default=True,
-              help="How far image and label grids may differ.")
-def validate(path: Path, layout: str, modality: str | None, name: str | None,
-             subject_pattern: str | None, tolerance_mm: float) -> None:
+@click.option(
+    "--subject-pattern",
+    type=str,
+    default=None,
+    help="Regex with one group mapping a case id to its subject id.",
+)
+@click.option(
+    "--tolerance-mm",
+    type=float,
+    default=1e-3,
+    show_default=True,
+    help="How far image and label grids may differ.",
+)
+def validate(
+    path: Path,
+    layout: str,
+    modality: str | None,
+    name: str | None,
+    subject_pattern: str | None,
+    tolerance_mm: float,
+) -> None:
     """Check a dataset as `ingest` would, before a long run: every rejected case with its reason.
 
     Exits 1 when any case is rejected.
     """
     from iris_pipelines.collection import ingest_sources
 
-    source = {"name": name or path.resolve().name, "layout": layout, "path": str(path),
-              "modality": modality, "subject_pattern": subject_pattern}
+    source = {
+        "name": name or path.resolve().name,
+        "layout": layout,
+        "path": str(path),
+        "modality": modality,
+        "subject_pattern": subject_pattern,
+    }
     manifest, report = ingest_sources([source], strict=False, tolerance_mm=tolerance_mm)
     summary = Table(title=f"{source['name']}: {len(manifest)} accepted, {len(report)} rejected")
     for column in ("case_id", "subject_id", "modality", "size", "spacing"):
         summary.add_column(column)
     for row in manifest.itertuples():
-        summary.add_row(row.case_id, row.subject_id, row.modality, "×".join(map(str, row.size)),
-                        "×".join(f"{s:.2f}" for s in row.spacing))
+        summary.add_row(
+            row.case_id,
+            row.subject_id,
+            row.modality,
+            "×".join(map(str, row.size)),
+            "×".join(f"{s:.2f}" for s in row.spacing),
+        )
     console.print(summary)
     if len(report):
         rejects = Table(title="rejected", style="red")
@@ -65,8 +98,13 @@ def validate(path: Path, layout: str, modality: str | None, name: str | None,
 @click.argument("root", type=click.Path(path_type=Path))
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--cases-per-dataset", type=int, default=8, show_default=True)
-@click.option("--size-scale", type=float, default=1.0, show_default=True,
-              help="Scales the voxel counts of every volume.")
+@click.option(
+    "--size-scale",
+    type=float,
+    default=1.0,
+    show_default=True,
+    help="Scales the voxel counts of every volume.",
+)
 def phantoms(root: Path, seed: int, cases_per_dataset: int, size_scale: float) -> None:
     """Write the embedded phantom collection to ROOT, in the layouts real data uses."""
     from iris_pipelines.phantoms import generate_collection
@@ -76,8 +114,9 @@ def phantoms(root: Path, seed: int, cases_per_dataset: int, size_scale: float) -
     for column in ("name", "layout", "modality", "heldout", "path"):
         table.add_column(column)
     for source in sources:
-        table.add_row(source["name"], source["layout"], source["modality"], str(source["heldout"]),
-                      str(source["path"]))
+        table.add_row(
+            source["name"], source["layout"], source["modality"], str(source["heldout"]), str(source["path"])
+        )
     console.print(table)
 
 

@@ -1,4 +1,10 @@
-"""Provenance for every run: git commit, dirty flag, lock file and Kedro env go to the MLflow run."""
+"""Provenance for every run: git commit, dirty flag, lock file, Kedro env and the versions of the inputs.
+
+A node sees loaded data, never the dataset or its version, but a reproducibility review needs the exact
+``episode_index`` / ``preprocessed_manifest`` versions behind a registered model. Kedro hands
+``before_node_run`` the catalog, so ``InputVersionHooks`` tags the run kedro-mlflow opened with
+``input_version.<dataset>`` for every versioned input; ``register_model`` copies these onto the model version.
+"""
 
 from __future__ import annotations
 
@@ -68,5 +74,50 @@ class ProvenanceHooks:
         lock = project_path / LOCK_FILE
         if lock.exists():
             mlflow.log_artifact(str(lock), artifact_path="environment")
-        logger.info("MLflow run %s: commit %s (dirty=%s)", mlflow.active_run().info.run_id,
-                    tags["git_commit"][:12], tags["git_dirty"])
+        logger.info(
+            "MLflow run %s: commit %s (dirty=%s)",
+            mlflow.active_run().info.run_id,
+            tags["git_commit"][:12],
+            tags["git_dirty"],
+        )
+
+
+INPUT_VERSION_TAG_PREFIX = "input_version."
+
+
+def resolved_load_version(catalog: Any, dataset_name: str) -> str | None:
+    """The concrete version Kedro loads for ``dataset_name`` (latest resolved), or None if unversioned."""
+    if dataset_name.startswith("params:") or dataset_name == "parameters":
+        return None
+    try:
+        dataset = catalog.get(dataset_name)
+    except Exception:  # a catalog that cannot build the entry has nothing to tell us  # noqa: BLE001
+        return None
+    resolve = getattr(dataset, "resolve_load_version", None)
+    if resolve is None:
+        return None
+    try:
+        return resolve()
+    except Exception:  # noqa: BLE001 - e.g. no version exists yet; the load itself will report it
+        return None
+
+
+class InputVersionHooks:
+    """Tags the active MLflow run with the load version of every versioned node input."""
+
+    def __init__(self) -> None:
+        self.versions: dict[str, str] = {}
+
+    @hook_impl
+    def before_node_run(self, node: Any, catalog: Any) -> None:
+        new = {}
+        for name in node.inputs:
+            version = resolved_load_version(catalog, name)
+            if version is not None and self.versions.get(name) != version:
+                new[name] = version
+        if not new:
+            return
+        self.versions.update(new)
+        if mlflow.active_run() is not None:
+            mlflow.set_tags({f"{INPUT_VERSION_TAG_PREFIX}{name}": version for name, version in new.items()})
+        logger.info("Input dataset versions: %s", new)

@@ -2,9 +2,9 @@
 
 from kedro.config import OmegaConfigLoader
 
-from iris_pipelines.hooks import ProvenanceHooks
+from iris_pipelines.hooks import InputVersionHooks, ProvenanceHooks
 
-HOOKS = (ProvenanceHooks(),)
+HOOKS = (ProvenanceHooks(), InputVersionHooks())
 
 CONFIG_LOADER_CLASS = OmegaConfigLoader
 CONFIG_LOADER_ARGS = {

@@ -53,7 +53,9 @@ class ResidualBlock(nn.Module):
         return self.body(x) + self.shortcut(x)
 
 
-def residual_stack(in_channels: int, out_channels: int, blocks: int, activation: str, eps: float) -> nn.Sequential:
+def residual_stack(
+    in_channels: int, out_channels: int, blocks: int, activation: str, eps: float
+) -> nn.Sequential:
     """``blocks`` residual blocks; the first one changes the width."""
     return nn.Sequential(
         *(
@@ -109,7 +111,11 @@ class Attention(nn.Module):
         context = x if context is None else context
         b, n, c = x.shape
         q = self.q(x).reshape(b, n, self.heads, c // self.heads).transpose(1, 2)
-        k, v = self.kv(context).reshape(b, context.shape[1], 2, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
+        k, v = (
+            self.kv(context)
+            .reshape(b, context.shape[1], 2, self.heads, c // self.heads)
+            .permute(2, 0, 3, 1, 4)
+        )
         out = F.scaled_dot_product_attention(q, k, v)
         return self.proj(out.transpose(1, 2).reshape(b, n, c))
 

@@ -81,13 +81,17 @@ class IrisConfig:
         if len(self.channels) < 2:
             problems.append(f"channels needs at least 2 levels, got {self.channels}")
         if len(self.encoder_blocks) != len(self.channels):
-            problems.append(f"encoder_blocks {self.encoder_blocks} needs one entry per level of {self.channels}")
+            problems.append(
+                f"encoder_blocks {self.encoder_blocks} needs one entry per level of {self.channels}"
+            )
         if len(self.decoder_blocks) != len(self.channels) - 1:
             problems.append(f"decoder_blocks {self.decoder_blocks} needs one entry per stage ({self.stages})")
         if any(b < 1 for b in self.encoder_blocks + self.decoder_blocks):
             problems.append("every level needs at least one residual block")
         if not 1 <= self.fusion_scales <= len(self.channels) - 1:
-            problems.append(f"fusion_scales must be in [1, {len(self.channels) - 1}], got {self.fusion_scales}")
+            problems.append(
+                f"fusion_scales must be in [1, {len(self.channels) - 1}], got {self.fusion_scales}"
+            )
         for width in self.fused_channels:
             if width % self.head_dim:
                 problems.append(f"fused width {width} is not a multiple of head_dim {self.head_dim}")

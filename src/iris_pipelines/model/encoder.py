@@ -27,7 +27,8 @@ class ResidualUNetEncoder(nn.Module):
         ch, act, eps = config.channels, config.activation, config.norm_eps
         self.stem = nn.Conv3d(config.in_channels, ch[0], 3, padding=1, bias=False)
         self.levels = nn.ModuleList(
-            residual_stack(ch[max(i - 1, 0)], ch[i], config.encoder_blocks[i], act, eps) for i in range(len(ch))
+            residual_stack(ch[max(i - 1, 0)], ch[i], config.encoder_blocks[i], act, eps)
+            for i in range(len(ch))
         )
 
     def forward(self, image: Tensor) -> list[Tensor]:
@@ -44,7 +45,9 @@ class ResidualUNetEncoder(nn.Module):
 class UpStage(nn.Module):
     """Trilinear ×2 upsampling, concatenation with the skip, then residual blocks."""
 
-    def __init__(self, in_channels: int, skip_channels: int, out_channels: int, blocks: int, config: IrisConfig):
+    def __init__(
+        self, in_channels: int, skip_channels: int, out_channels: int, blocks: int, config: IrisConfig
+    ):
         super().__init__()
         self.blocks = residual_stack(
             in_channels + skip_channels, out_channels, blocks, config.activation, config.norm_eps

@@ -124,7 +124,9 @@ class Iris(nn.Module):
             if cid < 0:
                 continue
             if cid >= self.config.memory_bank_size:
-                raise ValueError(f"class id {cid} is outside the memory bank (size {self.config.memory_bank_size})")
+                raise ValueError(
+                    f"class id {cid} is outside the memory bank (size {self.config.memory_bank_size})"
+                )
             if self.bank_initialized[cid]:
                 self.memory_bank[cid].mul_(momentum).add_(new, alpha=1.0 - momentum)
             else:

@@ -29,7 +29,9 @@ def _slot_mask(logits: Tensor, class_mask: Tensor | None) -> Tensor:
     if class_mask is None:
         return torch.ones(logits.shape[:2], dtype=torch.bool, device=logits.device)
     if class_mask.shape != logits.shape[:2]:
-        raise ValueError(f"class_mask must have shape {tuple(logits.shape[:2])}, got {tuple(class_mask.shape)}")
+        raise ValueError(
+            f"class_mask must have shape {tuple(logits.shape[:2])}, got {tuple(class_mask.shape)}"
+        )
     return class_mask.to(device=logits.device, dtype=torch.bool)
 
 
@@ -39,7 +41,9 @@ def _masked_mean(per_slot: Tensor, slots: Tensor) -> Tensor:
     return (per_slot * weights).sum() / weights.sum().clamp_min(1.0)
 
 
-def soft_dice_loss(logits: Tensor, target: Tensor, class_mask: Tensor | None = None, smooth: float = 1.0) -> Tensor:
+def soft_dice_loss(
+    logits: Tensor, target: Tensor, class_mask: Tensor | None = None, smooth: float = 1.0
+) -> Tensor:
     """Smoothed soft Dice loss, 1 − (2Σpt + s) / (Σp + Σt + s), per (episode, class) slot, then averaged.
 
     Why per slot with additive smoothing rather than batch Dice: slot k of two episodes in a batch holds

@@ -55,7 +55,9 @@ class FusionStage(nn.Module):
 
     def __init__(self, dim: int, config: IrisConfig) -> None:
         super().__init__()
-        self.blocks = nn.ModuleList(BidirectionalFusionBlock(dim, config) for _ in range(config.fusion_blocks))
+        self.blocks = nn.ModuleList(
+            BidirectionalFusionBlock(dim, config) for _ in range(config.fusion_blocks)
+        )
 
     def forward(self, x: Tensor, tokens: Tensor) -> tuple[Tensor, Tensor]:
         voxels = flatten_voxels(x)
@@ -114,7 +116,7 @@ class MaskDecoder(nn.Module):
         self.classifier = DynamicClassifier(sum(widths), config.channels[0], config.layer_norm_eps)
 
     def forward(self, features: list[Tensor], task_embedding: Tensor) -> Tensor:
-        """features: encoder outputs, full resolution first; task_embedding: (B, K, m+1, C) → (B, K, D, H, W)."""
+        """Encoder features (full resolution first) and T (B, K, m+1, C) → logits (B, K, D, H, W)."""
         b, k = task_embedding.shape[:2]
         tokens = task_embedding.flatten(1, 2)
         class_tokens = []

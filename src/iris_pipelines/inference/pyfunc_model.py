@@ -1,0 +1,128 @@
+"""The MLflow pyfunc face of a trained Iris model, logged as *models from code*.
+
+``mlflow.pyfunc.log_model(python_model=<this file>, artifacts={"bundle": <bundle dir>})`` stores this
+source file instead of a cloudpickle of a model object, and the weights travel as the safetensors bundle,
+so loading a registered version executes no pickle (DESIGN.md, "Model artifacts"). Then
+``mlflow.pyfunc.load_model("models:/iris/<version>").predict({...})`` segments a query one-shot.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import mlflow
+import numpy as np
+import torch
+from mlflow.models import ModelSignature
+from mlflow.pyfunc import PythonModel, PythonModelContext
+from mlflow.types import ParamSchema, ParamSpec
+
+from iris_pipelines.inference.bundle import ModelBundle
+from iris_pipelines.model import Iris
+
+_REQUIRED = ("query", "reference_image", "reference_mask")
+
+# Inputs are 3-D arrays of any size, which MLflow's column/tensor schemas cannot state with an optional
+# ``classes``; they are checked in ``predict``. The params schema is what lets ``threshold`` through.
+SIGNATURE = ModelSignature(inputs=None, params=ParamSchema([ParamSpec("threshold", "double", 0.5)]))
+
+
+def _as_request(model_input: Any) -> dict[str, Any]:
+    """A dict, or the one-row DataFrame MLflow's serving layer builds from it."""
+    if isinstance(model_input, dict):
+        request = dict(model_input)
+    elif hasattr(model_input, "iloc") and hasattr(model_input, "columns"):
+        if len(model_input) != 1:
+            raise ValueError(
+                f"Iris pyfunc segments one query per call; got a DataFrame of {len(model_input)} rows"
+            )
+        request = {column: model_input[column].iloc[0] for column in model_input.columns}
+    else:
+        raise TypeError(
+            f"model_input must be a dict or a one-row DataFrame, got {type(model_input).__name__}"
+        )
+    missing = [key for key in _REQUIRED if key not in request]
+    if missing:
+        raise ValueError(f"model_input lacks {missing}; required: {list(_REQUIRED)}, optional: ['classes']")
+    return request
+
+
+def _volume(name: str, value: Any, dtype: Any) -> np.ndarray:
+    array = np.asarray(value, dtype=dtype)
+    if array.ndim != 3:
+        raise ValueError(f"{name} must be a 3-D array [z, y, x], got shape {array.shape}")
+    return array
+
+
+def _classes(reference_mask: np.ndarray, classes: Sequence[int] | None) -> list[int]:
+    """The label values to segment: those asked for, else every foreground label of the reference."""
+    if classes is None or len(classes) == 0:
+        found = [int(v) for v in np.unique(reference_mask) if v != 0]
+        if not found:
+            raise ValueError("reference_mask has no foreground label; nothing to segment")
+        return found
+    wanted = [int(c) for c in classes]
+    absent = sorted(set(wanted) - {int(v) for v in np.unique(reference_mask)})
+    if 0 in wanted or absent:
+        raise ValueError(
+            f"classes {wanted}: label(s) {sorted(set(absent) | ({0} & set(wanted)))} are "
+            "background or absent from reference_mask"
+        )
+    return wanted
+
+
+@torch.no_grad()
+def segment_one_shot(
+    model: Iris,
+    query: np.ndarray,
+    reference_image: np.ndarray,
+    reference_mask: np.ndarray,
+    classes: Sequence[int] | None = None,
+    threshold: float = 0.5,
+) -> np.ndarray:
+    """Label map on the query's grid: the argmax class among those with sigmoid ≥ threshold, else 0."""
+    query = _volume("query", query, np.float32)
+    reference_image = _volume("reference_image", reference_image, np.float32)
+    reference_mask = _volume("reference_mask", reference_mask, np.int64)
+    if reference_mask.shape != reference_image.shape:
+        raise ValueError(
+            f"reference_mask {reference_mask.shape} must match reference_image {reference_image.shape}"
+        )
+    labels = _classes(reference_mask, classes)
+    device = next(model.parameters()).device
+    ref = torch.from_numpy(reference_image)[None, None].to(device)
+    masks = torch.stack([torch.from_numpy(reference_mask == c) for c in labels])[None].to(device)
+    task = model.encode_task(ref, masks.float())
+    probs = torch.sigmoid(model.segment(torch.from_numpy(query)[None, None].to(device), task))[0]
+    best_prob, best = probs.max(dim=0)
+    values = torch.tensor(labels, dtype=torch.int32, device=device)[best]
+    return torch.where(best_prob >= threshold, values, torch.zeros_like(values)).cpu().numpy()
+
+
+class IrisPyfuncModel(PythonModel):
+    """One-shot Iris segmentation: ``predict({"query", "reference_image", "reference_mask"[, "classes"]})``.
+
+    Arrays are on the preprocessed grid (as the ``preprocessed_manifest`` arrays); any size works, the
+    network pads internally. ``params={"threshold": 0.5}`` sets the foreground probability cut.
+    """
+
+    def load_context(self, context: PythonModelContext) -> None:
+        self.bundle = ModelBundle.load(context.artifacts["bundle"])
+        self.model = self.bundle.build_model()
+
+    # No annotation on model_input: MLflow would try to derive an input schema from it.
+    def predict(self, context: PythonModelContext, model_input, params: dict[str, Any] | None = None):
+        request = _as_request(model_input)
+        classes = request.get("classes")
+        return segment_one_shot(
+            self.model,
+            request["query"],
+            request["reference_image"],
+            request["reference_mask"],
+            classes=None if classes is None else list(np.asarray(classes).ravel()),
+            threshold=float((params or {}).get("threshold", 0.5)),
+        )
+
+
+mlflow.models.set_model(IrisPyfuncModel())

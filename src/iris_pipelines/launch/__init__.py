@@ -1,0 +1,25 @@
+"""Where the train loop runs. Each launcher calls ``iris_pipelines.training.run_training`` unchanged."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from iris_pipelines.training import TrainResult
+
+from .in_process import run_in_process
+from .local_ddp import RankFailedError, run_local_ddp
+
+LAUNCHERS = ("in_process", "local_ddp")
+
+
+def launch_training(launcher: str, **run_training_kwargs: Any) -> TrainResult:
+    """Run training with ``launcher`` (``"in_process"`` or ``"local_ddp"``; the latter also takes
+    ``nprocs`` and ``backend``) and return rank 0's :class:`TrainResult`."""
+    if launcher == "in_process":
+        return run_in_process(**run_training_kwargs)
+    if launcher == "local_ddp":
+        return run_local_ddp(**run_training_kwargs)
+    raise ValueError(f"unknown launcher {launcher!r}; choose one of {LAUNCHERS}")
+
+
+__all__ = ["LAUNCHERS", "RankFailedError", "launch_training", "run_in_process", "run_local_ddp"]

@@ -1,0 +1,91 @@
+"""Several ranks on this machine with ``torch.multiprocessing.spawn`` and DistributedDataParallel.
+
+Sets up what torchrun would (MASTER_ADDR/PORT on a free port, RANK, WORLD_SIZE, LOCAL_RANK), so the
+train loop sees the same environment as under SLURM. Rank 0's result comes back through a file in a
+temporary directory (spawn has no return channel); every rank's failure is re-raised naming the rank.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import tempfile
+import traceback
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from iris_pipelines.training import TrainResult, run_training
+
+
+class RankFailedError(RuntimeError):
+    """A training rank raised; the message names the rank and carries its traceback."""
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def default_backend() -> str:
+    return "nccl" if torch.cuda.is_available() else "gloo"
+
+
+def _worker(
+    rank: int, world_size: int, backend: str, port: int, result_dir: str, kwargs: dict[str, Any]
+) -> None:
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        LOCAL_RANK=str(rank),
+    )
+    if not torch.cuda.is_available():
+        # Ranks share the CPU: without this each one spawns a thread per core and they thrash.
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
+    try:
+        dist.init_process_group(backend, rank=rank, world_size=world_size)
+        try:
+            result = run_training(**kwargs, rank=rank, world_size=world_size)
+        finally:
+            dist.destroy_process_group()
+    except Exception as error:
+        raise RankFailedError(
+            f"rank {rank}/{world_size} failed: {error!r}\n{traceback.format_exc()}"
+        ) from None
+    if rank == 0:
+        torch.save(result, Path(result_dir) / "result.pt")
+
+
+def run_local_ddp(nprocs: int = 2, backend: str | None = None, **run_training_kwargs: Any) -> TrainResult:
+    """``run_training`` on ``nprocs`` spawned ranks; returns rank 0's result (with every rank's checksum)."""
+    if nprocs < 1:
+        raise ValueError(f"nprocs must be >= 1, got {nprocs}")
+    for key in ("rank", "world_size"):
+        if key in run_training_kwargs:
+            raise TypeError(f"the local_ddp launcher sets {key} itself; do not pass it")
+    backend = backend or default_backend()
+    if backend == "nccl" and torch.cuda.device_count() < nprocs:
+        raise ValueError(f"nccl with {nprocs} ranks needs {nprocs} GPUs, found {torch.cuda.device_count()}")
+    with tempfile.TemporaryDirectory(prefix="iris-ddp-") as result_dir:
+        try:
+            mp.spawn(
+                _worker,
+                args=(nprocs, backend, free_port(), result_dir, run_training_kwargs),
+                nprocs=nprocs,
+                join=True,
+            )
+        except mp.ProcessRaisedException as error:
+            raise RankFailedError(
+                f"local_ddp training failed on rank {error.error_index} of {nprocs}; its traceback:\n{error}"
+            ) from None
+        except mp.ProcessExitedException as error:
+            raise RankFailedError(
+                f"local_ddp rank {error.error_index} exited with code {error.exit_code} (killed or crashed)"
+            ) from None
+        return torch.load(Path(result_dir) / "result.pt", weights_only=False)

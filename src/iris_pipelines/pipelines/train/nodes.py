@@ -1,0 +1,261 @@
+"""Train nodes: hand the episode index to a launcher, keep the bundle, and register it with provenance.
+
+The train loop itself lives in ``iris_pipelines.training`` and where it runs in ``iris_pipelines.launch``
+(DESIGN.md layout); these nodes only translate catalog data and parameters, stream metrics to the
+MLflow run that kedro-mlflow opened, and make the registry entry answer "which code, data and config made
+this model" (DESIGN.md, "Model artifacts").
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import mlflow
+import pandas as pd
+
+from iris_pipelines.hooks import INPUT_VERSION_TAG_PREFIX, LOCK_FILE, provenance_tags
+
+if TYPE_CHECKING:
+    from iris_pipelines.inference.bundle import ModelBundle
+
+logger = logging.getLogger(__name__)
+
+# Keys of params:train that steer the node, not the train loop (TrainConfig rejects unknown keys).
+NODE_KEYS = ("launcher", "launcher_options", "checkpoint_root", "registry_name")
+PROVENANCE_KEYS = ("git_commit", "git_dirty", "lockfile_sha256", "kedro_env")
+PYFUNC_SOURCE = Path(__file__).resolve().parents[2] / "inference" / "pyfunc_model.py"
+
+
+def build_model_config(params_model: dict[str, Any]) -> dict[str, Any]:
+    """``{size: tiny|paper, **overrides}`` → a full, validated ``IrisConfig`` dict."""
+    from iris_pipelines.model import IrisConfig
+
+    overrides = dict(params_model)
+    size = overrides.pop("size", "tiny")
+    factories = {"tiny": IrisConfig.tiny, "paper": IrisConfig.paper}
+    if size not in factories:
+        raise ValueError(f"params:model.size must be one of {sorted(factories)}, got {size!r}")
+    # from_dict names unknown fields (a typo in params:model) instead of a bare TypeError.
+    return IrisConfig.from_dict({**factories[size]().to_dict(), **overrides}).to_dict()
+
+
+def split_train_params(params_train: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(node options, TrainConfig dict): the launcher and paths stay out of the train loop's config."""
+    node = {key: params_train[key] for key in NODE_KEYS if key in params_train}
+    train = {key: value for key, value in params_train.items() if key not in NODE_KEYS}
+    return node, train
+
+
+def checkpoint_dir(root: str | Path, model_config: dict, train_config: dict, episode_checksum: str) -> Path:
+    """Checkpoints keyed by what determines the run, so re-running the same recipe resumes, a new one not."""
+    key = json.dumps(
+        {"model": model_config, "train": train_config, "episodes": episode_checksum}, sort_keys=True
+    )
+    return Path(root) / hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+def metric_record(metrics: dict[str, Any]) -> tuple[dict[str, float], int | None]:
+    """One launcher metrics dict → MLflow metric names and the step.
+
+    Train records (loss, dice_loss, ce_loss, lr, samples_per_s) become ``train/<key>``; a validation
+    record ``{step, dataset, dice}`` becomes ``val/dice/<dataset>``; keys already holding a ``/`` are kept.
+    """
+    step = metrics.get("step")
+    step = int(step) if step is not None else None
+    if "dataset" in metrics and "dice" in metrics:
+        values = {f"val/dice/{metrics['dataset']}": metrics["dice"]}
+    else:
+        values = {
+            key if "/" in key else f"train/{key}": value for key, value in metrics.items() if key != "step"
+        }
+    numeric = {
+        key: float(value)
+        for key, value in values.items()
+        if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(float(value))
+    }
+    return numeric, step
+
+
+class MlflowMetricStream:
+    """The launcher's ``on_metrics``: logs each metrics dict as it arrives, when an MLflow run is active.
+
+    A run resumed from a checkpoint streams only the steps after it; :meth:`replay` then logs the
+    restored records the stream never saw, so every MLflow run shows the whole curve.
+    """
+
+    def __init__(self) -> None:
+        self.seen: set[tuple[str, ...]] = set()
+
+    def __call__(self, metrics: dict[str, Any]) -> None:
+        values, step = metric_record(metrics)
+        self.seen.update((name, str(step)) for name in values)
+        if values and mlflow.active_run() is not None:
+            mlflow.log_metrics(values, step=step)
+
+    def replay(self, records: list[dict[str, Any]]) -> None:
+        for record in records:
+            values, step = metric_record(record)
+            if values and not all((name, str(step)) in self.seen for name in values):
+                self(record)
+
+
+def history_frame(history: list[dict[str, Any]], validation: list[dict[str, Any]]) -> pd.DataFrame:
+    """Train and validation records in one long table (``phase`` column), ordered by step."""
+    frames = [pd.DataFrame(history).assign(phase="train"), pd.DataFrame(validation).assign(phase="val")]
+    frames = [frame for frame in frames if not frame.empty]
+    if not frames:
+        return pd.DataFrame(columns=["step", "phase"])
+    table = pd.concat(frames, ignore_index=True).sort_values(["step", "phase"], kind="stable")
+    columns = ["step", "phase", *[c for c in table.columns if c not in ("step", "phase")]]
+    return table[columns].reset_index(drop=True)
+
+
+def final_validation(validation: list[dict[str, Any]]) -> dict[str, float]:
+    """Dice per dataset at the last validation step, for the bundle metadata and registry tags."""
+    if not validation:
+        return {}
+    last = max(int(record["step"]) for record in validation)
+    return {str(r["dataset"]): float(r["dice"]) for r in validation if int(r["step"]) == last}
+
+
+def train_iris(
+    episode_index: dict[str, Any],
+    preprocessed_manifest: pd.DataFrame,
+    params_model: dict[str, Any],
+    params_train: dict[str, Any],
+) -> tuple[ModelBundle, pd.DataFrame]:
+    """Train Iris through the configured launcher; returns the model bundle and the training history."""
+    from iris_pipelines.inference.bundle import ModelBundle
+    from iris_pipelines.launch import launch_training
+
+    model_config = build_model_config(params_model)
+    node, train_config = split_train_params(params_train)
+    launcher = node.get("launcher", "in_process")
+    checksum = str(episode_index.get("checksum", ""))
+    root = node.get("checkpoint_root", "data/06_models/checkpoints")
+    ckpt = checkpoint_dir(root, model_config, train_config, checksum)
+    logger.info("Training Iris with launcher %r; checkpoints in %s", launcher, ckpt)
+    stream = MlflowMetricStream()
+    result = launch_training(
+        launcher,
+        model_config=model_config,
+        train_config=train_config,
+        episode_index=episode_index,
+        preprocessed_manifest=preprocessed_manifest,
+        checkpoint_dir=ckpt,
+        on_metrics=stream,
+        **dict(node.get("launcher_options") or {}),
+    )
+    stream.replay([*result.history, *result.validation])
+    metadata = {
+        "launcher": launcher,
+        "world_size": int(result.world_size),
+        "final_step": int(result.final_step),
+        "train_config": train_config,
+        "episode_index_checksum": checksum,
+        "weights_checksum": list(result.weights_checksum),
+        "final_validation": final_validation(result.validation),
+    }
+    bundle = ModelBundle(
+        model_config=dict(result.model_config),
+        state_dict=dict(result.state_dict),
+        class_ids={str(k): int(v) for k, v in result.class_ids.items()},
+        metadata=metadata,
+    )
+    return bundle, history_frame(result.history, result.validation)
+
+
+def manifest_checksum(preprocessed_manifest: pd.DataFrame) -> str:
+    """sha256 over the cases' cache keys (inputs + preprocessing params), order-independent."""
+    column = "cache_key" if "cache_key" in preprocessed_manifest else None
+    if column is None:
+        payload = preprocessed_manifest.sort_index(axis=1).to_json(orient="records")
+    else:
+        payload = "\n".join(sorted(preprocessed_manifest[column].astype(str)))
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
+def registry_tags(
+    run: mlflow.entities.Run,
+    bundle: ModelBundle,
+    episode_index: dict[str, Any],
+    preprocessed_manifest: pd.DataFrame,
+) -> dict[str, str]:
+    """Everything a reproducibility review asks of a model version, as string tags.
+
+    Provenance (commit, dirty flag, lock hash, env) and input versions come from the run's tags, set by
+    ``ProvenanceHooks`` and ``InputVersionHooks``; where the provenance hook did not run, they are
+    computed here from the working directory.
+    """
+    run_tags = run.data.tags
+    tags = {key: run_tags[key] for key in PROVENANCE_KEYS if key in run_tags}
+    if len(tags) < len(PROVENANCE_KEYS):
+        computed = provenance_tags(Path.cwd(), env=None)
+        computed["kedro_env"] = "unknown"
+        tags = {**computed, **tags}
+    tags.update({key: value for key, value in run_tags.items() if key.startswith(INPUT_VERSION_TAG_PREFIX)})
+    for name in ("episode_index", "preprocessed_manifest"):
+        tags.setdefault(f"{INPUT_VERSION_TAG_PREFIX}{name}", "unversioned")
+    tags["episode_index_checksum"] = str(episode_index.get("checksum", ""))
+    tags["preprocessed_manifest_checksum"] = manifest_checksum(preprocessed_manifest)
+    tags["mlflow_run_id"] = run.info.run_id
+    tags["final_step"] = str(bundle.metadata.get("final_step", ""))
+    tags["world_size"] = str(bundle.metadata.get("world_size", ""))
+    for dataset, dice in bundle.metadata.get("final_validation", {}).items():
+        tags[f"val_dice.{dataset}"] = f"{dice:.6f}"
+    return tags
+
+
+def _pip_requirements() -> list[str]:
+    """Pinned from the running environment: mlflow's own inference re-runs the model in a subprocess."""
+    from importlib.metadata import version
+
+    return [f"{name}=={version(name).split('+')[0]}" for name in ("mlflow", "torch", "safetensors", "numpy")]
+
+
+def register_model(
+    iris_model: ModelBundle,
+    episode_index: dict[str, Any],
+    preprocessed_manifest: pd.DataFrame,
+    parameters: dict[str, Any],
+) -> dict[str, Any]:
+    """Log the bundle to the active MLflow run, register it as a pickle-free pyfunc, tag the version."""
+    run = mlflow.active_run()
+    if run is None:
+        raise RuntimeError(
+            "register_model needs an active MLflow run; kedro-mlflow opens one per `kedro run`"
+        )
+    run = mlflow.get_run(run.info.run_id)
+    name = parameters.get("train", {}).get("registry_name", "iris")
+    with tempfile.TemporaryDirectory(prefix="iris-register-") as scratch:
+        bundle_dir = iris_model.save(Path(scratch) / "model_bundle")
+        mlflow.log_artifacts(str(bundle_dir), artifact_path="model_bundle")
+        config_file = Path(scratch) / "parameters.json"
+        config_file.write_text(json.dumps(parameters, indent=2, sort_keys=True, default=str))
+        mlflow.log_artifact(str(config_file), artifact_path="config")
+        if "lockfile_sha256" not in run.data.tags and (Path.cwd() / LOCK_FILE).exists():
+            mlflow.log_artifact(str(Path.cwd() / LOCK_FILE), artifact_path="environment")
+        info = mlflow.pyfunc.log_model(
+            name="iris",
+            python_model=str(PYFUNC_SOURCE),
+            artifacts={"bundle": str(bundle_dir)},
+            registered_model_name=name,
+            pip_requirements=_pip_requirements(),
+        )
+    version = str(info.registered_model_version)
+    client = mlflow.MlflowClient()
+    for key, value in registry_tags(run, iris_model, episode_index, preprocessed_manifest).items():
+        client.set_model_version_tag(name, version, key, value)
+    logger.info("Registered %s version %s from run %s", name, version, run.info.run_id)
+    return {
+        "name": name,
+        "version": version,
+        "run_id": run.info.run_id,
+        "model_uri": f"models:/{name}/{version}",
+    }

@@ -1,0 +1,79 @@
+"""The train loop's settings, one dataclass so a run's JSON params show the whole recipe (paper §3.2)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+_PRECISIONS = ("auto", "bf16", "fp32")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Episodic training recipe.
+
+    Defaults are CPU-sized; the paper's run is 80K steps, batch 32, 2K warm-up, 128³ crops (reference
+    notes §3.2). ``batch_size`` is global and split evenly over the ranks. The learning rate warms up
+    linearly for ``warmup_steps`` and then decays exponentially to ``lr * final_lr_fraction`` at the
+    last step. ``precision="auto"`` means bf16 autocast on CUDA and fp32 on CPU (CPU bf16 is slow and
+    not what the cluster runs).
+    """
+
+    steps: int = 300
+    batch_size: int = 2
+    crop_size: tuple[int, int, int] = (64, 64, 64)
+    lr: float = 2e-3
+    weight_decay: float = 1e-5
+    warmup_steps: int = 20
+    final_lr_fraction: float = 0.05
+    grad_clip: float = 1.0
+    max_classes: int = 4
+    class_drop_prob: float = 0.3
+    reference_mask_perturbation: float = 0.5
+    val_every: int = 100
+    checkpoint_every: int = 100
+    log_every: int = 10
+    seed: int = 0
+    num_workers: int = 0
+    precision: str = "auto"
+    device: str = "auto"
+    memory_bank_momentum: float = 0.999
+    augment: bool = True
+
+    def __post_init__(self) -> None:
+        crop = tuple(int(v) for v in self.crop_size)
+        object.__setattr__(self, "crop_size", crop)
+        problems = []
+        if len(crop) != 3 or min(crop) < 1:
+            problems.append(f"crop_size must be 3 positive ints, got {self.crop_size}")
+        for name in ("steps", "batch_size", "max_classes", "val_every", "checkpoint_every", "log_every"):
+            if getattr(self, name) < 1:
+                problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.warmup_steps < 0 or self.num_workers < 0:
+            problems.append("warmup_steps and num_workers must be >= 0")
+        if not 0 < self.final_lr_fraction <= 1:
+            problems.append(f"final_lr_fraction must be in (0, 1], got {self.final_lr_fraction}")
+        for name in ("class_drop_prob", "reference_mask_perturbation", "memory_bank_momentum"):
+            if not 0 <= getattr(self, name) <= 1:
+                problems.append(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        if self.precision not in _PRECISIONS:
+            problems.append(f"precision must be one of {_PRECISIONS}, got {self.precision!r}")
+        if problems:
+            raise ValueError("invalid TrainConfig: " + "; ".join(problems))
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-safe dict (the crop tuple becomes a list)."""
+        return {
+            f.name: list(v) if isinstance(v := getattr(self, f.name), tuple) else v
+            for f in dataclasses.fields(self)
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        """Inverse of :meth:`to_dict`; an unknown key is an error, so a typo in params never goes unseen."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown TrainConfig fields {unknown}; known fields: {sorted(known)}")
+        return cls(**data)

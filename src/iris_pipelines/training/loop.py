@@ -1,0 +1,397 @@
+"""The train loop of one rank (paper §3.2–3.4): Lamb, warm-up + exponential decay, episodic batches,
+Dice + BCE, the EMA memory bank, validation, atomic checkpoints and exact resume.
+
+Launchers (``iris_pipelines.launch``) decide where ranks run; this function is the same code for one
+process, ``torch.multiprocessing`` DDP and SLURM. With ``world_size > 1`` the launcher has already
+initialised the default process group.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import random
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.distributed as dist
+from pytorch_optimizer import Lamb
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.optim.lr_scheduler import LambdaLR
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from iris_pipelines.model import Iris, IrisConfig, dice_score, segmentation_loss
+
+from .checkpoint import (
+    capture_rng_state,
+    latest_checkpoint,
+    load_checkpoint,
+    restore_rng_state,
+    save_checkpoint,
+)
+from .config import TrainConfig
+from .sampler import (
+    CaseRecord,
+    EpisodeSampler,
+    StepDataset,
+    case_records,
+    crop_window,
+    load_crop,
+    train_class_ids,
+    train_pool,
+    union_box,
+    volume_shape,
+)
+
+logger = logging.getLogger(__name__)
+MetricsCallback = Callable[[dict[str, Any]], None]
+
+
+@dataclass
+class TrainResult:
+    """What a finished run hands to the train pipeline (rank 0's view)."""
+
+    state_dict: dict[str, Tensor]
+    model_config: dict[str, Any]
+    history: list[dict[str, Any]]
+    validation: list[dict[str, Any]]
+    class_ids: dict[str, int]
+    world_size: int
+    final_step: int
+    weights_checksum: list[str] = field(default_factory=list)
+
+
+def lr_factor(index: int, config: TrainConfig) -> float:
+    """Multiplier of the base lr for scheduler index ``index`` (0 = the first update).
+
+    Linear warm-up to 1 over ``warmup_steps``, then exponential decay reaching ``final_lr_fraction`` at
+    the last step (the paper's "exponential decay"; its rate is not stated, so we pin the end point).
+    """
+    warmup = config.warmup_steps
+    if index < warmup:
+        return (index + 1) / warmup
+    decay_steps = config.steps - 1 - warmup
+    if decay_steps <= 0:
+        return 1.0
+    progress = min(1.0, (index - warmup) / decay_steps)
+    return config.final_lr_fraction**progress
+
+
+def resolve_device(config: TrainConfig, rank: int) -> torch.device:
+    """``auto``: this rank's GPU (LOCAL_RANK convention: rank modulo GPUs per node) or the CPU."""
+    if config.device != "auto":
+        return torch.device(config.device)
+    if torch.cuda.is_available():
+        return torch.device("cuda", rank % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
+def autocast_context(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
+    if use_bf16:
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def weights_checksum(state_dict: Mapping[str, Tensor]) -> str:
+    """sha256 over names and raw bytes of every tensor, in name order: equal iff the weights are equal."""
+    digest = hashlib.sha256()
+    for name in sorted(state_dict):
+        tensor = state_dict[name].detach().cpu().contiguous()
+        digest.update(name.encode())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()
+
+
+class _EpisodeModel(nn.Module):
+    """Returns the task embeddings alongside the logits, so the memory bank can reuse them, while the
+    whole forward still goes through DDP (its gradient hooks are armed only inside DDP.forward)."""
+
+    def __init__(self, iris: Iris) -> None:
+        super().__init__()
+        self.iris = iris
+
+    def forward(self, query: Tensor, ref_image: Tensor, ref_masks: Tensor) -> tuple[Tensor, Tensor]:
+        task = self.iris.encode_task(ref_image, ref_masks)
+        return self.iris.segment(query, task), task
+
+
+def _model_config(model_config: Mapping[str, Any], class_ids: Mapping[str, int]) -> IrisConfig:
+    data = dict(model_config)
+    size = int(data.get("memory_bank_size", 0))
+    if size == 0:
+        data["memory_bank_size"] = len(class_ids)
+    elif size < len(class_ids):
+        raise ValueError(f"memory_bank_size {size} is smaller than the {len(class_ids)} training classes")
+    return IrisConfig.from_dict(data)
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _seed_worker(worker_id: int) -> None:
+    """Episodes are seeded per step; this only keeps stray global RNG use in workers reproducible."""
+    seed = torch.initial_seed() % 2**32
+    random.seed(seed)
+    np.random.seed(seed)
+
+
+def update_memory_bank(
+    model: Iris, task: Tensor, class_ids: Tensor, class_mask: Tensor, momentum: float, world_size: int
+) -> None:
+    """EMA-update the bank with this step's reference embeddings of all ranks.
+
+    Under DDP every rank all-gathers the (fixed-shape, padded with id −1) updates and applies them in
+    rank order, so the banks stay bit-identical without broadcasting buffers and every rank's episodes
+    count (averaging banks after the step would instead mix EMA states and break the α = 0.999 rule).
+    """
+    ids = torch.where(class_mask, class_ids, torch.full_like(class_ids, -1)).reshape(-1)
+    emb = task.detach().float().reshape(-1, *task.shape[2:])
+    if world_size > 1:
+        all_ids = [torch.empty_like(ids) for _ in range(world_size)]
+        all_emb = [torch.empty_like(emb) for _ in range(world_size)]
+        dist.all_gather(all_ids, ids)
+        dist.all_gather(all_emb, emb)
+        ids, emb = torch.cat(all_ids), torch.cat(all_emb)
+    model.update_memory_bank(ids, emb, momentum)
+
+
+@dataclass(frozen=True)
+class ValEpisode:
+    dataset: str
+    query: CaseRecord
+    reference: CaseRecord
+    classes: tuple[int, ...]
+
+
+def validation_episodes(
+    episode_index: Mapping[str, Any], records: Mapping[tuple[str, str], CaseRecord]
+) -> list[ValEpisode]:
+    """The fixed val episodes, one-shot with their first reference, on the classes both cases show."""
+    out = []
+    for ep in episode_index.get("episodes", []):
+        if ep["split"] != "val" or not ep["references"]:
+            continue
+        query = records[(ep["dataset"], ep["query"])]
+        reference = records[(ep["dataset"], ep["references"][0])]
+        classes = tuple(c for c in ep["classes"] if c in query.bboxes and c in reference.bboxes)
+        if classes:
+            out.append(ValEpisode(ep["dataset"], query, reference, classes))
+    return out
+
+
+def _centred_crop(record: CaseRecord, classes: tuple[int, ...], crop: tuple[int, int, int]):
+    lo, hi = union_box([record.bboxes[c] for c in classes])
+    return load_crop(record, crop_window(volume_shape(record), crop, lo, hi, None), crop, classes)
+
+
+@torch.no_grad()
+def validate(
+    model: Iris, episodes: list[ValEpisode], config: TrainConfig, device: torch.device, step: int
+) -> list[dict[str, Any]]:
+    """Mean one-shot Dice per dataset on foreground-centred crops (a cheap proxy for the full
+    sliding-window evaluation of the evaluate pipeline)."""
+    was_training = model.training
+    model.eval()
+    scores: dict[str, list[float]] = {}
+    for ep in episodes:
+        query, q_masks = _centred_crop(ep.query, ep.classes, config.crop_size)
+        ref, r_masks = _centred_crop(ep.reference, ep.classes, config.crop_size)
+        with autocast_context(device, config.precision):
+            logits = model(query[None].to(device), ref[None].to(device), r_masks[None].to(device))
+        dice = dice_score(logits.float() > 0, q_masks[None].to(device) > 0.5)
+        scores.setdefault(ep.dataset, []).append(float(dice.mean()))
+    model.train(was_training)
+    return [{"step": step, "dataset": d, "dice": float(np.mean(v))} for d, v in sorted(scores.items())]
+
+
+@dataclass
+class _State:
+    step: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+    validation: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _resume(
+    checkpoint_dir: Path, model: Iris, optimizer, scheduler, config: TrainConfig, device: torch.device
+) -> _State:
+    path = latest_checkpoint(checkpoint_dir)
+    if path is None:
+        return _State()
+    ckpt = load_checkpoint(path)
+    if ckpt.get("train_config") != config.to_dict():
+        logger.warning("resuming %s written with a different train config; continuing with the new one", path)
+    model.load_state_dict(ckpt["model"])
+    model.to(device)
+    optimizer.load_state_dict(ckpt["optimizer"])
+    scheduler.load_state_dict(ckpt["scheduler"])
+    restore_rng_state(ckpt["rng"])
+    logger.info("resumed from %s at step %d", path, ckpt["step"])
+    return _State(int(ckpt["sampler"]["step"]), list(ckpt["history"]), list(ckpt["validation"]))
+
+
+def _loader(sampler: EpisodeSampler, config: TrainConfig, start: int, device: torch.device) -> Iterator:
+    steps = list(range(start + 1, config.steps + 1))
+    return iter(
+        DataLoader(
+            StepDataset(sampler, config.steps + 1),
+            batch_size=None,
+            sampler=steps,
+            num_workers=config.num_workers,
+            worker_init_fn=_seed_worker if config.num_workers else None,
+            pin_memory=device.type == "cuda",
+        )
+    )
+
+
+def _global_mean(values: list[float], world_size: int, device: torch.device) -> list[float]:
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    if world_size > 1:
+        dist.all_reduce(tensor)
+        tensor /= world_size
+    return tensor.tolist()
+
+
+def run_training(
+    model_config: dict,
+    train_config: dict,
+    episode_index: dict,
+    preprocessed_manifest: pd.DataFrame,
+    *,
+    checkpoint_dir: str | Path,
+    rank: int = 0,
+    world_size: int = 1,
+    on_metrics: MetricsCallback | None = None,
+) -> TrainResult:
+    """Train (or resume training) Iris on episodes of the train split; one rank's share of the work."""
+    config = TrainConfig.from_dict(train_config)
+    distributed = world_size > 1
+    if distributed and not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError(f"world_size={world_size} but no process group is initialised (use a launcher)")
+    if config.batch_size % world_size:
+        raise ValueError(f"batch_size {config.batch_size} is not divisible by world_size {world_size}")
+    checkpoint_dir = Path(checkpoint_dir)
+    device = resolve_device(config, rank)
+    is_main = rank == 0
+    emit = on_metrics if (on_metrics and is_main) else (lambda _: None)
+
+    records = case_records(preprocessed_manifest)
+    class_ids = train_class_ids(episode_index)
+    iris_config = _model_config(model_config, class_ids)
+    _seed_everything(config.seed)  # same init on every rank (DDP also broadcasts rank 0's weights)
+    model = Iris(iris_config).to(device)
+    optimizer = Lamb(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    scheduler = LambdaLR(optimizer, lambda index: lr_factor(index, config))
+    state = _resume(checkpoint_dir, model, optimizer, scheduler, config, device)
+    net: nn.Module = _EpisodeModel(model)
+    if distributed:
+        # Buffers are not broadcast: the memory bank is kept identical by all-gathered updates.
+        net = DistributedDataParallel(
+            net, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False
+        )
+    sampler = EpisodeSampler(
+        train_pool(episode_index, records),
+        class_ids,
+        config,
+        rank=rank,
+        batch_size=config.batch_size // world_size,
+    )
+    val_episodes = validation_episodes(episode_index, records) if is_main else []
+
+    progress = tqdm(
+        total=config.steps, initial=state.step, desc="train", disable=not is_main, dynamic_ncols=True
+    )
+    window_start, window_steps = time.perf_counter(), 0
+    for cpu_batch in _loader(sampler, config, state.step, device):
+        step = state.step + 1
+        batch = {k: v.to(device, non_blocking=True) for k, v in cpu_batch.items()}
+        lr = optimizer.param_groups[0]["lr"]
+        with autocast_context(device, config.precision):
+            logits, task = net(batch["query"], batch["ref_image"], batch["ref_masks"])
+        terms = segmentation_loss(logits, batch["query_masks"], batch["class_mask"])
+        optimizer.zero_grad(set_to_none=True)
+        terms.total.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        update_memory_bank(
+            model, task, batch["class_ids"], batch["class_mask"], config.memory_bank_momentum, world_size
+        )
+        state.step, window_steps = step, window_steps + 1
+        progress.update(1)
+
+        last = step == config.steps
+        if step % config.log_every == 0 or step == 1 or last:
+            loss, dice_loss, ce_loss = _global_mean(
+                [terms.total.item(), terms.dice.item(), terms.bce.item()], world_size, device
+            )
+            elapsed = time.perf_counter() - window_start
+            record = {
+                "step": step,
+                "loss": loss,
+                "dice_loss": dice_loss,
+                "ce_loss": ce_loss,
+                "lr": lr,
+                "samples_per_s": window_steps * config.batch_size / max(elapsed, 1e-9),
+            }
+            state.history.append(record)
+            emit(record)
+            progress.set_postfix(loss=f"{loss:.4f}", samples_s=f"{record['samples_per_s']:.2f}")
+            window_start, window_steps = time.perf_counter(), 0
+        if is_main and val_episodes and (step % config.val_every == 0 or last):
+            for record in validate(model, val_episodes, config, device, step):
+                state.validation.append(record)
+                emit(record)
+        if step % config.checkpoint_every == 0 or last:
+            if is_main:
+                save_checkpoint(
+                    checkpoint_dir,
+                    step,
+                    {
+                        "model": model.state_dict(),
+                        "optimizer": optimizer.state_dict(),
+                        "scheduler": scheduler.state_dict(),
+                        "rng": capture_rng_state(),
+                        "sampler": {"step": step},
+                        "train_config": config.to_dict(),
+                        "model_config": iris_config.to_dict(),
+                        "class_ids": class_ids,
+                        "history": state.history,
+                        "validation": state.validation,
+                    },
+                )
+            if distributed:
+                dist.barrier()
+    progress.close()
+
+    final = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    checksums = [weights_checksum(final)]
+    if distributed:
+        gathered: list[Any] = [None] * world_size
+        dist.all_gather_object(gathered, checksums[0])
+        checksums = [str(c) for c in gathered]
+    return TrainResult(
+        state_dict=final,
+        model_config=iris_config.to_dict(),
+        history=state.history,
+        validation=state.validation,
+        class_ids=class_ids,
+        world_size=world_size,
+        final_step=state.step,
+        weights_checksum=checksums,
+    )
+
+
+__all__ = ["TrainResult", "lr_factor", "run_training", "weights_checksum"]

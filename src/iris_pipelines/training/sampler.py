@@ -1,0 +1,264 @@
+"""Episodic sampling over the train split (paper suppl. Alg. 1).
+
+Each episode: a train dataset (uniform), a query case and a reference case of *different subjects* of
+that dataset, the classes both contain (randomly dropped down to ``max_classes``), crops read from the
+memory-mapped arrays, one binary mask per class. Everything an episode draws comes from generators
+seeded by (seed, rank, step, slot), so the data of step s is a pure function of those numbers: a
+resumed run only needs the step counter to replay the exact stream, and DataLoader workers need no
+shared state.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset
+
+from .augment import AugmentParams, augment_pair, perturb_masks
+from .config import TrainConfig
+
+Box = tuple[int, int, int, int, int, int]
+FOREGROUND_CROP_PROB = 2 / 3  # query crops centred on a selected class this often, else anywhere
+
+
+@dataclass(frozen=True)
+class CaseRecord:
+    """What sampling needs of one preprocessed case."""
+
+    dataset: str
+    case_id: str
+    subject_id: str
+    image_path: str
+    label_path: str
+    classes: tuple[int, ...]  # labels with voxels > 0
+    bboxes: Mapping[int, Box]
+
+    @classmethod
+    def from_row(cls, row: Mapping[str, Any]) -> CaseRecord:
+        voxels = _json(row["class_voxels"])
+        boxes = _json(row["class_bboxes"])
+        return cls(
+            dataset=str(row["dataset"]),
+            case_id=str(row["case_id"]),
+            subject_id=str(row["subject_id"]),
+            image_path=str(row["image_array"]),
+            label_path=str(row["label_array"]),
+            classes=tuple(sorted(int(k) for k, v in voxels.items() if int(v) > 0)),
+            bboxes={int(k): tuple(int(x) for x in v) for k, v in boxes.items() if v},
+        )
+
+
+def _json(value: Any) -> dict[str, Any]:
+    return dict(json.loads(value) if isinstance(value, str) else value or {})
+
+
+def case_records(manifest: pd.DataFrame) -> dict[tuple[str, str], CaseRecord]:
+    """(dataset, case_id) → record, for every row of the preprocessed manifest."""
+    return {
+        (r.dataset, r.case_id): r for r in (CaseRecord.from_row(row) for row in manifest.to_dict("records"))
+    }
+
+
+def train_class_ids(episode_index: Mapping[str, Any]) -> dict[str, int]:
+    """Map ``"dataset/label"`` to a memory-bank slot for every class of a dataset that has train cases.
+
+    Sorted by (dataset, label) so the mapping depends only on the index content; held-out datasets never
+    have train cases, so their classes never get a slot.
+    """
+    train_datasets = {
+        c["dataset"] for c in episode_index["cases"] if c["split"] == "train" and not c["heldout"]
+    }
+    keys = [
+        f"{dataset}/{int(label)}"
+        for dataset in sorted(train_datasets)
+        for label in sorted(episode_index["classes"].get(dataset, {}), key=int)
+    ]
+    return {key: slot for slot, key in enumerate(keys)}
+
+
+def train_pool(
+    episode_index: Mapping[str, Any], records: Mapping[tuple[str, str], CaseRecord]
+) -> dict[str, list[CaseRecord]]:
+    """Train-split cases per dataset, keeping only datasets where some two subjects share a class."""
+    pool: dict[str, list[CaseRecord]] = {}
+    for case in episode_index["cases"]:
+        if case["split"] != "train" or case["heldout"]:
+            continue
+        key = (case["dataset"], case["case_id"])
+        if key not in records:
+            raise KeyError(f"episode_index train case {key} is missing from preprocessed_manifest")
+        if records[key].classes:
+            pool.setdefault(case["dataset"], []).append(records[key])
+    usable = {}
+    for dataset, unsorted in sorted(pool.items()):
+        cases = sorted(unsorted, key=lambda c: c.case_id)
+        if any(_partners(cases, q) for q in cases):
+            usable[dataset] = cases
+    if not usable:
+        raise ValueError(
+            "no train dataset has two subjects sharing a foreground class; cannot build episodes"
+        )
+    return usable
+
+
+def _partners(cases: Sequence[CaseRecord], query: CaseRecord) -> list[CaseRecord]:
+    return [c for c in cases if c.subject_id != query.subject_id and set(c.classes) & set(query.classes)]
+
+
+def crop_window(
+    size: Sequence[int], crop: Sequence[int], lo: Sequence[int], hi: Sequence[int], rng
+) -> list[int]:
+    """Start per axis of a window that contains [lo, hi) when it fits (random among those that do),
+    else one centred on it; clipped to the volume (volumes smaller than the crop start at 0, then pad)."""
+    starts = []
+    for n, c, a, b in zip(size, crop, lo, hi, strict=True):
+        if n <= c:
+            starts.append(0)
+            continue
+        first, last = max(0, b - c), min(a, n - c)
+        if first <= last:
+            starts.append(int(rng.integers(first, last + 1)) if rng is not None else (first + last) // 2)
+        else:
+            starts.append(int(np.clip((a + b) // 2 - c // 2, 0, n - c)))
+    return starts
+
+
+def read_crop(array: np.ndarray, start: Sequence[int], crop: Sequence[int]) -> np.ndarray:
+    """Read a crop from a memory-mapped [z, y, x] array; edge-pad where the volume is smaller."""
+    region = np.asarray(array[tuple(slice(s, s + c) for s, c in zip(start, crop, strict=True))])
+    pad = [(0, c - n) for c, n in zip(crop, region.shape, strict=True)]
+    return np.pad(region, pad, mode="edge") if any(p for _, p in pad) else region
+
+
+def union_box(boxes: Sequence[Box]) -> tuple[list[int], list[int]]:
+    lo = [min(b[i] for b in boxes) for i in range(3)]
+    hi = [max(b[i + 3] for b in boxes) for i in range(3)]
+    return lo, hi
+
+
+def load_crop(
+    record: CaseRecord, start: Sequence[int], crop: Sequence[int], classes: Sequence[int]
+) -> tuple[Tensor, Tensor]:
+    """(1, D, H, W) float image and (K, D, H, W) float binary masks of ``classes`` for one crop."""
+    image = read_crop(np.load(record.image_path, mmap_mode="r"), start, crop)
+    label = read_crop(np.load(record.label_path, mmap_mode="r"), start, crop)
+    masks = np.stack([label == c for c in classes]) if classes else np.zeros((0, *crop), bool)
+    return torch.from_numpy(image.astype(np.float32))[None], torch.from_numpy(masks.astype(np.float32))
+
+
+def volume_shape(record: CaseRecord) -> tuple[int, ...]:
+    return tuple(np.load(record.image_path, mmap_mode="r").shape)
+
+
+@dataclass(frozen=True)
+class EpisodeDraw:
+    """The discrete choices of one episode (kept separate so tests can check them without I/O)."""
+
+    query: CaseRecord
+    reference: CaseRecord
+    classes: tuple[int, ...]
+
+
+class EpisodeSampler:
+    """Draws one rank's batch for a given step; stateless apart from its fixed inputs."""
+
+    def __init__(
+        self,
+        pool: Mapping[str, list[CaseRecord]],
+        class_ids: Mapping[str, int],
+        config: TrainConfig,
+        *,
+        rank: int = 0,
+        batch_size: int | None = None,
+        augment: AugmentParams | None = None,
+    ) -> None:
+        self.pool = dict(pool)
+        self.datasets = sorted(self.pool)
+        self.class_ids = dict(class_ids)
+        self.config = config
+        self.rank = rank
+        self.batch_size = batch_size or config.batch_size
+        self.augment = augment or AugmentParams()
+
+    def _seed(self, step: int, slot: int) -> list[int]:
+        return [self.config.seed, self.rank, step, slot]
+
+    def draw(self, step: int, slot: int) -> EpisodeDraw:
+        """Dataset, query, reference and classes of episode ``slot`` of ``step``."""
+        rng = np.random.default_rng(self._seed(step, slot))
+        cases = self.pool[self.datasets[int(rng.integers(len(self.datasets)))]]
+        queries = [c for c in cases if _partners(cases, c)]
+        query = queries[int(rng.integers(len(queries)))]
+        partners = _partners(cases, query)
+        reference = partners[int(rng.integers(len(partners)))]
+        common = sorted(set(query.classes) & set(reference.classes))
+        order = [common[i] for i in rng.permutation(len(common))]
+        keep = len(order)
+        if keep > 1 and rng.random() < self.config.class_drop_prob:
+            keep = int(rng.integers(1, keep))
+        return EpisodeDraw(query, reference, tuple(order[: min(keep, self.config.max_classes)]))
+
+    def episode(self, step: int, slot: int) -> dict[str, Tensor]:
+        """Tensors of one episode: crops, masks padded to ``max_classes``, class mask and bank ids."""
+        draw = self.draw(step, slot)
+        rng = np.random.default_rng([*self._seed(step, slot), 1])
+        crop = self.config.crop_size
+        ref_lo, ref_hi = union_box([draw.reference.bboxes[c] for c in draw.classes])
+        ref_start = crop_window(volume_shape(draw.reference), crop, ref_lo, ref_hi, rng)
+        q_size = volume_shape(draw.query)
+        if rng.random() < FOREGROUND_CROP_PROB:
+            box = draw.query.bboxes[draw.classes[int(rng.integers(len(draw.classes)))]]
+            centre = [int(rng.integers(box[i], max(box[i] + 1, box[i + 3]))) for i in range(3)]
+            q_start = crop_window(q_size, crop, centre, [c + 1 for c in centre], rng)
+        else:
+            q_start = crop_window(q_size, crop, [0, 0, 0], [0, 0, 0], rng)
+        query, q_masks = load_crop(draw.query, q_start, crop, draw.classes)
+        ref, r_masks = load_crop(draw.reference, ref_start, crop, draw.classes)
+        if self.config.augment:
+            gen = torch.Generator().manual_seed(int(rng.integers(2**62)))
+            query, q_masks = augment_pair(query, q_masks, gen, self.augment)
+            ref, r_masks = augment_pair(ref, r_masks, gen, self.augment)
+            r_masks = perturb_masks(r_masks, gen, self.config.reference_mask_perturbation)
+        return self._pad(draw, query, q_masks, ref, r_masks)
+
+    def _pad(
+        self, draw: EpisodeDraw, query: Tensor, q_masks: Tensor, ref: Tensor, r_masks: Tensor
+    ) -> dict[str, Tensor]:
+        k, n = self.config.max_classes, len(draw.classes)
+        pad = torch.zeros(k - n, *query.shape[1:])
+        ids = [self.class_ids.get(f"{draw.query.dataset}/{c}", -1) for c in draw.classes] + [-1] * (k - n)
+        return {
+            "query": query,
+            "query_masks": torch.cat([q_masks, pad]),
+            "ref_image": ref,
+            "ref_masks": torch.cat([r_masks, pad]),
+            "class_mask": torch.arange(k) < n,
+            "class_ids": torch.tensor(ids, dtype=torch.long),
+        }
+
+    def batch(self, step: int) -> dict[str, Tensor]:
+        """This rank's batch for ``step``, stacked along a leading batch axis."""
+        episodes = [self.episode(step, slot) for slot in range(self.batch_size)]
+        return {key: torch.stack([e[key] for e in episodes]) for key in episodes[0]}
+
+
+class StepDataset(Dataset):
+    """Map-style view ``step → batch`` so a DataLoader with workers prefetches future steps and a resume
+    just starts the index range at the restored step (the sampler state *is* the step counter)."""
+
+    def __init__(self, sampler: EpisodeSampler, steps: int) -> None:
+        self.sampler = sampler
+        self.steps = steps
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def __getitem__(self, step: int) -> dict[str, Tensor]:
+        return self.sampler.batch(step)

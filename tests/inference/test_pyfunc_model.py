@@ -1,0 +1,74 @@
+"""The registered pyfunc (models from code + safetensors bundle) segments a query with no pickle."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from iris_pipelines.inference.bundle import ModelBundle
+from iris_pipelines.model import Iris, IrisConfig
+
+PYFUNC_SOURCE = Path(__file__).parents[2] / "src" / "iris_pipelines" / "inference" / "pyfunc_model.py"
+
+
+def _request(shape: tuple[int, int, int] = (12, 16, 20)) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(0)
+    mask = np.zeros(shape, dtype=np.uint8)
+    mask[2:6, 3:9, 4:10] = 1
+    mask[7:11, 8:14, 10:18] = 3
+    return {
+        "query": rng.normal(size=shape).astype(np.float32),
+        "reference_image": rng.normal(size=shape).astype(np.float32),
+        "reference_mask": mask,
+    }
+
+
+def test_registered_pyfunc_segments_a_query(mlflow_store: str, tmp_path: Path) -> None:
+    from iris_pipelines.inference.pyfunc_model import SIGNATURE
+
+    torch.manual_seed(0)
+    bundle_dir = ModelBundle.from_model(Iris(IrisConfig.tiny())).save(tmp_path / "bundle")
+    with mlflow.start_run():
+        info = mlflow.pyfunc.log_model(
+            name="iris",
+            python_model=str(PYFUNC_SOURCE),
+            artifacts={"bundle": str(bundle_dir)},
+            registered_model_name="iris",
+            pip_requirements=["torch", "safetensors"],
+            signature=SIGNATURE,
+        )
+    model_dir = Path(mlflow.artifacts.download_artifacts(f"models:/iris/{info.registered_model_version}"))
+    assert not list(model_dir.rglob("*.pkl")), "models from code must not pickle the model object"
+
+    model = mlflow.pyfunc.load_model(f"models:/iris/{info.registered_model_version}")
+    request = _request()
+    labels = model.predict(request)
+    assert labels.shape == request["query"].shape
+    assert np.issubdtype(labels.dtype, np.integer)
+    assert set(np.unique(labels)) <= {0, 1, 3}
+
+    everything = model.predict(request, params={"threshold": 0.0})  # every voxel gets some class
+    assert set(np.unique(everything)) <= {1, 3} and everything.min() > 0
+    only_three = model.predict({**request, "classes": [3]}, params={"threshold": 0.0})
+    assert set(np.unique(only_three)) == {3}
+    as_frame = pd.DataFrame([{k: v for k, v in request.items()}])
+    assert model.predict(as_frame).shape == request["query"].shape
+
+
+def test_bad_requests_are_explained() -> None:
+    from iris_pipelines.inference.pyfunc_model import IrisPyfuncModel  # importing registers nothing harmful
+
+    pyfunc = IrisPyfuncModel()
+    pyfunc.model = Iris(IrisConfig.tiny()).eval()
+    request = _request()
+    with pytest.raises(ValueError, match="lacks \\['reference_mask'\\]"):
+        pyfunc.predict(None, {k: v for k, v in request.items() if k != "reference_mask"})
+    with pytest.raises(ValueError, match="absent from reference_mask"):
+        pyfunc.predict(None, {**request, "classes": [2]})
+    with pytest.raises(ValueError, match="must be a 3-D array"):
+        pyfunc.predict(None, {**request, "query": request["query"][0]})

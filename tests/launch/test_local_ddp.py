@@ -1,0 +1,31 @@
+import pytest
+from training_synthetic import fast_train_config, tiny_model_config
+
+from iris_pipelines.launch import RankFailedError, launch_training
+
+
+def _kwargs(collection, tmp_path, **overrides):
+    manifest, index = collection
+    return {
+        "model_config": tiny_model_config(),
+        "train_config": fast_train_config(**overrides),
+        "episode_index": index,
+        "preprocessed_manifest": manifest,
+        "checkpoint_dir": tmp_path / "ck",
+    }
+
+
+def test_two_gloo_ranks_keep_identical_weights(collection, tmp_path):
+    result = launch_training("local_ddp", nprocs=2, backend="gloo", **_kwargs(collection, tmp_path, steps=3))
+    assert result.world_size == 2 and result.final_step == 3
+    assert len(result.weights_checksum) == 2
+    assert result.weights_checksum[0] == result.weights_checksum[1]
+    assert [h["step"] for h in result.history] == [1, 2, 3]
+    assert result.state_dict["bank_initialized"].any()
+
+
+def test_a_failing_rank_is_named(collection, tmp_path):
+    kwargs = _kwargs(collection, tmp_path, steps=1)
+    kwargs["train_config"]["not_a_field"] = 1
+    with pytest.raises(RankFailedError, match=r"rank \d.*unknown TrainConfig fields \['not_a_field'\]"):
+        launch_training("local_ddp", nprocs=2, backend="gloo", **kwargs)

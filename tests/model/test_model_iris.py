@@ -1,0 +1,121 @@
+"""The Iris network's contract: shapes, class equivariance, cached and broadcast embeddings, padding."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from iris_pipelines.model import Iris, IrisConfig, foreground_pool
+
+
+def _random_masks(batch: int, classes: int, shape: tuple[int, int, int], seed: int = 0) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return (torch.rand(batch, classes, *shape, generator=generator) > 0.8).float()
+
+
+@pytest.mark.parametrize("classes", [1, 3])
+def test_logits_have_the_full_odd_input_size(tiny_model: Iris, classes: int) -> None:
+    shape = (33, 40, 27)
+    query, ref = torch.randn(1, 1, *shape), torch.randn(1, 1, *shape)
+    with torch.no_grad():
+        task = tiny_model.encode_task(ref, _random_masks(1, classes, shape))
+        logits = tiny_model.segment(query, task)
+    config = tiny_model.config
+    assert task.shape == (1, classes, config.num_tokens, config.embed_dim)
+    assert logits.shape == (1, classes, *shape)
+    assert torch.isfinite(logits).all()
+
+
+def test_masks_are_padded_like_the_image(tiny_model: Iris) -> None:
+    """An odd-sized reference must encode exactly as the same reference padded by hand."""
+    shape = (17, 30, 20)
+    ref, masks = torch.randn(1, 1, *shape), _random_masks(1, 2, shape)
+    pad = [6, 6, 1, 1, 7, 8]  # to 32 × 32 × 32, split evenly as Iris does
+    with torch.no_grad():
+        task = tiny_model.encode_task(ref, masks)
+        by_hand = tiny_model.encode_task(F.pad(ref, pad, mode="replicate"), F.pad(masks, pad))
+    torch.testing.assert_close(task, by_hand, rtol=1e-5, atol=1e-5)
+
+
+def test_permuting_classes_permutes_logits(tiny_model: Iris, episode: dict[str, torch.Tensor]) -> None:
+    masks = torch.cat([episode["ref_masks"][:1], _random_masks(1, 1, (32, 32, 32))], dim=1)  # 3 classes
+    permutation = torch.tensor([2, 0, 1])
+    with torch.no_grad():
+        logits = tiny_model(episode["query"][:1], episode["ref"][:1], masks)
+        permuted = tiny_model(episode["query"][:1], episode["ref"][:1], masks[:, permutation])
+    torch.testing.assert_close(permuted, logits[:, permutation], rtol=0, atol=1e-5)
+
+
+def test_cached_embedding_equals_forward(tiny_model: Iris, episode: dict[str, torch.Tensor]) -> None:
+    with torch.no_grad():
+        full = tiny_model(episode["query"], episode["ref"], episode["ref_masks"])
+        task = tiny_model.encode_task(episode["ref"], episode["ref_masks"]).clone()
+        cached = tiny_model.segment(episode["query"], task)
+    torch.testing.assert_close(cached, full, rtol=0, atol=1e-6)
+
+
+def test_one_embedding_broadcasts_over_a_query_batch(
+    tiny_model: Iris, episode: dict[str, torch.Tensor]
+) -> None:
+    with torch.no_grad():
+        task = tiny_model.encode_task(episode["ref"][:1], episode["ref_masks"][:1])
+        broadcast = tiny_model.segment(episode["query"], task)
+        repeated = tiny_model.segment(episode["query"], task.repeat(2, 1, 1, 1))
+        single = [tiny_model.segment(episode["query"][i : i + 1], task) for i in range(2)]
+    torch.testing.assert_close(broadcast, repeated, rtol=0, atol=1e-6)
+    # CPU convolutions pick a different algorithm for batch 1 and batch 2 (im2col vs oneDNN), which
+    # moves logits by a few 1e-5; the per-query comparison allows for that.
+    torch.testing.assert_close(broadcast, torch.cat(single), rtol=0, atol=1e-4)
+
+
+def test_mismatched_batches_are_rejected(tiny_model: Iris, episode: dict[str, torch.Tensor]) -> None:
+    task = torch.zeros(2, 2, tiny_model.config.num_tokens, tiny_model.config.embed_dim)
+    with pytest.raises(ValueError, match="must be 1 or equal the query batch"):
+        tiny_model.segment(torch.zeros(3, 1, 32, 32, 32), task)
+    with pytest.raises(ValueError, match="ref_masks"):
+        tiny_model.encode_task(episode["ref"], episode["ref_masks"][:, :, :16])
+
+
+def test_foreground_pool_equals_upsample_then_masked_average() -> None:
+    generator = torch.Generator().manual_seed(0)
+    features = torch.randn(2, 6, 3, 4, 2, generator=generator)
+    masks = (torch.rand(2, 3, 48, 64, 32, generator=generator) > 0.7).float()
+    masks[1, 2] = 0.0  # an empty mask gives a zero token, not NaN
+    upsampled = F.interpolate(features, size=masks.shape[2:], mode="trilinear", align_corners=False)
+    naive = (
+        torch.einsum("bcxyz,bkxyz->bkc", upsampled, masks) / masks.sum((2, 3, 4)).clamp_min(1e-6)[..., None]
+    )
+    torch.testing.assert_close(foreground_pool(features, masks), naive, rtol=1e-5, atol=1e-5)
+    assert torch.equal(foreground_pool(features, masks)[1, 2], torch.zeros(6))
+
+
+def test_gradients_reach_a_tuned_embedding(tiny_model: Iris, episode: dict[str, torch.Tensor]) -> None:
+    """In-context tuning optimises T with the weights frozen."""
+    with torch.no_grad():
+        task = tiny_model.encode_task(episode["ref"][:1], episode["ref_masks"][:1])
+    task.requires_grad_(True)
+    tiny_model.segment(episode["query"][:1], task).sigmoid().mean().backward()
+    assert task.grad is not None and torch.isfinite(task.grad).all() and task.grad.abs().sum() > 0
+    tiny_model.zero_grad(set_to_none=True)
+
+
+def test_memory_bank_ema() -> None:
+    torch.manual_seed(0)
+    model = Iris(IrisConfig.tiny(memory_bank_size=4))
+    shape = (model.config.num_tokens, model.config.embed_dim)
+    first, second, other = torch.randn(1, *shape), torch.randn(1, *shape), torch.randn(1, *shape)
+    model.update_memory_bank(torch.tensor([2]), first, momentum=0.9)
+    torch.testing.assert_close(model.memory_bank[2], first[0])  # the first update copies
+    model.update_memory_bank(torch.tensor([2, -1]), torch.cat([second, other]), momentum=0.9)  # -1: padding
+    torch.testing.assert_close(model.memory_bank[2], 0.9 * first[0] + 0.1 * second[0])
+    assert model.bank_initialized.tolist() == [False, False, True, False]
+    assert model.memory_bank_embedding(torch.tensor([2])).shape == (1, 1, *shape)
+    with pytest.raises(KeyError, match=r"\[0\]"):
+        model.memory_bank_embedding(torch.tensor([0, 2]))
+    assert "memory_bank" in model.state_dict()
+
+
+def test_disabled_memory_bank_refuses_updates(tiny_model: Iris) -> None:
+    with pytest.raises(RuntimeError, match="disabled"):
+        tiny_model.update_memory_bank(torch.tensor([0]), torch.zeros(1, 11, 64))

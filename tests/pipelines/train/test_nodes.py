@@ -1,0 +1,92 @@
+"""Unit tests of the train nodes' small helpers and the input-version hook."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from kedro.io import DataCatalog
+
+from iris_pipelines.hooks import InputVersionHooks, resolved_load_version
+from iris_pipelines.model import IrisConfig
+from iris_pipelines.pipelines.train.nodes import (
+    build_model_config,
+    checkpoint_dir,
+    final_validation,
+    history_frame,
+    metric_record,
+    split_train_params,
+)
+
+
+def test_model_config_from_size_and_overrides() -> None:
+    assert build_model_config({"size": "tiny"}) == IrisConfig.tiny().to_dict()
+    assert build_model_config({"size": "paper", "num_query_tokens": 4})["num_query_tokens"] == 4
+    with pytest.raises(ValueError, match="size must be one of"):
+        build_model_config({"size": "huge"})
+    with pytest.raises(ValueError, match="unknown IrisConfig fields"):
+        build_model_config({"size": "tiny", "widths": 3})
+
+
+def test_node_keys_stay_out_of_the_train_config() -> None:
+    node, train = split_train_params(
+        {
+            "launcher": "local_ddp",
+            "launcher_options": {"nprocs": 2},
+            "checkpoint_root": "c",
+            "registry_name": "iris",
+            "steps": 3,
+        }
+    )
+    assert train == {"steps": 3} and node["launcher_options"] == {"nprocs": 2}
+
+
+def test_checkpoint_dir_is_keyed_by_the_recipe(tmp_path: Path) -> None:
+    a = checkpoint_dir(tmp_path, {"m": 1}, {"steps": 3}, "abc")
+    assert a == checkpoint_dir(tmp_path, {"m": 1}, {"steps": 3}, "abc") and a.parent == tmp_path
+    assert a != checkpoint_dir(tmp_path, {"m": 1}, {"steps": 4}, "abc")
+    assert a != checkpoint_dir(tmp_path, {"m": 1}, {"steps": 3}, "abd")
+
+
+def test_metric_names() -> None:
+    train = {"step": 5, "loss": 0.5, "dice_loss": 0.3, "ce_loss": 0.2, "lr": 1e-3, "samples_per_s": 2.0}
+    values, step = metric_record(train)
+    assert step == 5 and values["train/loss"] == 0.5 and values["train/samples_per_s"] == 2.0
+    assert metric_record({"step": 10, "dataset": "alpha", "dice": 0.7}) == ({"val/dice/alpha": 0.7}, 10)
+    assert metric_record({"step": 1, "loss": float("nan"), "note": "x"}) == ({}, 1)
+
+
+def test_history_table_and_final_validation() -> None:
+    history = [{"step": s, "loss": 1.0 / s} for s in (1, 2)]
+    validation = [{"step": 1, "dataset": "a", "dice": 0.1}, {"step": 2, "dataset": "a", "dice": 0.4}]
+    table = history_frame(history, validation)
+    assert list(table.columns[:2]) == ["step", "phase"] and len(table) == 4
+    assert table["phase"].tolist() == ["train", "val", "train", "val"]
+    assert final_validation(validation) == {"a": 0.4}
+    assert history_frame([], []).empty
+
+
+def test_hook_resolves_the_loaded_versions(tmp_path: Path) -> None:
+    config = {
+        "episode_index": {
+            "type": "json.JSONDataset",
+            "filepath": str(tmp_path / "e.json"),
+            "versioned": True,
+        },
+        "plain": {"type": "pandas.CSVDataset", "filepath": str(tmp_path / "p.csv")},
+    }
+    DataCatalog.from_config(config, save_version="2026-01-01T00.00.00.000Z").save("episode_index", {"a": 1})
+    DataCatalog.from_config(config, save_version="2026-01-02T00.00.00.000Z").save("episode_index", {"a": 2})
+    catalog = DataCatalog.from_config(config)
+    catalog.save("plain", pd.DataFrame({"x": [1]}))
+    assert resolved_load_version(catalog, "episode_index") == "2026-01-02T00.00.00.000Z"
+    assert resolved_load_version(catalog, "plain") is None
+    assert resolved_load_version(catalog, "params:train") is None
+
+    class FakeNode:
+        inputs = ["episode_index", "plain", "params:train"]
+
+    hooks = InputVersionHooks()
+    hooks.before_node_run(node=FakeNode(), catalog=catalog)  # no MLflow run active: only remembered
+    assert hooks.versions == {"episode_index": "2026-01-02T00.00.00.000Z"}

@@ -1,0 +1,33 @@
+import pytest
+import torch
+
+from iris_pipelines.training.checkpoint import (
+    KEEP_LAST,
+    latest_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    save_checkpoint,
+)
+
+
+def test_latest_ignores_temporary_files_and_old_ones_are_pruned(tmp_path):
+    for step in (2, 4, 6):
+        save_checkpoint(tmp_path, step, {"w": torch.ones(2) * step})
+    (tmp_path / ".step_00000008.pt.abc.tmp").write_bytes(b"partial")
+    assert latest_checkpoint(tmp_path).name == "step_00000006.pt"
+    assert len(list_checkpoints(tmp_path)) == KEEP_LAST
+    assert load_checkpoint(latest_checkpoint(tmp_path))["step"] == 6
+
+
+def test_failed_write_leaves_no_checkpoint(tmp_path):
+    with pytest.raises(Exception):  # noqa: B017 - pickling a lambda fails inside torch.save
+        save_checkpoint(tmp_path, 2, {"bad": lambda: None})
+    assert list(tmp_path.iterdir()) == []
+    assert latest_checkpoint(tmp_path) is None
+
+
+def test_truncated_checkpoint_error_names_the_file(tmp_path):
+    path = save_checkpoint(tmp_path, 2, {"w": torch.zeros(1000)})
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(RuntimeError, match="step_00000002.pt"):
+        load_checkpoint(path)

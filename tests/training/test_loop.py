@@ -1,0 +1,118 @@
+import pytest
+import torch
+from training_synthetic import fast_train_config, tiny_model_config
+
+from iris_pipelines.launch import launch_training
+from iris_pipelines.training import TrainConfig, latest_checkpoint, lr_factor, run_training
+
+
+class Crash(RuntimeError):
+    pass
+
+
+def _run(collection, tmp_path, name="ck", on_metrics=None, **overrides):
+    manifest, index = collection
+    return run_training(
+        tiny_model_config(),
+        fast_train_config(**overrides),
+        index,
+        manifest,
+        checkpoint_dir=tmp_path / name,
+        on_metrics=on_metrics,
+    )
+
+
+def test_lr_schedule_warms_up_then_decays_exponentially():
+    config = TrainConfig(steps=21, warmup_steps=5, final_lr_fraction=0.01)
+    factors = [lr_factor(i, config) for i in range(config.steps)]
+    assert factors[:5] == pytest.approx([0.2, 0.4, 0.6, 0.8, 1.0])
+    assert factors[5] == pytest.approx(1.0)
+    assert factors[10] == pytest.approx(0.01 ** (1 / 3))  # 5 of the 15 decay steps done
+    assert factors[20] == pytest.approx(0.01)
+    ratios = [factors[i + 1] / factors[i] for i in range(5, 20)]
+    assert ratios == pytest.approx([ratios[0]] * len(ratios))  # constant ratio = exponential
+
+
+def test_restart_resumes_exactly(collection, tmp_path):
+    reference = _run(collection, tmp_path, "uninterrupted", checkpoint_every=2)
+
+    def crash_at_step_3(record):
+        if record.get("step") == 3 and "loss" in record:
+            raise Crash("simulated kill after step 3")
+
+    with pytest.raises(Crash):
+        _run(collection, tmp_path, "restarted", on_metrics=crash_at_step_3, checkpoint_every=2)
+    assert latest_checkpoint(tmp_path / "restarted").name == "step_00000002.pt"
+    resumed = _run(collection, tmp_path, "restarted", checkpoint_every=2)
+
+    assert [h["step"] for h in resumed.history] == [1, 2, 3, 4]
+    for before, after in zip(reference.history, resumed.history, strict=True):
+        assert after["loss"] == pytest.approx(before["loss"], abs=1e-6)
+        assert after["lr"] == before["lr"]
+    assert resumed.weights_checksum == reference.weights_checksum
+
+
+@pytest.fixture(scope="module")
+def short_run(collection, tmp_path_factory):
+    metrics = []
+    result = _run(
+        collection,
+        tmp_path_factory.mktemp("short"),
+        on_metrics=metrics.append,
+        steps=20,
+        warmup_steps=3,
+        val_every=10,
+        checkpoint_every=10,
+    )
+    return result, metrics
+
+
+def test_short_run_lowers_the_loss(short_run):
+    result, _ = short_run
+    losses = [h["loss"] for h in result.history]
+    assert len(losses) == 20 and result.final_step == 20
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5
+
+
+def test_metrics_are_streamed_and_validation_covers_val_datasets(short_run):
+    result, metrics = short_run
+    assert sorted(map(str, metrics)) == sorted(map(str, result.history + result.validation))
+    assert {(v["step"], v["dataset"]) for v in result.validation} == {
+        (s, d) for s in (10, 20) for d in ("alpha", "beta")
+    }
+    assert all(0.0 <= v["dice"] <= 1.0 for v in result.validation)
+    assert set(result.history[0]) == {"step", "loss", "dice_loss", "ce_loss", "lr", "samples_per_s"}
+
+
+def test_memory_bank_holds_the_trained_classes(short_run):
+    result, _ = short_run
+    assert result.model_config["memory_bank_size"] == len(result.class_ids) == 3
+    assert result.state_dict["bank_initialized"].all()
+    bank = result.state_dict["memory_bank"]
+    assert bank.shape[0] == 3 and (bank.abs().sum((1, 2)) > 0).all()
+    assert all(t.device == torch.device("cpu") for t in result.state_dict.values())
+
+
+def test_workers_produce_the_same_stream(collection, tmp_path):
+    serial = _run(collection, tmp_path, "serial", steps=2)
+    parallel = _run(collection, tmp_path, "workers", steps=2, num_workers=1)
+    assert [h["loss"] for h in parallel.history] == pytest.approx(
+        [h["loss"] for h in serial.history], abs=1e-6
+    )
+
+
+def test_in_process_launcher_and_unknown_launcher(collection, tmp_path):
+    manifest, index = collection
+    kwargs = {
+        "model_config": tiny_model_config(),
+        "train_config": fast_train_config(steps=1),
+        "episode_index": index,
+        "preprocessed_manifest": manifest,
+        "checkpoint_dir": tmp_path / "ip",
+    }
+    result = launch_training("in_process", **kwargs)
+    assert result.world_size == 1 and result.final_step == 1 and len(result.weights_checksum) == 1
+    with pytest.raises(ValueError, match="unknown launcher 'slurmish'"):
+        launch_training("slurmish", **kwargs)
+    with pytest.raises(TypeError, match="sets rank itself"):
+        launch_training("in_process", rank=1, **kwargs)

@@ -1,0 +1,83 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from iris_pipelines.training import EpisodeSampler, TrainConfig, train_class_ids, train_pool
+from iris_pipelines.training.sampler import case_records, read_crop
+
+
+@pytest.fixture(scope="module")
+def setup(collection):
+    manifest, index = collection
+    records = case_records(manifest)
+    config = TrainConfig(crop_size=(32, 32, 32), max_classes=2, class_drop_prob=0.5)
+    ids = train_class_ids(index)
+    return manifest, index, records, config, ids
+
+
+def _sampler(setup, **kwargs):
+    _, index, records, config, ids = setup
+    return EpisodeSampler(train_pool(index, records), ids, kwargs.pop("config", config), **kwargs)
+
+
+def test_episodes_pair_different_subjects_of_one_train_dataset(setup):
+    _, index, _, config, _ = setup
+    split = {(c["dataset"], c["case_id"]): c["split"] for c in index["cases"]}
+    sampler = _sampler(setup)
+    datasets = set()
+    for step in range(60):
+        draw = sampler.draw(step, 0)
+        datasets.add(draw.query.dataset)
+        assert draw.query.dataset == draw.reference.dataset
+        assert draw.query.subject_id != draw.reference.subject_id
+        assert split[(draw.query.dataset, draw.query.case_id)] == "train"
+        assert split[(draw.reference.dataset, draw.reference.case_id)] == "train"
+        assert 1 <= len(draw.classes) <= config.max_classes
+        assert set(draw.classes) <= set(draw.query.classes) & set(draw.reference.classes)
+    assert datasets == {"alpha", "beta"}  # both train datasets, never the held-out "gamma"
+
+
+def test_class_ids_cover_train_datasets_only(setup):
+    assert setup[4] == {"alpha/1": 0, "alpha/2": 1, "beta/1": 2}
+
+
+def test_batch_is_deterministic_in_seed_rank_step(setup):
+    sampler = _sampler(setup)
+    a, b = sampler.batch(5), sampler.batch(5)
+    for key in a:
+        assert torch.equal(a[key], b[key])
+    other_step = sampler.batch(6)
+    other_rank = _sampler(setup, rank=1).batch(5)
+    assert not torch.equal(a["query"], other_step["query"])
+    assert not torch.equal(a["query"], other_rank["query"])
+
+
+def test_batch_shapes_padding_and_reference_coverage(setup):
+    manifest, _, _, config, ids = setup
+    voxels = {(r.dataset, r.case_id): json.loads(r.class_voxels) for r in manifest.itertuples()}
+    plain = TrainConfig.from_dict({**config.to_dict(), "augment": False})
+    sampler = _sampler(setup, config=plain, batch_size=3)
+    for step in range(8):
+        batch = sampler.batch(step)
+        assert batch["query"].shape == (3, 1, 32, 32, 32)
+        assert batch["ref_masks"].shape == batch["query_masks"].shape == (3, 2, 32, 32, 32)
+        assert batch["class_mask"].dtype == torch.bool
+        pad = ~batch["class_mask"]
+        assert (batch["ref_masks"][pad] == 0).all() and (batch["class_ids"][pad] == -1).all()
+        for slot in range(3):
+            draw = sampler.draw(step, slot)
+            for k, label in enumerate(draw.classes):
+                # The reference crop keeps every selected class whole (all blobs fit in 32³).
+                expected = voxels[(draw.reference.dataset, draw.reference.case_id)][str(label)]
+                assert int(batch["ref_masks"][slot, k].sum()) == expected
+                assert int(batch["class_ids"][slot, k]) == ids[f"{draw.query.dataset}/{label}"]
+
+
+def test_read_crop_pads_small_volumes_with_edge_values():
+    array = np.arange(2 * 3 * 4, dtype=np.float32).reshape(2, 3, 4)
+    crop = read_crop(array, [0, 1, 0], [4, 4, 4])
+    assert crop.shape == (4, 4, 4)
+    np.testing.assert_array_equal(crop[:2, :2, :4], array[:, 1:3, :])
+    np.testing.assert_array_equal(crop[3], crop[1])
