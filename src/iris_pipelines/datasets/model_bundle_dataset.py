@@ -9,19 +9,17 @@ from __future__ import annotations
 
 import os
 import tempfile
-from copy import deepcopy
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-import fsspec
 from kedro.io.core import (
     AbstractVersionedDataset,
     DatasetError,
     Version,
     get_filepath_str,
-    get_protocol_and_path,
 )
 
+from iris_pipelines.datasets._filesystem import open_filesystem
 from iris_pipelines.inference.bundle import CONFIG_FILE, BundleError, ModelBundle
 
 
@@ -53,13 +51,7 @@ class IrisModelBundleDataset(AbstractVersionedDataset[ModelBundle, ModelBundle])
         fs_args: dict[str, Any] | None = None,
         metadata: dict[str, Any] | None = None,
     ) -> None:
-        _fs_args = deepcopy(fs_args) or {}
-        _credentials = deepcopy(credentials) or {}
-        protocol, path = get_protocol_and_path(str(filepath), version)
-        if protocol == "file":
-            _fs_args.setdefault("auto_mkdir", True)
-        self._protocol = protocol
-        self._fs = fsspec.filesystem(self._protocol, **_credentials, **_fs_args)
+        self._protocol, path, self._fs = open_filesystem(filepath, version, credentials, fs_args)
         self.metadata = metadata
         super().__init__(
             filepath=PurePosixPath(path),

@@ -51,20 +51,24 @@ def foreground_pool(features: Tensor, masks: Tensor, eps: float = 1e-6) -> Tenso
 
     Trilinear upsampling is linear and separable, Up(F) = F ×_d A_d ×_h A_h ×_w A_w, so
     Σ_x Up(F)[c, x]·y_k[x] = Σ_v F[c, v]·(Aᵀ y_k)[v]: the masks are pulled down through the transposed
-    interpolation instead of pushing C channels up. At 128³ with C = 512 this avoids a 4 GiB float32
+    interpolation instead of pushing C channels up. At 128³ with C = 384 this avoids a 3 GiB float32
     tensor per reference and costs three small matrix products per class.
     """
     d, h, w = features.shape[2:]
     size_d, size_h, size_w = masks.shape[2:]
-    masks = masks.to(features.dtype)
-    a_d = _linear_interpolation_matrix(d, size_d, features)
-    a_h = _linear_interpolation_matrix(h, size_h, features)
-    a_w = _linear_interpolation_matrix(w, size_w, features)
-    pulled = torch.einsum("bkxyz,zl->bkxyl", masks, a_w)
-    pulled = torch.einsum("bkxyl,yj->bkxjl", pulled, a_h)
-    pulled = torch.einsum("bkxjl,xi->bkijl", pulled, a_d)
-    numerator = torch.einsum("bcijl,bkijl->bkc", features, pulled)
-    return numerator / masks.sum(dim=(2, 3, 4)).clamp_min(eps).unsqueeze(-1)
+    # float32 with autocast off: the sums run over up to 128³ voxels, too many for bf16 accumulation,
+    # and the tensors involved are small (bottleneck features, one mask channel per class).
+    with torch.autocast(features.device.type, enabled=False):
+        feats, masks = features.float(), masks.float()
+        a_d = _linear_interpolation_matrix(d, size_d, feats)
+        a_h = _linear_interpolation_matrix(h, size_h, feats)
+        a_w = _linear_interpolation_matrix(w, size_w, feats)
+        pulled = torch.einsum("bkxyz,zl->bkxyl", masks, a_w)
+        pulled = torch.einsum("bkxyl,yj->bkxjl", pulled, a_h)
+        pulled = torch.einsum("bkxjl,xi->bkijl", pulled, a_d)
+        numerator = torch.einsum("bcijl,bkijl->bkc", feats, pulled)
+        pooled = numerator / masks.sum(dim=(2, 3, 4)).clamp_min(eps).unsqueeze(-1)
+    return pooled.to(features.dtype)
 
 
 class TaskQueryBlock(nn.Module):
@@ -127,8 +131,7 @@ class TaskEncoder(nn.Module):
 
     def context_features(self, features: Tensor, masks: Tensor) -> Tensor:
         """F̂_s per class: (B, C, d, h, w), (B, K, D, H, W) → (B·K, d·h·w, C) voxel tokens."""
-        b, c = features.shape[:2]
-        k = masks.shape[1]
+        b, k = masks.shape[:2]
         shuffled = pixel_shuffle_3d(self.expand(features), self.scale)  # (B, sub, D, H, W)
         feature_part = self.merge_features(shuffled)  # shared by the K classes
         mask_part = self.merge_mask(masks.reshape(b * k, 1, *masks.shape[2:]))  # (B·K, sub, D, H, W)

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Any
+
+from iris_pipelines.model.config import config_from_dict, config_to_dict
 
 _PRECISIONS = ("auto", "bf16", "fp32")
 
@@ -64,16 +65,9 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-safe dict (the crop tuple becomes a list)."""
-        return {
-            f.name: list(v) if isinstance(v := getattr(self, f.name), tuple) else v
-            for f in dataclasses.fields(self)
-        }
+        return config_to_dict(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
         """Inverse of :meth:`to_dict`; an unknown key is an error, so a typo in params never goes unseen."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown TrainConfig fields {unknown}; known fields: {sorted(known)}")
-        return cls(**data)
+        return config_from_dict(cls, data)
