@@ -85,12 +85,11 @@ def validate(
         )
     console.print(summary)
     if len(report):
-        rejects = Table(title="rejected", style="red")
-        for column in ("case_id", "check", "path", "reason"):
-            rejects.add_column(column, overflow="fold")
+        # One plain line per reject, not a table: paths and reasons stay whole, ready to copy or grep.
         for row in report.itertuples():
-            rejects.add_row(row.case_id, row.check, row.path, row.reason)
-        console.print(rejects)
+            click.echo(
+                f"rejected {row.case_id or '(dataset)'} [{row.check}] {row.path}: {row.reason}", err=True
+            )
         sys.exit(1)
 
 

@@ -1,0 +1,42 @@
+"""The `iris` console script as a user calls it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from click.testing import CliRunner
+
+from iris_pipelines.cli import main
+from iris_pipelines.phantoms import default_specs, generate_collection
+
+
+def abdomen_ct(root: Path) -> Path:
+    spec = next(spec for spec in default_specs() if spec.name == "AbdomenCT")
+    (source,) = generate_collection(root, cases_per_dataset=2, size_scale=0.3, specs=[spec])
+    return Path(source["path"])
+
+
+def test_validate_accepts_a_clean_msd_dataset(tmp_path: Path):
+    dataset = abdomen_ct(tmp_path)
+    result = CliRunner().invoke(main, ["validate", str(dataset), "--layout", "msd"])
+    assert result.exit_code == 0, result.output
+    assert "2 accepted, 0 rejected" in result.output
+
+
+def test_validate_names_the_broken_file_and_exits_1(tmp_path: Path):
+    dataset = abdomen_ct(tmp_path)
+    broken = sorted((dataset / "labelsTr").iterdir())[0]
+    broken.write_bytes(b"")
+    result = CliRunner().invoke(main, ["validate", str(dataset), "--layout", "msd"])
+    assert result.exit_code == 1
+    assert "1 accepted, 1 rejected" in result.output
+    assert "unreadable" in result.output and "0 bytes" in result.output
+
+
+def test_phantoms_writes_the_collection(tmp_path: Path):
+    result = CliRunner().invoke(
+        main, ["phantoms", str(tmp_path / "p"), "--cases-per-dataset", "1", "--size-scale", "0.25"]
+    )
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "p" / "phantoms.json").exists()
+    assert "PelvisCT" in result.output
