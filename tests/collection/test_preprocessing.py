@@ -20,14 +20,12 @@ from iris_pipelines.collection.preprocessing import (
     SchedulerParams,
     build_cluster,
     cache_key,
-    normalize_in_place,
     preprocess_case,
     preprocess_cases,
 )
 from iris_pipelines.imaging.errors import InvalidInputError
 from iris_pipelines.imaging.geometry import Geometry
 from iris_pipelines.imaging.io import file_sha256
-from iris_pipelines.imaging.normalize import normalize_intensity
 
 REPO = Path(__file__).resolve().parents[2]
 SIZE = (24, 20, 12)  # x, y, z
@@ -311,21 +309,6 @@ def test_params_from_the_conf_files(tmp_path):
         PreprocessParams.from_dict({"target_spacng": [1, 1, 1]})
     with pytest.raises(ValueError, match="kind"):
         PreprocessParams.from_dict({"scheduler": {"kind": "kubernetes"}})
-
-
-@pytest.mark.parametrize("modality", ["CT", "MR", "PET"])
-def test_in_place_normalisation_matches_the_imaging_recipe(modality):
-    rng = np.random.default_rng(7)
-    volume = rng.normal(100, 700, (9, 300, 500)).astype(np.float32)  # > 1 block of 2**20 voxels
-    params = PreprocessParams(ct_window=(-500.0, 800.0), percentiles=(5.0, 95.0))
-    expected = normalize_intensity(
-        volume, modality, ct_window=params.ct_window, percentiles=params.percentiles
-    )
-    normalize_in_place(volume, modality, params)
-    np.testing.assert_allclose(volume, expected, rtol=0, atol=1e-5)
-    constant = np.full((3, 4, 5), 7.0, dtype=np.float32)
-    normalize_in_place(constant, modality, params)
-    assert not constant.any()
 
 
 def test_non_finite_images_are_rejected(manifest, tmp_path):

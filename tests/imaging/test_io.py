@@ -204,3 +204,14 @@ def test_file_sha256_of_file_and_directory(tmp_path: Path) -> None:
     assert digest == file_sha256(tmp_path / "d")
     (tmp_path / "d" / "b").rename(tmp_path / "d" / "c")
     assert file_sha256(tmp_path / "d") != digest
+
+
+def test_unverified_read_gives_the_same_image(tmp_path):
+    """Preprocessing reads already-verified files without the integrity pass; the pixels must not differ."""
+    image = sitk.GetImageFromArray(np.arange(60, dtype=np.float32).reshape(3, 4, 5))
+    image.SetSpacing((0.7, 0.8, 2.5))
+    path = tmp_path / "scan.nii.gz"
+    write_image(image, path)
+    verified, unverified = read_image(path), read_image(path, verify=False)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(verified), sitk.GetArrayFromImage(unverified))
+    assert verified.GetSpacing() == unverified.GetSpacing()

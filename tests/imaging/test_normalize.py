@@ -3,7 +3,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from iris_pipelines.imaging.normalize import normalize_intensity
+from iris_pipelines.imaging.normalize import normalize_in_place, normalize_intensity
 
 
 def test_ct_clips_to_window_then_z_scores() -> None:
@@ -49,3 +49,28 @@ def test_unknown_modality_and_non_finite_are_rejected() -> None:
     bad[0, 0, 0] = np.nan
     with pytest.raises(ValueError, match="NaN or infinite"):
         normalize_intensity(bad, "CT")
+
+
+@pytest.mark.parametrize("modality", ["CT", "MR", "PET"])
+def test_in_place_over_several_blocks_matches_a_float64_reference(modality):
+    """Volumes larger than one statistics block (2**20 voxels) give the textbook z-score."""
+    rng = np.random.default_rng(7)
+    volume = rng.normal(100, 700, (9, 300, 500)).astype(np.float32)
+    reference = volume.astype(np.float64)
+    low, high = (-500.0, 800.0) if modality == "CT" else np.percentile(volume, (5.0, 95.0))
+    reference = np.clip(reference, low, high)
+    reference = (reference - reference.mean()) / reference.std()
+    normalize_in_place(volume, modality, ct_window=(-500.0, 800.0), percentiles=(5.0, 95.0))
+    np.testing.assert_allclose(volume, reference, rtol=0, atol=1e-5)
+
+
+def test_normalize_intensity_leaves_its_input_alone():
+    array = np.array([[[-2000.0, 0.0], [100.0, 600.0]]], dtype=np.float32)
+    before = array.copy()
+    normalize_intensity(array, "CT")
+    np.testing.assert_array_equal(array, before)
+
+
+def test_in_place_needs_float32():
+    with pytest.raises(TypeError, match="float32"):
+        normalize_in_place(np.zeros((2, 2, 2), dtype=np.int16), "CT")

@@ -3,7 +3,7 @@
 from iris_pipelines.imaging.errors import InvalidInputError
 from iris_pipelines.imaging.geometry import IDENTITY_DIRECTION, Geometry
 from iris_pipelines.imaging.io import detect_format, file_sha256, read_image, write_dicom_series, write_image
-from iris_pipelines.imaging.normalize import normalize_intensity
+from iris_pipelines.imaging.normalize import normalize_in_place, normalize_intensity
 from iris_pipelines.imaging.resample import (
     canonical_geometry,
     resample_to_geometry,
@@ -20,6 +20,7 @@ __all__ = [
     "class_statistics",
     "detect_format",
     "file_sha256",
+    "normalize_in_place",
     "normalize_intensity",
     "read_image",
     "resample_to_geometry",
