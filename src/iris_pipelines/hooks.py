@@ -60,16 +60,12 @@ class ProvenanceHooks:
     """
 
     @hook_impl
-    def after_context_created(self, context: Any) -> None:
-        self._project_path = Path(context.project_path)
-        self._env = context.env
-
-    @hook_impl
     def before_pipeline_run(self, run_params: dict[str, Any]) -> None:
         if mlflow.active_run() is None:
             return
-        project_path = Path(run_params.get("project_path") or getattr(self, "_project_path", Path.cwd()))
-        tags = provenance_tags(project_path, run_params.get("env") or getattr(self, "_env", None))
+        # Kedro puts the project path and the env (None for the default) in every run's params.
+        project_path = Path(run_params["project_path"])
+        tags = provenance_tags(project_path, run_params.get("env"))
         mlflow.set_tags(tags)
         lock = project_path / LOCK_FILE
         if lock.exists():
