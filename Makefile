@@ -10,7 +10,7 @@ export PYTHONDONTWRITEBYTECODE := 1
 export PYTHONIOENCODING := utf-8
 export PYTHONUTF8 := 1
 
-.PHONY: install run test lint lock viz clean-data
+.PHONY: install system-packages run test lint lock viz viz-screenshot clean-data
 
 $(VENV)/.installed: requirements.lock pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -27,11 +27,35 @@ install: $(VENV)/.installed
 run: install
 	$(BIN)/kedro run
 
-test: install
+# Debian packages the tests need: chromium (kedro-viz render check), slurm-wlm and munge (the local SLURM
+# cluster of tests/slurm). Only missing ones are installed; needs root or sudo, like any apt-get.
+SYSTEM_PACKAGES := chromium slurm-wlm munge
+system-packages:
+	@missing=$$(for p in $(SYSTEM_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+		echo "installing system packages: $$missing"; \
+		sudo=$$([ "$$(id -u)" -eq 0 ] || echo sudo); \
+		DEBIAN_FRONTEND=noninteractive $$sudo apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -qq $$missing >/dev/null; \
+	fi
+
+test: install system-packages
 	$(BIN)/python -m pytest
 
 lint: install
 	$(BIN)/ruff check src tests benchmarks
+
+# Static kedro-viz lineage site in build/ (git-ignored), with previews of the latest data versions;
+# browse it with `python3 -m http.server -d build` (the page fetches api/*, which file:// blocks).
+viz: install
+	rm -rf build
+	$(BIN)/kedro viz build --include-previews
+	@# kedro-viz 12.5 exits 0 even when the build fails; index.html is written last.
+	@test -s build/index.html || { echo "make viz: kedro viz build failed (see above)" >&2; exit 1; }
+
+# docs/kedro-viz-lineage.png: the default pipeline view in headless Chromium (apt-get install chromium).
+viz-screenshot: viz
+	$(BIN)/python scripts/screenshot_viz.py build docs/kedro-viz-lineage.png
 
 # Re-resolve the pins after changing pyproject.toml dependencies (needs the package registry).
 lock:

@@ -25,3 +25,21 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def untrained_bundle(collection):
+    """An untrained tiny model bundle over ``collection`` with a filled memory bank: for the plumbing of
+    embed_tasks/evaluate/tsne, not their accuracy."""
+    import torch
+
+    from iris_pipelines.inference.bundle import ModelBundle
+    from iris_pipelines.model import Iris, IrisConfig
+    from iris_pipelines.training import train_class_ids
+
+    class_ids = train_class_ids(collection[1])
+    torch.manual_seed(0)
+    model = Iris(IrisConfig.tiny(memory_bank_size=len(class_ids)))
+    ids = torch.tensor(sorted(class_ids.values()))
+    model.update_memory_bank(ids, torch.randn(len(ids), *model.memory_bank.shape[1:]))  # as training would
+    return ModelBundle.from_model(model, class_ids, {"weights_checksum": ["f00d"], "final_step": 0})

@@ -9,8 +9,10 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import SimpleITK as sitk
 
 from iris_pipelines.collection.episodes import build_episode_index
+from iris_pipelines.imaging.geometry import Geometry
 
 # dataset -> (labels, held-out, subjects, cases per subject)
 DATASETS = {
@@ -19,6 +21,7 @@ DATASETS = {
     "gamma": ({"1": "pancreas"}, True, 4, 1),
 }
 SHAPES = ((28, 36, 34), (40, 30, 26), (34, 34, 34))
+IDENTITY = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
 
 
 def _volume(rng: np.random.Generator, shape: tuple[int, int, int], n_labels: int):
@@ -58,6 +61,11 @@ def build_collection(root: Path, seed: int = 0) -> tuple[pd.DataFrame, dict[str,
                 np.save(image_path, image)
                 np.save(label_path, label)
                 voxels, boxes = _stats(label, labels)
+                # The "original" scan is the canonical grid itself (3 mm, identity), so evaluation can
+                # restore predictions and read the label file like it does for real cases.
+                grid = Geometry(tuple(reversed(label.shape)), (3.0, 3.0, 3.0), (0.0, 0.0, 0.0), IDENTITY)
+                label_file = root / f"{case_id}_label.nii.gz"
+                sitk.WriteImage(grid.apply_to(sitk.GetImageFromArray(label)), str(label_file))
                 rows.append(
                     {
                         "dataset": dataset,
@@ -70,6 +78,9 @@ def build_collection(root: Path, seed: int = 0) -> tuple[pd.DataFrame, dict[str,
                         "class_bboxes": json.dumps(boxes),
                         "image_array": str(image_path),
                         "label_array": str(label_path),
+                        "label_path": str(label_file),
+                        "preprocessed_geometry": grid.to_json(),
+                        "original_geometry": grid.to_json(),
                     }
                 )
     manifest = pd.DataFrame(rows)

@@ -4,15 +4,66 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import click
 from rich.console import Console
+from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from iris_pipelines import __version__
 
 console = Console(stderr=True)
+
+
+class InputError(click.ClickException):
+    """Inputs that cannot be used: one line naming the file and the problem, exit code 2 (as usage errors)."""
+
+    exit_code = 2
+
+
+@contextmanager
+def user_errors() -> Iterator[None]:
+    """Library errors about the user's inputs become one-line ``InputError``s, never a traceback."""
+    from iris_pipelines.imaging import InvalidInputError
+    from iris_pipelines.inference.bundle import BundleError
+    from iris_pipelines.registry import RegistryError
+
+    try:
+        yield
+    except (InvalidInputError, BundleError, RegistryError) as error:
+        raise InputError(str(error)) from None
+    except (ValueError, KeyError) as error:  # e.g. SegmentError, a modality or strategy check
+        raise InputError(str(error.args[0]) if error.args else repr(error)) from None
+
+
+@contextmanager
+def steps(total: int) -> Iterator[Callable[[str], None]]:
+    """A rich progress line on stderr; the callback starts the named step."""
+    columns = (SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn())
+    with Progress(*columns, console=console, transient=False) as progress:
+        task = progress.add_task("starting", total=total)
+
+        def advance(name: str) -> None:
+            if progress.tasks[0].description != "starting":
+                progress.advance(task)
+            progress.update(task, description=name)
+
+        yield advance
+        progress.update(task, description="done", completed=total)
+
+
+def _numbers(text: str | None, kind: type, what: str) -> list | None:
+    if text is None:
+        return None
+    try:
+        return [kind(part) for part in text.replace(" ", "").split(",") if part]
+    except ValueError:
+        raise click.BadParameter(
+            f"{text!r} is not a comma-separated list of numbers", param_hint=what
+        ) from None
 
 
 @click.group()
@@ -117,6 +168,230 @@ def phantoms(root: Path, seed: int, cases_per_dataset: int, size_scale: float) -
             source["name"], source["layout"], source["modality"], str(source["heldout"]), str(source["path"])
         )
     console.print(table)
+
+
+@main.command()
+@click.option(
+    "--image",
+    "image",
+    type=click.Path(path_type=Path),
+    required=True,
+    help="The scan to segment: NIfTI, MHA, NRRD or a DICOM series directory.",
+)
+@click.option(
+    "--reference",
+    "references",
+    multiple=True,
+    metavar="IMAGE:LABEL",
+    help="A reference scan and its label map (repeat for several).",
+)
+@click.option(
+    "--embeddings",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="A task_embeddings parquet (embed_tasks output) instead of reference images.",
+)
+@click.option("--dataset", type=str, default=None, help="Dataset of the stored embeddings / memory bank.")
+@click.option(
+    "--model",
+    "model_ref",
+    required=True,
+    help="Registry URI (models:/iris/3, models:/iris@champion) or a local model bundle directory.",
+)
+@click.option(
+    "--strategy",
+    type=click.Choice(["one_shot", "ensemble", "tuning", "memory_bank"]),
+    default="ensemble",
+    show_default=True,
+)
+@click.option("--classes", type=str, default=None, help="Label values to segment, e.g. 1,3 (default: all).")
+@click.option(
+    "--labels",
+    "labels_file",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Class names: a JSON {value: name} or an MSD/nnU-Net dataset.json.",
+)
+@click.option(
+    "--modality",
+    type=click.Choice(["CT", "MR", "PET"], case_sensitive=False),
+    default="CT",
+    show_default=True,
+)
+@click.option(
+    "--spacing",
+    type=str,
+    default=None,
+    help="Target spacing in mm (1.5 or 1.5,1.5,3); default: what the model was trained with.",
+)
+@click.option("--roi", type=str, default=None, help="Window in voxels (default: the training crop).")
+@click.option("--overlap", type=float, default=0.5, show_default=True)
+@click.option("--threshold", type=float, default=0.5, show_default=True)
+@click.option("--tuning-steps", type=int, default=None, help="Adam steps of --strategy tuning.")
+@click.option("--tuning-lr", type=float, default=None, help="Learning rate of --strategy tuning.")
+@click.option("--device", type=str, default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option(
+    "--tracking-uri",
+    type=str,
+    default=None,
+    help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here).",
+)
+@click.option(
+    "--project",
+    "project_dir",
+    type=click.Path(path_type=Path, file_okay=False),
+    default=".",
+    show_default=True,
+    help="Kedro project whose conf/base gives the default preprocessing.",
+)
+@click.option(
+    "--out",
+    type=click.Path(path_type=Path),
+    required=True,
+    help="Label map to write (NIfTI, MHA or NRRD); a JSON sidecar is written next to it.",
+)
+def segment(image: Path, references: tuple[str, ...], embeddings: Path | None, dataset: str | None,
+            model_ref: str, strategy: str, classes: str | None, labels_file: Path | None, modality: str,
+            spacing: str | None, roi: str | None, overlap: float, threshold: float, tuning_steps: int | None,
+            tuning_lr: float | None, device: str, tracking_uri: str | None, project_dir: Path,
+            out: Path) -> None:  # fmt: skip
+    """Segment IMAGE in context: the classes shown by the references (or stored task embeddings).
+
+    The label map is written on the scan's own grid (size, spacing, origin, direction), with
+    `<out stem>.json` beside it: class names, label values, volumes in ml, model and strategy.
+    """
+    from iris_pipelines import registry
+    from iris_pipelines.segment import ReferenceSpec, SegmentRequest
+    from iris_pipelines.segment import segment as run_segment
+
+    spacing_mm = _numbers(spacing, float, "--spacing")
+    roi_size = _numbers(roi, int, "--roi")
+    with user_errors():
+        request = SegmentRequest(
+            image=image,
+            out=out,
+            references=[ReferenceSpec.parse(text) for text in references],
+            embeddings=embeddings,
+            dataset=dataset,
+            strategy=strategy,
+            classes=_numbers(classes, int, "--classes"),
+            labels_file=labels_file,
+            modality=modality.upper(),
+            roi_size=None if roi_size is None else tuple(roi_size * 3 if len(roi_size) == 1 else roi_size),
+            overlap=overlap,
+            threshold=threshold,
+            device=device,
+        )
+        if tuning_steps is not None:
+            request.tuning_steps = tuning_steps
+        if tuning_lr is not None:
+            request.tuning_lr = tuning_lr
+        request.check()
+        with steps(5) as step:
+            step("loading model")
+            bundle, record = registry.load_model_bundle(model_ref, registry.tracking_uri(tracking_uri))
+            result = run_segment(
+                request,
+                bundle,
+                model_uri=model_ref,
+                recorded_parameters=record.parameters() if record is not None else None,
+                project_dir=project_dir,
+                spacing=spacing_mm,
+                on_step=step,
+            )
+    table = Table(title=f"{result.label_path} ({result.summary['strategy']}, {model_ref})")
+    for column in ("label", "name", "voxels", "volume (ml)"):
+        table.add_column(column, justify="right" if column in ("voxels", "volume (ml)") else "left")
+    for row in result.summary["classes"]:
+        table.add_row(str(row["label"]), row["name"], str(row["voxels"]), f"{row['volume_ml']:.2f}")
+    console.print(table)
+    console.print(f"sidecar: {result.sidecar_path}")
+
+
+@main.command()
+@click.argument("model_uri")
+@click.option(
+    "--reproduce",
+    "run_reproduce",
+    is_flag=True,
+    help="Re-run embed_tasks + evaluate on the recorded data versions and compare.",
+)
+@click.option(
+    "--tolerance",
+    type=float,
+    default=1e-6,
+    show_default=True,
+    help="Largest |recorded - reproduced| accepted per metric.",
+)
+@click.option(
+    "--tracking-uri",
+    type=str,
+    default=None,
+    help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///<project>/mlflow.db).",
+)
+@click.option(
+    "--project",
+    "project_dir",
+    type=click.Path(path_type=Path, file_okay=False),
+    default=".",
+    show_default=True,
+    help="Kedro project whose catalog locates the recorded data versions.",
+)
+@click.option("--env", type=str, default=None, help="Kedro env of the catalog (default: the recorded one).")
+@click.option("--data-root", type=str, default=None, help="Override globals.data_root of the catalog.")
+def review(model_uri: str, run_reproduce: bool, tolerance: float, tracking_uri: str | None,
+           project_dir: Path, env: str | None, data_root: str | None) -> None:  # fmt: skip
+    """Provenance of a registered model version (models:/iris/7): code, data, config, metrics.
+
+    With --reproduce, exits 1 unless every recorded evaluation number is recomputed within --tolerance.
+    """
+    from iris_pipelines import registry
+    from iris_pipelines import review as reviewing
+
+    with user_errors():
+        record = registry.resolve(model_uri, registry.tracking_uri(tracking_uri, project_dir))
+        parameters = record.parameters()
+    for title, rows in reviewing.provenance(record, project_dir, parameters):
+        table = Table(title=title, title_justify="left", show_header=False)
+        table.add_column("key", style="bold")
+        table.add_column("value", overflow="fold")
+        for key, value in rows:
+            table.add_row(key, value)
+        console.print(table)
+    for problem in record.problems:
+        click.echo(f"note: {problem}", err=True)
+    if not run_reproduce:
+        return
+    with user_errors(), steps(5) as step:
+        result = reviewing.reproduce(
+            record,
+            project_dir=project_dir,
+            env=env or reviewing.default_env(record, project_dir),
+            data_root=data_root,
+            tolerance=tolerance,
+            parameters=parameters,
+            on_step=step,
+        )
+    for note in result.notes:
+        click.echo(f"warning: {note}", err=True)
+    if result.comparisons:
+        table = Table(title=f"reproduction of {model_uri} (tolerance {tolerance:g})")
+        for column in ("metric", "recorded", "reproduced", "|diff|", "ok"):
+            table.add_column(column)
+        for c in result.comparisons:
+            reproduced = "(missing)" if c.reproduced is None else f"{c.reproduced:.6f}"
+            table.add_row(
+                c.metric, f"{c.recorded:.6f}", reproduced, f"{c.difference:.2e}", "✔" if c.ok else "✘"
+            )
+        console.print(table)
+    for error in result.errors:
+        click.echo(f"error: {error}", err=True)
+    failed = [c.metric for c in result.comparisons if not c.ok]
+    if not result.ok:
+        click.echo(f"NOT REPRODUCED: {len(failed)} of {len(result.comparisons)} metric(s) differ"
+                   + (f" ({', '.join(failed)})" if failed else ""), err=True)  # fmt: skip
+        sys.exit(1)
+    click.echo(f"reproduced: all {len(result.comparisons)} recorded metric(s) within {tolerance:g}", err=True)
 
 
 # Kedro imports `<package>.cli.cli` for the project's own commands, so `kedro validate …` works as well.

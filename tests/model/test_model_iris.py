@@ -35,7 +35,7 @@ def test_masks_are_padded_like_the_image(tiny_model: Iris) -> None:
     with torch.no_grad():
         task = tiny_model.encode_task(ref, masks)
         by_hand = tiny_model.encode_task(F.pad(ref, pad, mode="replicate"), F.pad(masks, pad))
-    torch.testing.assert_close(task, by_hand, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(task, by_hand, rtol=1e-5, atol=5e-5)
 
 
 def test_permuting_classes_permutes_logits(tiny_model: Iris, episode: dict[str, torch.Tensor]) -> None:
@@ -44,7 +44,7 @@ def test_permuting_classes_permutes_logits(tiny_model: Iris, episode: dict[str, 
     with torch.no_grad():
         logits = tiny_model(episode["query"][:1], episode["ref"][:1], masks)
         permuted = tiny_model(episode["query"][:1], episode["ref"][:1], masks[:, permutation])
-    torch.testing.assert_close(permuted, logits[:, permutation], rtol=0, atol=1e-5)
+    torch.testing.assert_close(permuted, logits[:, permutation], rtol=0, atol=5e-5)
 
 
 def test_cached_embedding_equals_forward(tiny_model: Iris, episode: dict[str, torch.Tensor]) -> None:
@@ -86,7 +86,7 @@ def test_foreground_pool_equals_upsample_then_masked_average() -> None:
     naive = (
         torch.einsum("bcxyz,bkxyz->bkc", upsampled, masks) / masks.sum((2, 3, 4)).clamp_min(1e-6)[..., None]
     )
-    torch.testing.assert_close(foreground_pool(features, masks), naive, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(foreground_pool(features, masks), naive, rtol=1e-5, atol=5e-5)
     assert torch.equal(foreground_pool(features, masks)[1, 2], torch.zeros(6))
 
 

@@ -183,18 +183,25 @@ def case_directory(output_dir: str | os.PathLike[str], key: str) -> Path:
     return Path(output_dir) / key[:2] / key
 
 
-def _image_array(row: Mapping[str, Any], params: PreprocessParams) -> tuple[np.ndarray, Geometry, Geometry]:
-    """Canonical, normalised float32 image array with the original and the canonical geometry.
+def _modality(modality: str, source: str) -> str:
+    kind = str(modality).upper()
+    if kind not in MODALITIES:
+        raise InvalidInputError(source, "unknown_modality", f"modality {kind!r} is not one of {MODALITIES}")
+    return kind
 
-    Each intermediate is dropped as soon as the next exists and normalisation runs in place, so a worker
-    holds at most the input and the resampled volume (or the resampled volume and its array) at a time.
+
+def canonical_image_array(
+    image: sitk.Image, modality: str, params: PreprocessParams, *, source: str = "<in-memory image>"
+) -> tuple[np.ndarray, Geometry, Geometry]:
+    """Canonical, normalised float32 array of an image, with its original and its canonical geometry.
+
+    The one definition of "a preprocessed image", shared by the preprocess stage and by inference on raw
+    scans, so a scan segmented at inference time sees exactly the grid and intensities training saw.
+    ``source`` names the image in errors. Pass the image as a temporary (``canonical_image_array(
+    read_image(p), ...)``) to let it be freed right after resampling: a worker then holds at most the
+    input and the resampled volume (or the resampled volume and its array) at a time.
     """
-    path = str(row["image_path"])
-    modality = str(row["modality"]).upper()
-    if modality not in MODALITIES:
-        raise InvalidInputError(path, "unknown_modality", f"modality {modality!r} is not one of {MODALITIES}")
-    # Ingest verified the file (and its checksum is in the cache key): skip the second decompression.
-    image = read_image(path, verify=False)
+    kind = _modality(modality, source)
     original = Geometry.from_image(image)
     grid = canonical_geometry(original, params.target_spacing)
     canonical = resample_to_geometry(image, grid, is_label=False)
@@ -202,19 +209,36 @@ def _image_array(row: Mapping[str, Any], params: PreprocessParams) -> tuple[np.n
     array = sitk.GetArrayFromImage(canonical)
     del canonical
     if not np.isfinite(array).all():
-        raise InvalidInputError(path, "non_finite", "the image holds NaN or infinite values; fix the export")
-    normalize_in_place(array, modality, ct_window=params.ct_window, percentiles=params.percentiles)
+        raise InvalidInputError(
+            source, "non_finite", "the image holds NaN or infinite values; fix the export"
+        )
+    normalize_in_place(array, kind, ct_window=params.ct_window, percentiles=params.percentiles)
     return array, original, grid
 
 
-def _label_array(row: Mapping[str, Any], grid: Geometry) -> np.ndarray:
-    """The label on the image's canonical grid (world-space nearest neighbour), so the two always align."""
-    label_path = str(row["label_path"])
+def canonical_label_array(
+    label: sitk.Image, grid: Geometry, *, source: str = "<in-memory label>"
+) -> np.ndarray:
+    """A label map on an image's canonical grid (world-space nearest neighbour), so the two always align."""
     try:
-        canonical = resample_to_geometry(read_image(label_path, verify=False), grid, is_label=True)
+        canonical = resample_to_geometry(label, grid, is_label=True)
     except ValueError as exc:  # resample refuses values outside uint8
-        raise InvalidInputError(label_path, "label_range", f"{exc}; relabel the classes as 1..255") from None
+        raise InvalidInputError(source, "label_range", f"{exc}; relabel the classes as 1..255") from None
     return sitk.GetArrayFromImage(canonical)
+
+
+def _image_array(row: Mapping[str, Any], params: PreprocessParams) -> tuple[np.ndarray, Geometry, Geometry]:
+    """:func:`canonical_image_array` of a manifest row's image file."""
+    path = str(row["image_path"])
+    modality = _modality(row["modality"], path)  # before reading: a bad modality costs no I/O
+    # Ingest verified the file (and its checksum is in the cache key): skip the second decompression.
+    return canonical_image_array(read_image(path, verify=False), modality, params, source=path)
+
+
+def _label_array(row: Mapping[str, Any], grid: Geometry) -> np.ndarray:
+    """:func:`canonical_label_array` of a manifest row's label file."""
+    label_path = str(row["label_path"])
+    return canonical_label_array(read_image(label_path, verify=False), grid, source=label_path)
 
 
 def _write_case(directory: Path, image: np.ndarray, label: np.ndarray, meta: dict[str, Any]) -> None:

@@ -7,6 +7,7 @@ file dataset: ``<filepath>/<version>/<name of filepath>/`` is the bundle directo
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from pathlib import Path, PurePosixPath
@@ -18,6 +19,7 @@ from kedro.io.core import (
     Version,
     get_filepath_str,
 )
+from kedro_datasets._typing import JSONPreview
 
 from iris_pipelines.datasets._filesystem import open_filesystem
 from iris_pipelines.inference.bundle import CONFIG_FILE, BundleError, ModelBundle
@@ -95,6 +97,19 @@ class IrisModelBundleDataset(AbstractVersionedDataset[ModelBundle, ModelBundle])
                 for item in sorted(local.iterdir(), key=lambda p: p.name == CONFIG_FILE):
                     self._fs.put(str(item), f"{save_path}/{item.name}")
         self._invalidate_cache()
+
+    def preview(self) -> JSONPreview:
+        """The bundle's ``config.json`` (model config, class ids, metadata, weights checksum) for kedro-viz.
+
+        kedro-viz picks the preview widget from the return annotation; the weights are never read.
+        """
+        load_path = get_filepath_str(self._get_load_path(), self._protocol)
+        try:
+            with self._fs.open(f"{load_path}/{CONFIG_FILE}", mode="r", encoding="utf-8") as config:
+                document = json.load(config)
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise DatasetError(f"model bundle {load_path}: cannot read {CONFIG_FILE} ({error})") from error
+        return JSONPreview(json.dumps(document))
 
     def _exists(self) -> bool:
         try:

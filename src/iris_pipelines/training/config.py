@@ -18,7 +18,8 @@ class TrainConfig:
     notes §3.2). ``batch_size`` is global and split evenly over the ranks. The learning rate warms up
     linearly for ``warmup_steps`` and then decays exponentially to ``lr * final_lr_fraction`` at the
     last step. ``precision="auto"`` means bf16 autocast on CUDA and fp32 on CPU (CPU bf16 is slow and
-    not what the cluster runs).
+    not what the cluster runs). ``compile`` wraps the network in ``torch.compile`` (inductor): faster
+    steps on GPU after a one-off compilation, same weights and checkpoints (tests/training/test_numerics.py).
     """
 
     steps: int = 300
@@ -41,6 +42,16 @@ class TrainConfig:
     device: str = "auto"
     memory_bank_momentum: float = 0.999
     augment: bool = True
+    compile: bool = False
+    # nnU-Net forces a third of its patches onto foreground; small structures on a coarse CPU grid fill
+    # ~1% of a crop, so the phantom recipe centres every query crop on a selected class instead.
+    foreground_crop_prob: float = 2 / 3
+    # L_seg = dice_weight·Dice + bce_weight·BCE (paper: 1 and 1).
+    dice_weight: float = 1.0
+    bce_weight: float = 1.0
+    # Per-axis flip probability of the spatial augmentation. Query and reference flip independently, so
+    # a left/right pair of classes becomes ambiguous; 0 keeps laterality.
+    flip_prob: float = 0.5
 
     def __post_init__(self) -> None:
         crop = tuple(int(v) for v in self.crop_size)
@@ -55,9 +66,20 @@ class TrainConfig:
             problems.append("warmup_steps and num_workers must be >= 0")
         if not 0 < self.final_lr_fraction <= 1:
             problems.append(f"final_lr_fraction must be in (0, 1], got {self.final_lr_fraction}")
-        for name in ("class_drop_prob", "reference_mask_perturbation", "memory_bank_momentum"):
+        for name in (
+            "class_drop_prob",
+            "reference_mask_perturbation",
+            "memory_bank_momentum",
+            "foreground_crop_prob",
+            "flip_prob",
+        ):
             if not 0 <= getattr(self, name) <= 1:
                 problems.append(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        if self.dice_weight < 0 or self.bce_weight < 0 or self.dice_weight + self.bce_weight <= 0:
+            problems.append(
+                "dice_weight and bce_weight must be >= 0 and not both 0, "
+                f"got {self.dice_weight} and {self.bce_weight}"
+            )
         if self.precision not in _PRECISIONS:
             problems.append(f"precision must be one of {_PRECISIONS}, got {self.precision!r}")
         if problems:

@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 
 from iris_pipelines.model import Iris, IrisConfig, dice_score, segmentation_loss
 
+from .augment import AugmentParams
 from .checkpoint import (
     capture_rng_state,
     latest_checkpoint,
@@ -68,6 +69,15 @@ class TrainResult:
     world_size: int
     final_step: int
     weights_checksum: list[str] = field(default_factory=list)
+
+
+class TrainingInterrupted(Exception):
+    """Raised on every rank once ``stop_requested`` fired: a checkpoint of ``step`` is on disk, so a
+    restarted run resumes there (the SLURM launcher's preemption / time-limit path)."""
+
+    def __init__(self, step: int) -> None:
+        super().__init__(f"training stopped on request after step {step}; checkpoint saved")
+        self.step = step
 
 
 def lr_factor(index: int, config: TrainConfig) -> float:
@@ -264,6 +274,16 @@ def _global_mean(values: list[float], world_size: int, device: torch.device) -> 
     return tensor.tolist()
 
 
+def _any_rank(flag: bool, world_size: int, device: torch.device) -> bool:
+    """True on every rank if it is True on one: signals reach ranks at different steps, but all ranks
+    must stop after the same one (a rank that leaves early would hang the others' collectives)."""
+    if world_size == 1:
+        return flag
+    tensor = torch.tensor([float(flag)], device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return bool(tensor.item())
+
+
 def run_training(
     model_config: dict,
     train_config: dict,
@@ -274,8 +294,14 @@ def run_training(
     rank: int = 0,
     world_size: int = 1,
     on_metrics: MetricsCallback | None = None,
+    stop_requested: Callable[[], bool] | None = None,
 ) -> TrainResult:
-    """Train (or resume training) Iris on episodes of the train split; one rank's share of the work."""
+    """Train (or resume training) Iris on episodes of the train split; one rank's share of the work.
+
+    ``stop_requested`` is polled after every step (e.g. a flag set by a SLURM warning signal); once it
+    returns True on any rank, rank 0 writes a checkpoint of that step and every rank raises
+    :class:`TrainingInterrupted`.
+    """
     config = TrainConfig.from_dict(train_config)
     distributed = world_size > 1
     if distributed and not (dist.is_available() and dist.is_initialized()):
@@ -301,12 +327,17 @@ def run_training(
         net = DistributedDataParallel(
             net, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False
         )
+    if config.compile:
+        # After the DDP wrap, as torch documents for DDP + compile; ``model`` stays the plain module,
+        # so checkpoints, validation and the memory bank never see the compiled wrapper's key prefix.
+        net = torch.compile(net)
     sampler = EpisodeSampler(
         train_pool(episode_index, records),
         class_ids,
         config,
         rank=rank,
         batch_size=config.batch_size // world_size,
+        augment=AugmentParams(flip_prob=config.flip_prob),
     )
     val_episodes = validation_episodes(episode_index, records) if is_main else []
 
@@ -320,7 +351,9 @@ def run_training(
         lr = optimizer.param_groups[0]["lr"]
         with autocast_context(device, config.precision):
             logits, task = net(batch["query"], batch["ref_image"], batch["ref_masks"])
-        terms = segmentation_loss(logits, batch["query_masks"], batch["class_mask"])
+        terms = segmentation_loss(
+            logits, batch["query_masks"], batch["class_mask"], config.dice_weight, config.bce_weight
+        )
         optimizer.zero_grad(set_to_none=True)
         terms.total.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
@@ -354,7 +387,8 @@ def run_training(
             for record in validate(model, val_episodes, config, device, step):
                 state.validation.append(record)
                 emit(record)
-        if step % config.checkpoint_every == 0 or last:
+        stop = stop_requested is not None and not last and _any_rank(stop_requested(), world_size, device)
+        if step % config.checkpoint_every == 0 or last or stop:
             if is_main:
                 save_checkpoint(
                     checkpoint_dir,
@@ -374,6 +408,9 @@ def run_training(
                 )
             if distributed:
                 dist.barrier()
+        if stop:
+            progress.close()
+            raise TrainingInterrupted(step)
     progress.close()
 
     final = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
@@ -394,4 +431,4 @@ def run_training(
     )
 
 
-__all__ = ["TrainResult", "lr_factor", "run_training", "weights_checksum"]
+__all__ = ["TrainResult", "TrainingInterrupted", "lr_factor", "run_training", "weights_checksum"]

@@ -25,7 +25,6 @@ from .augment import AugmentParams, augment_pair, perturb_masks
 from .config import TrainConfig
 
 Box = tuple[int, int, int, int, int, int]
-FOREGROUND_CROP_PROB = 2 / 3  # query crops centred on a selected class this often, else anywhere
 
 
 @dataclass(frozen=True)
@@ -213,7 +212,7 @@ class EpisodeSampler:
         ref_lo, ref_hi = union_box([draw.reference.bboxes[c] for c in draw.classes])
         ref_start = crop_window(volume_shape(draw.reference), crop, ref_lo, ref_hi, rng)
         q_size = volume_shape(draw.query)
-        if rng.random() < FOREGROUND_CROP_PROB:
+        if rng.random() < self.config.foreground_crop_prob:
             box = draw.query.bboxes[draw.classes[int(rng.integers(len(draw.classes)))]]
             centre = [int(rng.integers(box[i], max(box[i] + 1, box[i + 3]))) for i in range(3)]
             q_start = crop_window(q_size, crop, centre, [c + 1 for c in centre], rng)

@@ -86,13 +86,18 @@ class MlflowMetricStream:
     """The launcher's ``on_metrics``: logs each metrics dict as it arrives, when an MLflow run is active.
 
     A run resumed from a checkpoint streams only the steps after it; :meth:`replay` then logs the
-    restored records the stream never saw, so every MLflow run shows the whole curve.
+    restored records the stream never saw, so every MLflow run shows the whole curve. A launcher may also
+    send ``{"tags": {...}}`` (the SLURM launcher: job id, job folder, world size), set as run tags.
     """
 
     def __init__(self) -> None:
         self.seen: set[tuple[str, ...]] = set()
 
     def __call__(self, metrics: dict[str, Any]) -> None:
+        if "tags" in metrics:
+            if mlflow.active_run() is not None:
+                mlflow.set_tags({key: str(value) for key, value in metrics["tags"].items()})
+            return
         values, step = metric_record(metrics)
         self.seen.update((name, str(step)) for name in values)
         if values and mlflow.active_run() is not None:

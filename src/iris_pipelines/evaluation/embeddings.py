@@ -1,0 +1,200 @@
+"""Task embeddings per dataset × class from reference cases, plus the memory-bank snapshot.
+
+One row per (reference case, class): the flattened T of that class, encoded from a window centred on that
+class alone (each class gets the context it had in training, however far apart the classes lie). Rows
+of the memory bank carry ``source == "memory_bank"``. The table is what ``evaluate`` draws its retrieval
+pool from and what ``tsne`` maps, so it records where every vector came from: reference case, split and
+the model (registry version and weights checksum).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import Tensor
+
+from iris_pipelines.inference.strategies import crop_reference, encode_reference
+from iris_pipelines.model import Iris
+from iris_pipelines.training.sampler import CaseRecord
+
+EMBEDDING_COLUMNS = (
+    "dataset",
+    "label",
+    "class_name",
+    "heldout",
+    "novel",
+    "source",
+    "case_id",
+    "subject_id",
+    "split",
+    "tokens",
+    "dim",
+    "embedding",
+    "model_uri",
+    "model_version",
+    "weights_sha256",
+)
+REFERENCE_SPLITS = {False: "train", True: "context"}  # seen datasets draw on train, held-out on context
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """Which model made an embedding or a metric: registry URI/version and the weights' checksum."""
+
+    model_uri: str = ""
+    model_version: str = ""
+    weights_sha256: str = ""
+
+    @classmethod
+    def from_registration(
+        cls, registered_model: Mapping[str, Any] | None, weights_sha256: str = ""
+    ) -> ModelInfo:
+        registered = dict(registered_model or {})
+        return cls(
+            str(registered.get("model_uri", "")), str(registered.get("version", "")), str(weights_sha256)
+        )
+
+
+def load_arrays(record: CaseRecord) -> tuple[np.ndarray, np.ndarray]:
+    """The preprocessed image (float32) and label map of a case, read in full (small on the CPU grid)."""
+    return np.load(record.image_path).astype(np.float32), np.load(record.label_path)
+
+
+def as_tensor(image: np.ndarray) -> Tensor:
+    """[z, y, x] array → (1, 1, D, H, W) float tensor."""
+    return torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None, None]
+
+
+@torch.no_grad()
+def class_embeddings(
+    model: Iris, image: np.ndarray, label: np.ndarray, classes: Sequence[int], roi_size: Sequence[int]
+) -> Tensor:
+    """T (1, K, m+1, C) of one reference, each class encoded from a window centred on that class.
+
+    Raises ``ValueError`` naming the class when the reference does not contain it.
+    """
+    volume = as_tensor(image)
+    slots = []
+    for label_value in classes:
+        mask = torch.from_numpy(label == label_value)[None, None].float()
+        if not bool(mask.any()):
+            raise ValueError(f"the reference has no voxel of class {label_value}")
+        crop_image, crop_mask = crop_reference(volume, mask, roi_size)
+        slots.append(encode_reference(model, crop_image, crop_mask))
+    return torch.cat(slots, dim=1)
+
+
+def reference_cases(
+    episode_index: Mapping[str, Any],
+    records: Mapping[tuple[str, str], CaseRecord],
+    dataset: str,
+    heldout: bool,
+) -> list[CaseRecord]:
+    """The reference pool of a dataset: its train cases (seen) or context cases (held-out), by case id."""
+    split = REFERENCE_SPLITS[bool(heldout)]
+    cases = [
+        records[(c["dataset"], c["case_id"])]
+        for c in episode_index["cases"]
+        if c["dataset"] == dataset and c["split"] == split and (c["dataset"], c["case_id"]) in records
+    ]
+    return sorted(cases, key=lambda record: record.case_id)
+
+
+def _dataset_heldout(episode_index: Mapping[str, Any]) -> dict[str, bool]:
+    return {c["dataset"]: bool(c["heldout"]) for c in episode_index["cases"]}
+
+
+def build_task_embeddings(
+    model: Iris,
+    class_ids: Mapping[str, int],
+    episode_index: Mapping[str, Any],
+    records: Mapping[tuple[str, str], CaseRecord],
+    *,
+    references_per_class: int,
+    roi_size: Sequence[int],
+    seed: int,
+    model_info: ModelInfo,
+) -> pd.DataFrame:
+    """Per dataset × class: up to ``references_per_class`` reference embeddings (drawn with ``seed`` from
+    the reference pool of cases that contain the class) and the memory-bank row of seen classes."""
+    if references_per_class < 1:
+        raise ValueError(f"references_per_class must be >= 1, got {references_per_class}")
+    model.eval()
+    heldout_of = _dataset_heldout(episode_index)
+    rows: list[dict[str, Any]] = []
+    tokens, dim = model.config.num_tokens, model.config.embed_dim
+    provenance = {
+        "model_uri": model_info.model_uri,
+        "model_version": model_info.model_version,
+        "weights_sha256": model_info.weights_sha256,
+        "tokens": tokens,
+        "dim": dim,
+    }
+    for dataset in sorted(episode_index["classes"]):
+        heldout = heldout_of.get(dataset, False)
+        pool = reference_cases(episode_index, records, dataset, heldout)
+        for label_key, info in sorted(episode_index["classes"][dataset].items(), key=lambda kv: int(kv[0])):
+            label = int(label_key)
+            common = {
+                "dataset": dataset,
+                "label": label,
+                "class_name": str(info["name"]),
+                "heldout": heldout,
+                "novel": bool(info.get("novel", False)),
+            }
+            holders = [case for case in pool if label in case.bboxes]
+            rng = np.random.default_rng([seed, label, *dataset.encode()])
+            chosen = [holders[i] for i in sorted(rng.permutation(len(holders))[:references_per_class])]
+            for case in chosen:
+                image, label_map = load_arrays(case)
+                embedding = class_embeddings(model, image, label_map, [label], roi_size)[0, 0]
+                rows.append(
+                    {
+                        **common,
+                        **provenance,
+                        "source": "reference",
+                        "case_id": case.case_id,
+                        "subject_id": case.subject_id,
+                        "split": REFERENCE_SPLITS[heldout],
+                        "embedding": embedding.flatten().float().cpu().numpy(),
+                    }
+                )
+            key = f"{dataset}/{label}"
+            slot = class_ids.get(key)
+            if slot is not None and model.config.memory_bank_size and bool(model.bank_initialized[slot]):
+                rows.append(
+                    {
+                        **common,
+                        **provenance,
+                        "source": "memory_bank",
+                        "case_id": "",
+                        "subject_id": "",
+                        "split": "train",
+                        "embedding": model.memory_bank[slot].flatten().float().cpu().numpy(),
+                    }
+                )
+    return pd.DataFrame(rows, columns=list(EMBEDDING_COLUMNS))
+
+
+def embedding_tensor(row: Mapping[str, Any]) -> Tensor:
+    """One table row's embedding back to its (m+1, C) shape."""
+    values = np.array(row["embedding"], dtype=np.float32)  # a copy: parquet hands back read-only arrays
+    return torch.from_numpy(values.reshape(int(row["tokens"]), int(row["dim"])))
+
+
+def embedding_summary(table: pd.DataFrame) -> dict[str, Any]:
+    """Counts for logs and MLflow: rows per source and the datasets × classes covered."""
+    return {
+        "rows": int(len(table)),
+        "by_source": {str(k): int(v) for k, v in table["source"].value_counts().sort_index().items()},
+        "classes": int(table[["dataset", "label"]].drop_duplicates().shape[0]),
+        "reference_cases": json.loads(
+            table[table.source == "reference"].groupby("dataset")["case_id"].nunique().to_json()
+        ),
+    }

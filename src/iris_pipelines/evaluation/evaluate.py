@@ -1,0 +1,407 @@
+"""Evaluation of every inference strategy and both baselines on the fixed test episodes.
+
+Predictions are made on the preprocessed (canonical) grid, sent back to each query's original grid and
+header, and scored there against the label file as the user has it, with its own spacing (DESIGN.md,
+"Geometry"). Every metric row says which episode, strategy, class and model it belongs to, so summaries
+and reviews can be recomputed from the table alone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import SimpleITK as sitk
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from iris_pipelines.imaging.geometry import Geometry
+from iris_pipelines.imaging.io import read_image
+from iris_pipelines.imaging.metrics import label_map_metrics, spacing_from_image
+from iris_pipelines.imaging.registration import (
+    RegistrationConfig,
+    RegistrationError,
+    array_to_image,
+    paste_label,
+    registration_baseline,
+)
+from iris_pipelines.imaging.resample import restore_geometry
+from iris_pipelines.inference.sliding_window import sliding_window_segment
+from iris_pipelines.inference.strategies import (
+    STRATEGIES,
+    context_ensemble,
+    crop_reference,
+    logits_to_labels,
+    memory_bank_task,
+    retrieval_task,
+    tune_task_embedding,
+)
+from iris_pipelines.model import Iris
+from iris_pipelines.model.config import config_from_dict
+from iris_pipelines.training.sampler import CaseRecord
+
+from .embeddings import ModelInfo, as_tensor, class_embeddings, embedding_tensor, load_arrays
+
+logger = logging.getLogger(__name__)
+
+BASELINES = ("paste", "registration")
+GROUPS = ("seen", "heldout", "novel")
+
+
+class ReferenceLeakError(ValueError):
+    """An episode would use the query (or another scan of the same subject) as its own reference."""
+
+
+@dataclass(frozen=True)
+class EvaluateParams:
+    """``params:evaluate``. Strategies follow the paper (§3.3); the baselines are the bar to clear."""
+
+    strategies: tuple[str, ...] = STRATEGIES
+    baselines: tuple[str, ...] = BASELINES
+    roi_size: tuple[int, int, int] = (64, 64, 64)  # sliding window and reference windows, in voxels
+    overlap: float = 0.5
+    threshold: float = 0.5
+    retrieval_top_k: int = 2
+    tuning_steps: int = 10
+    tuning_lr: float = 1e-2
+    nsd_tolerance_mm: float = 2.0  # per-class overrides by class name below
+    class_tolerance_mm: dict[str, float] = field(default_factory=dict)
+    registration: dict[str, Any] = field(default_factory=dict)  # RegistrationConfig fields
+    splits: tuple[str, ...] = ("test",)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "strategies", tuple(self.strategies))
+        object.__setattr__(self, "baselines", tuple(self.baselines))
+        object.__setattr__(self, "roi_size", tuple(int(v) for v in self.roi_size))
+        object.__setattr__(self, "splits", tuple(self.splits))
+        unknown = [s for s in self.strategies if s not in STRATEGIES]
+        unknown += [b for b in self.baselines if b not in BASELINES]
+        if unknown:
+            raise ValueError(
+                f"unknown strategies/baselines {unknown}; strategies: {STRATEGIES}, baselines: {BASELINES}"
+            )
+        if len(self.roi_size) != 3 or min(self.roi_size) < 1:
+            raise ValueError(f"roi_size must be 3 positive ints, got {self.roi_size}")
+        if self.retrieval_top_k < 1 or self.tuning_steps < 0:
+            raise ValueError("retrieval_top_k must be >= 1 and tuning_steps >= 0")
+        RegistrationConfig(**self.registration)  # fail at start-up, not after an hour of inference
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> EvaluateParams:
+        return config_from_dict(cls, dict(data))
+
+    def tolerance(self, class_name: str) -> float:
+        return float(self.class_tolerance_mm.get(class_name, self.nsd_tolerance_mm))
+
+
+def check_references(episode: Mapping[str, Any], subjects: Mapping[tuple[str, str], str]) -> None:
+    """Refuse an episode whose references include its query, or another scan of the query's subject.
+
+    Evaluating with the query's own label as context would report memorisation as in-context learning;
+    the episode builder already prevents it, and this guard keeps a hand-edited index from sneaking it in.
+    """
+    dataset, query = episode["dataset"], episode["query"]
+    query_subject = subjects.get((dataset, query))
+    for reference in episode["references"]:
+        if reference == query:
+            raise ReferenceLeakError(
+                f"episode {episode['episode_id']}: the query {query} is its own reference"
+            )
+        if query_subject is not None and subjects.get((dataset, reference)) == query_subject:
+            raise ReferenceLeakError(
+                f"episode {episode['episode_id']}: reference {reference} is the same subject "
+                f"({query_subject}) as the query {query}"
+            )
+
+
+@dataclass
+class _Episode:
+    """Everything about one test episode that the strategies share."""
+
+    info: Mapping[str, Any]
+    heldout: bool
+    query: CaseRecord
+    references: list[CaseRecord]
+    classes: list[int]
+    class_names: dict[int, str]
+    novel: dict[int, bool]
+    image: np.ndarray
+    grid: Geometry
+    original: Geometry
+    truth: np.ndarray
+    spacing: tuple[float, ...]
+
+
+def _geometry(value: Any) -> Geometry:
+    return Geometry.from_dict(json.loads(value) if isinstance(value, str) else dict(value))
+
+
+def _load_episode(
+    episode: Mapping[str, Any],
+    episode_index: Mapping[str, Any],
+    records: Mapping[tuple[str, str], CaseRecord],
+    rows: Mapping[tuple[str, str], Mapping[str, Any]],
+    heldout_of: Mapping[str, bool],
+) -> _Episode:
+    dataset = episode["dataset"]
+    query = records[(dataset, episode["query"])]
+    references = [records[(dataset, case)] for case in episode["references"]]
+    classes = [
+        int(c) for c in episode["classes"] if int(c) in query.bboxes and int(c) in references[0].bboxes
+    ]
+    table = episode_index["classes"][dataset]
+    row = rows[(dataset, query.case_id)]
+    truth_image = read_image(row["label_path"], verify=False)
+    image, _ = load_arrays(query)
+    return _Episode(
+        info=episode,
+        heldout=bool(heldout_of.get(dataset, False)),
+        query=query,
+        references=references,
+        classes=classes,
+        class_names={c: str(table[str(c)]["name"]) for c in classes},
+        novel={c: bool(table[str(c)].get("novel", False)) for c in classes},
+        image=image,
+        grid=_geometry(row["preprocessed_geometry"]),
+        original=_geometry(row["original_geometry"]),
+        truth=sitk.GetArrayFromImage(truth_image),
+        spacing=spacing_from_image(truth_image),
+    )
+
+
+def _to_original(label_map: np.ndarray, episode: _Episode) -> np.ndarray:
+    """A canonical-grid label map on the query's original grid, as an array like the label file's."""
+    canonical = array_to_image(label_map.astype(np.uint8), episode.grid)
+    restored = sitk.GetArrayFromImage(restore_geometry(canonical, episode.original, is_label=True))
+    if restored.shape != episode.truth.shape:
+        raise ValueError(
+            f"{episode.query.case_id}: prediction restored to {restored.shape} but the label file holds "
+            f"{episode.truth.shape}; the label and image grids differ"
+        )
+    return restored
+
+
+def _keep(label_map: np.ndarray, classes: Sequence[int]) -> np.ndarray:
+    """Only the episode's classes: a baseline's reference may hold labels the episode does not ask for."""
+    return np.where(np.isin(label_map, classes), label_map, 0).astype(np.int32)
+
+
+def _reference_pool(
+    model: Iris, references: Sequence[CaseRecord], classes: Sequence[int], roi: Sequence[int]
+) -> tuple[Tensor, Tensor]:
+    """(N, K, m+1, C) embeddings of the episode's references and the (N, K) table of who holds what."""
+    embeddings, valid = [], []
+    for reference in references:
+        image, label = load_arrays(reference)
+        present = [c for c in classes if c in reference.bboxes]
+        slots = torch.zeros(1, len(classes), model.config.num_tokens, model.config.embed_dim)
+        if present:
+            encoded = class_embeddings(model, image, label, present, roi)
+            for index, value in enumerate(present):
+                slots[0, classes.index(value)] = encoded[0, index]
+        embeddings.append(slots)
+        valid.append(torch.tensor([c in present for c in classes]))
+    return torch.cat(embeddings), torch.stack(valid)
+
+
+def _table_pool(embeddings: pd.DataFrame, episode: _Episode) -> tuple[Tensor, Tensor]:
+    """The retrieval pool from ``task_embeddings``: the dataset's references, never the query subject's."""
+    rows = embeddings[
+        (embeddings["source"] == "reference")
+        & (embeddings["dataset"] == episode.query.dataset)
+        & (embeddings["subject_id"] != episode.query.subject_id)
+        & (embeddings["case_id"] != episode.query.case_id)
+    ]
+    cases = sorted(rows["case_id"].unique())
+    if not cases:
+        raise ValueError(f"task_embeddings hold no reference of {episode.query.dataset} besides the query")
+    first = rows.iloc[0]
+    pool = torch.zeros(len(cases), len(episode.classes), int(first["tokens"]), int(first["dim"]))
+    valid = torch.zeros(len(cases), len(episode.classes), dtype=torch.bool)
+    for row in rows.to_dict("records"):
+        if int(row["label"]) in episode.classes:
+            n, k = cases.index(row["case_id"]), episode.classes.index(int(row["label"]))
+            pool[n, k], valid[n, k] = embedding_tensor(row), True
+    return pool, valid
+
+
+class _Runner:
+    """One episode's predictions, strategy by strategy, each a canonical-grid label map."""
+
+    def __init__(
+        self,
+        model: Iris,
+        class_ids: Mapping[str, int],
+        embeddings: pd.DataFrame,
+        params: EvaluateParams,
+        rows_by_case: Mapping[tuple[str, str], Mapping[str, Any]],
+    ) -> None:
+        self.model, self.class_ids, self.embeddings, self.params = model, class_ids, embeddings, params
+        self.rows_by_case = rows_by_case
+
+    def segment(self, query: Tensor, task: Tensor, classes: Sequence[int]) -> np.ndarray:
+        logits = sliding_window_segment(
+            self.model, query, task, roi_size=self.params.roi_size, overlap=self.params.overlap
+        )
+        return logits_to_labels(logits, classes, self.params.threshold).cpu().numpy()
+
+    def predictions(self, episode: _Episode) -> dict[str, Callable[[], np.ndarray]]:
+        p, classes = self.params, episode.classes
+        query = as_tensor(episode.image)
+        pool, valid = _reference_pool(self.model, episode.references, classes, p.roi_size)
+        first = pool[:1]
+
+        def one_shot() -> np.ndarray:
+            return self.segment(query, first, classes)
+
+        def ensemble() -> np.ndarray:
+            usable = valid.any(dim=1)
+            return self.segment(query, context_ensemble(pool[usable], valid[usable]), classes)
+
+        def memory_bank() -> np.ndarray:
+            keys = [f"{episode.query.dataset}/{c}" for c in classes]
+            return self.segment(query, memory_bank_task(self.model, self.class_ids, keys), classes)
+
+        def retrieval() -> np.ndarray:
+            table_pool, table_valid = _table_pool(self.embeddings, episode)
+            generator = torch.Generator().manual_seed(int(episode.info.get("seed", 0)))
+            result = retrieval_task(
+                self.model,
+                query,
+                table_pool,
+                p.retrieval_top_k,
+                valid=table_valid,
+                generator=generator,
+                segment_fn=partial(
+                    sliding_window_segment, self.model, roi_size=p.roi_size, overlap=p.overlap
+                ),
+                roi_size=p.roi_size,
+                threshold=p.threshold,
+            )
+            return self.segment(query, result.task, classes)
+
+        def tuning() -> np.ndarray:
+            image, label = load_arrays(episode.references[0])
+            masks = torch.from_numpy(np.stack([label == c for c in classes]))[None].float()
+            crop_image, crop_masks = crop_reference(as_tensor(image), masks, p.roi_size)
+            holds = crop_masks.flatten(2).sum(dim=2)[0] > 0
+            tuned = tune_task_embedding(
+                self.model, first, [(crop_image, crop_masks)], steps=p.tuning_steps, lr=p.tuning_lr,
+                class_mask=holds,
+            )  # fmt: skip
+            return self.segment(query, tuned.task, classes)
+
+        def paste() -> np.ndarray:
+            _, label = load_arrays(episode.references[0])
+            return _keep(paste_label(label, episode.image.shape), classes)
+
+        def registration() -> np.ndarray:
+            reference = episode.references[0]
+            image, label = load_arrays(reference)
+            grid = _geometry(self._row(reference)["preprocessed_geometry"])
+            propagated = registration_baseline(
+                array_to_image(episode.image, episode.grid),
+                array_to_image(image, grid),
+                array_to_image(label.astype(np.uint8), grid),
+                RegistrationConfig(**p.registration),
+                case=f"{episode.info['episode_id']} (reference {reference.case_id})",
+            )
+            return _keep(sitk.GetArrayFromImage(propagated), classes)
+
+        methods = {
+            "one_shot": one_shot,
+            "ensemble": ensemble,
+            "memory_bank": memory_bank,
+            "retrieval": retrieval,
+            "tuning": tuning,
+            "paste": paste,
+            "registration": registration,
+        }
+        wanted = [*p.strategies, *p.baselines]
+        if episode.heldout and "memory_bank" in wanted:
+            wanted.remove("memory_bank")  # held-out classes were never trained: the bank has no row for them
+        return {name: methods[name] for name in wanted}
+
+    def _row(self, record: CaseRecord) -> Mapping[str, Any]:
+        return self.rows_by_case[(record.dataset, record.case_id)]
+
+
+def evaluate_episodes(
+    model: Iris,
+    class_ids: Mapping[str, int],
+    episode_index: Mapping[str, Any],
+    manifest: pd.DataFrame,
+    records: Mapping[tuple[str, str], CaseRecord],
+    embeddings: pd.DataFrame,
+    params: EvaluateParams,
+    model_info: ModelInfo,
+) -> pd.DataFrame:
+    """Metric rows (episode × strategy × class) for every fixed episode of ``params.splits``.
+
+    A strategy that fails on an episode (e.g. registration that does not converge) is logged and recorded
+    with an ``error`` and an empty prediction, so the table still shows what a user would have got.
+    """
+    model.eval()
+    rows_by_case = {(r["dataset"], r["case_id"]): r for r in manifest.to_dict("records")}
+    subjects = {(c["dataset"], c["case_id"]): c["subject_id"] for c in episode_index["cases"]}
+    heldout_of = {c["dataset"]: bool(c["heldout"]) for c in episode_index["cases"]}
+    runner = _Runner(model, class_ids, embeddings, params, rows_by_case)
+    episodes = [e for e in episode_index["episodes"] if e["split"] in params.splits]
+    for episode in episodes:
+        check_references(episode, subjects)
+    out: list[dict[str, Any]] = []
+    for info in tqdm(episodes, desc="evaluate", unit="episode"):
+        episode = _load_episode(info, episode_index, records, rows_by_case, heldout_of)
+        if not episode.classes:
+            logger.warning(
+                "episode %s: no class in both query and first reference; skipped", info["episode_id"]
+            )
+            continue
+        tolerances = {c: params.tolerance(episode.class_names[c]) for c in episode.classes}
+        with torch.no_grad():
+            methods = runner.predictions(episode)
+        for name, predict in methods.items():
+            started, error = time.perf_counter(), ""
+            try:
+                # tuning needs gradients for T; everything else runs without autograd
+                with torch.no_grad() if name != "tuning" else contextlib.nullcontext():
+                    prediction = predict()
+            except (RegistrationError, ValueError, KeyError) as failure:
+                error = str(failure)
+                logger.warning("episode %s, %s failed: %s", info["episode_id"], name, error)
+                prediction = np.zeros(episode.image.shape, dtype=np.int32)
+            seconds = time.perf_counter() - started
+            scored = label_map_metrics(
+                _to_original(prediction, episode), episode.truth, episode.spacing, episode.classes, tolerances
+            )
+            for row in scored:
+                label = int(row["label"])
+                out.append(
+                    {
+                        "episode_id": info["episode_id"],
+                        "dataset": episode.query.dataset,
+                        "query": episode.query.case_id,
+                        "references": ",".join(info["references"]),
+                        "method": name,
+                        "kind": "baseline" if name in BASELINES else "iris",
+                        "class_name": episode.class_names[label],
+                        "heldout": episode.heldout,
+                        "novel": episode.novel[label],
+                        **row,
+                        "seconds": seconds,
+                        "error": error,
+                        "model_uri": model_info.model_uri,
+                        "model_version": model_info.model_version,
+                        "weights_sha256": model_info.weights_sha256,
+                    }
+                )
+    return pd.DataFrame(out)

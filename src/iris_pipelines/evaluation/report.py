@@ -1,0 +1,167 @@
+"""Summaries and plots of the metrics table: the three groups the paper reports, per dataset, per class.
+
+Groups: ``seen`` (test episodes of training datasets), ``heldout`` (datasets never trained on) and
+``novel`` (the held-out classes whose concept no training dataset has). A novel class is also counted in
+``heldout``; the groups are views, not a partition.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import matplotlib
+
+matplotlib.use("Agg")  # pipelines run headless; never open a window
+
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+
+from .evaluate import BASELINES, GROUPS  # noqa: E402
+
+METRICS = ("dice", "iou", "nsd", "hd95_mm")
+
+
+def group_rows(metrics: pd.DataFrame, group: str) -> pd.DataFrame:
+    """The rows of one reporting group."""
+    if group == "seen":
+        return metrics[~metrics["heldout"].astype(bool)]
+    if group == "heldout":
+        return metrics[metrics["heldout"].astype(bool)]
+    if group == "novel":
+        return metrics[metrics["novel"].astype(bool)]
+    raise ValueError(f"unknown group {group!r}; groups are {GROUPS}")
+
+
+def _method_order(metrics: pd.DataFrame) -> list[str]:
+    present = list(dict.fromkeys(metrics["method"]))
+    return [m for m in present if m not in BASELINES] + [m for m in BASELINES if m in present]
+
+
+def _aggregate(rows: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
+    table = rows.groupby(keys, sort=False).agg(
+        n=("dice", "size"),
+        dice=("dice", "mean"),
+        dice_std=("dice", "std"),
+        iou=("iou", "mean"),
+        nsd=("nsd", "mean"),
+        hd95_mm=("hd95_mm", "mean"),  # NaN (an empty side) is skipped; hd95_n says how many counted
+        hd95_n=("hd95_mm", "count"),
+        failures=("error", lambda e: int((e.astype(str) != "").sum())),
+    )
+    return table.reset_index()
+
+
+def summary_by_group(metrics: pd.DataFrame) -> pd.DataFrame:
+    """Mean metrics per group × method (mean over episode × class rows)."""
+    frames = []
+    for group in GROUPS:
+        rows = group_rows(metrics, group)
+        if not rows.empty:
+            frames.append(_aggregate(rows, ["method"]).assign(group=group))
+    if not frames:
+        return pd.DataFrame(columns=["group", "method", "n", *METRICS])
+    table = pd.concat(frames, ignore_index=True)
+    order = {m: i for i, m in enumerate(_method_order(metrics))}
+    table = table.sort_values(["group", "method"], key=lambda c: c.map(order) if c.name == "method" else
+                              c.map({g: i for i, g in enumerate(GROUPS)}))  # fmt: skip
+    return table[
+        ["group", "method", *[c for c in table.columns if c not in ("group", "method")]]
+    ].reset_index(drop=True)
+
+
+def summary_by_dataset(metrics: pd.DataFrame) -> pd.DataFrame:
+    """Mean metrics per dataset × method."""
+    if metrics.empty:
+        return pd.DataFrame(columns=["dataset", "method", "n", *METRICS])
+    return (
+        _aggregate(metrics, ["dataset", "method"]).sort_values(["dataset", "method"]).reset_index(drop=True)
+    )
+
+
+def dice_pivot(summary: pd.DataFrame, index: str) -> pd.DataFrame:
+    """``index`` × method table of mean Dice, methods in report order (strategies, then baselines)."""
+    pivot = summary.pivot(index=index, columns="method", values="dice")
+    ordered = [m for m in (*[c for c in pivot.columns if c not in BASELINES], *BASELINES) if m in pivot]
+    return pivot[ordered]
+
+
+def markdown_report(by_group: pd.DataFrame, by_dataset: pd.DataFrame, model: Mapping[str, str]) -> str:
+    """The evaluation as Markdown: headline Dice per group, then per dataset, then all group metrics."""
+    lines = [
+        "# Iris evaluation",
+        "",
+        f"Model: `{model.get('model_uri') or 'unregistered'}` "
+        f"(weights sha256 `{str(model.get('weights_sha256', ''))[:12]}`).",
+        "",
+        "Mean Dice per group (rows: seen = test episodes of training datasets; heldout = datasets never",
+        "trained on; novel = held-out classes with no counterpart in training). Metrics are computed on",
+        "each scan's original grid; HD95 and NSD in mm.",
+        "",
+        dice_pivot(by_group, "group").round(3).to_markdown() if not by_group.empty else "(no rows)",
+        "",
+        "## Mean Dice per dataset",
+        "",
+        dice_pivot(by_dataset, "dataset").round(3).to_markdown() if not by_dataset.empty else "(no rows)",
+        "",
+        "## All metrics per group",
+        "",
+        by_group.round(3).to_markdown(index=False) if not by_group.empty else "(no rows)",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def headline_metrics(by_group: pd.DataFrame) -> dict[str, float]:
+    """``eval/<group>/<method>/<metric>`` → value, for MLflow (finite values only)."""
+    out = {}
+    for row in by_group.to_dict("records"):
+        for metric in METRICS:
+            value = float(row[metric])
+            if np.isfinite(value):
+                out[f"eval/{row['group']}/{row['method']}/{metric}"] = value
+    return out
+
+
+def dice_boxplot(metrics: pd.DataFrame) -> Figure:
+    """Dice distribution per method, one panel per group: how consistent a strategy is, not only its mean."""
+    methods = _method_order(metrics)
+    figure, axes = plt.subplots(1, len(GROUPS), figsize=(5 * len(GROUPS), 4.5), sharey=True)
+    for axis, group in zip(np.atleast_1d(axes), GROUPS, strict=True):
+        rows = group_rows(metrics, group)
+        data = [rows.loc[rows["method"] == m, "dice"].dropna().to_numpy() for m in methods]
+        shown = [(m, d) for m, d in zip(methods, data, strict=True) if d.size]
+        if shown:
+            axis.boxplot([d for _, d in shown], tick_labels=[m for m, _ in shown], showmeans=True)
+        axis.set_title(f"{group} (n = {len(rows) // max(1, len(methods))} classes × episodes)")
+        axis.tick_params(axis="x", rotation=45)
+        axis.grid(axis="y", alpha=0.3)
+    np.atleast_1d(axes)[0].set_ylabel("Dice")
+    figure.suptitle("Dice per strategy and baseline")
+    figure.tight_layout()
+    return figure
+
+
+def class_bars(metrics: pd.DataFrame) -> Figure:
+    """Mean Dice per class (dataset/class) and method as grouped bars."""
+    methods = _method_order(metrics)
+    table = (
+        metrics.assign(structure=metrics["dataset"] + "/" + metrics["class_name"])
+        .groupby(["structure", "method"])["dice"]
+        .mean()
+        .unstack("method")
+        .reindex(columns=methods)
+    )
+    figure, axis = plt.subplots(figsize=(max(8, 0.55 * len(table) * max(1, len(methods)) / 3), 5))
+    width = 0.8 / max(1, len(methods))
+    positions = np.arange(len(table))
+    for i, method in enumerate(methods):
+        axis.bar(positions + i * width, table[method].fillna(0).to_numpy(), width, label=method)
+    axis.set_xticks(positions + 0.4 - width / 2, table.index, rotation=75, ha="right", fontsize=8)
+    axis.set_ylabel("mean Dice")
+    axis.set_ylim(0, 1)
+    axis.legend(ncols=min(4, len(methods)), fontsize=8)
+    axis.set_title("Mean Dice per class")
+    figure.tight_layout()
+    return figure

@@ -1,0 +1,92 @@
+"""t-SNE map of the task embeddings: do embeddings of one concept cluster across datasets and modalities?"""
+
+from __future__ import annotations
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import plotly.express as px  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+from plotly.graph_objects import Figure as PlotlyFigure  # noqa: E402
+from sklearn.manifold import TSNE  # noqa: E402
+
+COORDINATE_COLUMNS = ("dataset", "label", "class_name", "source", "case_id", "heldout", "novel", "x", "y")
+
+
+def tsne_coordinates(embeddings: pd.DataFrame, *, perplexity: float = 30.0, seed: int = 0) -> pd.DataFrame:
+    """2-D t-SNE of every embedding row (references and memory bank), L2-normalised first so the map
+    shows direction (what retrieval's cosine similarity compares), not magnitude.
+
+    Perplexity is capped below the number of rows, as t-SNE requires; fewer than 3 rows is an error.
+    """
+    if len(embeddings) < 3:
+        raise ValueError(f"t-SNE needs at least 3 embeddings, got {len(embeddings)}")
+    vectors = np.stack([np.asarray(v, dtype=np.float64) for v in embeddings["embedding"]])
+    if not np.isfinite(vectors).all():
+        raise ValueError("task embeddings hold NaN or Inf values; re-run embed_tasks with a healthy model")
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True).clip(min=1e-12)
+    points = TSNE(
+        n_components=2,
+        perplexity=min(perplexity, (len(vectors) - 1) / 3),
+        init="pca",
+        random_state=seed,
+        metric="euclidean",
+    ).fit_transform(vectors)
+    table = embeddings[[c for c in COORDINATE_COLUMNS if c in embeddings.columns]].copy()
+    table["x"], table["y"] = points[:, 0], points[:, 1]
+    return table.reset_index(drop=True)
+
+
+def tsne_png(coordinates: pd.DataFrame) -> Figure:
+    """Two panels: coloured by class concept (shared names across datasets) and by dataset."""
+    figure, axes = plt.subplots(1, 2, figsize=(14, 6))
+    markers = {"reference": "o", "memory_bank": "*"}
+    for axis, key in zip(axes, ("class_name", "dataset"), strict=True):
+        values = sorted(coordinates[key].astype(str).unique())
+        colours = plt.get_cmap("tab20", max(1, len(values)))
+        for i, value in enumerate(values):
+            for source, marker in markers.items():
+                rows = coordinates[
+                    (coordinates[key].astype(str) == value) & (coordinates["source"] == source)
+                ]
+                if not rows.empty:
+                    axis.scatter(
+                        rows["x"], rows["y"], s=70 if marker == "*" else 25, marker=marker,
+                        color=colours(i), label=value if source == "reference" else None,
+                    )  # fmt: skip
+        axis.set_title(f"task embeddings by {key.replace('_', ' ')} (★ = memory bank)")
+        axis.legend(fontsize=7, ncols=2, loc="best", markerscale=0.8)
+        axis.set_xticks([])
+        axis.set_yticks([])
+    figure.tight_layout()
+    return figure
+
+
+def tsne_html(coordinates: pd.DataFrame) -> PlotlyFigure:
+    """Interactive map; hover shows dataset, class and the reference case of each point."""
+    table = coordinates.assign(
+        reference=coordinates["case_id"].replace("", "memory bank"),
+        group=np.where(coordinates["novel"], "novel", np.where(coordinates["heldout"], "held-out", "seen")),
+    )
+    figure = px.scatter(
+        table,
+        x="x",
+        y="y",
+        color="class_name",
+        symbol="dataset",
+        hover_data={
+            "dataset": True,
+            "class_name": True,
+            "reference": True,
+            "group": True,
+            "x": False,
+            "y": False,
+        },
+        title="t-SNE of Iris task embeddings (colour: class, symbol: dataset)",
+    )
+    figure.update_layout(xaxis_visible=False, yaxis_visible=False, legend_title_text="class, dataset")
+    return figure

@@ -1,0 +1,49 @@
+"""Embed every dataset × class from reference cases with the trained model, and snapshot its memory bank."""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+import mlflow
+import pandas as pd
+
+from iris_pipelines.evaluation import ModelInfo, build_task_embeddings, embedding_summary
+from iris_pipelines.training.sampler import case_records
+
+if TYPE_CHECKING:
+    from iris_pipelines.inference.bundle import ModelBundle
+
+logger = logging.getLogger(__name__)
+
+
+def model_info(iris_model: ModelBundle, registered_model: dict[str, Any] | None) -> ModelInfo:
+    """Registry URI/version and weights checksum that every embedding and metric row carries."""
+    checksums = iris_model.metadata.get("weights_checksum") or [""]
+    return ModelInfo.from_registration(registered_model, str(checksums[0]))
+
+
+def embed_tasks(
+    iris_model: ModelBundle,
+    registered_model: dict[str, Any],
+    episode_index: dict[str, Any],
+    preprocessed_manifest: pd.DataFrame,
+    params: dict[str, Any],
+) -> pd.DataFrame:
+    """``task_embeddings``: reference embeddings per dataset × class plus the memory-bank rows."""
+    model = iris_model.build_model()
+    table = build_task_embeddings(
+        model,
+        iris_model.class_ids,
+        episode_index,
+        case_records(preprocessed_manifest),
+        references_per_class=int(params.get("references_per_class", 3)),
+        roi_size=tuple(params.get("roi_size", (64, 64, 64))),
+        seed=int(params.get("seed", 0)),
+        model_info=model_info(iris_model, registered_model),
+    )
+    summary = embedding_summary(table)
+    logger.info("Task embeddings: %s", summary)
+    if mlflow.active_run() is not None:
+        mlflow.log_metrics({f"embed_tasks/rows/{k}": v for k, v in summary["by_source"].items()})
+    return table

@@ -1,0 +1,5 @@
+"""``kedro run --pipeline=evaluate``."""
+
+from .pipeline import create_pipeline
+
+__all__ = ["create_pipeline"]

@@ -1,0 +1,89 @@
+"""Score every strategy and baseline on the test episodes; summarise, plot and link to the model version."""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+import mlflow
+import pandas as pd
+from matplotlib.figure import Figure
+
+from iris_pipelines.evaluation import EvaluateParams, evaluate_episodes
+from iris_pipelines.evaluation.report import (
+    class_bars,
+    dice_boxplot,
+    dice_pivot,
+    headline_metrics,
+    markdown_report,
+    summary_by_dataset,
+    summary_by_group,
+)
+from iris_pipelines.pipelines.embed_tasks.nodes import model_info
+from iris_pipelines.training.sampler import case_records
+
+if TYPE_CHECKING:
+    from iris_pipelines.inference.bundle import ModelBundle
+
+logger = logging.getLogger(__name__)
+
+
+def evaluate_strategies(
+    iris_model: ModelBundle,
+    registered_model: dict[str, Any],
+    task_embeddings: pd.DataFrame,
+    episode_index: dict[str, Any],
+    preprocessed_manifest: pd.DataFrame,
+    params: dict[str, Any],
+) -> pd.DataFrame:
+    """``evaluation_metrics``: one row per test episode × method × class, on the original grids."""
+    return evaluate_episodes(
+        iris_model.build_model(),
+        iris_model.class_ids,
+        episode_index,
+        preprocessed_manifest,
+        case_records(preprocessed_manifest),
+        task_embeddings,
+        EvaluateParams.from_dict(params),
+        model_info(iris_model, registered_model),
+    )
+
+
+def _tag_model_version(registered_model: dict[str, Any] | None, metrics: dict[str, float]) -> None:
+    """Put the headline Dice on the registered version, so a review sees it next to the provenance tags."""
+    name, version = (registered_model or {}).get("name"), (registered_model or {}).get("version")
+    if not (name and version):
+        return
+    client = mlflow.MlflowClient()
+    run = mlflow.active_run()
+    if run is not None:  # which run evaluated (its params hold the evaluate settings), for reviews
+        client.set_model_version_tag(name, str(version), "eval.run_id", run.info.run_id)
+    for key, value in metrics.items():
+        if key.endswith("/dice"):
+            client.set_model_version_tag(name, str(version), key.replace("/", "."), f"{value:.6f}")
+
+
+def report_evaluation(
+    evaluation_metrics: pd.DataFrame, registered_model: dict[str, Any]
+) -> tuple[pd.DataFrame, pd.DataFrame, str, Figure, Figure]:
+    """Summary tables (per group, per dataset), the Markdown report, the box plot and the class bars.
+
+    The headline numbers go to the active MLflow run as ``eval/<group>/<method>/<metric>`` and onto the
+    registered model version as tags.
+    """
+    by_group = summary_by_group(evaluation_metrics)
+    by_dataset = summary_by_dataset(evaluation_metrics)
+    first = evaluation_metrics.iloc[0] if not evaluation_metrics.empty else {}
+    model = {key: str(first.get(key, "")) for key in ("model_uri", "weights_sha256")} if len(first) else {}
+    report = markdown_report(by_group, by_dataset, model)
+    boxplot, bars = dice_boxplot(evaluation_metrics), class_bars(evaluation_metrics)
+    if not by_group.empty:
+        logger.info("Mean Dice per group and method:\n%s", dice_pivot(by_group, "group").round(3).to_string())
+    if mlflow.active_run() is not None:
+        headline = headline_metrics(by_group)
+        mlflow.log_metrics(headline)
+        mlflow.log_text(report, "evaluation/evaluation_report.md")
+        mlflow.log_figure(boxplot, "evaluation/dice_boxplot.png")
+        mlflow.log_figure(bars, "evaluation/class_dice.png")
+        _tag_model_version(registered_model, headline)
+    return by_group, by_dataset, report, boxplot, bars

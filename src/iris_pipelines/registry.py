@@ -1,0 +1,213 @@
+"""Registered Iris models, reached from outside a Kedro run: resolve ``models:/iris/3``, fetch its bundle.
+
+The ``iris`` console script (``segment``, ``review``) needs what ``register_model`` recorded, without a
+Kedro session: the version's tags, its run (params, metrics), the safetensors bundle (the run's
+``model_bundle`` artifact, or the pyfunc model's ``artifacts/bundle``) and the resolved project parameters
+(the run's ``config/parameters.json`` artifact). Every failure is a :class:`RegistryError` with one line
+saying which URI and what went wrong, never an MLflow traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from iris_pipelines.inference.bundle import BundleError, ModelBundle
+
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"  # conf/base/mlflow.yml, relative to the project directory
+BUNDLE_ARTIFACT = "model_bundle"  # register_model logs the bundle directory under this run path
+PARAMETERS_ARTIFACT = "config/parameters.json"  # ... and all resolved parameters here
+PYFUNC_BUNDLE = "artifacts/bundle"  # where mlflow.pyfunc keeps the "bundle" artifact in the model
+
+_MODEL_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:/(?P<version>\d+)|@(?P<alias>[\w.-]+))$")
+
+
+class RegistryError(RuntimeError):
+    """A registry URI that cannot be resolved or read; the message names the URI and the problem."""
+
+
+def is_registry_uri(model: str) -> bool:
+    return str(model).startswith("models:/")
+
+
+def tracking_uri(option: str | None, project_dir: str | os.PathLike[str] | None = None) -> str:
+    """``--tracking-uri``, else ``$MLFLOW_TRACKING_URI``, else the project's ``sqlite:///mlflow.db``.
+
+    The default SQLite file is taken relative to ``project_dir`` (the current directory when None), as
+    kedro-mlflow does for ``kedro run`` started there.
+    """
+    if option:
+        return option
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    if project_dir is None:
+        return DEFAULT_TRACKING_URI
+    return f"sqlite:///{(Path(project_dir) / 'mlflow.db').resolve()}"
+
+
+def _check_reachable(uri: str) -> None:
+    """A missing SQLite file would be created empty by MLflow (and then 'model not found'): say so."""
+    if uri.startswith("sqlite:///"):
+        path = Path(uri[len("sqlite:///") :])
+        if not path.is_file():
+            raise RegistryError(
+                f"no MLflow database at {path} (tracking URI {uri}); run from the project directory, "
+                "or pass --tracking-uri / set MLFLOW_TRACKING_URI"
+            )
+
+
+def _client(uri: str) -> Any:
+    # Fail fast on an unreachable server instead of MLflow's minutes of retries (the user may override).
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # the CLI shows its own progress
+    _check_reachable(uri)
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def _one_line(error: BaseException) -> str:
+    text = " ".join(str(error).split())
+    return text if len(text) <= 300 else text[:299] + "…"
+
+
+@dataclass
+class RegisteredModel:
+    """One registered model version with its run: what ``register_model`` and ``evaluate`` recorded.
+
+    ``run`` is None when the version has no (readable) source run; ``problems`` lists what could not be
+    read, so a review reports it instead of failing.
+    """
+
+    uri: str
+    name: str
+    version: str
+    tracking_uri: str
+    tags: dict[str, str]
+    run_id: str | None
+    run: Any | None
+    model_id: str | None
+    client: Any = field(repr=False)
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def params(self) -> dict[str, str]:
+        return dict(self.run.data.params) if self.run is not None else {}
+
+    @property
+    def metrics(self) -> dict[str, float]:
+        return dict(self.run.data.metrics) if self.run is not None else {}
+
+    @property
+    def run_tags(self) -> dict[str, str]:
+        return dict(self.run.data.tags) if self.run is not None else {}
+
+    def metric_history(self, key: str) -> list[Any]:
+        if self.run_id is None:
+            return []
+        try:
+            return list(self.client.get_metric_history(self.run_id, key))
+        except Exception:  # noqa: BLE001 - a review shows what it can read
+            return []
+
+    def parameters(self) -> dict[str, Any] | None:
+        """The run's ``config/parameters.json`` (all resolved params at training time), None when absent."""
+        if self.run_id is None:
+            return None
+        with tempfile.TemporaryDirectory(prefix="iris-params-") as scratch:
+            try:
+                path = self.client.download_artifacts(self.run_id, PARAMETERS_ARTIFACT, scratch)
+                return json.loads(Path(path).read_text())
+            except Exception as error:  # noqa: BLE001 - missing artifact or unreadable JSON: reported
+                self.problems.append(
+                    f"{PARAMETERS_ARTIFACT} artifact of run {self.run_id}: {_one_line(error)}"
+                )
+                return None
+
+    def download_bundle(self, destination: str | os.PathLike[str]) -> Path:
+        """The version's bundle directory under ``destination``: the run's ``model_bundle`` artifact, or
+        the ``artifacts/bundle`` directory of the registered pyfunc model."""
+        tried = []
+        if self.run_id is not None:
+            try:
+                return Path(self.client.download_artifacts(self.run_id, BUNDLE_ARTIFACT, str(destination)))
+            except Exception as error:  # noqa: BLE001
+                tried.append(f"run {self.run_id} artifact {BUNDLE_ARTIFACT!r}: {_one_line(error)}")
+        if self.model_id:
+            try:
+                from mlflow.artifacts import download_artifacts
+
+                location = self.client.get_logged_model(self.model_id).artifact_location
+                return Path(
+                    download_artifacts(
+                        artifact_uri=f"{location.rstrip('/')}/{PYFUNC_BUNDLE}",
+                        dst_path=str(destination),
+                        tracking_uri=self.tracking_uri,
+                    )
+                )
+            except Exception as error:  # noqa: BLE001
+                tried.append(f"logged model {self.model_id} {PYFUNC_BUNDLE!r}: {_one_line(error)}")
+        raise RegistryError(
+            f"{self.uri}: no model bundle could be downloaded ({'; '.join(tried) or 'no run'})"
+        )
+
+    def load_bundle(self) -> ModelBundle:
+        with tempfile.TemporaryDirectory(prefix="iris-bundle-") as scratch:
+            directory = self.download_bundle(scratch)
+            try:
+                return ModelBundle.load(directory)
+            except BundleError as error:
+                raise RegistryError(f"{self.uri}: the registered bundle is unusable: {error}") from error
+
+
+def resolve(uri: str, tracking: str) -> RegisteredModel:
+    """``models:/<name>/<version>`` or ``models:/<name>@<alias>`` → the version, its tags and its run."""
+    match = _MODEL_URI.match(uri)
+    if match is None:
+        raise RegistryError(
+            f"{uri}: not a registry URI; expected models:/<name>/<version> or models:/<name>@<alias>"
+        )
+    client = _client(tracking)
+    name = match["name"]
+    try:
+        if match["alias"]:
+            version = client.get_model_version_by_alias(name, match["alias"])
+        else:
+            version = client.get_model_version(name, match["version"])
+    except Exception as error:  # noqa: BLE001 - MlflowException, connection errors, …
+        raise RegistryError(
+            f"{uri}: cannot read the model version from {tracking}: {_one_line(error)}"
+        ) from None
+    record = RegisteredModel(
+        uri=uri,
+        name=name,
+        version=str(version.version),
+        tracking_uri=tracking,
+        tags=dict(version.tags or {}),
+        run_id=version.run_id or None,
+        run=None,
+        model_id=getattr(version, "model_id", None) or None,
+        client=client,
+    )
+    if record.run_id is not None:
+        try:
+            record.run = client.get_run(record.run_id)
+        except Exception as error:  # noqa: BLE001
+            record.problems.append(f"run {record.run_id}: {_one_line(error)}")
+    else:
+        record.problems.append("the version has no source run")
+    return record
+
+
+def load_model_bundle(model: str, tracking: str) -> tuple[ModelBundle, RegisteredModel | None]:
+    """A registry URI or a local bundle directory → the bundle (and the registry record, if any)."""
+    if is_registry_uri(model):
+        record = resolve(model, tracking)
+        return record.load_bundle(), record
+    return ModelBundle.load(model), None

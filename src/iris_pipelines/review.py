@@ -1,0 +1,308 @@
+"""``iris review``: which code, data and config made a registered model, and do its numbers reproduce?
+
+:func:`provenance` gathers what ``register_model`` (train) and ``report_evaluation`` (evaluate) recorded
+on a model version and its run into titled sections, naming what is missing instead of failing.
+:func:`reproduce` re-runs ``embed_tasks`` and ``evaluate`` (the very node functions) on the recorded
+``episode_index`` / ``preprocessed_manifest`` versions, loaded through the project's own catalog
+configuration, with the recorded parameters, and compares every recorded evaluation number.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from iris_pipelines.hooks import INPUT_VERSION_TAG_PREFIX, LOCK_FILE, file_sha256
+from iris_pipelines.registry import PARAMETERS_ARTIFACT, RegisteredModel
+
+INPUTS = ("episode_index", "preprocessed_manifest")
+CHECKSUM_TAGS = ("episode_index_checksum", "preprocessed_manifest_checksum")
+EVAL_TAG_PREFIX = "eval."  # report_evaluation tags the version with eval.<group>.<method>.dice
+EVAL_METRIC_PREFIX = "eval/"  # ... and logs eval/<group>/<method>/<metric> to its run
+MISSING = "(not recorded)"
+
+Section = tuple[str, list[tuple[str, str]]]
+
+
+def _flatten(params: Mapping[str, Any], prefix: str = "") -> Iterator[tuple[str, Any]]:
+    for key, value in params.items():
+        if isinstance(value, Mapping) and value:
+            yield from _flatten(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    if isinstance(value, list | tuple | dict):
+        return json.dumps(value)
+    return str(value)
+
+
+def lock_status(recorded: str | None, project_dir: Path) -> str:
+    """Whether the recorded lock-file hash matches the project's current ``requirements.lock``."""
+    lock = project_dir / LOCK_FILE
+    if not recorded or recorded == "missing":
+        return "no lock file was recorded"
+    if not lock.is_file():
+        return f"{lock} not found; cannot compare"
+    return "matches current" if file_sha256(lock) == recorded else f"differs from current {lock}"
+
+
+def _final_metric(record: RegisteredModel, key: str) -> str:
+    history = sorted(record.metric_history(key), key=lambda m: (m.step, m.timestamp))
+    if history:
+        return f"{history[-1].value:.6g} (step {history[-1].step})"
+    if key in record.metrics:
+        return _fmt(record.metrics[key])
+    return MISSING
+
+
+def provenance(
+    record: RegisteredModel, project_dir: Path, parameters: Mapping[str, Any] | None
+) -> list[Section]:
+    """Titled (key, value) sections: model, code and environment, data, training, evaluation, parameters."""
+    tags, run_tags = record.tags, record.run_tags
+
+    def tag(key: str) -> str:
+        return tags.get(key) or run_tags.get(key) or MISSING
+
+    model = [
+        ("model URI", record.uri),
+        ("run id", record.run_id or MISSING),
+        ("run name", run_tags.get("mlflow.runName", MISSING)),
+        ("tracking URI", record.tracking_uri),
+    ]
+    code = [
+        ("git commit", tag("git_commit")),
+        ("git dirty", tag("git_dirty")),
+        ("lock file sha256", tag("lockfile_sha256")),
+        (
+            "lock file",
+            lock_status(tags.get("lockfile_sha256") or run_tags.get("lockfile_sha256"), project_dir),
+        ),
+        ("kedro env", tag("kedro_env")),
+        ("kedro command", run_tags.get("kedro_command", MISSING)),
+    ]
+    data = [(f"version of {name}", tag(f"{INPUT_VERSION_TAG_PREFIX}{name}")) for name in INPUTS]
+    others = [f"{INPUT_VERSION_TAG_PREFIX}{name}" for name in INPUTS]
+    data += [
+        (key, value)
+        for key, value in sorted(tags.items())
+        if key.startswith(INPUT_VERSION_TAG_PREFIX) and key not in others
+    ]
+    data += [(key, tag(key)) for key in CHECKSUM_TAGS]
+    training = [
+        ("final step", tag("final_step")),
+        ("world size", tag("world_size")),
+        ("final train/loss", _final_metric(record, "train/loss")),
+    ]
+    training += [
+        (key, _final_metric(record, key)) for key in sorted(record.metrics) if key.startswith("val/dice/")
+    ]
+    training += [(key, value) for key, value in sorted(tags.items()) if key.startswith("val_dice.")]
+    evaluation = [(key, value) for key, value in sorted(tags.items()) if key.startswith(EVAL_TAG_PREFIX)]
+    evaluation += [
+        (f"run {key}", _fmt(value))
+        for key, value in sorted(record.metrics.items())
+        if key.startswith(EVAL_METRIC_PREFIX)
+    ]
+    if not evaluation:
+        evaluation = [("evaluation", "none recorded: run `kedro run --pipeline=embed_tasks+evaluate`")]
+    if parameters is not None:
+        params = [(key, _fmt(value)) for key, value in _flatten(parameters)]
+        params_title = f"parameters ({PARAMETERS_ARTIFACT})"
+    else:
+        params = [(key, value) for key, value in sorted(record.params.items())]
+        params_title = f"parameters (run params; {PARAMETERS_ARTIFACT} {MISSING})"
+    if not params:
+        params = [("parameters", MISSING)]
+    return [
+        (f"model {record.name} version {record.version}", model),
+        ("code and environment", code),
+        ("data", data),
+        ("training", training),
+        ("evaluation", evaluation),
+        (params_title, params),
+    ]
+
+
+# ---------------------------------------------------------------------------------------------- reproduce
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """One recorded number against its recomputation."""
+
+    metric: str
+    recorded: float
+    reproduced: float | None
+    tolerance: float
+
+    @property
+    def difference(self) -> float:
+        return math.inf if self.reproduced is None else abs(self.recorded - self.reproduced)
+
+    @property
+    def ok(self) -> bool:
+        return self.difference <= self.tolerance
+
+
+@dataclass
+class Reproduction:
+    """The comparisons, plus errors (which make it fail) and notes (warnings that do not)."""
+
+    comparisons: list[Comparison] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors and bool(self.comparisons) and all(c.ok for c in self.comparisons)
+
+
+def recorded_evaluation(record: RegisteredModel) -> dict[str, float]:
+    """``eval/<group>/<method>/<metric>`` → value, from the version's tags and the run's metrics.
+
+    Tags (``eval.seen.one_shot.dice``) are what the evaluate pipeline put on the version; the run's
+    ``eval/…`` metrics exist when evaluate ran in the training run. Tag values are rounded to 6 decimals.
+    """
+    recorded: dict[str, float] = {}
+    for key, value in record.tags.items():
+        if key.startswith(EVAL_TAG_PREFIX):
+            try:
+                recorded[f"tag {key}"] = float(value)
+            except ValueError:
+                recorded[f"tag {key}"] = math.nan  # a non-number never matches: reported, not skipped
+    for key, value in record.metrics.items():
+        if key.startswith(EVAL_METRIC_PREFIX):
+            recorded[f"metric {key}"] = float(value)
+    return recorded
+
+
+def _headline_key(name: str) -> str:
+    kind, key = name.split(" ", 1)
+    return key.replace(".", "/") if kind == "tag" else key
+
+
+def project_config(project_dir: Path, env: str | None, data_root: str | None) -> Any:
+    """The project's OmegaConfigLoader (settings.py arguments), with ``globals.data_root`` overridden."""
+    from kedro.config import OmegaConfigLoader
+
+    from iris_pipelines.settings import CONFIG_LOADER_ARGS
+
+    loader = OmegaConfigLoader(conf_source=str(project_dir / "conf"), env=env, **CONFIG_LOADER_ARGS)
+    if data_root is not None:
+        loader["globals"] = {**loader["globals"], "data_root": str(data_root)}
+    return loader
+
+
+def load_recorded_inputs(record: RegisteredModel, loader: Any) -> tuple[dict[str, Any], list[str]]:
+    """``episode_index`` and ``preprocessed_manifest`` at the versions recorded on the model version."""
+    from kedro.io import DataCatalog
+
+    catalog_config = loader["catalog"]
+    loaded, errors = {}, []
+    for name in INPUTS:
+        version = record.tags.get(f"{INPUT_VERSION_TAG_PREFIX}{name}")
+        if not version or version == "unversioned":
+            errors.append(
+                f"{name}: no data version was recorded on {record.uri} (tag {INPUT_VERSION_TAG_PREFIX}{name})"
+            )
+            continue
+        if name not in catalog_config:
+            errors.append(f"{name}: the project's catalog has no entry for it")
+            continue
+        try:
+            catalog = DataCatalog.from_config({name: catalog_config[name]}, load_versions={name: version})
+            loaded[name] = catalog.load(name)
+        except Exception as error:  # noqa: BLE001 - DatasetError, VersionNotFoundError, OSError, …
+            where = catalog_config[name].get("filepath", "?")
+            reason = " ".join(str(error).split())[:300]
+            errors.append(f"{name}: cannot load recorded version {version} from {where}: {reason}")
+    return loaded, errors
+
+
+def checksum_mismatches(record: RegisteredModel, index: Mapping[str, Any], manifest: Any) -> list[str]:
+    """The loaded inputs against the checksums recorded at registration (a re-written version fails)."""
+    from iris_pipelines.pipelines.train.nodes import manifest_checksum
+
+    actual = {
+        "episode_index_checksum": str(index.get("checksum", "")),
+        "preprocessed_manifest_checksum": manifest_checksum(manifest),
+    }
+    return [
+        f"{key[: -len('_checksum')]}: the loaded version has checksum {value[:12]}…, "
+        f"but {record.tags[key][:12]}… was recorded"
+        for key, value in actual.items()
+        if record.tags.get(key) and record.tags[key] != value
+    ]
+
+
+def reproduce(
+    record: RegisteredModel,
+    *,
+    project_dir: Path,
+    env: str | None = None,
+    data_root: str | None = None,
+    tolerance: float = 1e-6,
+    parameters: Mapping[str, Any] | None = None,
+    on_step: Callable[[str], None] | None = None,
+) -> Reproduction:
+    """Re-run embed_tasks + evaluate on the recorded data versions and compare every recorded number."""
+    from iris_pipelines.evaluation.report import headline_metrics, summary_by_group
+    from iris_pipelines.pipelines.embed_tasks.nodes import embed_tasks
+    from iris_pipelines.pipelines.evaluate.nodes import evaluate_strategies
+
+    step = on_step or (lambda _: None)
+    result = Reproduction()
+    recorded = recorded_evaluation(record)
+    if not recorded:
+        result.errors.append(f"{record.uri} has no recorded evaluation (no eval.* tags or eval/* metrics)")
+        return result
+    step("loading recorded data versions")
+    loader = project_config(project_dir, env, data_root)
+    inputs, errors = load_recorded_inputs(record, loader)
+    result.errors.extend(errors)
+    params = dict(parameters or {})
+    for section in ("embed_tasks", "evaluate"):
+        if section not in params:
+            params[section] = loader["parameters"].get(section, {})
+            result.notes.append(
+                f"params:{section} not recorded in {PARAMETERS_ARTIFACT}; using the project's current values"
+            )
+    if result.errors:
+        return result
+    step("loading the registered model")
+    bundle = record.load_bundle()
+    registered = {
+        "name": record.name,
+        "version": record.version,
+        "model_uri": f"models:/{record.name}/{record.version}",
+        "run_id": record.run_id,
+    }
+    index, manifest = inputs["episode_index"], inputs["preprocessed_manifest"]
+    result.errors.extend(checksum_mismatches(record, index, manifest))
+    if result.errors:
+        return result
+    step("embedding tasks")
+    embeddings = embed_tasks(bundle, registered, index, manifest, params["embed_tasks"])
+    step("evaluating")
+    metrics = evaluate_strategies(bundle, registered, embeddings, index, manifest, params["evaluate"])
+    headline = headline_metrics(summary_by_group(metrics))
+    for name, value in sorted(recorded.items()):
+        result.comparisons.append(Comparison(name, value, headline.get(_headline_key(name)), tolerance))
+    return result
+
+
+def default_env(record: RegisteredModel, project_dir: Path) -> str | None:
+    """The recorded Kedro env when the project has that conf folder (data roots differ per env)."""
+    env = record.tags.get("kedro_env") or record.run_tags.get("kedro_env")
+    if env and env not in ("base", "local", "unknown") and (project_dir / "conf" / env).is_dir():
+        return env
+    return None

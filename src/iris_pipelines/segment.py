@@ -1,0 +1,529 @@
+"""``iris segment``: one raw scan, a few references (or stored task embeddings) → a label map on its grid.
+
+Everything here reuses the inference library: references and the query are brought to the canonical grid
+exactly as preprocessing does (:mod:`iris_pipelines.inference.volume`), references are encoded per class
+as ``embed_tasks``/``evaluate`` do (:func:`~iris_pipelines.evaluation.embeddings.class_embeddings`), the
+strategies come from :mod:`iris_pipelines.inference.strategies`, tiling from MONAI through
+:func:`~iris_pipelines.inference.sliding_window.volume_predictor`, and the prediction returns to the
+scan's own size, spacing, origin and direction (:func:`~iris_pipelines.inference.volume.segment_volume`).
+
+No Click and no MLflow here: the CLI parses options and resolves the model, this module does the work and
+raises :class:`SegmentError` (or :class:`~iris_pipelines.imaging.InvalidInputError`) with one line that
+names the file and the problem.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import SimpleITK as sitk
+import torch
+import yaml
+from torch import Tensor
+
+from iris_pipelines.collection.ingest import _first_grid_difference, _label_values
+from iris_pipelines.collection.layouts import parse_labels
+from iris_pipelines.evaluation.embeddings import class_embeddings, embedding_tensor
+from iris_pipelines.evaluation.evaluate import EvaluateParams
+from iris_pipelines.imaging import Geometry, InvalidInputError, read_image, write_image
+from iris_pipelines.imaging.io import _suffix
+from iris_pipelines.inference.bundle import ModelBundle
+from iris_pipelines.inference.sliding_window import volume_predictor
+from iris_pipelines.inference.strategies import (
+    context_ensemble,
+    crop_reference,
+    memory_bank_task,
+    tune_task_embedding,
+)
+from iris_pipelines.inference.volume import (
+    VolumePredictor,
+    class_masks,
+    prepare_image,
+    prepare_label,
+    segment_volume,
+)
+from iris_pipelines.model import Iris
+from iris_pipelines.phantoms.layouts import write_text_atomic
+
+logger = logging.getLogger(__name__)
+
+REFERENCE_STRATEGIES = ("one_shot", "ensemble", "tuning")
+EMBEDDING_STRATEGIES = ("one_shot", "ensemble", "memory_bank")
+STRATEGY_CHOICES = ("one_shot", "ensemble", "tuning", "memory_bank")
+DEFAULT_SPACING = (3.0, 3.0, 3.0)
+DEFAULT_ROI = 128  # the paper's window, when the bundle does not record its training crop
+PREPROCESS_KEYS = ("target_spacing", "ct_window", "percentiles")
+GRID_TOLERANCE_MM = 1e-3  # as `iris validate` / ingest
+STEPS = ("reading", "embedding", "segmenting", "writing")
+
+StepCallback = Callable[[str], None]
+
+
+class SegmentError(ValueError):
+    """Inputs that do not fit together (classes, datasets, strategies); the message is one line."""
+
+
+# --------------------------------------------------------------------------------------------- inputs
+
+
+@dataclass(frozen=True)
+class ReferenceSpec:
+    """``--reference IMAGE:LABEL``."""
+
+    image: Path
+    label: Path
+
+    @classmethod
+    def parse(cls, text: str) -> ReferenceSpec:
+        image, sep, label = str(text).rpartition(":")
+        if not sep or not image or not label:
+            raise SegmentError(
+                f"--reference {text!r}: expected IMAGE:LABEL, e.g. ref.nii.gz:ref_labels.nii.gz"
+            )
+        return cls(Path(image), Path(label))
+
+
+@dataclass
+class SegmentRequest:
+    """What a user asks of ``iris segment``; defaults as the CLI's."""
+
+    image: Path
+    out: Path
+    references: list[ReferenceSpec] = field(default_factory=list)
+    embeddings: Path | None = None
+    dataset: str | None = None
+    strategy: str = "ensemble"
+    classes: list[int] | None = None
+    labels_file: Path | None = None
+    modality: str = "CT"
+    roi_size: tuple[int, int, int] | None = None
+    overlap: float = 0.5
+    threshold: float = 0.5
+    tuning_steps: int = EvaluateParams().tuning_steps
+    tuning_lr: float = EvaluateParams().tuning_lr
+    device: str = "auto"
+
+    def check(self) -> None:
+        """Refuse contradictory options before any file is read."""
+        if self.references and self.embeddings is not None:
+            raise SegmentError("give either --reference or --embeddings, not both")
+        if self.strategy not in STRATEGY_CHOICES:
+            raise SegmentError(
+                f"unknown strategy {self.strategy!r}; expected one of {list(STRATEGY_CHOICES)}"
+            )
+        if self.references and self.strategy not in REFERENCE_STRATEGIES:
+            raise SegmentError(
+                f"--strategy {self.strategy} takes no reference images; with --reference use one of "
+                f"{list(REFERENCE_STRATEGIES)}, or use --embeddings / --dataset for the memory bank"
+            )
+        if self.embeddings is not None and self.strategy not in EMBEDDING_STRATEGIES:
+            raise SegmentError(
+                f"--strategy {self.strategy} needs reference images; with --embeddings use one of "
+                f"{list(EMBEDDING_STRATEGIES)}"
+            )
+        if not self.references and self.embeddings is None and self.strategy != "memory_bank":
+            raise SegmentError("give at least one --reference IMAGE:LABEL, or --embeddings PATH")
+        if self.strategy == "memory_bank" and self.embeddings is None and not self.dataset:
+            raise SegmentError("--strategy memory_bank needs --dataset (the training dataset of the classes)")
+        if self.classes is not None and (not self.classes or min(self.classes) < 1):
+            raise SegmentError(f"--classes must list foreground label values >= 1, got {self.classes}")
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` → the first CUDA device when present, else the CPU; otherwise what torch understands."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as error:
+        raise SegmentError(f"--device {name!r}: {error}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SegmentError(f"--device {name}: no CUDA device is available; use --device cpu or auto")
+    return device
+
+
+def sidecar_path(out: str | Path) -> Path:
+    """``labels.nii.gz`` → ``labels.json`` next to it (any image suffix is dropped)."""
+    path = Path(out)
+    suffix = _suffix(path)
+    stem = path.name[: len(path.name) - len(suffix)] if suffix else path.stem
+    return path.with_name(f"{stem}.json")
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except OSError as error:
+        raise InvalidInputError(str(path), "unreadable", f"cannot read the file ({error.strerror})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise InvalidInputError(str(path), "malformed_json", f"not valid JSON ({error})") from None
+
+
+def read_class_names(path: Path) -> dict[int, str]:
+    """``{"1": "liver"}`` / ``{"liver": 1}``, or a ``dataset.json`` whose ``labels`` section is either."""
+    document = _read_json(path)
+    if isinstance(document, Mapping) and "labels" in document:
+        document = document["labels"]
+    return parse_labels(document, where=str(path))
+
+
+def class_names(labels: Sequence[int], labels_file: Path | None, label_path: Path | None) -> dict[int, str]:
+    """Names for ``labels``: ``--labels`` file, else the label map's JSON sidecar, else ``class_<n>``."""
+    declared: dict[int, str] = {}
+    if labels_file is not None:
+        declared = read_class_names(labels_file)
+    elif label_path is not None and sidecar_path(label_path).is_file():
+        declared = read_class_names(sidecar_path(label_path))
+    return {int(v): declared.get(int(v), f"class_{int(v)}") for v in labels}
+
+
+def _as_triple(values: Any, what: str) -> tuple[float, float, float]:
+    triple = [float(v) for v in (values if isinstance(values, list | tuple) else [values])]
+    if len(triple) == 1:
+        triple *= 3
+    if len(triple) != 3 or min(triple) <= 0:
+        raise SegmentError(f"{what}: expected one or three positive numbers, got {values!r}")
+    return tuple(triple)  # type: ignore[return-value]
+
+
+def project_preprocess(project_dir: Path) -> dict[str, Any] | None:
+    """``preprocess`` of ``conf/base/parameters_preprocess.yml`` in ``project_dir``, if there is one."""
+    path = project_dir / "conf" / "base" / "parameters_preprocess.yml"
+    if not path.is_file():
+        return None
+    try:
+        section = (yaml.safe_load(path.read_text()) or {}).get("preprocess")
+    except yaml.YAMLError as error:
+        raise InvalidInputError(str(path), "malformed_yaml", f"not valid YAML ({error})") from None
+    return dict(section) if isinstance(section, Mapping) else None
+
+
+def preprocess_params(
+    spacing: Sequence[float] | None,
+    bundle: ModelBundle,
+    recorded: Mapping[str, Any] | None,
+    project_dir: Path,
+) -> tuple[dict[str, Any], str]:
+    """The ``params:preprocess`` the model was trained with, and where they came from.
+
+    Sources, first found wins: the bundle metadata (``preprocess`` or ``target_spacing``), the registered
+    run's ``config/parameters.json`` (``recorded``), the project's ``conf/base/parameters_preprocess.yml``,
+    then 3 mm. ``--spacing`` overrides only the spacing.
+    """
+    metadata = bundle.metadata or {}
+    recorded_in_bundle = metadata.get("preprocess") or (
+        {"target_spacing": metadata["target_spacing"]} if "target_spacing" in metadata else None
+    )
+    candidates: list[tuple[str, Any]] = [
+        ("model bundle metadata", recorded_in_bundle),
+        ("registered run parameters", (recorded or {}).get("preprocess")),
+        (f"{project_dir / 'conf/base/parameters_preprocess.yml'}", project_preprocess(project_dir)),
+    ]
+    params: dict[str, Any] = {"target_spacing": list(DEFAULT_SPACING)}
+    source = "default 3 mm"
+    for name, section in candidates:
+        if isinstance(section, Mapping) and section.get("target_spacing") is not None:
+            params = {key: section[key] for key in PREPROCESS_KEYS if section.get(key) is not None}
+            source = name
+            break
+    params["target_spacing"] = list(_as_triple(params["target_spacing"], f"target_spacing from {source}"))
+    if spacing is not None:
+        params["target_spacing"] = list(_as_triple(list(spacing), "--spacing"))
+        source = f"--spacing (normalisation from {source})"
+    return params, source
+
+
+def default_roi(bundle: ModelBundle) -> tuple[int, int, int]:
+    """The training crop recorded in the bundle (the context the network learned from), else 128³."""
+    crop = (bundle.metadata or {}).get("train_config", {}).get("crop_size")
+    if crop is None:
+        return (DEFAULT_ROI,) * 3
+    values = [int(v) for v in (crop if isinstance(crop, list | tuple) else [crop])]
+    return tuple(values * 3 if len(values) == 1 else values)  # type: ignore[return-value]
+
+
+# ----------------------------------------------------------------------------------------- references
+
+
+@dataclass
+class Reference:
+    """One reference on the canonical grid: normalised image and label map arrays [z, y, x]."""
+
+    spec: ReferenceSpec
+    image: np.ndarray
+    label: np.ndarray
+
+
+def read_reference(
+    spec: ReferenceSpec, wanted: Sequence[int] | None, modality: str, params: Mapping[str, Any]
+) -> tuple[Reference, list[int]]:
+    """Read and check a reference pair; returns it on the canonical grid and its foreground values.
+
+    The image and label must share a grid (a label on another grid is almost always the wrong file), and
+    the label must hold every ``wanted`` class, before and after resampling.
+    """
+    image = read_image(spec.image)
+    label = read_image(spec.label)
+    difference = _first_grid_difference(
+        Geometry.from_image(image), Geometry.from_image(label), GRID_TOLERANCE_MM
+    )
+    if difference:
+        raise InvalidInputError(
+            str(spec.label),
+            "grid_mismatch",
+            f"reference image {spec.image} and its label are on different grids: {difference}; "
+            "resample the label onto the image grid",
+        )
+    present = [int(v) for v in _label_values(sitk.GetArrayViewFromImage(label), spec.label) if v != 0]
+    missing = [c for c in (wanted or []) if c not in present]
+    if missing:
+        raise InvalidInputError(
+            str(spec.label),
+            "missing_class",
+            f"the reference label has no voxel of class(es) {missing} (it holds {present}); "
+            "drop them with --classes or use a reference that shows them",
+        )
+    if not present:
+        raise InvalidInputError(str(spec.label), "empty_label", "the reference label has no foreground voxel")
+    volume = prepare_image(image, modality, params, source=str(spec.image))
+    canonical = prepare_label(label, volume, source=str(spec.label))
+    return Reference(spec, volume.array, canonical), present
+
+
+def reference_task(
+    model: Iris,
+    references: Sequence[Reference],
+    labels: Sequence[int],
+    strategy: str,
+    roi_size: Sequence[int],
+    *,
+    tuning_steps: int,
+    tuning_lr: float,
+) -> Tensor:
+    """T (1, K, m+1, C) from reference images: one-shot (first), context ensemble, or tuned ensemble.
+
+    Each class is encoded from a window centred on it, as ``embed_tasks`` and ``evaluate`` do, so the
+    numbers of a model's evaluation describe what this command does.
+    """
+    used = references[:1] if strategy == "one_shot" else references
+    embeddings = []
+    for reference in used:
+        class_masks(
+            reference.label, labels, source=str(reference.spec.label)
+        )  # names a class lost by resampling
+        embeddings.append(class_embeddings(model, reference.image, reference.label, labels, roi_size))
+    task = context_ensemble(torch.cat(embeddings))
+    if strategy != "tuning":
+        return task
+    pairs = []
+    for reference in used:
+        masks = torch.from_numpy(class_masks(reference.label, labels))[None].float()
+        image = torch.from_numpy(np.ascontiguousarray(reference.image))[None, None]
+        pairs.append(crop_reference(image, masks, roi_size))
+    holds = torch.stack([m.flatten(2).sum(dim=2)[0] > 0 for _, m in pairs]).any(dim=0)
+    return tune_task_embedding(model, task, pairs, steps=tuning_steps, lr=tuning_lr, class_mask=holds).task
+
+
+# ------------------------------------------------------------------------------------ stored embeddings
+
+
+def read_embeddings(path: Path) -> pd.DataFrame:
+    """A ``task_embeddings`` parquet (the embed_tasks output), checked for the columns used here."""
+    try:
+        table = pd.read_parquet(path)
+    except (OSError, ValueError) as error:
+        raise InvalidInputError(str(path), "unreadable", f"not a readable parquet table ({error})") from None
+    needed = {"dataset", "label", "class_name", "source", "tokens", "dim", "embedding"}
+    missing = sorted(needed - set(table.columns))
+    if missing:
+        raise InvalidInputError(
+            str(path), "malformed_table", f"not a task_embeddings table: columns {missing} are missing"
+        )
+    return table
+
+
+def stored_task(
+    model: Iris, table: pd.DataFrame, dataset: str | None, strategy: str, classes: Sequence[int] | None
+) -> tuple[Tensor, list[int], dict[int, str], str]:
+    """T from a ``task_embeddings`` table: memory-bank rows, the first reference (one_shot) or the mean of
+    the dataset's reference rows per class (ensemble). Returns (T, labels, names, dataset)."""
+    datasets = sorted(table["dataset"].astype(str).unique())
+    if dataset is None:
+        if len(datasets) != 1:
+            raise SegmentError(f"the embeddings hold datasets {datasets}; choose one with --dataset")
+        dataset = datasets[0]
+    if dataset not in datasets:
+        raise SegmentError(f"dataset {dataset!r} is not in the embeddings; known datasets: {datasets}")
+    source = "memory_bank" if strategy == "memory_bank" else "reference"
+    rows = table[(table["dataset"].astype(str) == dataset) & (table["source"] == source)]
+    available = sorted(int(v) for v in rows["label"].unique())
+    if not available:
+        kinds = sorted(table.loc[table["dataset"].astype(str) == dataset, "source"].unique())
+        raise SegmentError(
+            f"the embeddings hold no {source} row of dataset {dataset!r} (only {kinds}); "
+            + ("held-out datasets have no memory bank" if source == "memory_bank" else "re-run embed_tasks")
+        )
+    labels = list(classes) if classes else available
+    missing = [c for c in labels if c not in available]
+    if missing:
+        raise SegmentError(
+            f"the embeddings hold no {source} row of dataset {dataset!r} for class(es) {missing} "
+            f"(available: {available})"
+        )
+    expected = (model.config.num_tokens, model.config.embed_dim)
+    slots, names = [], {}
+    for label in labels:
+        group = rows[rows["label"].astype(int) == label]
+        if "case_id" in group:
+            group = group.sort_values("case_id", kind="stable")
+        shapes = {(int(t), int(d)) for t, d in zip(group["tokens"], group["dim"], strict=True)}
+        if shapes != {expected}:
+            raise SegmentError(
+                f"embeddings of {dataset}/{label} have (tokens, dim) {sorted(shapes)} but the model needs "
+                f"{expected}; they were made by another model"
+            )
+        vectors = [embedding_tensor(row) for row in group.to_dict("records")]
+        stacked = torch.stack(vectors[:1] if strategy == "one_shot" else vectors)  # (N, m+1, C)
+        slots.append(stacked.mean(dim=0))
+        names[label] = str(group["class_name"].iloc[0])
+    return torch.stack(slots)[None], labels, names, dataset
+
+
+def bank_task(
+    model: Iris, bundle: ModelBundle, dataset: str, classes: Sequence[int] | None
+) -> tuple[Tensor, list[int]]:
+    """T from the model's own memory bank (training classes ``dataset/label``), no reference."""
+    prefix = f"{dataset}/"
+    known = sorted(int(key[len(prefix) :]) for key in bundle.class_ids if key.startswith(prefix))
+    if not known:
+        datasets = sorted({key.split("/", 1)[0] for key in bundle.class_ids})
+        raise SegmentError(f"dataset {dataset!r} is not a training dataset of this model (known: {datasets})")
+    labels = list(classes) if classes else known
+    try:
+        task = memory_bank_task(model, bundle.class_ids, [f"{prefix}{c}" for c in labels])
+    except KeyError as error:
+        raise SegmentError(str(error.args[0])) from None
+    return task, labels
+
+
+# ---------------------------------------------------------------------------------------- segmenting
+
+
+def make_predictor(
+    model: Iris, task: Tensor, *, roi_size: Sequence[int], overlap: float, device: torch.device
+) -> VolumePredictor:
+    """The canonical-volume predictor (a separate function so tests can substitute a known prediction)."""
+    return volume_predictor(model, task, roi_size=roi_size, overlap=overlap, device=device)
+
+
+@dataclass
+class SegmentResult:
+    """The written label map, its sidecar and the summary that went into the sidecar."""
+
+    label_path: Path
+    sidecar_path: Path
+    summary: dict[str, Any]
+
+
+def label_volumes(label: sitk.Image, names: Mapping[int, str]) -> list[dict[str, Any]]:
+    """Per class: label value, name, voxel count and volume in ml (voxels × voxel volume in mm³ / 1000)."""
+    voxel_mm3 = float(np.prod(label.GetSpacing()))
+    values, counts = np.unique(sitk.GetArrayViewFromImage(label), return_counts=True)
+    count_of = dict(zip(values.tolist(), counts.tolist(), strict=True))
+    return [
+        {
+            "label": int(value),
+            "name": name,
+            "voxels": int(count_of.get(int(value), 0)),
+            "volume_ml": count_of.get(int(value), 0) * voxel_mm3 / 1000.0,
+        }
+        for value, name in names.items()
+    ]
+
+
+def segment(
+    request: SegmentRequest,
+    bundle: ModelBundle,
+    *,
+    model_uri: str,
+    recorded_parameters: Mapping[str, Any] | None = None,
+    project_dir: Path | None = None,
+    spacing: Sequence[float] | None = None,
+    on_step: StepCallback | None = None,
+) -> SegmentResult:
+    """Run ``iris segment``: read, embed, segment on the canonical grid, write on the scan's own grid."""
+    step = on_step or (lambda _: None)
+    request.check()
+    device = resolve_device(request.device)
+    params, params_source = preprocess_params(spacing, bundle, recorded_parameters, project_dir or Path.cwd())
+    roi = tuple(request.roi_size) if request.roi_size else default_roi(bundle)
+
+    step("reading")
+    image = read_image(request.image)
+    model = bundle.build_model().to(device)
+    references: list[Reference] = []
+    table = read_embeddings(request.embeddings) if request.embeddings is not None else None
+    labels = list(request.classes or [])
+    if request.references:
+        specs = request.references[:1] if request.strategy == "one_shot" else request.references
+        for index, spec in enumerate(specs):
+            reference, present = read_reference(spec, labels or None, request.modality, params)
+            if index == 0 and not labels:
+                labels = present  # every class the first reference shows; the others must show them too
+            references.append(reference)
+
+    step("embedding")
+    dataset = request.dataset
+    if references:
+        task = reference_task(
+            model, references, labels, request.strategy, roi,
+            tuning_steps=request.tuning_steps, tuning_lr=request.tuning_lr,
+        )  # fmt: skip
+        names = class_names(labels, request.labels_file, request.references[0].label)
+    elif table is not None:
+        task, labels, stored_names, dataset = stored_task(
+            model, table, request.dataset, request.strategy, request.classes
+        )
+        names = class_names(labels, request.labels_file, None) if request.labels_file else stored_names
+    else:
+        task, labels = bank_task(model, bundle, str(request.dataset), request.classes)
+        names = class_names(labels, request.labels_file, None)
+
+    step("segmenting")
+    predict = make_predictor(model, task, roi_size=roi, overlap=request.overlap, device=device)
+    with torch.no_grad():
+        result = segment_volume(
+            image, predict, labels, modality=request.modality, params=params,
+            threshold=request.threshold, device=device, source=str(request.image),
+        )  # fmt: skip
+
+    step("writing")
+    write_image(result, request.out)
+    summary = {
+        "image": str(request.image),
+        "output": str(request.out),
+        "model": model_uri,
+        "strategy": request.strategy,
+        "references": [{"image": str(r.image), "label": str(r.label)} for r in request.references],
+        "embeddings": None if request.embeddings is None else str(request.embeddings),
+        "dataset": dataset,
+        "modality": request.modality,
+        "preprocess": params,
+        "preprocess_source": params_source,
+        "roi_size": list(roi),
+        "threshold": request.threshold,
+        "device": str(device),
+        "geometry": Geometry.from_image(result).to_dict(),
+        "voxel_volume_mm3": float(np.prod(result.GetSpacing())),
+        "classes": label_volumes(result, names),
+    }
+    sidecar = sidecar_path(request.out)
+    write_text_atomic(sidecar, json.dumps(summary, indent=2) + "\n")
+    return SegmentResult(Path(request.out), sidecar, summary)

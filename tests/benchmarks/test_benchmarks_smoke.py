@@ -1,0 +1,108 @@
+"""The GPU benchmarks run end to end on CPU at small size (``--quick``) and write the JSON the docs quote.
+
+Each script runs in a subprocess, as a user runs it, with one torch thread (the CI box has 2 shared cores).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+BENCHMARKS = ROOT / "benchmarks"
+
+
+def _run(script: str, tmp_path: Path, *extra: str) -> dict:
+    out = tmp_path / f"{script}.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
+    command = [sys.executable, str(BENCHMARKS / f"{script}.py"), "--quick", "--json", str(out), *extra]
+    done = subprocess.run(
+        command, check=False, cwd=ROOT, env=env, capture_output=True, text=True, timeout=180
+    )
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    payload = json.loads(out.read_text())
+    assert payload["benchmark"] == script
+    assert payload["machine"]["device"] == "cpu" and payload["machine"]["torch"]
+    return payload
+
+
+def _positive(row: dict, *keys: str) -> None:
+    for key in keys:
+        assert row[key] > 0, (key, row)
+
+
+def test_train_step_reports_tflops_ratio_against_nnunet(tmp_path):
+    payload = _run("train_step", tmp_path, "--threads", "1")
+    rows = {r["model"]: r for r in payload["results"]}
+    assert set(rows) == {"iris", "nnunet"}
+    for row in rows.values():
+        _positive(row, "step_ms", "samples_per_s", "gflop_per_step", "tflops", "params_m")
+        assert row["memory_metric"] == "cpu_peak_rss_rise_psutil" and row["peak_memory_mib"] >= 0
+    assert rows["iris"]["gflop_per_step"] > rows["nnunet"]["gflop_per_step"] > 0
+    assert payload["ratios"]["tflops_iris_over_nnunet_b1"] == pytest.approx(
+        rows["iris"]["tflops"] / rows["nnunet"]["tflops"]
+    )
+
+
+def test_inference_reports_every_case_and_the_k_class_ratio(tmp_path):
+    payload = _run("inference", tmp_path, "--threads", "1")
+    rows = {r["case"]: r for r in payload["results"]}
+    expected = {"encode_task", "one_shot_cached", "2_queries", "single_class", "k_one_pass",
+                "k_single_passes", "resample", "sliding_window"}  # fmt: skip
+    assert set(rows) == expected
+    for row in rows.values():
+        _positive(row, "seconds")
+        assert "peak_memory_mib" in row and row["memory_metric"]
+    assert rows["sliding_window"]["windows"] > 1
+    _positive(payload["ratios"], "k_one_pass_over_single_class", "k_single_passes_over_k_one_pass")
+
+
+def test_dataloader_reports_episode_rate_against_the_step_rate(tmp_path):
+    payload = _run("dataloader", tmp_path, "--synthetic", "--step-rate", "2.0")
+    assert [r["workers"] for r in payload["results"]] == [0, 2]
+    for row in payload["results"]:
+        _positive(row, "batches_per_s", "episodes_per_s", "over_step_rate")
+        assert row["over_step_rate"] == pytest.approx(row["batches_per_s"] / 2.0)
+    assert payload["settings"]["data"].startswith("synthetic")
+
+
+def test_sampler_imports_without_the_train_loop_dependencies():
+    """The GPU machine lacks pytorch_optimizer/tqdm/Kedro; the loader benchmark must still get the sampler."""
+    code = (
+        "import sys; sys.modules['pytorch_optimizer'] = None; sys.path.insert(0, 'benchmarks');"
+        "import _common; from iris_pipelines.training import sampler as m;"
+        "assert m.EpisodeSampler and m.StepDataset;"
+        "assert 'iris_pipelines.training.loop' not in sys.modules; print('ok')"
+    )
+    command = [sys.executable, "-c", code]
+    done = subprocess.run(command, check=False, cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and "ok" in done.stdout, done.stderr[-3000:]
+
+
+def test_torch_sliding_window_matches_monai():
+    """The torch-only fallback (for the GPU box without MONAI) blends like MONAI's Gaussian mode."""
+    monai_inferers = pytest.importorskip("monai.inferers")
+    # Loaded by path: the name "inference" is also the tests/inference package.
+    sys.path.insert(0, str(BENCHMARKS))
+    spec = importlib.util.spec_from_file_location("benchmark_inference", BENCHMARKS / "inference.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    torch_sliding_window = module.torch_sliding_window
+
+    torch.manual_seed(0)
+    conv = torch.nn.Conv3d(1, 2, 3, padding=1)
+    volume = torch.randn(1, 1, 23, 30, 19)
+    with torch.no_grad():
+        ours = torch_sliding_window(conv, volume, roi_size=12, overlap=0.5, sw_batch_size=3)
+        theirs = monai_inferers.sliding_window_inference(
+            volume, (12, 12, 12), 3, conv, overlap=0.5, mode="gaussian", sigma_scale=0.125
+        )
+    assert ours.shape == theirs.shape
+    torch.testing.assert_close(ours, theirs, atol=2e-3, rtol=1e-3)

@@ -1,0 +1,269 @@
+"""The inference strategies: one-shot, ensemble, memory bank, retrieval, tuning, labels, windows."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from iris_pipelines.inference import (
+    ModelBundle,
+    check_strategy,
+    context_ensemble,
+    crop_reference,
+    encode_reference,
+    encode_references,
+    logits_to_labels,
+    mask_window,
+    memory_bank_task,
+    retrieval_task,
+    retrieve_references,
+    tune_task_embedding,
+)
+from iris_pipelines.model import Iris, IrisConfig
+
+Scans = dict[str, tuple[torch.Tensor, torch.Tensor]]
+
+
+def test_strategy_names_are_checked() -> None:
+    assert check_strategy("retrieval") == "retrieval"
+    with pytest.raises(ValueError, match=r"unknown inference strategy 'few_shot'.*one_shot"):
+        check_strategy("few_shot")
+
+
+# ------------------------------------------------------------------------------------ one-shot, ensemble
+
+
+def test_ensemble_of_identical_references_equals_one_shot(tiny_model: Iris, scans: Scans) -> None:
+    image, masks = scans["a"]
+    query = scans["b"][0]
+    one_shot = encode_reference(tiny_model, image, masks)
+    pool = encode_references(tiny_model, [(image, masks)] * 3)
+    ensembled = context_ensemble(pool)
+    assert pool.shape == (3, *one_shot.shape[1:])
+    torch.testing.assert_close(ensembled, one_shot, rtol=0, atol=1e-6)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            tiny_model.segment(query, ensembled), tiny_model.segment(query, one_shot), rtol=0, atol=1e-5
+        )
+
+
+def test_ensemble_is_the_mean_over_references_holding_the_class() -> None:
+    pool = torch.randn(3, 2, 4, 8, generator=torch.Generator().manual_seed(0))
+    valid = torch.tensor([[True, True], [True, False], [False, True]])
+    task = context_ensemble(pool, valid)
+    torch.testing.assert_close(task[0, 0], (pool[0, 0] + pool[1, 0]) / 2)
+    torch.testing.assert_close(task[0, 1], (pool[0, 1] + pool[2, 1]) / 2)
+    assert not torch.allclose(task, context_ensemble(pool))
+    with pytest.raises(ValueError, match=r"class slot\(s\) \[1\] have no valid reference"):
+        context_ensemble(pool, torch.tensor([[True, False], [True, False], [False, False]]))
+    with pytest.raises(ValueError, match=r"valid must have shape \(3, 2\)"):
+        context_ensemble(pool, torch.ones(2, 2, dtype=torch.bool))
+
+
+def test_references_with_empty_masks_or_wrong_shapes_are_refused(tiny_model: Iris, scans: Scans) -> None:
+    image, masks = scans["a"]
+    empty = masks.clone()
+    empty[:, 1] = 0
+    with pytest.raises(ValueError, match=r"reference 1: reference mask of class slot\(s\) \[1\] is empty"):
+        encode_references(tiny_model, [(image, masks), (image, empty)])
+    with pytest.raises(ValueError, match=r"masks must have shape \(1, K, D, H, W\) matching"):
+        encode_reference(tiny_model, image, masks[..., :20])
+    with pytest.raises(ValueError, match=r"different numbers of classes \[1, 2\]"):
+        encode_references(tiny_model, [(image, masks), (image, masks[:, :1])])
+
+
+# ------------------------------------------------------------------------------------------ memory bank
+
+
+@pytest.fixture(scope="module")
+def banked_model() -> tuple[Iris, dict[str, int], torch.Tensor]:
+    torch.manual_seed(0)
+    model = Iris(IrisConfig.tiny(memory_bank_size=3)).eval()
+    rows = torch.randn(2, model.config.num_tokens, model.config.embed_dim)
+    model.update_memory_bank(torch.tensor([0, 2]), rows)  # slot 1 never appears in training
+    return model, {"liver/1": 0, "kidney/2": 1, "spleen/1": 2}, rows
+
+
+def test_memory_bank_returns_the_rows_of_the_keys(
+    banked_model: tuple[Iris, dict[str, int], torch.Tensor], tmp_path: Path
+) -> None:
+    model, class_ids, rows = banked_model
+    task = memory_bank_task(model, class_ids, ["spleen/1", "liver/1"])
+    assert torch.equal(task, torch.stack([rows[1], rows[0]])[None])
+    # The versioned artifact carries the bank and the key table: a reloaded bundle gives the same rows.
+    loaded = ModelBundle.load(ModelBundle.from_model(model, class_ids).save(tmp_path / "bundle"))
+    again = memory_bank_task(loaded.build_model(), loaded.class_ids, ["spleen/1", "liver/1"])
+    assert torch.equal(again, task)
+    task.add_(1.0)  # the result is a copy: editing it must not touch the bank
+    assert torch.equal(model.memory_bank[2], rows[1])
+
+
+def test_memory_bank_errors_name_unknown_and_unseen_classes(
+    banked_model: tuple[Iris, dict[str, int], torch.Tensor], tiny_model: Iris
+) -> None:
+    model, class_ids, _ = banked_model
+    with pytest.raises(KeyError, match=r"\['heart/4'\] are not training classes.*kidney/2, liver/1"):
+        memory_bank_task(model, class_ids, ["liver/1", "heart/4"])
+    with pytest.raises(KeyError, match=r"no embedding for \['kidney/2'\]: they never appeared"):
+        memory_bank_task(model, class_ids, ["kidney/2"])
+    with pytest.raises(KeyError, match="outside the memory bank of 3 slots"):
+        memory_bank_task(model, {"x/1": 7}, ["x/1"])
+    with pytest.raises(ValueError, match="has no memory bank"):
+        memory_bank_task(tiny_model, class_ids, ["liver/1"])
+
+
+# --------------------------------------------------------------------------------------------- retrieval
+
+
+def test_retrieve_references_picks_the_most_similar_per_class() -> None:
+    generator = torch.Generator().manual_seed(0)
+    query = torch.randn(1, 2, 3, 8, generator=generator)
+    pool = torch.randn(5, 2, 3, 8, generator=generator)
+    noise = torch.randn(5, 2, 3, 8, generator=generator)
+    # Class 0: row 3 is the query with a little noise, row 1 with more; class 1: row 0, then row 4.
+    # A scaled copy is as similar as the query itself (cosine ignores the norm).
+    pool[3, 0] = query[0, 0] + 0.05 * noise[3, 0]
+    pool[1, 0] = query[0, 0] + 0.3 * noise[1, 0]
+    pool[0, 1] = 5.0 * query[0, 1]
+    pool[4, 1] = query[0, 1] + 0.2 * noise[4, 1]
+    task, indices, scores = retrieve_references(query, pool, top_k=2)
+    assert indices.tolist() == [[3, 1], [0, 4]]
+    assert scores[1, 0] == pytest.approx(1.0, abs=1e-5) and (scores[:, 0] >= scores[:, 1]).all()
+    torch.testing.assert_close(task[0, 0], (pool[3, 0] + pool[1, 0]) / 2)
+    torch.testing.assert_close(task[0, 1], (pool[0, 1] + pool[4, 1]) / 2)
+    # Rows that do not hold a class are never retrieved for it; too few valid rows are padded with -1.
+    valid = torch.ones(5, 2, dtype=torch.bool)
+    valid[3, 0] = False
+    valid[:, 1] = torch.tensor([False, False, True, False, False])
+    _, indices, scores = retrieve_references(query, pool, top_k=2, valid=valid)
+    assert indices[0, 0].item() == 1 and indices[1].tolist() == [2, -1] and scores[1, 1] == float("-inf")
+
+
+def test_retrieval_task_retrieves_the_reference_matching_the_query(tiny_model: Iris, scans: Scans) -> None:
+    """With an exact initial segmentation, the query's own embedding is in the pool: retrieval must find it.
+
+    The initial segmentation comes from an injected ``segment_fn`` returning the query's true masks as
+    logits, so the query self-encoding is known and the test does not depend on a trained network.
+    """
+    query, query_masks = scans["c"]
+    calls = []
+
+    def oracle(image: torch.Tensor, task: torch.Tensor) -> torch.Tensor:
+        calls.append(task)
+        return (query_masks * 2 - 1) * 10.0
+
+    own = crop_reference(query, query_masks, 20)
+    query_task = encode_reference(tiny_model, *own)
+    others = encode_references(tiny_model, [scans["a"], scans["b"]])
+    pool = torch.cat([others[:1], query_task, others[1:]])  # the match sits in row 1
+    result = retrieval_task(tiny_model, query, pool, top_k=1, initial_index=2, segment_fn=oracle, roi_size=20)
+    assert result.indices.tolist() == [[1], [1]]
+    assert result.initial_indices.tolist() == [2, 2] and torch.equal(calls[0], pool[2:3])
+    torch.testing.assert_close(result.task, query_task, rtol=0, atol=1e-5)
+    assert result.scores[:, 0].tolist() == pytest.approx([1.0, 1.0], abs=1e-5)
+    assert not result.fallback.any()
+    valid = torch.ones(3, 2, dtype=torch.bool)
+    valid[2, 0] = False
+    with pytest.raises(ValueError, match=r"initial reference 2 does not hold class slot\(s\) \[0\]"):
+        retrieval_task(tiny_model, query, pool, top_k=1, valid=valid, initial_index=2, segment_fn=oracle)
+
+
+def test_retrieval_falls_back_to_the_pool_mean_for_an_empty_initial_mask(
+    tiny_model: Iris, scans: Scans
+) -> None:
+    query, query_masks = scans["c"]
+    partial = query_masks.clone()
+    partial[:, 1] = 0  # class 1 is not found by the initial segmentation
+
+    def oracle(image: torch.Tensor, task: torch.Tensor) -> torch.Tensor:
+        return (partial * 2 - 1) * 10.0
+
+    pool = encode_references(tiny_model, [scans["a"], scans["b"], (query, query_masks)])
+    generator = torch.Generator().manual_seed(0)
+    result = retrieval_task(tiny_model, query, pool, top_k=1, segment_fn=oracle, generator=generator)
+    assert result.fallback.tolist() == [False, True]
+    assert result.indices[0].tolist() == [2] and result.indices[1].tolist() == [-1]
+    torch.testing.assert_close(result.task[0, 1], pool[:, 1].mean(dim=0))
+    # The random initial reference is drawn from the seeded generator: the same seed, the same draw.
+    again = retrieval_task(
+        tiny_model, query, pool, top_k=1, segment_fn=oracle, generator=torch.Generator().manual_seed(0)
+    )
+    assert torch.equal(again.initial_indices, result.initial_indices)
+
+
+def test_retrieval_without_segment_fn_runs_the_model(tiny_model: Iris, scans: Scans) -> None:
+    pool = encode_references(tiny_model, [scans["a"], scans["b"]])
+    result = retrieval_task(tiny_model, scans["c"][0], pool, top_k=2, initial_index=0)
+    assert result.task.shape == (1, 2, *pool.shape[2:]) and torch.isfinite(result.task).all()
+    picked = result.indices[~result.fallback]
+    assert ((picked == 0) | (picked == 1)).all()
+
+
+# ------------------------------------------------------------------------------------------------ tuning
+
+
+def test_tuning_lowers_its_loss_and_leaves_every_weight_bit_identical(scans: Scans) -> None:
+    torch.manual_seed(0)
+    model = Iris(IrisConfig.tiny()).train()
+    model.encoder.requires_grad_(False)  # a mixed state that must come back as it was
+    before = {name: value.clone() for name, value in model.state_dict().items()}
+    flags = {name: p.requires_grad for name, p in model.named_parameters()}
+    image, masks = scans["a"]
+    initial = encode_reference(model, *scans["b"])
+    initial_copy = initial.clone()
+
+    result = tune_task_embedding(model, initial, [(image, masks)], steps=6, lr=5e-2)
+
+    assert len(result.losses) == 7
+    assert result.losses[-1] < result.losses[0] - 0.1, result.losses
+    assert not result.task.requires_grad and not torch.equal(result.task, initial)
+    assert torch.equal(initial, initial_copy)
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, before[name]), f"{name} changed"
+    assert {name: p.requires_grad for name, p in model.named_parameters()} == flags
+    assert all(p.grad is None for p in model.parameters())
+    assert model.training
+
+
+def test_tuning_checks_its_inputs(tiny_model: Iris, scans: Scans) -> None:
+    task = encode_reference(tiny_model, *scans["a"])
+    image, masks = scans["b"]
+    with pytest.raises(ValueError, match="has 1 class masks but the task embedding has 2"):
+        tune_task_embedding(tiny_model, task, [(image, masks[:, :1])], steps=1)
+    with pytest.raises(ValueError, match="at least one reference"):
+        tune_task_embedding(tiny_model, task, [], steps=1)
+    with pytest.raises(ValueError, match=r"initial task embedding must have shape \(1, K, 11, 64\)"):
+        tune_task_embedding(tiny_model, task[..., :8], [(image, masks)], steps=1)
+
+
+# ---------------------------------------------------------------------------------- labels and windows
+
+
+def test_logits_to_labels_takes_the_argmax_above_threshold() -> None:
+    logits = torch.full((2, 1, 1, 4), -5.0)
+    logits[0, 0, 0, 0] = 2.0  # class 0 only
+    logits[:, 0, 0, 1] = torch.tensor([1.0, 3.0])  # both above: argmax is class 1
+    logits[:, 0, 0, 2] = torch.tensor([-0.1, -0.2])  # max below 0.5 probability: background
+    labels = logits_to_labels(logits[None], [4, 7])
+    assert labels.dtype == torch.int32 and labels[0, 0].tolist() == [4, 7, 0, 0]
+    assert logits_to_labels(logits, [4, 7], threshold=0.4)[0, 0].tolist() == [4, 7, 4, 0]
+    with pytest.raises(ValueError, match=r"K=3"):
+        logits_to_labels(logits, [1, 2, 3])
+
+
+def test_reference_window_is_centred_on_the_union_box_and_stays_inside() -> None:
+    masks = torch.zeros(1, 2, 40, 30, 20)
+    masks[0, 0, 10:14, 5:9, 2:6] = 1
+    masks[0, 1, 20:22, 8:10, 4:8] = 1  # union box: z 10..22, y 5..10, x 2..8
+    z, y, x = mask_window(masks, 16)
+    assert (z.start, z.stop) == (8, 24)  # centre 16
+    assert (y.start, y.stop) == (0, 16)  # centre 7.5 would start at -0.5: shifted inside
+    assert (x.start, x.stop) == (0, 16)
+    image = torch.randn(1, 1, 40, 30, 20)
+    crop_image, crop_masks = crop_reference(image, masks, (64, 16, 64))  # z, x fit whole
+    assert crop_image.shape == (1, 1, 40, 16, 20) and crop_masks.sum() == masks.sum()
+    assert torch.equal(crop_image, image[:, :, :, 0:16])
+    with pytest.raises(ValueError, match="empty masks"):
+        mask_window(torch.zeros(1, 1, 8, 8, 8), 4)

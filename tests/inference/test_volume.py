@@ -1,0 +1,137 @@
+"""Raw scans in, label images out: predictions overlay their scan in world coordinates."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+from scipy.spatial.transform import Rotation
+
+from iris_pipelines.collection.preprocessing import PreprocessParams, _image_array
+from iris_pipelines.imaging import Geometry, InvalidInputError, write_image
+from iris_pipelines.inference import (
+    class_masks,
+    encode_reference,
+    predict_label_array,
+    prepare_image,
+    reference_task,
+    reference_tensors,
+    segment_volume,
+    volume_predictor,
+)
+from iris_pipelines.model import Iris
+
+PARAMS = {"target_spacing": [1.5, 1.5, 1.5], "ct_window": [-990, 500], "percentiles": [2, 98]}
+_OBLIQUE = Rotation.from_euler("xy", [20.0, 20.0], degrees=True).as_matrix()
+
+GEOMETRIES = {
+    # LPS-flipped axes (as a RAS-stored NIfTI reads in ITK), anisotropic.
+    "lps_flip": ((1.0, 1.2, 2.0), (40.0, 35.0, -20.0), np.diag([-1.0, -1.0, 1.0])),
+    # No index axis parallel to a world axis, strongly anisotropic.
+    "oblique": ((0.8, 1.1, 2.5), (-30.5, 12.2, 40.0), _OBLIQUE),
+    # Oblique and left-handed (det < 0), the case DICOM cannot store but NIfTI can.
+    "oblique_left_handed": ((1.3, 0.9, 1.7), (5.0, -8.0, 3.0), _OBLIQUE @ np.diag([1.0, 1.0, -1.0])),
+}
+
+
+def _scan(name: str, label_value: int = 5) -> tuple[sitk.Image, sitk.Image, np.ndarray]:
+    """A CT-like scan (x, y, z) = (28, 24, 14) with an off-centre ellipsoid, its label and blob centre."""
+    spacing, origin, direction = GEOMETRIES[name]
+    size = (28, 24, 14)
+    geometry = Geometry(size, spacing, origin, tuple(direction.ravel()))
+    ijk = np.stack(np.meshgrid(*(np.arange(s) for s in size), indexing="ij"), -1).reshape(-1, 3)
+    world = geometry.index_to_world(ijk)
+    centre = geometry.index_to_world(np.array([(s - 1) / 2 for s in size]))[0] + np.array([4.0, -3.0, 5.0])
+    inside = (((world - centre) / np.array([6.0, 7.0, 8.0])) ** 2).sum(axis=1) <= 1.0
+    inside = inside.reshape(size).transpose(2, 1, 0)  # (x, y, z) → SimpleITK's [z, y, x] array order
+    image = sitk.GetImageFromArray(np.where(inside, 300.0, -800.0).astype(np.float32))
+    label = sitk.GetImageFromArray((inside * label_value).astype(np.uint8))
+    for item in (image, label):
+        geometry.apply_to(item)
+    return image, label, centre
+
+
+def _threshold_predictor(volume: torch.Tensor) -> torch.Tensor:
+    """Logits that are positive where the normalised image is brighter than mid-range: the blob."""
+    middle = (volume.max() + volume.min()) / 2
+    return (volume - middle) * 10.0
+
+
+def _world_centroid(label: sitk.Image, value: int) -> np.ndarray:
+    zyx = np.argwhere(sitk.GetArrayViewFromImage(label) == value)
+    return Geometry.from_image(label).index_to_world(zyx[:, ::-1].astype(float)).mean(axis=0)
+
+
+@pytest.mark.parametrize("name", sorted(GEOMETRIES))
+def test_prediction_overlays_the_input_in_world_coordinates(name: str) -> None:
+    image, truth, _ = _scan(name)
+    result = segment_volume(image, _threshold_predictor, [5], modality="CT", params=PARAMS)
+
+    assert Geometry.from_image(result) == Geometry.from_image(image)
+    assert result.GetPixelID() == sitk.sitkUInt8
+    predicted = sitk.GetArrayFromImage(result)
+    expected = sitk.GetArrayFromImage(truth) == 5
+    assert set(np.unique(predicted)) == {0, 5}
+    dice = 2 * np.sum((predicted == 5) & expected) / (np.sum(predicted == 5) + np.sum(expected))
+    assert dice > 0.85, dice
+    # The centroid, compared in the scan's own voxel units: within half a voxel on every axis.
+    geometry = Geometry.from_image(image)
+    offset = geometry.world_to_index(_world_centroid(result, 5)) - geometry.world_to_index(
+        _world_centroid(truth, 5)
+    )
+    assert np.all(np.abs(offset) < 0.5), offset
+
+
+def test_prepared_image_is_exactly_what_the_preprocess_stage_writes(tmp_path: Path) -> None:
+    image, _, _ = _scan("oblique")
+    path = tmp_path / "scan.mha"
+    write_image(image, path)
+    params = PreprocessParams.from_dict(PARAMS)
+    array, original, grid = _image_array({"image_path": str(path), "modality": "ct"}, params)
+    volume = prepare_image(image, "CT", PARAMS)
+    assert np.array_equal(volume.array, array) and volume.array.dtype == np.float32
+    assert volume.original == original and volume.grid == grid
+    assert grid.is_identity_direction and grid.spacing == (1.5, 1.5, 1.5)
+    with pytest.raises(InvalidInputError, match="modality 'XR' is not one of"):
+        prepare_image(image, "xr", PARAMS)
+
+
+def test_reference_is_cut_around_its_classes_and_encoded(tiny_model: Iris) -> None:
+    image, label, _ = _scan("oblique", label_value=3)
+    whole_image, whole_masks = reference_tensors(image, label, [3], "CT", PARAMS, roi_size=None)
+    ref_image, ref_masks = reference_tensors(image, label, [3], "CT", PARAMS, roi_size=20)
+    assert whole_masks.shape[:2] == (1, 1) and max(whole_masks.shape[2:]) > 20
+    assert ref_masks.shape[2:] == tuple(min(20, s) for s in whole_masks.shape[2:])
+    assert ref_masks.sum() == whole_masks.sum() > 0, "the window must hold the whole structure"
+    task = reference_task(tiny_model, image, label, [3], "CT", PARAMS, roi_size=20)
+    torch.testing.assert_close(task, encode_reference(tiny_model, ref_image, ref_masks), rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"label value\(s\) \[9\] have no voxel.*present: \[3\]"):
+        reference_tensors(image, label, [3, 9], "CT", PARAMS, source="ref.nii.gz")
+    with pytest.raises(ValueError, match=r"label values \[0\] are not foreground"):
+        class_masks(np.zeros((4, 4, 4), dtype=np.uint8), [0])
+
+
+def test_segment_volume_with_the_model_tiles_and_returns_the_scan_grid(tiny_model: Iris) -> None:
+    image, label, _ = _scan("lps_flip")
+    task = reference_task(tiny_model, image, label, [5], "CT", PARAMS, roi_size=24)
+    calls = []
+    sliding = volume_predictor(tiny_model, task, roi_size=18)
+
+    def predict(volume: torch.Tensor) -> torch.Tensor:
+        calls.append(tuple(volume.shape))
+        return sliding(volume)
+
+    result = segment_volume(image, predict, [5], modality="CT", params=PARAMS)
+    assert Geometry.from_image(result) == Geometry.from_image(image)
+    assert set(np.unique(sitk.GetArrayViewFromImage(result))) <= {0, 5}
+    assert len(calls) == 1 and min(calls[0][2:]) > 18, "the canonical volume is larger than one window"
+
+
+def test_a_predictor_with_the_wrong_output_shape_is_named() -> None:
+    image, _, _ = _scan("lps_flip")
+    volume = prepare_image(image, "CT", PARAMS)
+    with pytest.raises(ValueError, match=r"predict returned logits of shape .* expected \(1, 2,"):
+        predict_label_array(volume, _threshold_predictor, [1, 2])

@@ -1,0 +1,140 @@
+"""The SLURM launcher's parts that need no cluster: the stop hook of the train loop, the metrics file,
+the watcher, memory sizing and the hpcc_local env composition. These run everywhere (no `slurm` marker)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+import signal
+from pathlib import Path
+
+import pytest
+import yaml
+from training_synthetic import fast_train_config, tiny_model_config
+
+from iris_pipelines.launch.slurm import (
+    MetricsTail,
+    SlurmJobError,
+    _memory_per_node,
+    _StopFlag,
+    _Watcher,
+    run_slurm,
+)
+from iris_pipelines.training import latest_checkpoint, run_training
+from iris_pipelines.training.loop import TrainingInterrupted
+
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_a_stop_request_checkpoints_and_the_rerun_ends_where_an_uninterrupted_run_does(
+    collection, tmp_path, one_torch_thread
+):
+    manifest, index = collection
+    kwargs = {
+        "model_config": tiny_model_config(),
+        "train_config": fast_train_config(steps=3),
+        "episode_index": index,
+        "preprocessed_manifest": manifest,
+    }
+    straight = run_training(**kwargs, checkpoint_dir=tmp_path / "straight")
+
+    calls = []
+    with pytest.raises(TrainingInterrupted) as stopped:
+        run_training(
+            **kwargs, checkpoint_dir=tmp_path / "stopped", stop_requested=lambda: calls.append(1) or True
+        )
+    assert stopped.value.step == 1 and len(calls) == 1
+    assert latest_checkpoint(tmp_path / "stopped").name == "step_00000001.pt"
+    resumed = run_training(**kwargs, checkpoint_dir=tmp_path / "stopped", stop_requested=lambda: False)
+    assert resumed.final_step == 3
+    assert resumed.weights_checksum == straight.weights_checksum
+
+
+def test_the_warning_signal_wins_over_sigterm():
+    flag = _StopFlag()
+    assert not flag()
+    flag.handler(signal.SIGTERM, None)
+    assert flag.reason == "terminate"
+    flag.handler(signal.SIGUSR2, None)  # preemption look-alike: TERM then USR2 -> requeue
+    flag.handler(signal.SIGTERM, None)  # the requeue's own TERM must not turn it back
+    assert flag() and flag.reason == "warning"
+
+
+def test_metrics_tail_reads_whole_lines_once(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    tail = MetricsTail(path)
+    assert list(tail) == []
+    path.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "lo')
+    assert list(tail) == [{"step": 1, "loss": 2.0}]
+    with path.open("a", encoding="utf-8") as handle:
+        handle.write('ss": 1.5}\n')
+    assert list(tail) == [{"step": 2, "loss": 1.5}]
+    assert list(tail) == []
+
+
+def test_watcher_forwards_each_step_once_and_stops_on_give_up():
+    seen = []
+    watcher = _Watcher("7", steps=4, on_metrics=seen.append)
+    for record in (
+        {"event": "started", "attempt": 0, "world_size": 2, "master": "n1:1"},
+        {"step": 1, "loss": 1.0, "samples_per_s": 2.0},
+        {"step": 2, "loss": 0.9, "samples_per_s": 2.0},
+        {"event": "interrupted", "step": 2, "reason": "warning", "action": "requeue", "attempt": 0},
+        {"step": 2, "loss": 0.9, "samples_per_s": 2.0},  # resumed from an older checkpoint: a repeat
+        {"step": 2, "dataset": "alpha", "dice": 0.5},
+    ):
+        watcher.handle(record)
+    assert [(r["step"], r.get("dataset")) for r in seen] == [(1, None), (2, None), (2, "alpha")]
+    assert watcher.bar.n == 2
+    with pytest.raises(SlurmJobError, match="after 3 requeues"):
+        watcher.handle(
+            {
+                "event": "interrupted",
+                "step": 3,
+                "reason": "warning",
+                "action": "give_up",
+                "attempt": 3,
+                "message": "SLURM job 7 hit its time limit or was preempted again after 3 requeues",
+            }
+        )
+    watcher.close()
+
+
+def test_memory_is_asked_per_node():
+    assert _memory_per_node("64G", 4) == "256G"
+    assert _memory_per_node("8000m", 2) == "16000M"
+    assert _memory_per_node(None, 4) is None
+    with pytest.raises(ValueError, match="mem_per_task"):
+        _memory_per_node("lots", 2)
+
+
+def test_without_sbatch_the_error_says_what_to_do(monkeypatch, tmp_path):
+    monkeypatch.setenv("PATH", str(tmp_path))
+    with pytest.raises(SlurmJobError, match="local-cluster/start.sh"):
+        run_slurm(folder=tmp_path, train_config={}, checkpoint_dir=tmp_path)
+
+
+def test_hpcc_local_is_hpcc_shrunk(tmp_path):
+    spec = importlib.util.spec_from_file_location(
+        "make_env", PROJECT_ROOT / "slurm/local-cluster/make_env.py"
+    )
+    make_env = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(make_env)
+    conf = tmp_path / "conf"
+    shutil.copytree(PROJECT_ROOT / "conf" / "hpcc", conf / "hpcc")
+    env = make_env.compose_env(conf)
+    hpcc = yaml.safe_load((conf / "hpcc" / "parameters_train.yml").read_text(encoding="utf-8"))
+    local = yaml.safe_load((env / "parameters_train.yml").read_text(encoding="utf-8"))
+    assert local["model"]["size"] == "tiny" and local["train"]["launcher"] == "slurm"
+    assert local["train"]["launcher_options"]["tasks_per_node"] == 2
+    assert local["train"]["launcher_options"]["gpus_per_node"] == 0
+    # what the override files leave alone is hpcc's, interpolations included
+    assert local["train"]["launcher_options"]["folder"] == hpcc["train"]["launcher_options"]["folder"]
+    assert local["train"]["lr"] == hpcc["train"]["lr"]
+    assert (
+        yaml.safe_load((env / "mlflow.yml").read_text(encoding="utf-8"))["server"]["mlflow_tracking_uri"]
+        == "sqlite:///mlflow.db"
+    )
+    assert sorted(p.name for p in env.iterdir()) == sorted(p.name for p in (conf / "hpcc").iterdir())
+    json.dumps(local)  # plain data: no OmegaConf leftovers

@@ -1,0 +1,161 @@
+"""`iris review`: the provenance of a registered model version, and whether its numbers reproduce.
+
+One cheap but real chain builds the model under review: train (2 steps) → register → embed_tasks →
+evaluate, in memory with the project's own catalog entries persisted (versioned) under a temporary data
+root, inside one MLflow run, so the version carries the provenance and eval tags a `kedro run` leaves.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from kedro.framework.hooks.manager import _create_hook_manager
+from kedro.io import DataCatalog, MemoryDataset
+from kedro.runner import SequentialRunner
+from mlflow_support import temporary_mlflow_store
+
+from iris_pipelines.cli import main
+from iris_pipelines.hooks import InputVersionHooks, ProvenanceHooks
+from iris_pipelines.pipelines.embed_tasks import create_pipeline as embed_pipeline
+from iris_pipelines.pipelines.evaluate import create_pipeline as evaluate_pipeline
+from iris_pipelines.pipelines.train import create_pipeline as train_pipeline
+from iris_pipelines.review import project_config
+
+PROJECT = Path(__file__).parents[1]
+EPISODES_VERSION = "2026-01-01T00.00.00.000Z"
+MANIFEST_VERSION = "2026-01-01T00.00.01.000Z"
+
+
+def _parameters(root: Path) -> dict:
+    return {
+        "model": {"size": "tiny"},
+        "train": {
+            "launcher": "in_process", "launcher_options": {}, "checkpoint_root": str(root / "checkpoints"),
+            "registry_name": "iris", "steps": 2, "batch_size": 1, "crop_size": [32, 32, 32],
+            "warmup_steps": 1, "val_every": 1000, "checkpoint_every": 1000, "log_every": 1,
+            "num_workers": 0, "device": "cpu", "precision": "fp32", "augment": False,
+        },
+        "embed_tasks": {"references_per_class": 2, "roi_size": [32, 32, 32], "seed": 0},
+        "evaluate": {
+            "strategies": ["one_shot", "ensemble"], "baselines": ["paste"], "roi_size": [32, 32, 32],
+            "nsd_tolerance_mm": 3.0,
+        },
+    }  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def registered(tmp_path_factory, collection, one_torch_thread):
+    """(tracking URI, data root) of a store holding models:/iris/1, trained, registered and evaluated."""
+    root = tmp_path_factory.mktemp("review")
+    data_root = root / "data"
+    manifest, index = collection
+    parameters = _parameters(root)
+    pipeline = train_pipeline() + embed_pipeline() + evaluate_pipeline()
+    config = project_config(PROJECT, None, str(data_root))["catalog"]
+    persisted = {name: config[name] for name in pipeline.datasets() if name in config}
+    DataCatalog.from_config(persisted, save_version=EPISODES_VERSION).save("episode_index", index)
+    DataCatalog.from_config(persisted, save_version=MANIFEST_VERSION).save("preprocessed_manifest", manifest)
+    catalog = DataCatalog.from_config(persisted)
+    catalog["parameters"] = MemoryDataset(parameters)
+    for key, value in parameters.items():
+        catalog[f"params:{key}"] = MemoryDataset(value)
+    hooks = _create_hook_manager()
+    hooks.register(InputVersionHooks())
+    with temporary_mlflow_store(root) as uri:
+        with mlflow.start_run():
+            ProvenanceHooks().before_pipeline_run(run_params={"project_path": str(PROJECT), "env": "test"})
+            SequentialRunner().run(pipeline, catalog, hook_manager=hooks)
+        yield uri, data_root
+
+
+def review(uri: str, data_root: Path, *args: str):
+    return CliRunner().invoke(
+        main,
+        ["review", "models:/iris/1", "--tracking-uri", uri, "--project", str(PROJECT),
+         "--data-root", str(data_root), *args],
+    )  # fmt: skip
+
+
+def test_provenance_is_printed_without_reproducing(registered) -> None:
+    uri, data_root = registered
+    result = review(uri, data_root)
+    assert result.exit_code == 0, result.output
+    output = " ".join(result.output.split())
+    for expected in (
+        "git commit",
+        "kedro env │ test",
+        f"version of episode_index │ {EPISODES_VERSION}",
+        f"version of preprocessed_manifest │ {MANIFEST_VERSION}",
+        "episode_index_checksum",
+        "final train/loss",
+        "eval.seen.one_shot.dice",
+        "run eval/heldout/paste/dice",
+        'evaluate.strategies │ ["one_shot", "ensemble"]',
+    ):
+        assert expected in output, expected
+    assert "lock file │ matches current" in output or "lock file │ differs" in output
+
+
+def test_reproduce_passes_on_a_fresh_model(registered) -> None:
+    uri, data_root = registered
+    result = review(uri, data_root, "--reproduce")
+    assert result.exit_code == 0, result.output
+    assert "reproduced: all" in result.output and "✘" not in result.output
+    assert "tag eval.seen.ensemble.dice" in result.output and "metric eval/novel/paste/nsd" in result.output
+
+
+def test_reproduce_fails_on_a_tampered_metric(registered) -> None:
+    uri, data_root = registered
+    client = mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
+    original = client.get_model_version("iris", "1").tags["eval.seen.one_shot.dice"]
+    client.set_model_version_tag("iris", "1", "eval.seen.one_shot.dice", f"{float(original) + 0.01:.6f}")
+    try:
+        result = review(uri, data_root, "--reproduce")
+    finally:
+        client.set_model_version_tag("iris", "1", "eval.seen.one_shot.dice", original)
+    assert result.exit_code == 1
+    assert "NOT REPRODUCED: 1 of" in result.output and "(tag eval.seen.one_shot.dice)" in result.output
+
+
+def test_reproduce_fails_when_the_recorded_data_version_is_gone(registered, tmp_path) -> None:
+    uri, _ = registered
+    result = review(uri, tmp_path / "empty_data_root", "--reproduce")
+    assert result.exit_code == 1
+    assert f"episode_index: cannot load recorded version {EPISODES_VERSION}" in result.output
+    assert "preprocessed_manifest: cannot load recorded version" in result.output
+
+
+def test_unknown_version_is_a_one_line_error(registered) -> None:
+    uri, data_root = registered
+    result = CliRunner().invoke(main, ["review", "models:/iris/9", "--tracking-uri", uri])
+    assert result.exit_code == 2
+    assert (
+        "models:/iris/9: cannot read the model version" in result.output and "Traceback" not in result.output
+    )
+
+
+def test_segment_downloads_the_registered_bundle(registered, tmp_path) -> None:
+    """`iris segment --model models:/iris/1` fetches the version's bundle through the registry."""
+    import json
+
+    from test_cli_segment import make_scan
+
+    from iris_pipelines.imaging import write_image
+
+    uri, _ = registered
+    image, label = make_scan((1.2, 1.0, 1.5), (-10.0, -8.0, 0.0), np.eye(3), size=(24, 24, 16))
+    write_image(image, tmp_path / "scan.nii.gz")
+    write_image(label, tmp_path / "ref_labels.nii.gz")
+    result = CliRunner().invoke(
+        main,
+        ["segment", "--image", str(tmp_path / "scan.nii.gz"), "--model", "models:/iris/1",
+         "--reference", f"{tmp_path / 'scan.nii.gz'}:{tmp_path / 'ref_labels.nii.gz'}",
+         "--tracking-uri", uri, "--spacing", "1", "--out", str(tmp_path / "out.nii.gz")],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    sidecar = json.loads((tmp_path / "out.json").read_text())
+    assert sidecar["model"] == "models:/iris/1" and sidecar["roi_size"] == [32, 32, 32]  # the training crop

@@ -1,0 +1,329 @@
+"""`iris segment` as a user calls it: raw scans in any geometry and format in, a label map that overlays
+the scan in world coordinates out, with a JSON sidecar; clear one-line errors for inputs that do not fit."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+from click.testing import CliRunner
+from scipy.spatial.transform import Rotation
+
+import iris_pipelines.segment as segment_module
+from iris_pipelines.cli import main
+from iris_pipelines.evaluation import ModelInfo, build_task_embeddings
+from iris_pipelines.imaging import Geometry, read_image, write_dicom_series, write_image
+from iris_pipelines.inference import prepare_image, prepare_label
+from iris_pipelines.segment import read_class_names, sidecar_path, stored_task
+from iris_pipelines.training.sampler import case_records
+
+OBLIQUE = Rotation.from_euler("xy", [20.0, 20.0], degrees=True).as_matrix()
+CENTRE = np.array([2.0, 4.0, 9.0])  # the blob's world centre (mm), shared by every scan
+SPACING = ["--spacing", "1.0", "--roi", "32"]  # small volumes: a 1 mm grid keeps the window > 16 voxels
+PARAMS = {"target_spacing": [1.0, 1.0, 1.0]}  # what --spacing 1.0 resolves to (CT window: the default)
+
+
+def make_scan(spacing, origin, direction, size=(28, 24, 14), value=5) -> tuple[sitk.Image, sitk.Image]:
+    """A CT-like scan with an ellipsoid at :data:`CENTRE` (world), and its label map (``value``)."""
+    geometry = Geometry(size, spacing, origin, tuple(np.asarray(direction).ravel()))
+    ijk = np.stack(np.meshgrid(*(np.arange(s) for s in size), indexing="ij"), -1).reshape(-1, 3)
+    world = geometry.index_to_world(ijk)
+    inside = (((world - CENTRE) / np.array([6.0, 7.0, 8.0])) ** 2).sum(axis=1) <= 1.0
+    inside = inside.reshape(size).transpose(2, 1, 0)  # (x, y, z) → [z, y, x]
+    image = sitk.GetImageFromArray(np.where(inside, 300.0, -800.0).astype(np.float32))
+    label = sitk.GetImageFromArray((inside * value).astype(np.uint8))
+    return geometry.apply_to(image), geometry.apply_to(label)
+
+
+def _centred_origin(spacing, direction, size) -> tuple[float, ...]:
+    """Origin that puts the grid's centre at CENTRE, so the blob lies well inside."""
+    half = (np.asarray(size) - 1) / 2 * np.asarray(spacing)
+    return tuple(CENTRE - np.asarray(direction) @ half)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory, untrained_bundle) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("segment")
+    paths: dict[str, Path] = {}
+    # The query: oblique (no axis parallel to a world axis) and anisotropic, as NIfTI and as DICOM.
+    q_spacing, q_size = (0.8, 1.1, 2.5), (28, 24, 14)
+    query, truth = make_scan(q_spacing, _centred_origin(q_spacing, OBLIQUE, q_size), OBLIQUE, q_size)
+    paths["query"], paths["truth"] = root / "scan.nii.gz", root / "scan_labels.nii.gz"
+    write_image(query, paths["query"])
+    write_image(truth, paths["truth"])
+    paths["dicom"] = root / "scan_dicom"
+    write_dicom_series(query, paths["dicom"])
+    # References on other grids: LPS-flipped axes (MHA) and identity at 1.2 mm (NRRD).
+    flip = np.diag([-1.0, -1.0, 1.0])
+    for name, spacing, direction, suffix in (
+        ("ref_a", (1.0, 1.2, 2.0), flip, ".mha"),
+        ("ref_b", (1.2, 1.2, 1.2), np.eye(3), ".nrrd"),
+    ):
+        image, label = make_scan(
+            spacing, _centred_origin(spacing, direction, (24, 22, 16)), direction, (24, 22, 16)
+        )
+        paths[name], paths[f"{name}_label"] = root / f"{name}{suffix}", root / f"{name}_labels{suffix}"
+        write_image(image, paths[name])
+        write_image(label, paths[f"{name}_label"])
+    (root / "ref_a_labels.json").write_text(json.dumps({"5": "liver"}))
+    paths["bundle"] = untrained_bundle.save(root / "bundle")
+    return paths
+
+
+def invoke(*args: str):
+    return CliRunner().invoke(main, ["segment", *map(str, args)])
+
+
+def _reference(files, name="ref_a") -> list[str]:
+    return ["--reference", f"{files[name]}:{files[name + '_label']}"]
+
+
+def _world_centroid(label: sitk.Image, value: int) -> np.ndarray:
+    zyx = np.argwhere(sitk.GetArrayViewFromImage(label) == value)
+    return Geometry.from_image(label).index_to_world(zyx[:, ::-1].astype(float)).mean(axis=0)
+
+
+def _check_sidecar(out: Path, written: sitk.Image) -> dict:
+    sidecar = json.loads(sidecar_path(out).read_text())
+    voxel_ml = float(np.prod(written.GetSpacing())) / 1000.0
+    array = sitk.GetArrayViewFromImage(written)
+    for row in sidecar["classes"]:
+        assert row["voxels"] == int((array == row["label"]).sum())
+        assert row["volume_ml"] == pytest.approx(row["voxels"] * voxel_ml)
+    return sidecar
+
+
+@pytest.mark.parametrize("query", ["query", "dicom"])
+def test_label_map_has_the_query_geometry_and_a_sidecar(files, tmp_path, query, one_torch_thread) -> None:
+    out = tmp_path / "labels.nii.gz"
+    result = invoke(
+        "--image", files[query], *_reference(files), *_reference(files, "ref_b"),
+        "--model", files["bundle"], "--strategy", "ensemble", "--out", out, *SPACING,
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    written, scan = read_image(out), read_image(files[query])
+    assert Geometry.from_image(written).same_grid(
+        Geometry.from_image(scan), atol_mm=1e-4, atol_direction=1e-6
+    )
+    assert written.GetPixelID() == sitk.sitkUInt8
+    assert set(np.unique(sitk.GetArrayViewFromImage(written))) <= {0, 5}
+    sidecar = _check_sidecar(out, written)
+    assert sidecar_path(out) == tmp_path / "labels.json"
+    assert [(c["label"], c["name"]) for c in sidecar["classes"]] == [(5, "liver")]  # ref_a_labels.json
+    assert sidecar["model"] == str(files["bundle"]) and sidecar["strategy"] == "ensemble"
+    assert sidecar["preprocess"]["target_spacing"] == [1.0, 1.0, 1.0]
+    assert len(sidecar["references"]) == 2 and "liver" in result.output
+
+
+def test_tuning_refines_the_ensemble_on_the_references(files, tmp_path, one_torch_thread) -> None:
+    out = tmp_path / "tuned.nii.gz"
+    result = invoke(
+        "--image", files["query"], *_reference(files), *_reference(files, "ref_b"),
+        "--model", files["bundle"], "--strategy", "tuning", "--tuning-steps", "2",
+        "--labels", files["ref_a"].parent / "ref_a_labels.json", "--out", out, *SPACING,
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert Geometry.from_image(read_image(out)).same_grid(Geometry.from_image(read_image(files["query"])))
+    assert _check_sidecar(out, read_image(out))["strategy"] == "tuning"
+
+
+def _known_prediction(files, monkeypatch, query: Path) -> None:
+    """Replace the network by a perfect model: the reference mask resampled (in world space) onto the
+    query's canonical grid, as logits. What remains is the CLI path from canonical grid to the file."""
+
+    def fake_make_predictor(model, task, **kwargs):
+        def predict(volume: torch.Tensor) -> torch.Tensor:
+            canonical = prepare_image(read_image(query), "CT", PARAMS)
+            assert tuple(volume.shape[2:]) == canonical.array.shape  # the query, on the canonical grid
+            mask = prepare_label(read_image(files["ref_a_label"]), canonical) == 5
+            return torch.from_numpy(np.where(mask, 10.0, -10.0).astype(np.float32))[None, None]
+
+        return predict
+
+    monkeypatch.setattr(segment_module, "make_predictor", fake_make_predictor)
+
+
+@pytest.mark.parametrize("query", ["query", "dicom"])
+def test_a_known_prediction_lands_on_the_blob_in_world_coordinates(
+    files, tmp_path, query, monkeypatch
+) -> None:
+    _known_prediction(files, monkeypatch, files[query])
+    out = tmp_path / "labels.mha"
+    result = invoke(
+        "--image", files[query], *_reference(files), "--model", files["bundle"], "--strategy", "one_shot",
+        "--out", out, *SPACING,
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    written, truth = read_image(out), read_image(files["truth"])
+    assert Geometry.from_image(written).same_grid(
+        Geometry.from_image(truth), atol_mm=1e-4, atol_direction=1e-6
+    )
+    predicted, expected = sitk.GetArrayViewFromImage(written) == 5, sitk.GetArrayViewFromImage(truth) == 5
+    dice = 2 * (predicted & expected).sum() / (predicted.sum() + expected.sum())
+    assert dice > 0.85, dice
+    # Centroids compared in the query's own voxel units: within half a voxel on every axis.
+    geometry = Geometry.from_image(truth)
+    offset = geometry.world_to_index(_world_centroid(written, 5)) - geometry.world_to_index(
+        _world_centroid(truth, 5)
+    )
+    assert np.all(np.abs(offset) <= 0.5), offset
+    assert np.linalg.norm(_world_centroid(written, 5) - CENTRE) < 1.0
+    _check_sidecar(out, written)
+    assert (tmp_path / "labels.json").is_file()
+
+
+def test_unreadable_scan_is_named_in_one_line(files, tmp_path) -> None:
+    empty = tmp_path / "empty.nii.gz"
+    empty.write_bytes(b"")
+    result = invoke(
+        "--image", empty, *_reference(files), "--model", files["bundle"], "--out", tmp_path / "o.nii.gz"
+    )
+    assert result.exit_code == 2
+    assert f"{empty}: the file is empty (0 bytes)" in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "o.nii.gz").exists()
+
+
+def test_reference_label_on_another_grid_is_refused(files, tmp_path) -> None:
+    label = read_image(files["ref_a_label"])
+    label.SetOrigin(tuple(np.asarray(label.GetOrigin()) + 5.0))
+    moved = tmp_path / "moved_labels.mha"
+    write_image(label, moved)
+    result = invoke(
+        "--image", files["query"], "--reference", f"{files['ref_a']}:{moved}", "--model", files["bundle"],
+        "--out", tmp_path / "o.nii.gz", *SPACING,
+    )  # fmt: skip
+    assert result.exit_code == 2
+    assert str(moved) in result.output and "different grids: origin" in result.output
+
+
+def test_a_class_missing_from_a_reference_is_refused(files, tmp_path) -> None:
+    result = invoke(
+        "--image", files["query"], *_reference(files), "--classes", "5,7", "--model", files["bundle"],
+        "--out", tmp_path / "o.nii.gz", *SPACING,
+    )  # fmt: skip
+    assert result.exit_code == 2
+    assert "no voxel of class(es) [7] (it holds [5])" in result.output
+    assert str(files["ref_a_label"]) in result.output
+
+
+def test_bundle_without_weights_and_unreachable_registry(files, tmp_path) -> None:
+    broken = tmp_path / "broken_bundle"
+    broken.mkdir()
+    (broken / "config.json").write_text((files["bundle"] / "config.json").read_text())
+    common = ["--image", files["query"], *_reference(files), "--out", tmp_path / "o.nii.gz"]
+    result = invoke(*common, "--model", broken)
+    assert result.exit_code == 2 and "weights.safetensors is missing" in result.output
+    missing_db = tmp_path / "nowhere" / "mlflow.db"
+    result = invoke(*common, "--model", "models:/iris/3", "--tracking-uri", f"sqlite:///{missing_db}")
+    assert result.exit_code == 2 and f"no MLflow database at {missing_db}" in result.output
+    assert not missing_db.exists()  # nothing created where the user pointed by mistake
+
+
+@pytest.fixture(scope="module")
+def embeddings(tmp_path_factory, untrained_bundle, collection) -> Path:
+    manifest, index = collection
+    table = build_task_embeddings(
+        untrained_bundle.build_model(), untrained_bundle.class_ids, index, case_records(manifest),
+        references_per_class=2, roi_size=(32, 32, 32), seed=0,
+        model_info=ModelInfo("models:/iris/1", "1", "f00d"),
+    )  # fmt: skip
+    path = tmp_path_factory.mktemp("embeddings") / "task_embeddings.parquet"
+    table.to_parquet(path)
+    return path
+
+
+def test_stored_ensemble_is_the_mean_of_the_reference_rows(embeddings, untrained_bundle) -> None:
+    import pandas as pd
+
+    table = pd.read_parquet(embeddings)
+    model = untrained_bundle.build_model()
+    task, labels, names, dataset = stored_task(model, table, "alpha", "ensemble", None)
+    assert labels == [1, 2] and names == {1: "liver", 2: "spleen"} and dataset == "alpha"
+    rows = table[(table.dataset == "alpha") & (table.label == 2) & (table.source == "reference")]
+    mean = np.stack(rows.embedding).mean(axis=0).reshape(model.config.num_tokens, model.config.embed_dim)
+    assert torch.allclose(task[0, 1], torch.from_numpy(mean), atol=1e-6)
+    bank, *_ = stored_task(model, table, "alpha", "memory_bank", [2])
+    assert torch.allclose(bank[0, 0], model.memory_bank[untrained_bundle.class_ids["alpha/2"]], atol=1e-6)
+
+
+@pytest.mark.parametrize("strategy", ["ensemble", "memory_bank"])
+def test_segment_from_stored_embeddings(files, embeddings, tmp_path, strategy, one_torch_thread) -> None:
+    out = tmp_path / "seg.nrrd"
+    result = invoke(
+        "--image", files["query"], "--embeddings", embeddings, "--dataset", "alpha", "--classes", "2",
+        "--strategy", strategy, "--model", files["bundle"], "--out", out, *SPACING,
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    written = read_image(out)
+    assert Geometry.from_image(written).same_grid(Geometry.from_image(read_image(files["query"])))
+    sidecar = _check_sidecar(out, written)
+    assert [(c["label"], c["name"]) for c in sidecar["classes"]] == [(2, "spleen")]
+    assert sidecar["dataset"] == "alpha" and sidecar["embeddings"] == str(embeddings)
+
+
+def test_stored_embeddings_errors(files, embeddings, tmp_path) -> None:
+    common = ["--image", files["query"], "--embeddings", embeddings, "--model", files["bundle"]]
+    result = invoke(*common, "--dataset", "omega", "--out", tmp_path / "o.nii.gz")
+    assert result.exit_code == 2
+    assert (
+        "dataset 'omega' is not in the embeddings; known datasets: ['alpha', 'beta', 'gamma']"
+        in result.output
+    )
+    result = invoke(*common, "--out", tmp_path / "o.nii.gz")
+    assert result.exit_code == 2 and "choose one with --dataset" in result.output
+    result = invoke(
+        *common, "--dataset", "gamma", "--strategy", "memory_bank", "--out", tmp_path / "o.nii.gz"
+    )
+    assert result.exit_code == 2 and "no memory_bank row of dataset 'gamma'" in result.output  # held out
+    result = invoke(*common, *_reference(files), "--out", tmp_path / "o.nii.gz")
+    assert result.exit_code == 2 and "either --reference or --embeddings" in result.output
+
+
+@pytest.mark.parametrize(
+    "document",
+    [{"1": "liver", "3": "kidney"}, {"labels": {"0": "background", "1": "liver", "3": "kidney"}},
+     {"name": "x", "labels": {"background": 0, "liver": 1, "kidney": 3}}],
+)  # fmt: skip
+def test_class_names_from_a_sidecar_or_dataset_json(tmp_path, document) -> None:
+    path = tmp_path / "dataset.json"
+    path.write_text(json.dumps(document))
+    assert read_class_names(path) == {1: "liver", 3: "kidney"}
+    assert sidecar_path(tmp_path / "a.b" / "labels.nii.gz") == tmp_path / "a.b" / "labels.json"
+    assert sidecar_path(tmp_path / "labels.nrrd") == tmp_path / "labels.json"
+
+
+def test_memory_bank_of_the_model_itself(files, tmp_path, one_torch_thread) -> None:
+    """No references and no table: the bundle's own memory bank, for a training dataset's classes."""
+    common = ["--image", files["query"], "--model", files["bundle"], "--strategy", "memory_bank", *SPACING]
+    result = invoke(*common, "--dataset", "beta", "--out", tmp_path / "bank.nii.gz")
+    assert result.exit_code == 0, result.output
+    sidecar = json.loads((tmp_path / "bank.json").read_text())
+    assert [c["label"] for c in sidecar["classes"]] == [1] and sidecar["dataset"] == "beta"
+    result = invoke(*common, "--dataset", "gamma", "--out", tmp_path / "o.nii.gz")
+    assert result.exit_code == 2 and "'gamma' is not a training dataset of this model" in result.output
+
+
+def test_preprocessing_defaults_follow_the_model_then_the_project(tmp_path) -> None:
+    from iris_pipelines.inference.bundle import ModelBundle
+    from iris_pipelines.segment import preprocess_params
+
+    bare, project = ModelBundle({}, {}), Path(__file__).parents[1]
+    assert preprocess_params(None, bare, None, tmp_path) == (
+        {"target_spacing": [3.0, 3.0, 3.0]},
+        "default 3 mm",
+    )
+    params, source = preprocess_params(None, bare, None, project)
+    assert source.endswith("conf/base/parameters_preprocess.yml") and "ct_window" in params
+    recorded = {"preprocess": {"target_spacing": [1.5, 1.5, 2.0], "ct_window": [-100, 200]}}
+    assert preprocess_params(None, bare, recorded, project)[0]["target_spacing"] == [1.5, 1.5, 2.0]
+    tagged = ModelBundle({}, {}, metadata={"target_spacing": 2.0})
+    assert preprocess_params(None, tagged, recorded, project) == (
+        {"target_spacing": [2.0, 2.0, 2.0]},
+        "model bundle metadata",
+    )
+    params, source = preprocess_params([1.0], tagged, recorded, project)
+    assert params["target_spacing"] == [1.0, 1.0, 1.0] and source.startswith("--spacing")
