@@ -1,40 +1,72 @@
 """Real `kedro run` subprocesses on a temporary copy of the project, the way a user runs it.
 
 Each pipeline runs as its own command, reading the previous one's versioned outputs from disk, and each
-command is one MLflow run with the flattened parameters and the provenance tags.
+command is one MLflow run with the flattened parameters and the provenance tags. The data pipelines run
+with the base parameters on a small phantom collection; train → embed_tasks → evaluate → tsne then run in
+a tiny test env (two training steps), and the quick-start notebook is executed on the finished project.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
+import re
 import subprocess
 import sys
 from pathlib import Path
 
+import nbformat
 import pandas as pd
 import pytest
+import yaml
 from mlflow.tracking import MlflowClient
+from nbclient import NotebookClient
+from project_copy import copy_project
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 KEDRO = str(Path(sys.executable).with_name("kedro"))
-SMALL_PHANTOMS = "phantoms.cases_per_dataset=3,phantoms.size_scale=0.6"
+# Four cases per dataset: the smallest collection whose train split has two subjects per dataset
+# (60/20/20 over 4 subjects gives 2/1/1), which training episodes need (query and reference subjects).
+SMALL_PHANTOMS = "phantoms.cases_per_dataset=4,phantoms.size_scale=0.6"
+NOTEBOOK = PROJECT_ROOT / "notebooks" / "01_quickstart.ipynb"
+DATA_PIPELINES = ("ingest", "preprocess", "episodes")
+MODEL_PIPELINES = ("train", "embed_tasks", "evaluate", "tsne")
+METHODS = {"one_shot", "ensemble", "memory_bank", "retrieval", "tuning", "paste", "registration"}
+# The model pipelines' overrides, as a Kedro env inside the copy: `--params` splits its value on every
+# comma (kedro.framework.cli.utils.split_string), so list values such as crop sizes cannot go there.
+TINY_ENV = "test_tiny"
+TINY_PARAMS = {
+    "train": {
+        "steps": 2,  # plumbing, not learning: the training tests cover learning
+        "batch_size": 1,
+        "crop_size": [32, 32, 32],
+        "warmup_steps": 1,
+        "val_every": 1000,  # validation still runs once, at the last step
+        "checkpoint_every": 1000,
+        "log_every": 1,
+        "device": "cpu",
+        "precision": "fp32",
+        "augment": False,
+    },
+    "embed_tasks": {"references_per_class": 2, "roi_size": [32, 32, 32]},
+    "evaluate": {
+        "roi_size": [32, 32, 32],
+        "tuning_steps": 1,
+        "registration": {"deformable": False, "affine_iterations": 20},
+    },
+    "tsne": {"perplexity": 5},
+}
 
 
 @pytest.fixture(scope="module")
 def project_copy(tmp_path_factory) -> Path:
     """The project's code and configuration in a fresh folder, with no data and no MLflow store."""
     root = tmp_path_factory.mktemp("project")
-    for name in ("conf", "src", "pyproject.toml", "requirements.lock", ".telemetry"):
-        source = PROJECT_ROOT / name
-        if source.is_dir():
-            ignore = shutil.ignore_patterns("credentials*", "__pycache__", "*.egg-info")
-            shutil.copytree(source, root / name, ignore=ignore)
-        else:
-            shutil.copy2(source, root / name)
+    copy_project(root)
     for layer in ("01_raw", "02_intermediate", "05_model_input", "08_reporting"):
         (root / "data" / layer).mkdir(parents=True)
+    (root / "conf" / TINY_ENV).mkdir()
+    (root / "conf" / TINY_ENV / "parameters_tiny.yml").write_text(yaml.safe_dump(TINY_PARAMS))
     # A git checkout, so the provenance tags carry a real commit.
     subprocess.run(["git", "init", "-q"], cwd=root, check=True)
     subprocess.run(["git", "add", "-A"], cwd=root, check=True)
@@ -47,8 +79,14 @@ def project_copy(tmp_path_factory) -> Path:
 def kedro_run(root: Path, *args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "KEDRO_DISABLE_TELEMETRY": "1"}
     result = subprocess.run(
-        [KEDRO, "run", *args], cwd=root, env=env, capture_output=True, encoding="utf-8", errors="replace",
-        timeout=900, check=False,
+        [KEDRO, "run", *args],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        encoding="utf-8",
+        errors="replace",
+        timeout=900,
+        check=False,
     )
     assert result.returncode == 0, (
         f"kedro run {' '.join(args)} failed:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
@@ -69,30 +107,49 @@ def mlflow_runs(root: Path) -> list:
     return client.search_runs([experiment.experiment_id], order_by=["attributes.start_time ASC"])
 
 
-@pytest.mark.slow
-def test_data_pipelines_run_one_after_another(project_copy: Path):
+@pytest.fixture(scope="module")
+def data_project(project_copy: Path) -> Path:
+    """The copy after `kedro run --pipeline=ingest|preprocess|episodes`, one command each."""
     kedro_run(project_copy, "--pipeline=ingest", f"--params={SMALL_PHANTOMS}")
+    kedro_run(project_copy, "--pipeline=preprocess")
+    kedro_run(project_copy, "--pipeline=episodes")
+    return project_copy
+
+
+@pytest.fixture(scope="module")
+def trained_project(data_project: Path) -> Path:
+    """The copy after the model pipelines too (tiny env): a registered model, embeddings, evaluation, t-SNE.
+
+    Shared by the tests that need a finished project, such as the quick-start notebook's.
+    """
+    for pipeline in MODEL_PIPELINES:
+        kedro_run(data_project, f"--pipeline={pipeline}", f"--env={TINY_ENV}")
+    return data_project
+
+
+@pytest.mark.slow
+def test_data_pipelines_run_one_after_another(data_project: Path):
+    project_copy = data_project
     manifest = pd.read_parquet(latest_version(project_copy / "data/02_intermediate/case_manifest.parquet"))
     assert manifest["dataset"].nunique() >= 8
     assert manifest["heldout"].sum() > 0
 
-    kedro_run(project_copy, "--pipeline=preprocess")
     preprocessed = pd.read_parquet(
         latest_version(project_copy / "data/05_model_input/preprocessed_manifest.parquet")
     )
     assert len(preprocessed) == len(manifest)
     assert all(Path(p).exists() for p in preprocessed["image_array"])
+    assert all(Path(p).is_relative_to(project_copy) for p in preprocessed["image_array"])
 
-    kedro_run(project_copy, "--pipeline=episodes")
     index = json.loads(latest_version(project_copy / "data/05_model_input/episode_index.json").read_text())
     assert {case["split"] for case in index["cases"]} >= {"train", "val", "test"}
     assert index["episodes"]
 
-    runs = mlflow_runs(project_copy)
-    assert [run.info.run_name for run in runs] == ["ingest", "preprocess", "episodes"]
+    runs = mlflow_runs(project_copy)[: len(DATA_PIPELINES)]
+    assert [run.info.run_name for run in runs] == list(DATA_PIPELINES)
     assert all(run.info.status == "FINISHED" for run in runs)
     ingest_run = runs[0]
-    assert ingest_run.data.params["phantoms.cases_per_dataset"] == "3"
+    assert ingest_run.data.params["phantoms.cases_per_dataset"] == "4"
     assert len(ingest_run.data.tags["git_commit"]) == 40
     assert ingest_run.data.tags["git_dirty"] == "false"
     assert ingest_run.data.tags["kedro_env"] == "local"
@@ -101,3 +158,96 @@ def test_data_pipelines_run_one_after_another(project_copy: Path):
     client = MlflowClient(tracking_uri=f"sqlite:///{project_copy / 'mlflow.db'}")
     artifacts = [a.path for a in client.list_artifacts(ingest_run.info.run_id, "environment")]
     assert artifacts == ["environment/requirements.lock"]
+
+
+@pytest.mark.slow
+def test_model_pipelines_run_one_after_another(trained_project: Path):
+    root = trained_project
+    runs = mlflow_runs(root)
+    assert [run.info.run_name for run in runs] == [*DATA_PIPELINES, *MODEL_PIPELINES]
+    assert all(run.info.status == "FINISHED" for run in runs)
+    train_run = runs[len(DATA_PIPELINES)]
+    assert train_run.data.tags["kedro_env"] == TINY_ENV
+    assert train_run.data.params["train.steps"] == "2"
+
+    bundle = latest_version(root / "data/06_models/iris_model")
+    assert (bundle / "weights.safetensors").is_file() and (bundle / "config.json").is_file()
+    registered = json.loads(latest_version(root / "data/06_models/registered_model.json").read_text())
+    assert registered["name"] == "iris" and registered["version"] == "1"
+    client = MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
+    version = client.get_model_version("iris", "1")
+    assert version.status == "READY" and version.run_id == train_run.info.run_id
+    assert len(version.tags["git_commit"]) == 40
+    assert "eval.seen.one_shot.dice" in version.tags  # evaluate tagged the version it scored
+
+    embeddings = pd.read_parquet(latest_version(root / "data/07_model_output/task_embeddings.parquet"))
+    assert embeddings["heldout"].any() and (embeddings["source"] == "memory_bank").any()
+    assert set(embeddings["model_version"]) == {"1"}
+
+    summary = pd.read_csv(latest_version(root / "data/08_reporting/evaluation_summary.csv"))
+    assert set(summary["method"]) == METHODS
+    assert {"seen", "heldout"} <= set(summary["group"])
+    assert summary["dice"].between(0, 1).all()
+    metrics = pd.read_parquet(latest_version(root / "data/08_reporting/evaluation_metrics.parquet"))
+    assert set(metrics["model_version"]) == {"1"}
+
+    page = latest_version(root / "data/08_reporting/tsne.html").read_text()
+    assert "plotly" in page.lower()
+    coordinates = pd.read_csv(latest_version(root / "data/08_reporting/tsne_coordinates.csv"))
+    assert len(coordinates) == len(embeddings)
+
+
+def _text(cell) -> str:
+    """Everything a code cell printed or displayed as plain text."""
+    parts = []
+    for output in cell.get("outputs", []):
+        if output.get("output_type") == "stream":
+            parts.append(output["text"])
+        elif "data" in output:
+            parts.append(output["data"].get("text/plain", ""))
+    return "".join(parts)
+
+
+def _tagged(nb, tag: str) -> list:
+    cells = [cell for cell in nb.cells if tag in cell.get("metadata", {}).get("tags", [])]
+    assert cells, f"no cell tagged {tag!r} in {NOTEBOOK.name}"
+    return cells
+
+
+@pytest.mark.slow
+def test_quickstart_notebook_executes(trained_project: Path, monkeypatch: pytest.MonkeyPatch):
+    committed = nbformat.read(NOTEBOOK, as_version=4)
+    code = [cell for cell in committed.cells if cell.cell_type == "code"]
+    assert all(not cell.outputs and cell.execution_count is None for cell in code), "clear the outputs"
+
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    nb.cells.append(nbformat.v4.new_code_cell("import sys\nprint(sys.prefix)"))  # which Python ran it
+    workdir = trained_project / "notebooks"  # run where a user would; the notebook walks up to the root
+    workdir.mkdir(exist_ok=True)
+    monkeypatch.delenv("IRIS_PROJECT", raising=False)
+    monkeypatch.setenv("IRIS_ENV", TINY_ENV)  # the params evaluate ran with (roi size)
+    client = NotebookClient(
+        nb, kernel_name="python3", timeout=300, resources={"metadata": {"path": str(workdir)}}
+    )
+    client.execute()  # raises CellExecutionError, with the cell and its traceback, if any cell fails
+
+    errors = [o for cell in nb.cells for o in cell.get("outputs", []) if o.get("output_type") == "error"]
+    assert not errors
+    assert _text(nb.cells[-1]).strip() == sys.prefix, "the kernel is not the project's environment"
+    assert str(trained_project) in _text(_tagged(nb, "setup")[0])
+    assert not (workdir / "mlflow.db").exists(), "the notebook made a second MLflow store in notebooks/"
+
+    dice_text = "".join(_text(cell) for cell in _tagged(nb, "dice"))
+    means = re.findall(r"mean Dice +(one_shot|ensemble) +(\d\.\d+)", dice_text)
+    assert {name for name, _ in means} == {"one_shot", "ensemble"}, dice_text
+    assert all(0.0 <= float(value) <= 1.0 for _, value in means)
+    per_class = re.findall(r"^\s*\S+\s+(\d\.\d+)\s+(\d\.\d+)\s*$", dice_text, flags=re.MULTILINE)
+    assert per_class, f"no per-class Dice rows in:\n{dice_text}"
+
+    for cell in _tagged(nb, "figure"):
+        assert any("image/png" in o.get("data", {}) for o in cell.outputs), "a figure cell showed no image"
+    tsne = _tagged(nb, "tsne")[0]
+    assert any("application/vnd.plotly.v1+json" in o.get("data", {}) for o in tsne.outputs)
+    summary = _tagged(nb, "summary")[0]
+    assert any("text/html" in o.get("data", {}) for o in summary.outputs)
+    assert all(method in _text(summary) for method in METHODS)

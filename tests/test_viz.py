@@ -26,6 +26,7 @@ import pandas as pd
 import pytest
 from kedro.io import DataCatalog
 from kedro.io.core import DatasetError
+from project_copy import copy_project
 
 from iris_pipelines.datasets import IrisModelBundleDataset
 from iris_pipelines.pipeline_registry import PIPELINE_ORDER
@@ -177,13 +178,7 @@ def seed_latest_versions(root: Path, catalog: dict[str, dict[str, Any]]) -> dict
 def viz_build(tmp_path_factory) -> tuple[Path, dict[str, str]]:
     """`kedro viz build --include-previews` (what `make viz` runs) in a copy with seeded data."""
     root = tmp_path_factory.mktemp("viz_project")
-    for name in ("conf", "src", "pyproject.toml", ".telemetry"):
-        source = PROJECT_ROOT / name
-        if source.is_dir():
-            ignore = shutil.ignore_patterns("credentials*", "__pycache__", "*.egg-info")
-            shutil.copytree(source, root / name, ignore=ignore)
-        else:
-            shutil.copy2(source, root / name)
+    copy_project(root, ("conf", "src", "pyproject.toml", ".telemetry"))
     seeded = seed_latest_versions(root, catalog_config(root))
     env = {**os.environ, "KEDRO_DISABLE_TELEMETRY": "1"}
     result = subprocess.run(

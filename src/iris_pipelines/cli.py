@@ -170,6 +170,26 @@ def phantoms(root: Path, seed: int, cases_per_dataset: int, size_scale: float) -
     console.print(table)
 
 
+def _tracking_uri_option(fallback: str):
+    return click.option(
+        "--tracking-uri",
+        type=str,
+        default=None,
+        help=f"MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else {fallback}).",
+    )
+
+
+def _project_option(help_text: str):
+    return click.option(
+        "--project",
+        "project_dir",
+        type=click.Path(path_type=Path, file_okay=False),
+        default=".",
+        show_default=True,
+        help=help_text,
+    )
+
+
 @main.command()
 @click.option(
     "--image",
@@ -230,20 +250,8 @@ def phantoms(root: Path, seed: int, cases_per_dataset: int, size_scale: float) -
 @click.option("--tuning-steps", type=int, default=None, help="Adam steps of --strategy tuning.")
 @click.option("--tuning-lr", type=float, default=None, help="Learning rate of --strategy tuning.")
 @click.option("--device", type=str, default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
-@click.option(
-    "--tracking-uri",
-    type=str,
-    default=None,
-    help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here).",
-)
-@click.option(
-    "--project",
-    "project_dir",
-    type=click.Path(path_type=Path, file_okay=False),
-    default=".",
-    show_default=True,
-    help="Kedro project whose conf/base gives the default preprocessing.",
-)
+@_tracking_uri_option("sqlite:///mlflow.db here")
+@_project_option("Kedro project whose conf/base gives the default preprocessing.")
 @click.option(
     "--out",
     type=click.Path(path_type=Path),
@@ -323,20 +331,8 @@ def segment(image: Path, references: tuple[str, ...], embeddings: Path | None, d
     show_default=True,
     help="Largest |recorded - reproduced| accepted per metric.",
 )
-@click.option(
-    "--tracking-uri",
-    type=str,
-    default=None,
-    help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///<project>/mlflow.db).",
-)
-@click.option(
-    "--project",
-    "project_dir",
-    type=click.Path(path_type=Path, file_okay=False),
-    default=".",
-    show_default=True,
-    help="Kedro project whose catalog locates the recorded data versions.",
-)
+@_tracking_uri_option("sqlite:///<project>/mlflow.db")
+@_project_option("Kedro project whose catalog locates the recorded data versions.")
 @click.option("--env", type=str, default=None, help="Kedro env of the catalog (default: the recorded one).")
 @click.option("--data-root", type=str, default=None, help="Override globals.data_root of the catalog.")
 def review(model_uri: str, run_reproduce: bool, tolerance: float, tracking_uri: str | None,

@@ -123,7 +123,7 @@ class RegisteredModel:
         with tempfile.TemporaryDirectory(prefix="iris-params-") as scratch:
             try:
                 path = self.client.download_artifacts(self.run_id, PARAMETERS_ARTIFACT, scratch)
-                return json.loads(Path(path).read_text())
+                return json.loads(Path(path).read_text(encoding="utf-8"))
             except Exception as error:  # noqa: BLE001 - missing artifact or unreadable JSON: reported
                 self.problems.append(
                     f"{PARAMETERS_ARTIFACT} artifact of run {self.run_id}: {_one_line(error)}"

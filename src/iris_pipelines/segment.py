@@ -28,12 +28,12 @@ import torch
 import yaml
 from torch import Tensor
 
-from iris_pipelines.collection.ingest import _first_grid_difference, _label_values
+from iris_pipelines.collection.ingest import first_grid_difference, label_values
 from iris_pipelines.collection.layouts import parse_labels
 from iris_pipelines.evaluation.embeddings import class_embeddings, embedding_tensor
 from iris_pipelines.evaluation.evaluate import EvaluateParams
 from iris_pipelines.imaging import Geometry, InvalidInputError, read_image, write_image
-from iris_pipelines.imaging.io import _suffix
+from iris_pipelines.imaging.io import file_suffix, write_text_atomic
 from iris_pipelines.inference.bundle import ModelBundle
 from iris_pipelines.inference.sliding_window import volume_predictor
 from iris_pipelines.inference.strategies import (
@@ -50,7 +50,6 @@ from iris_pipelines.inference.volume import (
     segment_volume,
 )
 from iris_pipelines.model import Iris
-from iris_pipelines.phantoms.layouts import write_text_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -152,7 +151,7 @@ def resolve_device(name: str) -> torch.device:
 def sidecar_path(out: str | Path) -> Path:
     """``labels.nii.gz`` → ``labels.json`` next to it (any image suffix is dropped)."""
     path = Path(out)
-    suffix = _suffix(path)
+    suffix = file_suffix(path)
     stem = path.name[: len(path.name) - len(suffix)] if suffix else path.stem
     return path.with_name(f"{stem}.json")
 
@@ -199,7 +198,7 @@ def project_preprocess(project_dir: Path) -> dict[str, Any] | None:
     if not path.is_file():
         return None
     try:
-        section = (yaml.safe_load(path.read_text()) or {}).get("preprocess")
+        section = (yaml.safe_load(path.read_text(encoding="utf-8")) or {}).get("preprocess")
     except yaml.YAMLError as error:
         raise InvalidInputError(str(path), "malformed_yaml", f"not valid YAML ({error})") from None
     return dict(section) if isinstance(section, Mapping) else None
@@ -271,7 +270,7 @@ def read_reference(
     """
     image = read_image(spec.image)
     label = read_image(spec.label)
-    difference = _first_grid_difference(
+    difference = first_grid_difference(
         Geometry.from_image(image), Geometry.from_image(label), GRID_TOLERANCE_MM
     )
     if difference:
@@ -281,7 +280,7 @@ def read_reference(
             f"reference image {spec.image} and its label are on different grids: {difference}; "
             "resample the label onto the image grid",
         )
-    present = [int(v) for v in _label_values(sitk.GetArrayViewFromImage(label), spec.label) if v != 0]
+    present = [int(v) for v in label_values(sitk.GetArrayViewFromImage(label), spec.label) if v != 0]
     missing = [c for c in (wanted or []) if c not in present]
     if missing:
         raise InvalidInputError(

@@ -15,7 +15,16 @@ def test_unknown_key_is_named():
 
 
 @pytest.mark.parametrize(
-    "bad", [{"steps": 0}, {"crop_size": [32, 32]}, {"final_lr_fraction": 0.0}, {"precision": "fp16"}]
+    "bad",
+    [
+        {"steps": 0},
+        {"crop_size": [32, 32]},
+        {"final_lr_fraction": 0.0},
+        {"precision": "fp16"},
+        {"bce_weight": -0.1},
+        {"dice_weight": 0.0, "bce_weight": 0.0},
+        {"flip_prob": 1.5},
+    ],
 )
 def test_invalid_values_fail_early(bad):
     with pytest.raises(ValueError, match="invalid TrainConfig"):

@@ -87,7 +87,7 @@ def _require_finite(values: np.ndarray, path: Path) -> None:
         )
 
 
-def _first_grid_difference(image: Geometry, label: Geometry, tolerance_mm: float) -> str | None:
+def first_grid_difference(image: Geometry, label: Geometry, tolerance_mm: float) -> str | None:
     """Name the first differing grid attribute with both values, or None when the grids agree."""
     checks = (
         ("size", 0.0),
@@ -102,7 +102,7 @@ def _first_grid_difference(image: Geometry, label: Geometry, tolerance_mm: float
     return None
 
 
-def _label_values(values: np.ndarray, path: Path) -> np.ndarray:
+def label_values(values: np.ndarray, path: Path) -> np.ndarray:
     """Distinct label values, refusing fractional or NaN ones (interpolated or probability masks)."""
     if not np.issubdtype(values.dtype, np.integer):
         rounded = np.rint(values)
@@ -154,14 +154,14 @@ def validate_case(ref: CaseRef, *, tolerance_mm: float) -> dict[str, Any]:
     del image  # the label is read next; do not hold two volumes
     label = read_image(ref.label_path)
     _require_3d(label, ref.label_path)
-    difference = _first_grid_difference(geometry, Geometry.from_image(label), tolerance_mm)
+    difference = first_grid_difference(geometry, Geometry.from_image(label), tolerance_mm)
     if difference:
         raise InvalidInputError(
             str(ref.label_path),
             "grid_mismatch",
             f"image and label are on different grids: {difference}; resample the label onto the image grid",
         )
-    present = _label_values(sitk.GetArrayViewFromImage(label), ref.label_path)
+    present = label_values(sitk.GetArrayViewFromImage(label), ref.label_path)
     _require_declared_foreground(present, ref.labels, ref.label_path)
     return {
         "dataset": ref.dataset,

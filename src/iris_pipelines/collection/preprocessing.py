@@ -112,7 +112,7 @@ class SchedulerParams:
 class PreprocessParams:
     """``params:preprocess``. Only spacing and the modality's normalisation enter the cache key."""
 
-    target_spacing: tuple[float, float, float] = (3.0, 3.0, 3.0)
+    target_spacing: tuple[float, float, float] = (6.0, 6.0, 6.0)  # = conf/base (the CPU phantom recipe)
     ct_window: tuple[float, float] = (-990.0, 500.0)
     percentiles: tuple[float, float] = (2.0, 98.0)
     output_dir: str = "data/05_model_input/volumes"
@@ -304,7 +304,7 @@ def _preprocess(row: Mapping[str, Any], params: PreprocessParams) -> tuple[dict[
     directory = case_directory(Path(params.output_dir).absolute(), key)
     meta_path = directory / "meta.json"
     if meta_path.exists():
-        return _manifest_row(row, directory, json.loads(meta_path.read_text())), True
+        return _manifest_row(row, directory, json.loads(meta_path.read_text(encoding="utf-8"))), True
     image, original, grid = _image_array(row, params)
     label = _label_array(row, grid)
     labels = sorted(int(k) for k in _declared_labels(row))

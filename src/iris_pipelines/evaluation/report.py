@@ -9,16 +9,11 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-import matplotlib
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")  # pipelines run headless; never open a window
-
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
-
-from .evaluate import BASELINES, GROUPS  # noqa: E402
+from .evaluate import BASELINES, GROUPS
 
 METRICS = ("dice", "iou", "nsd", "hd95_mm")
 
@@ -127,7 +122,8 @@ def headline_metrics(by_group: pd.DataFrame) -> dict[str, float]:
 def dice_boxplot(metrics: pd.DataFrame) -> Figure:
     """Dice distribution per method, one panel per group: how consistent a strategy is, not only its mean."""
     methods = _method_order(metrics)
-    figure, axes = plt.subplots(1, len(GROUPS), figsize=(5 * len(GROUPS), 4.5), sharey=True)
+    figure = Figure(figsize=(5 * len(GROUPS), 4.5))  # pyplot-free: no backend, no global state
+    axes = figure.subplots(1, len(GROUPS), sharey=True)
     for axis, group in zip(np.atleast_1d(axes), GROUPS, strict=True):
         rows = group_rows(metrics, group)
         data = [rows.loc[rows["method"] == m, "dice"].dropna().to_numpy() for m in methods]
@@ -153,7 +149,8 @@ def class_bars(metrics: pd.DataFrame) -> Figure:
         .unstack("method")
         .reindex(columns=methods)
     )
-    figure, axis = plt.subplots(figsize=(max(8, 0.55 * len(table) * max(1, len(methods)) / 3), 5))
+    figure = Figure(figsize=(max(8, 0.55 * len(table) * max(1, len(methods)) / 3), 5))
+    axis = figure.subplots()
     width = 0.8 / max(1, len(methods))
     positions = np.arange(len(table))
     for i, method in enumerate(methods):

@@ -3,16 +3,12 @@
 from __future__ import annotations
 
 import matplotlib
-
-matplotlib.use("Agg")
-
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-import plotly.express as px  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
-from plotly.graph_objects import Figure as PlotlyFigure  # noqa: E402
-from sklearn.manifold import TSNE  # noqa: E402
+import numpy as np
+import pandas as pd
+import plotly.express as px
+from matplotlib.figure import Figure
+from plotly.graph_objects import Figure as PlotlyFigure
+from sklearn.manifold import TSNE
 
 COORDINATE_COLUMNS = ("dataset", "label", "class_name", "source", "case_id", "heldout", "novel", "x", "y")
 
@@ -43,11 +39,12 @@ def tsne_coordinates(embeddings: pd.DataFrame, *, perplexity: float = 30.0, seed
 
 def tsne_png(coordinates: pd.DataFrame) -> Figure:
     """Two panels: coloured by class concept (shared names across datasets) and by dataset."""
-    figure, axes = plt.subplots(1, 2, figsize=(14, 6))
+    figure = Figure(figsize=(14, 6))  # pyplot-free: no backend, no global state
+    axes = figure.subplots(1, 2)
     markers = {"reference": "o", "memory_bank": "*"}
     for axis, key in zip(axes, ("class_name", "dataset"), strict=True):
         values = sorted(coordinates[key].astype(str).unique())
-        colours = plt.get_cmap("tab20", max(1, len(values)))
+        colours = matplotlib.colormaps["tab20"].resampled(max(1, len(values)))
         for i, value in enumerate(values):
             for source, marker in markers.items():
                 rows = coordinates[
@@ -69,7 +66,8 @@ def tsne_png(coordinates: pd.DataFrame) -> Figure:
 def tsne_html(coordinates: pd.DataFrame) -> PlotlyFigure:
     """Interactive map; hover shows dataset, class and the reference case of each point."""
     table = coordinates.assign(
-        reference=coordinates["case_id"].replace("", "memory bank"),
+        # a CSV round trip turns the memory-bank rows' empty case id into NaN
+        reference=coordinates["case_id"].fillna("").replace("", "memory bank"),
         group=np.where(coordinates["novel"], "novel", np.where(coordinates["heldout"], "held-out", "seen")),
     )
     figure = px.scatter(

@@ -43,7 +43,7 @@ _UID_ROOT = "1.2.826.0.1.3680043.8.498"  # pydicom's registered root, for genera
 _MAX_REASON_CHARS = 300
 
 
-def _suffix(path: str | os.PathLike[str]) -> str:
+def file_suffix(path: str | os.PathLike[str]) -> str:
     name = Path(path).name.lower()
     for suffix in _SUFFIX_FORMATS:
         if name.endswith(suffix):
@@ -53,7 +53,7 @@ def _suffix(path: str | os.PathLike[str]) -> str:
 
 def detect_format(path: str | os.PathLike[str]) -> str:
     """Return ``nifti``, ``mha``, ``nrrd`` or ``dicom`` (any directory: its series is checked on read)."""
-    suffix = _suffix(path)
+    suffix = file_suffix(path)
     if suffix:
         return _SUFFIX_FORMATS[suffix]
     if Path(path).is_dir():
@@ -312,6 +312,20 @@ def write_dicom_series(image: sitk.Image, directory: str | os.PathLike[str]) -> 
         os.replace(scratch, target)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+def write_text_atomic(path: Path, text: str) -> Path:
+    """Replace ``path`` with ``text`` in one step (scratch file beside it, then ``os.replace``)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, scratch = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as stream:
+            stream.write(text)
+        os.replace(scratch, path)
+    finally:
+        if os.path.exists(scratch):
+            os.unlink(scratch)
+    return path
 
 
 def file_sha256(path: str | os.PathLike[str]) -> str:

@@ -153,7 +153,7 @@ def _read_config(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise BundleError(f"model bundle {path.parent}: {path.name} is missing")
     try:
-        document = json.loads(path.read_text())
+        document = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise BundleError(f"{path}: not valid JSON ({error})") from error
     if not isinstance(document, dict) or document.get("format") != FORMAT:

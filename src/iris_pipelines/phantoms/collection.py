@@ -24,7 +24,7 @@ import SimpleITK as sitk
 from tqdm.auto import tqdm
 
 from iris_pipelines.imaging.geometry import Geometry
-from iris_pipelines.imaging.io import file_sha256, write_dicom_series, write_image
+from iris_pipelines.imaging.io import file_sha256, write_dicom_series, write_image, write_text_atomic
 from iris_pipelines.phantoms.anatomy import CONCEPTS, build_subject
 from iris_pipelines.phantoms.appearance import Appearance
 from iris_pipelines.phantoms.layouts import (
@@ -33,7 +33,6 @@ from iris_pipelines.phantoms.layouts import (
     CaseFiles,
     case_files,
     write_index,
-    write_text_atomic,
 )
 from iris_pipelines.phantoms.raster import Structure, SubjectFrame, paint
 from iris_pipelines.phantoms.shapes import rotation

@@ -11,10 +11,10 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+
+from iris_pipelines.imaging.io import write_text_atomic
 
 LAYOUTS = ("msd", "nnunet", "csv")
 FILE_ENDINGS = (".nii.gz", ".mha", ".nrrd")
@@ -113,20 +113,6 @@ def write_index(
             _write_json(dataset_dir / "labels.json", labels),
         ]
     raise ValueError(f"layout {layout!r} is not one of {LAYOUTS}")
-
-
-def write_text_atomic(path: Path, text: str) -> Path:
-    """Replace ``path`` with ``text`` in one step (scratch file beside it, then ``os.replace``)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, scratch = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as stream:
-            stream.write(text)
-        os.replace(scratch, path)
-    finally:
-        if os.path.exists(scratch):
-            os.unlink(scratch)
-    return path
 
 
 def _write_json(path: Path, content: object) -> Path:

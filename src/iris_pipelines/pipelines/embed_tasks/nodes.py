@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import mlflow
 import pandas as pd
 
 from iris_pipelines.evaluation import ModelInfo, build_task_embeddings, embedding_summary
+from iris_pipelines.inference.bundle import ModelBundle
 from iris_pipelines.training.sampler import case_records
-
-if TYPE_CHECKING:
-    from iris_pipelines.inference.bundle import ModelBundle
 
 logger = logging.getLogger(__name__)
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import mlflow
 import pandas as pd
@@ -19,11 +19,9 @@ from iris_pipelines.evaluation.report import (
     summary_by_dataset,
     summary_by_group,
 )
+from iris_pipelines.inference.bundle import ModelBundle
 from iris_pipelines.pipelines.embed_tasks.nodes import model_info
 from iris_pipelines.training.sampler import case_records
-
-if TYPE_CHECKING:
-    from iris_pipelines.inference.bundle import ModelBundle
 
 logger = logging.getLogger(__name__)
 

@@ -14,15 +14,13 @@ import logging
 import math
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import mlflow
 import pandas as pd
 
 from iris_pipelines.hooks import INPUT_VERSION_TAG_PREFIX, LOCK_FILE, provenance_tags
-
-if TYPE_CHECKING:
-    from iris_pipelines.inference.bundle import ModelBundle
+from iris_pipelines.inference.bundle import ModelBundle
 
 logger = logging.getLogger(__name__)
 
