@@ -19,6 +19,9 @@ def temporary_mlflow_store(root: Path) -> Iterator[str]:
     uri = f"sqlite:///{root / 'mlflow.db'}"
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("MLFLOW_TRACKING_URI", uri)
+        # mlflow.set_registry_uri exports MLFLOW_REGISTRY_URI for subprocesses and never unsets it; owning
+        # the variable here makes the context restore it, so later `kedro run`s use their own registry.
+        patch.setenv("MLFLOW_REGISTRY_URI", uri)
         mlflow.set_tracking_uri(uri)
         mlflow.set_registry_uri(uri)
         experiment = mlflow.create_experiment("test", artifact_location=(root / "artifacts").as_uri())

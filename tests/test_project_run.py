@@ -77,7 +77,9 @@ def project_copy(tmp_path_factory) -> Path:
 
 
 def kedro_run(root: Path, *args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "KEDRO_DISABLE_TELEMETRY": "1"}
+    # The project's own conf/base/mlflow.yml decides where runs and models go, not a caller's MLFLOW_*.
+    env = {key: value for key, value in os.environ.items() if not key.startswith("MLFLOW_")}
+    env["KEDRO_DISABLE_TELEMETRY"] = "1"
     result = subprocess.run(
         [KEDRO, "run", *args],
         cwd=root,

@@ -55,7 +55,7 @@ def _tag_model_version(registered_model: dict[str, Any] | None, metrics: dict[st
     client = mlflow.MlflowClient()
     run = mlflow.active_run()
     if run is not None:  # which run evaluated (its params hold the evaluate settings), for reviews
-        client.set_model_version_tag(name, str(version), "eval.run_id", run.info.run_id)
+        client.set_model_version_tag(name, str(version), "evaluation_run_id", run.info.run_id)
     for key, value in metrics.items():
         if key.endswith("/dice"):
             client.set_model_version_tag(name, str(version), key.replace("/", "."), f"{value:.6f}")
