@@ -131,6 +131,7 @@ class _Episode:
     heldout: bool
     query: CaseRecord
     references: list[CaseRecord]
+    reference_arrays: list[tuple[np.ndarray, np.ndarray]]  # (image, label) per reference, read once
     classes: list[int]
     class_names: dict[int, str]
     novel: dict[int, bool]
@@ -167,6 +168,7 @@ def _load_episode(
         heldout=bool(heldout_of.get(dataset, False)),
         query=query,
         references=references,
+        reference_arrays=[load_arrays(reference) for reference in references],
         classes=classes,
         class_names={c: str(table[str(c)]["name"]) for c in classes},
         novel={c: bool(table[str(c)].get("novel", False)) for c in classes},
@@ -195,13 +197,11 @@ def _keep(label_map: np.ndarray, classes: Sequence[int]) -> np.ndarray:
     return np.where(np.isin(label_map, classes), label_map, 0).astype(np.int32)
 
 
-def _reference_pool(
-    model: Iris, references: Sequence[CaseRecord], classes: Sequence[int], roi: Sequence[int]
-) -> tuple[Tensor, Tensor]:
+def _reference_pool(model: Iris, episode: _Episode, roi: Sequence[int]) -> tuple[Tensor, Tensor]:
     """(N, K, m+1, C) embeddings of the episode's references and the (N, K) table of who holds what."""
+    classes = episode.classes
     embeddings, valid = [], []
-    for reference in references:
-        image, label = load_arrays(reference)
+    for reference, (image, label) in zip(episode.references, episode.reference_arrays, strict=True):
         present = [c for c in classes if c in reference.bboxes]
         slots = torch.zeros(1, len(classes), model.config.num_tokens, model.config.embed_dim)
         if present:
@@ -257,7 +257,7 @@ class _Runner:
     def predictions(self, episode: _Episode) -> dict[str, Callable[[], np.ndarray]]:
         p, classes = self.params, episode.classes
         query = as_tensor(episode.image)
-        pool, valid = _reference_pool(self.model, episode.references, classes, p.roi_size)
+        pool, valid = _reference_pool(self.model, episode, p.roi_size)
         first = pool[:1]
 
         def one_shot() -> np.ndarray:
@@ -290,7 +290,7 @@ class _Runner:
             return self.segment(query, result.task, classes)
 
         def tuning() -> np.ndarray:
-            image, label = load_arrays(episode.references[0])
+            image, label = episode.reference_arrays[0]
             masks = torch.from_numpy(np.stack([label == c for c in classes]))[None].float()
             crop_image, crop_masks = crop_reference(as_tensor(image), masks, p.roi_size)
             holds = crop_masks.flatten(2).sum(dim=2)[0] > 0
@@ -301,12 +301,12 @@ class _Runner:
             return self.segment(query, tuned.task, classes)
 
         def paste() -> np.ndarray:
-            _, label = load_arrays(episode.references[0])
+            _, label = episode.reference_arrays[0]
             return _keep(paste_label(label, episode.image.shape), classes)
 
         def registration() -> np.ndarray:
             reference = episode.references[0]
-            image, label = load_arrays(reference)
+            image, label = episode.reference_arrays[0]
             grid = _geometry(self._row(reference)["preprocessed_geometry"])
             propagated = registration_baseline(
                 array_to_image(episode.image, episode.grid),

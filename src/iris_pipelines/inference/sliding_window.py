@@ -9,6 +9,8 @@ volume covered by one window gives the same logits as ``model.segment`` on the w
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from functools import partial
+from typing import Any
 
 import torch
 from monai.inferers import sliding_window_inference
@@ -124,30 +126,6 @@ def sliding_window_segment(
     )
 
 
-def volume_predictor(
-    model: Iris,
-    task: Tensor,
-    *,
-    roi_size: int | Sequence[int] = 128,
-    overlap: float = 0.5,
-    mode: str = "gaussian",
-    sw_batch_size: int = 1,
-    device: torch.device | str | None = None,
-    progress: bool = False,
-) -> Predictor:
-    """``volume → sliding_window_segment(model, volume, task, ...)``, the ``predict`` of segment_volume."""
-
-    def predict(volume: Tensor) -> Tensor:
-        return sliding_window_segment(
-            model,
-            volume,
-            task,
-            roi_size=roi_size,
-            overlap=overlap,
-            mode=mode,
-            sw_batch_size=sw_batch_size,
-            device=device,
-            progress=progress,
-        )
-
-    return predict
+def volume_predictor(model: Iris, task: Tensor, **sliding_window_options: Any) -> Predictor:
+    """``volume → sliding_window_segment(model, volume, task, **options)``: segment_volume's ``predict``."""
+    return partial(sliding_window_segment, model, task=task, **sliding_window_options)
