@@ -90,6 +90,18 @@ def test_foreground_pool_equals_upsample_then_masked_average() -> None:
     assert torch.equal(foreground_pool(features, masks)[1, 2], torch.zeros(6))
 
 
+def test_foreground_token_is_the_normalised_pool(tiny_model: Iris, episode: dict[str, torch.Tensor]) -> None:
+    """T = [T_f; T_c] (paper §3.2): T_f is the pooled reference feature itself, so the class identity it
+    carries is not averaged away by the query-token attention (which drowned it when T_f went through)."""
+    ref, masks = episode["ref"][:1], episode["ref_masks"][:1]
+    with torch.no_grad():
+        task = tiny_model.encode_task(ref, masks)
+        pooled = foreground_pool(tiny_model.encoder(ref)[-1], masks)
+        expected = tiny_model.task_encoder.norm_foreground(pooled)
+    torch.testing.assert_close(task[:, :, 0], expected, rtol=0, atol=1e-5)
+    assert not torch.allclose(task[0, 0, 0], task[0, 1, 0], atol=1e-2)  # two classes, two T_f
+
+
 def test_gradients_reach_a_tuned_embedding(tiny_model: Iris, episode: dict[str, torch.Tensor]) -> None:
     """In-context tuning optimises T with the weights frozen."""
     with torch.no_grad():

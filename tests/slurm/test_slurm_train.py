@@ -21,7 +21,7 @@ from mlflow.tracking import MlflowClient
 from test_project_run import KEDRO, kedro_run, latest_version, mlflow_runs, project_copy  # noqa: F401
 from training_synthetic import build_collection
 
-from iris_pipelines.launch.slurm import job_state
+from iris_pipelines.launch.slurm import TERMINAL_STATES, job_state
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
@@ -135,6 +135,16 @@ def _scontrol(job_id: str) -> str:
     ).stdout
 
 
+def _settled_state(job_id: str, timeout_s: float = 60) -> str:
+    """The job's state once SLURM has finished with it (COMPLETING is only SLURM cleaning up)."""
+    deadline = time.monotonic() + timeout_s
+    state = job_state(job_id)
+    while state.split()[0] not in TERMINAL_STATES and time.monotonic() < deadline:
+        time.sleep(0.5)
+        state = job_state(job_id)
+    return state.split()[0]
+
+
 def _run_of_job(root: Path, job_id: str):
     runs = [run for run in mlflow_runs(root) if run.data.tags.get("slurm_job_id") == job_id]
     assert len(runs) == 1, f"expected one MLflow run for SLURM job {job_id}, found {len(runs)}"
@@ -232,7 +242,7 @@ def test_a_failing_rank_names_the_job_and_the_cause(slurm_project: Path):
         in output
     ), output[-3000:]
     assert "---- traceback of rank 1 ----" in output
-    assert job_state(_job_id(job)) in {"FAILED", "CANCELLED"}
+    assert _settled_state(_job_id(job)) in {"FAILED", "CANCELLED"}
 
 
 def test_ctrl_c_cancels_the_job(slurm_project: Path):
@@ -246,7 +256,4 @@ def test_ctrl_c_cancels_the_job(slurm_project: Path):
     output = _output(process, timeout=120)
     assert process.returncode != 0
     assert f"Ctrl-C: cancelled SLURM job {_job_id(job)}" in output, output[-3000:]
-    deadline = time.monotonic() + 60
-    while job_state(_job_id(job)) != "CANCELLED" and time.monotonic() < deadline:
-        time.sleep(0.5)
-    assert job_state(_job_id(job)) == "CANCELLED"
+    assert _settled_state(_job_id(job)) == "CANCELLED"

@@ -8,7 +8,11 @@ Paper §3.2 (Fig. 2): two parallel paths over the reference bottleneck features 
 
 T = [T_f; T_c] ∈ R^{(m+1)×C}. Classes are encoded independently (one binary task each) while sharing the
 encoder features. Layer details (norms, the C→r³ projection, residual +F_s, the attention block layout)
-follow MASS ``modules/task_encoding.py``.
+follow MASS ``modules/task_encoding.py``, with one exception: MASS also feeds the foreground token through
+the query blocks, where their class-independent residual updates (the same learned queries reading
+mostly the same F_s) drowned the class-specific pooled features. Trained on the phantoms, the spread
+between the classes' foreground tokens fell from 26 % of their norm to 0.5 %, and the decoder then
+predicted one mask for every class. As in the paper, T_f is the (normalised) pooled vector itself.
 """
 
 from __future__ import annotations
@@ -99,6 +103,7 @@ class TaskEncoder(nn.Module):
 
     The paper's PixelShuffle(F_s) needs C ≥ r³ channels; at the 1/16 scale r³ = 4096 > C, so, as MASS
     does, F_s is first projected to ``sub·r³`` channels (IN → act → 1×1×1 conv) with sub = max(1, C // r³).
+    Token 0 of every class is T_f, tokens 1…m are T_c.
     """
 
     def __init__(self, config: IrisConfig) -> None:
@@ -124,7 +129,6 @@ class TaskEncoder(nn.Module):
         self.query_tokens = nn.Parameter(nn.init.xavier_uniform_(torch.empty(config.num_query_tokens, dim)))
         self.norm_foreground = nn.LayerNorm(dim, eps=ln_eps)
         self.norm_queries = nn.LayerNorm(dim, eps=ln_eps)
-        self.norm_tokens = nn.LayerNorm(dim, eps=ln_eps)
         self.blocks = nn.ModuleList(TaskQueryBlock(dim, config) for _ in range(config.task_blocks))
         self.norm_out = nn.LayerNorm(dim, eps=ln_eps)
         self.blocks.apply(init_linear_xavier)
@@ -147,8 +151,7 @@ class TaskEncoder(nn.Module):
         masks = masks.to(features.dtype)
         foreground = self.norm_foreground(foreground_pool(features, masks)).reshape(b * k, 1, c)
         queries = self.norm_queries(self.query_tokens).expand(b * k, -1, -1)
-        tokens = self.norm_tokens(torch.cat([foreground, queries], dim=1))
         context = self.context_features(features, masks)
         for block in self.blocks:
-            tokens = block(tokens, context)
-        return self.norm_out(tokens).reshape(b, k, -1, c)
+            queries = block(queries, context)
+        return torch.cat([foreground, self.norm_out(queries)], dim=1).reshape(b, k, -1, c)
