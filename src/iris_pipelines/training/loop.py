@@ -243,7 +243,13 @@ def _resume(
     ckpt = load_checkpoint(path)
     if ckpt.get("train_config") != config.to_dict():
         logger.warning("resuming %s written with a different train config; continuing with the new one", path)
-    model.load_state_dict(ckpt["model"])
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as error:
+        raise RuntimeError(
+            f"checkpoint {path} does not fit this network (written by other code or another config); "
+            f"move {checkpoint_dir} away to start afresh.\n{error}"
+        ) from error
     model.to(device)
     optimizer.load_state_dict(ckpt["optimizer"])
     scheduler.load_state_dict(ckpt["scheduler"])

@@ -16,6 +16,7 @@ from iris_pipelines.pipelines.train.nodes import (
     final_validation,
     history_frame,
     metric_record,
+    parameter_layout,
     split_train_params,
 )
 
@@ -47,6 +48,14 @@ def test_checkpoint_dir_is_keyed_by_the_recipe(tmp_path: Path) -> None:
     assert a == checkpoint_dir(tmp_path, {"m": 1}, {"steps": 3}, "abc") and a.parent == tmp_path
     assert a != checkpoint_dir(tmp_path, {"m": 1}, {"steps": 4}, "abc")
     assert a != checkpoint_dir(tmp_path, {"m": 1}, {"steps": 3}, "abd")
+    assert a != checkpoint_dir(tmp_path, {"m": 1}, {"steps": 3}, "abc", layout="other network")
+
+
+def test_parameter_layout_follows_the_network_not_the_values() -> None:
+    tiny = IrisConfig.tiny().to_dict()
+    assert parameter_layout(tiny) == parameter_layout(dict(tiny))
+    assert parameter_layout(tiny) != parameter_layout({**tiny, "num_query_tokens": 4})
+    assert parameter_layout(tiny) != parameter_layout(IrisConfig.paper().to_dict())
 
 
 def test_metric_names() -> None:

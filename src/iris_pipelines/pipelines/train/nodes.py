@@ -50,10 +50,30 @@ def split_train_params(params_train: dict[str, Any]) -> tuple[dict[str, Any], di
     return node, train
 
 
-def checkpoint_dir(root: str | Path, model_config: dict, train_config: dict, episode_checksum: str) -> Path:
-    """Checkpoints keyed by what determines the run, so re-running the same recipe resumes, a new one not."""
+def parameter_layout(model_config: dict) -> str:
+    """SHA-256 of the names and shapes of the network's tensors for ``model_config``.
+
+    Built on the meta device (no memory, no init), so it is cheap even for the paper network. It changes
+    when the code changes the network, not only when the config does.
+    """
+    import torch
+
+    from iris_pipelines.model import Iris, IrisConfig
+
+    with torch.device("meta"):
+        model = Iris(IrisConfig.from_dict(model_config))
+    layout = sorted((name, list(tensor.shape)) for name, tensor in model.state_dict().items())
+    return hashlib.sha256(json.dumps(layout).encode()).hexdigest()
+
+
+def checkpoint_dir(
+    root: str | Path, model_config: dict, train_config: dict, episode_checksum: str, layout: str = ""
+) -> Path:
+    """Checkpoints keyed by what determines the run, so re-running the same recipe resumes, a new one
+    (or a network whose ``layout`` changed with the code) starts afresh and leaves the old ones alone."""
     key = json.dumps(
-        {"model": model_config, "train": train_config, "episodes": episode_checksum}, sort_keys=True
+        {"model": model_config, "train": train_config, "episodes": episode_checksum, "layout": layout},
+        sort_keys=True,
     )
     return Path(root) / hashlib.sha256(key.encode()).hexdigest()[:16]
 
@@ -142,7 +162,7 @@ def train_iris(
     launcher = node.get("launcher", "in_process")
     checksum = str(episode_index.get("checksum", ""))
     root = node.get("checkpoint_root", "data/06_models/checkpoints")
-    ckpt = checkpoint_dir(root, model_config, train_config, checksum)
+    ckpt = checkpoint_dir(root, model_config, train_config, checksum, parameter_layout(model_config))
     logger.info("Training Iris with launcher %r; checkpoints in %s", launcher, ckpt)
     stream = MlflowMetricStream()
     result = launch_training(
