@@ -77,6 +77,30 @@ def test_mismatched_batches_are_rejected(tiny_model: Iris, episode: dict[str, to
         tiny_model.encode_task(episode["ref"], episode["ref_masks"][:, :, :16])
 
 
+def test_padding_slots_do_not_change_the_real_classes(
+    tiny_model: Iris, episode: dict[str, torch.Tensor]
+) -> None:
+    """Training pads episodes to max_classes; evaluation never does. With the class mask the real
+    classes must come out as in an unpadded pass, whatever the padding slots hold."""
+    padding = torch.zeros(2, 2, 32, 32, 32)  # the sampler pads with empty reference masks
+    masks = torch.cat([episode["ref_masks"], padding], dim=1)
+    class_mask = torch.tensor([[True, True, False, False]] * 2)
+    with torch.no_grad():
+        task = tiny_model.encode_task(episode["ref"], masks)
+        unpadded = tiny_model.segment(episode["query"], task[:, :2])
+        masked = tiny_model.segment(episode["query"], task, class_mask)
+        scrambled = task.clone()
+        scrambled[:, 2:] = torch.randn_like(scrambled[:, 2:]) * 10
+        masked_scrambled = tiny_model.segment(episode["query"], scrambled, class_mask)
+        unmasked = tiny_model.segment(episode["query"], task)
+    torch.testing.assert_close(masked[:, :2], unpadded, rtol=0, atol=1e-4)
+    torch.testing.assert_close(masked_scrambled[:, :2], unpadded, rtol=0, atol=1e-4)
+    # Without the mask the padding tokens take part in the attention and move the real logits.
+    assert (unmasked[:, :2] - unpadded).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="class_mask must be a bool tensor"):
+        tiny_model.segment(episode["query"], task, class_mask.float())
+
+
 def test_foreground_pool_equals_upsample_then_masked_average() -> None:
     generator = torch.Generator().manual_seed(0)
     features = torch.randn(2, 6, 3, 4, 2, generator=generator)

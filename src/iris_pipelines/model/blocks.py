@@ -96,6 +96,8 @@ class Attention(nn.Module):
 
     Self-attention when ``context`` is None, cross-attention otherwise. SDPA picks the flash or
     memory-efficient kernel on GPU, which keeps voxel→token attention at 16³ voxels cheap.
+    ``key_mask`` (B, L_context) bool, True where a key may be attended to, leaves out padding tokens;
+    every row needs at least one True.
     """
 
     def __init__(self, dim: int, head_dim: int) -> None:
@@ -107,7 +109,7 @@ class Attention(nn.Module):
         self.kv = nn.Linear(dim, 2 * dim)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, context: Tensor | None = None, key_mask: Tensor | None = None) -> Tensor:
         context = x if context is None else context
         b, n, c = x.shape
         q = self.q(x).reshape(b, n, self.heads, c // self.heads).transpose(1, 2)
@@ -116,7 +118,8 @@ class Attention(nn.Module):
             .reshape(b, context.shape[1], 2, self.heads, c // self.heads)
             .permute(2, 0, 3, 1, 4)
         )
-        out = F.scaled_dot_product_attention(q, k, v)
+        attn_mask = None if key_mask is None else key_mask[:, None, None, :]
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
         return self.proj(out.transpose(1, 2).reshape(b, n, c))
 
 
@@ -128,8 +131,8 @@ class SelfAttentionLayer(nn.Module):
         self.norm = nn.LayerNorm(dim, eps=eps)
         self.attn = Attention(dim, head_dim)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return x + self.attn(self.norm(x))
+    def forward(self, x: Tensor, key_mask: Tensor | None = None) -> Tensor:
+        return x + self.attn(self.norm(x), key_mask=key_mask)
 
 
 class CrossAttentionLayer(nn.Module):
@@ -141,8 +144,8 @@ class CrossAttentionLayer(nn.Module):
         self.norm_kv = nn.LayerNorm(dim, eps=eps)
         self.attn = Attention(dim, head_dim)
 
-    def forward(self, x: Tensor, context: Tensor) -> Tensor:
-        return x + self.attn(self.norm_q(x), self.norm_kv(context))
+    def forward(self, x: Tensor, context: Tensor, key_mask: Tensor | None = None) -> Tensor:
+        return x + self.attn(self.norm_q(x), self.norm_kv(context), key_mask)
 
 
 class FeedForwardLayer(nn.Module):

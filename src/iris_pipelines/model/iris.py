@@ -76,8 +76,13 @@ class Iris(nn.Module):
         bottleneck = self.encoder(image)[-1]
         return self.task_encoder(bottleneck, masks)
 
-    def segment(self, query: Tensor, task_embedding: Tensor) -> Tensor:
-        """(B, 1, D, H, W) query and T (B or 1, K, m+1, C) → logits (B, K, D, H, W), all classes at once."""
+    def segment(self, query: Tensor, task_embedding: Tensor, class_mask: Tensor | None = None) -> Tensor:
+        """(B, 1, D, H, W) query and T (B or 1, K, m+1, C) → logits (B, K, D, H, W), all classes at once.
+
+        ``class_mask`` (B, K) bool marks the real slots when episodes are padded to a common K (training);
+        padding slots are then invisible to the real ones, so their logits equal an unpadded pass. Every
+        episode needs at least one real slot.
+        """
         _check_volume("query", query, self.config.in_channels)
         expected = (self.config.num_tokens, self.config.embed_dim)
         if task_embedding.dim() != 4 or tuple(task_embedding.shape[2:]) != expected:
@@ -92,8 +97,15 @@ class Iris(nn.Module):
             raise ValueError(
                 f"task_embedding batch {task_embedding.shape[0]} must be 1 or equal the query batch {b}"
             )
+        if class_mask is not None and (
+            class_mask.shape != task_embedding.shape[:2] or class_mask.dtype != torch.bool
+        ):
+            raise ValueError(
+                f"class_mask must be a bool tensor of shape {tuple(task_embedding.shape[:2])}, "
+                f"got {class_mask.dtype} {tuple(class_mask.shape)}"
+            )
         image, pad = self._pad_image(query)
-        logits = self.mask_decoder(self.encoder(image), task_embedding)
+        logits = self.mask_decoder(self.encoder(image), task_embedding, class_mask)
         return _crop(logits, pad) if any(pad) else logits
 
     def forward(self, query: Tensor, ref_image: Tensor, ref_masks: Tensor) -> Tensor:

@@ -30,7 +30,8 @@ class BidirectionalFusionBlock(nn.Module):
 
     The self-attention runs over all K·(m+1) tokens, so classes see each other (MASS
     ``MultiPriorAttentionBlock``). Nothing marks a token's class slot, so permuting the classes permutes
-    the output.
+    the output. ``token_mask`` (B, K·(m+1)) hides the tokens of padding class slots from the voxels and
+    the other tokens, so a class's mask does not depend on how many empty slots pad its episode.
     """
 
     def __init__(self, dim: int, config: IrisConfig) -> None:
@@ -43,10 +44,12 @@ class BidirectionalFusionBlock(nn.Module):
         self.token_self_attn = SelfAttentionLayer(dim, head_dim, eps)
         self.token_ffn_2 = FeedForwardLayer(dim, ratio, eps)
 
-    def forward(self, voxels: Tensor, tokens: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(
+        self, voxels: Tensor, tokens: Tensor, token_mask: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
         tokens = self.token_ffn_1(self.tokens_from_voxels(tokens, voxels))
-        voxels = self.voxel_ffn(self.voxels_from_tokens(voxels, tokens))
-        tokens = self.token_ffn_2(self.token_self_attn(tokens))
+        voxels = self.voxel_ffn(self.voxels_from_tokens(voxels, tokens, token_mask))
+        tokens = self.token_ffn_2(self.token_self_attn(tokens, token_mask))
         return voxels, tokens
 
 
@@ -59,10 +62,10 @@ class FusionStage(nn.Module):
             BidirectionalFusionBlock(dim, config) for _ in range(config.fusion_blocks)
         )
 
-    def forward(self, x: Tensor, tokens: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(self, x: Tensor, tokens: Tensor, token_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
         voxels = flatten_voxels(x)
         for block in self.blocks:
-            voxels, tokens = block(voxels, tokens)
+            voxels, tokens = block(voxels, tokens, token_mask)
         return unflatten_voxels(voxels, x), tokens
 
 
@@ -115,17 +118,23 @@ class MaskDecoder(nn.Module):
         self.final = norm_act(config.channels[0], config.activation, config.norm_eps)
         self.classifier = DynamicClassifier(sum(widths), config.channels[0], config.layer_norm_eps)
 
-    def forward(self, features: list[Tensor], task_embedding: Tensor) -> Tensor:
-        """Encoder features (full resolution first) and T (B, K, m+1, C) → logits (B, K, D, H, W)."""
+    def forward(
+        self, features: list[Tensor], task_embedding: Tensor, class_mask: Tensor | None = None
+    ) -> Tensor:
+        """Encoder features (full resolution first) and T (B, K, m+1, C) → logits (B, K, D, H, W).
+
+        ``class_mask`` (B, K) bool marks the real class slots of padded episodes; None means all are real.
+        """
         b, k = task_embedding.shape[:2]
         tokens = task_embedding.flatten(1, 2)
+        token_mask = None if class_mask is None else class_mask.repeat_interleave(self.num_tokens, dim=1)
         class_tokens = []
         x = features[-1]
         for i, stage in enumerate(self.up_stages):
             if i < len(self.fusion):
                 if i > 0:
                     tokens = self.token_projections[i - 1](tokens)
-                x, tokens = self.fusion[i](x, tokens)
+                x, tokens = self.fusion[i](x, tokens, token_mask)
                 class_tokens.append(tokens.reshape(b, k, self.num_tokens, -1)[:, :, 0])
             x = stage(x, features[-2 - i])
         return self.classifier(torch.cat(class_tokens, dim=-1), self.final(x))

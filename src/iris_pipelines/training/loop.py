@@ -130,9 +130,11 @@ class _EpisodeModel(nn.Module):
         super().__init__()
         self.iris = iris
 
-    def forward(self, query: Tensor, ref_image: Tensor, ref_masks: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(
+        self, query: Tensor, ref_image: Tensor, ref_masks: Tensor, class_mask: Tensor
+    ) -> tuple[Tensor, Tensor]:
         task = self.iris.encode_task(ref_image, ref_masks)
-        return self.iris.segment(query, task), task
+        return self.iris.segment(query, task, class_mask), task
 
 
 def _model_config(model_config: Mapping[str, Any], class_ids: Mapping[str, int]) -> IrisConfig:
@@ -356,7 +358,7 @@ def run_training(
         batch = {k: v.to(device, non_blocking=True) for k, v in cpu_batch.items()}
         lr = optimizer.param_groups[0]["lr"]
         with autocast_context(device, config.precision):
-            logits, task = net(batch["query"], batch["ref_image"], batch["ref_masks"])
+            logits, task = net(batch["query"], batch["ref_image"], batch["ref_masks"], batch["class_mask"])
         terms = segmentation_loss(
             logits, batch["query_masks"], batch["class_mask"], config.dice_weight, config.bce_weight
         )
