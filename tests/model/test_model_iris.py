@@ -155,3 +155,52 @@ def test_memory_bank_ema() -> None:
 def test_disabled_memory_bank_refuses_updates(tiny_model: Iris) -> None:
     with pytest.raises(RuntimeError, match="disabled"):
         tiny_model.update_memory_bank(torch.tensor([0]), torch.zeros(1, 11, 64))
+
+
+def _conditioned(**options: bool) -> Iris:
+    torch.manual_seed(0)
+    return Iris(IrisConfig.tiny(**options)).eval()
+
+
+def test_foreground_queries_make_the_context_tokens_class_specific(episode: dict[str, torch.Tensor]) -> None:
+    """With the option the m query tokens start from learned queries + T_f, so when T_f differs, T_c does."""
+    ref, masks = episode["ref"][:1], episode["ref_masks"][:1]
+    plain, conditioned = _conditioned(), _conditioned(foreground_queries=True)
+    conditioned.load_state_dict(plain.state_dict())  # same weights: only the start of the queries differs
+    with torch.no_grad():
+        t_plain, t_cond = plain.encode_task(ref, masks), conditioned.encode_task(ref, masks)
+    torch.testing.assert_close(t_cond[:, :, 0], t_plain[:, :, 0])  # T_f untouched
+    assert not torch.allclose(t_cond[:, :, 1:], t_plain[:, :, 1:], atol=1e-3)
+    gap = lambda t: float((t[0, 0, 1:] - t[0, 1, 1:]).norm() / t[0, :, 1:].norm())  # noqa: E731
+    assert gap(t_cond) > 2 * gap(t_plain)
+
+
+@pytest.mark.parametrize("options", [{"foreground_queries": True}, {"classifier_foreground": True}])
+def test_conditioning_options_keep_permutation_and_caching(
+    options: dict[str, bool], episode: dict[str, torch.Tensor]
+) -> None:
+    model = _conditioned(**options)
+    masks = torch.cat([episode["ref_masks"][:1], _random_masks(1, 1, (32, 32, 32))], dim=1)
+    permutation = torch.tensor([2, 0, 1])
+    with torch.no_grad():
+        task = model.encode_task(episode["ref"][:1], masks)
+        logits = model.segment(episode["query"][:1], task)
+        full = model(episode["query"][:1], episode["ref"][:1], masks)
+        permuted = model(episode["query"][:1], episode["ref"][:1], masks[:, permutation])
+    torch.testing.assert_close(full, logits, rtol=0, atol=1e-6)
+    torch.testing.assert_close(permuted, logits[:, permutation], rtol=0, atol=5e-5)
+
+
+def test_classifier_foreground_reads_the_unfused_foreground_token(episode: dict[str, torch.Tensor]) -> None:
+    """The classifier's input starts with each class's pre-fusion T_f, ahead of the fused-scale tokens."""
+    model = _conditioned(classifier_foreground=True)
+    assert model.mask_decoder.classifier.norm.normalized_shape[0] == sum(model.config.fused_channels) + 64
+    with torch.no_grad():
+        task = model.encode_task(episode["ref"][:1], episode["ref_masks"][:1])
+        captured = {}
+        hook = model.mask_decoder.classifier.register_forward_pre_hook(
+            lambda module, args: captured.update(tokens=args[0])  # returns None: args stay as they are
+        )
+        model.segment(episode["query"][:1], task)
+        hook.remove()
+    torch.testing.assert_close(captured["tokens"][..., :64], task[:, :, 0])

@@ -58,3 +58,49 @@ def test_dice_score() -> None:
     assert score.shape == (1, 2)
     torch.testing.assert_close(score[0, 0].item(), 2 * 48 / (48 + 64))
     assert score[0, 1].item() == 1.0  # nothing to find, nothing found
+
+
+def test_exclusive_cross_entropy_is_bce_for_one_class_and_ranks_slots():
+    from iris_pipelines.model.losses import bce_loss, exclusive_cross_entropy
+
+    target = _target()[:, :1]
+    logits = torch.randn(1, 1, 8, 8, 8)
+    # Background logit fixed at 0: softmax over [0, l] is σ(l), so one slot is plain BCE.
+    torch.testing.assert_close(exclusive_cross_entropy(logits, target), bce_loss(logits, target))
+
+    two = torch.zeros(1, 2, 8, 8, 8)
+    two[0, 1, 2:6, 2:6, :2] = 1.0  # a second, disjoint class
+    inside = two[0, 0].bool() | _target()[0, 0].bool()
+    right = torch.where(torch.cat([_target()[:, :1], two[:, 1:]], 1).bool(), BIG, -BIG)
+    # Slot 1 also fires inside slot 0's region, but less: per-slot sigmoids cannot tell, the ranking can.
+    overlapping = right.clone()
+    overlapping[0, 1][_target()[0, 0].bool()] = BIG / 2
+    wrong_winner = right.clone()
+    wrong_winner[0, 1][_target()[0, 0].bool()] = 2 * BIG
+    full = torch.cat([_target()[:, :1], two[:, 1:]], 1)
+    assert inside.any()
+    assert exclusive_cross_entropy(right, full) < 1e-3
+    assert exclusive_cross_entropy(wrong_winner, full) > exclusive_cross_entropy(overlapping, full) + 0.5
+
+
+def test_exclusive_cross_entropy_ignores_padding_and_rejects_overlapping_targets():
+    import pytest
+
+    from iris_pipelines.model.losses import exclusive_cross_entropy
+
+    target = _target()
+    logits = torch.randn(1, 2, 8, 8, 8)
+    garbage = logits.clone()
+    garbage[:, 1] = 1e4  # a padding slot may hold anything
+    only_first = torch.tensor([[True, False]])
+    torch.testing.assert_close(
+        exclusive_cross_entropy(garbage, target, only_first),
+        exclusive_cross_entropy(logits[:, :1], target[:, :1]),
+    )
+    both = target.clone()
+    both[0, 1] = both[0, 0]
+    with pytest.raises(ValueError, match="mutually exclusive"):
+        exclusive_cross_entropy(logits, both)
+    terms = segmentation_loss(logits, target, exclusive_weight=0.5)
+    assert terms.exclusive is not None
+    torch.testing.assert_close(terms.total, terms.dice + terms.bce + 0.5 * terms.exclusive)

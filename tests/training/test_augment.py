@@ -43,3 +43,13 @@ def test_perturbation_changes_masks_by_at_most_one_voxel():
         changed += int(not torch.equal(out, masks))
     assert changed == 6
     assert torch.equal(perturb_masks(masks, torch.Generator().manual_seed(0), prob=0.0), masks)
+
+
+def test_given_flips_are_applied_to_both_members_of_a_pair():
+    mask = _blob()
+    params = AugmentParams(flip_prob=0.5, affine_prob=0.0, intensity_prob=0.0, blur_prob=0.0)
+    for seed in range(6):
+        gen = torch.Generator().manual_seed(seed)
+        _, query_mask = augment_pair(mask.clone(), mask.clone(), gen, params, flips=[1, 3])
+        _, reference_mask = augment_pair(mask.clone(), mask.clone(), gen, params, flips=[1, 3])
+        assert torch.equal(query_mask, mask.flip([1, 3])) and torch.equal(reference_mask, query_mask)

@@ -116,3 +116,15 @@ def test_in_process_launcher_and_unknown_launcher(collection, tmp_path):
         launch_training("slurmish", **kwargs)
     with pytest.raises(TypeError, match="sets rank itself"):
         launch_training("in_process", rank=1, **kwargs)
+
+
+def test_task_augmentation_recipe_trains_and_logs_the_exclusive_term(collection, tmp_path):
+    """Shared flips, class unions and the exclusive term together: a real step, its loss logged apart."""
+    result = _run(
+        collection, tmp_path, steps=2, shared_flips=True, class_union_prob=1.0, exclusive_weight=0.5
+    )
+    for record in result.history:
+        assert record["exclusive_loss"] > 0
+        assert record["loss"] == pytest.approx(
+            record["dice_loss"] + record["ce_loss"] + 0.5 * record["exclusive_loss"], rel=1e-5
+        )

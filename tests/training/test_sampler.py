@@ -81,3 +81,58 @@ def test_read_crop_pads_small_volumes_with_edge_values():
     assert crop.shape == (4, 4, 4)
     np.testing.assert_array_equal(crop[:2, :2, :4], array[:, 1:3, :])
     np.testing.assert_array_equal(crop[3], crop[1])
+
+
+def _centroid(mask: torch.Tensor) -> torch.Tensor:
+    return torch.nonzero(mask).float().mean(dim=0)
+
+
+def test_shared_flips_keep_the_reference_on_the_same_side_as_the_query(setup):
+    _, _, _, config, _ = setup
+    # Only flips: with independent flips the two crops disagree in about half the episodes.
+    recipe = {**config.to_dict(), "flip_prob": 0.5, "reference_mask_perturbation": 0.0}
+    flips_only = dict(affine_prob=0.0, intensity_prob=0.0, blur_prob=0.0)
+    from iris_pipelines.training.augment import AugmentParams
+
+    def side_agreement(shared: bool) -> float:
+        cfg = TrainConfig.from_dict({**recipe, "shared_flips": shared})
+        sampler = _sampler(setup, config=cfg, augment=AugmentParams(flip_prob=0.5, **flips_only))
+        plain = _sampler(setup, config=TrainConfig.from_dict({**recipe, "augment": False}))
+        agree = []
+        for step in range(24):
+            flipped, unflipped = sampler.episode(step, 0), plain.episode(step, 0)
+            for key in ("query_masks", "ref_masks"):
+                assert flipped[key][0].sum() == unflipped[key][0].sum()
+            moved = [
+                torch.sign(_centroid(flipped[key][0]) - 15.5)
+                != torch.sign(_centroid(unflipped[key][0]) - 15.5)
+                for key in ("query_masks", "ref_masks")
+            ]
+            agree.append(bool(torch.equal(moved[0], moved[1])))
+        return sum(agree) / len(agree)
+
+    assert side_agreement(shared=True) == 1.0
+    assert side_agreement(shared=False) < 0.9
+
+
+def test_class_union_merges_two_slots_in_query_and_reference(setup):
+    _, _, _, config, _ = setup
+    recipe = {**config.to_dict(), "augment": False, "class_drop_prob": 0.0}
+    plain = _sampler(setup, config=TrainConfig.from_dict(recipe))
+    merging = _sampler(setup, config=TrainConfig.from_dict({**recipe, "class_union_prob": 1.0}))
+    merged_any = False
+    for step in range(16):
+        before, after = plain.episode(step, 0), merging.episode(step, 0)
+        n = int(before["class_mask"].sum())
+        if n < 2:
+            continue
+        merged_any = True
+        assert int(after["class_mask"].sum()) == n - 1
+        for key in ("query_masks", "ref_masks"):
+            union = before[key][:n].amax(dim=0)
+            # Same voxels covered, now by one slot fewer, and slots stay disjoint.
+            assert torch.equal(after[key].amax(dim=0), union)
+            assert int(after[key].sum()) == int(before[key].sum())
+        # The union is no single class (id −1) and the freed slot becomes padding (−1 too).
+        assert (after["class_ids"] == -1).sum() == (before["class_ids"] == -1).sum() + 2
+    assert merged_any

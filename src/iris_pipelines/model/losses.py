@@ -1,7 +1,10 @@
 """Segmentation loss L_seg = L_dice + L_ce on per-class sigmoid logits (paper §3.2; MASS uses both, weight 1).
 
 Each class slot is a binary task (multi-label sigmoid, not softmax): Iris decomposes multi-class
-segmentation into binary tasks, and the K slots of an episode need not be mutually exclusive.
+segmentation into binary tasks, and the K slots of an episode need not be mutually exclusive. When they
+are (training episodes cut from one label map), :func:`exclusive_cross_entropy` can be added: inference
+turns the K sigmoids into one label map by argmax, and per-slot losses alone never teach a slot to stay
+below the right class where both fire.
 """
 
 from __future__ import annotations
@@ -16,11 +19,12 @@ _SPATIAL = (-3, -2, -1)
 
 
 class LossTerms(NamedTuple):
-    """The weighted total and its two (unweighted) parts, for logging."""
+    """The weighted total and its (unweighted) parts, for logging."""
 
     total: Tensor
     dice: Tensor
     bce: Tensor
+    exclusive: Tensor | None = None
 
 
 def _slot_mask(logits: Tensor, class_mask: Tensor | None) -> Tensor:
@@ -70,6 +74,31 @@ def bce_loss(logits: Tensor, target: Tensor, class_mask: Tensor | None = None) -
     return _masked_mean(per_voxel.mean(_SPATIAL), slots)
 
 
+def exclusive_cross_entropy(logits: Tensor, target: Tensor, class_mask: Tensor | None = None) -> Tensor:
+    """Voxel-mean softmax cross-entropy over [background, the K slots], background logit fixed at 0.
+
+    For mutually exclusive targets (at most one slot is 1 per voxel, as when all slots come from one label
+    map). With the background logit at 0, softmax over [0, l_1 … l_K] gives p_k = σ(l_k) when K = 1, so it
+    agrees with the sigmoid decision rule of inference; with K > 1 it also ranks the slots against each
+    other, which is what the argmax of :func:`~iris_pipelines.inference.strategies.logits_to_labels`
+    reads. Padding slots get −inf and take no part. Computed in float32.
+    """
+    slots = _slot_mask(logits, class_mask)
+    if target.shape != logits.shape:
+        raise ValueError(f"target {tuple(target.shape)} must match logits {tuple(logits.shape)}")
+    if bool(((target > 0.5) & slots[..., None, None, None]).sum(dim=1).gt(1).any()):
+        raise ValueError("exclusive_cross_entropy needs mutually exclusive targets: a voxel is in two slots")
+    masked = logits.float().masked_fill(~slots[..., None, None, None], float("-inf"))
+    full = torch.cat([torch.zeros_like(masked[:, :1]), masked], dim=1)
+    hot = (target > 0.5) & slots[..., None, None, None]
+    index = torch.where(
+        hot.any(dim=1), hot.float().argmax(dim=1) + 1, torch.zeros_like(hot[:, 0], dtype=torch.long)
+    )
+    per_voxel = F.cross_entropy(full, index, reduction="none")
+    has_slot = slots.any(dim=1).to(per_voxel.dtype)
+    return (per_voxel.mean(_SPATIAL) * has_slot).sum() / has_slot.sum().clamp_min(1.0)
+
+
 def segmentation_loss(
     logits: Tensor,
     target: Tensor,
@@ -77,17 +106,24 @@ def segmentation_loss(
     dice_weight: float = 1.0,
     bce_weight: float = 1.0,
     smooth: float = 1.0,
+    exclusive_weight: float = 0.0,
 ) -> LossTerms:
-    """L_seg = dice_weight·Dice + bce_weight·BCE on (B, K, D, H, W) logits and {0, 1} targets.
+    """L_seg = dice_weight·Dice + bce_weight·BCE (+ exclusive_weight·softmax CE) on (B, K, D, H, W)
+    logits and {0, 1} targets.
 
     ``class_mask`` (B, K) bool marks the real class slots; padding slots (episodes with fewer classes
-    than K) contribute nothing. Computed in float32 so it is safe under bf16 autocast.
+    than K) contribute nothing. The exclusive term (:func:`exclusive_cross_entropy`) needs targets that
+    never put a voxel in two slots. Computed in float32 so it is safe under bf16 autocast.
     """
     if target.shape != logits.shape:
         raise ValueError(f"target {tuple(target.shape)} must match logits {tuple(logits.shape)}")
     dice = soft_dice_loss(logits, target, class_mask, smooth)
     bce = bce_loss(logits, target, class_mask)
-    return LossTerms(dice_weight * dice + bce_weight * bce, dice, bce)
+    total = dice_weight * dice + bce_weight * bce
+    if exclusive_weight <= 0:
+        return LossTerms(total, dice, bce)
+    exclusive = exclusive_cross_entropy(logits, target, class_mask)
+    return LossTerms(total + exclusive_weight * exclusive, dice, bce, exclusive)
 
 
 def dice_score(pred_mask: Tensor, target: Tensor) -> Tensor:

@@ -72,7 +72,8 @@ class FusionStage(nn.Module):
 class DynamicClassifier(nn.Module):
     """Per-class 1×1×1 classifier weights generated from the updated tokens (MASS HierarchyPriorClassifier).
 
-    One token per class and fused scale (the first, i.e. the foreground slot) is concatenated, normalised
+    One token per class and fused scale (the first, i.e. the foreground slot; with
+    ``IrisConfig.classifier_foreground`` also the class's pre-fusion T_f, first) is concatenated, normalised
     and mapped by MLP(Σc → Σc → c₀) and MLP(c₀ → c₀ → c₀) to c₀ weights; logits are their dot product with
     the c₀-channel full-resolution decoder features, so all K classes cost one einsum.
     """
@@ -116,7 +117,9 @@ class MaskDecoder(nn.Module):
         self.fusion.apply(init_linear_xavier)
         self.token_projections.apply(init_linear_xavier)
         self.final = norm_act(config.channels[0], config.activation, config.norm_eps)
-        self.classifier = DynamicClassifier(sum(widths), config.channels[0], config.layer_norm_eps)
+        self.classifier_foreground = config.classifier_foreground
+        token_dim = sum(widths) + (config.embed_dim if config.classifier_foreground else 0)
+        self.classifier = DynamicClassifier(token_dim, config.channels[0], config.layer_norm_eps)
 
     def forward(
         self, features: list[Tensor], task_embedding: Tensor, class_mask: Tensor | None = None
@@ -128,7 +131,7 @@ class MaskDecoder(nn.Module):
         b, k = task_embedding.shape[:2]
         tokens = task_embedding.flatten(1, 2)
         token_mask = None if class_mask is None else class_mask.repeat_interleave(self.num_tokens, dim=1)
-        class_tokens = []
+        class_tokens = [task_embedding[:, :, 0]] if self.classifier_foreground else []
         x = features[-1]
         for i, stage in enumerate(self.up_stages):
             if i < len(self.fusion):

@@ -132,6 +132,7 @@ class TaskEncoder(nn.Module):
         self.blocks = nn.ModuleList(TaskQueryBlock(dim, config) for _ in range(config.task_blocks))
         self.norm_out = nn.LayerNorm(dim, eps=ln_eps)
         self.blocks.apply(init_linear_xavier)
+        self.foreground_queries = config.foreground_queries
 
     def context_features(self, features: Tensor, masks: Tensor) -> Tensor:
         """F̂_s per class: (B, C, d, h, w), (B, K, D, H, W) → (B·K, d·h·w, C) voxel tokens."""
@@ -151,6 +152,8 @@ class TaskEncoder(nn.Module):
         masks = masks.to(features.dtype)
         foreground = self.norm_foreground(foreground_pool(features, masks)).reshape(b * k, 1, c)
         queries = self.norm_queries(self.query_tokens).expand(b * k, -1, -1)
+        if self.foreground_queries:
+            queries = queries + foreground
         context = self.context_features(features, masks)
         for block in self.blocks:
             queries = block(queries, context)

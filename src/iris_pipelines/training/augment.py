@@ -50,12 +50,22 @@ def _rotation_matrix(angles: tuple[float, float, float]) -> Tensor:
     return (rz @ ry @ rx).float()
 
 
+def flip_axes(gen: torch.Generator, params: AugmentParams) -> list[int]:
+    """Spatial axes (1–3 of a (C, D, H, W) tensor) to flip, each with ``params.flip_prob``."""
+    return [d + 1 for d in range(3) if _chance(gen, params.flip_prob)]
+
+
 def spatial_augment(
-    image: Tensor, masks: Tensor, gen: torch.Generator, params: AugmentParams
+    image: Tensor,
+    masks: Tensor,
+    gen: torch.Generator,
+    params: AugmentParams,
+    flips: list[int] | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Flips and a small rotation/scale about the crop centre, applied identically to (1, D, H, W) image
-    and (K, D, H, W) masks. Masks are resampled linearly and re-thresholded at 0.5 so they stay binary."""
-    dims = [d + 1 for d in range(3) if _chance(gen, params.flip_prob)]
+    and (K, D, H, W) masks. Masks are resampled linearly and re-thresholded at 0.5 so they stay binary.
+    ``flips`` fixes the flipped axes (to flip a query and its reference alike); None draws them."""
+    dims = flip_axes(gen, params) if flips is None else flips
     if dims:
         image, masks = image.flip(dims), masks.flip(dims)
     if not _chance(gen, params.affine_prob):
@@ -148,9 +158,13 @@ def perturb_masks(masks: Tensor, gen: torch.Generator, prob: float) -> Tensor:
 
 
 def augment_pair(
-    image: Tensor, masks: Tensor, gen: torch.Generator, params: AugmentParams | None = None
+    image: Tensor,
+    masks: Tensor,
+    gen: torch.Generator,
+    params: AugmentParams | None = None,
+    flips: list[int] | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """Spatial then intensity augmentation of one (image, masks) pair."""
+    """Spatial then intensity augmentation of one (image, masks) pair (``flips``: see spatial_augment)."""
     params = params or AugmentParams()
-    image, masks = spatial_augment(image, masks, gen, params)
+    image, masks = spatial_augment(image, masks, gen, params, flips)
     return intensity_augment(image, gen, params), masks

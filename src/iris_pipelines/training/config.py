@@ -49,9 +49,19 @@ class TrainConfig:
     # L_seg = dice_weight·Dice + bce_weight·BCE (paper: 1 and 1).
     dice_weight: float = 1.0
     bce_weight: float = 1.0
-    # Per-axis flip probability of the spatial augmentation. Query and reference flip independently, so
-    # a left/right pair of classes becomes ambiguous; 0 keeps laterality.
+    # Per-axis flip probability of the spatial augmentation. Independent flips of query and reference
+    # make a left/right pair of classes ambiguous; ``shared_flips`` flips both along the same axes, so
+    # the reference still says which side is meant.
     flip_prob: float = 0.5
+    shared_flips: bool = False
+    # Weight of a softmax cross-entropy across an episode's (mutually exclusive) class slots, on top of
+    # the per-slot Dice + BCE: inference takes the argmax of the K sigmoids, which per-slot losses alone
+    # never rank (model.losses.exclusive_cross_entropy). 0 is the paper's loss.
+    exclusive_weight: float = 0.0
+    # Task augmentation (UniverSeg-style): with this probability an episode with two or more classes
+    # merges two of them into one slot, in query and reference alike. The slot is then no fixed concept,
+    # so only the reference says what to segment.
+    class_union_prob: float = 0.0
 
     def __post_init__(self) -> None:
         crop = tuple(int(v) for v in self.crop_size)
@@ -72,9 +82,12 @@ class TrainConfig:
             "memory_bank_momentum",
             "foreground_crop_prob",
             "flip_prob",
+            "class_union_prob",
         ):
             if not 0 <= getattr(self, name) <= 1:
                 problems.append(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        if self.exclusive_weight < 0:
+            problems.append(f"exclusive_weight must be >= 0, got {self.exclusive_weight}")
         if self.dice_weight < 0 or self.bce_weight < 0 or self.dice_weight + self.bce_weight <= 0:
             problems.append(
                 "dice_weight and bce_weight must be >= 0 and not both 0, "

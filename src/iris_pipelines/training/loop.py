@@ -360,7 +360,12 @@ def run_training(
         with autocast_context(device, config.precision):
             logits, task = net(batch["query"], batch["ref_image"], batch["ref_masks"], batch["class_mask"])
         terms = segmentation_loss(
-            logits, batch["query_masks"], batch["class_mask"], config.dice_weight, config.bce_weight
+            logits,
+            batch["query_masks"],
+            batch["class_mask"],
+            config.dice_weight,
+            config.bce_weight,
+            exclusive_weight=config.exclusive_weight,
         )
         optimizer.zero_grad(set_to_none=True)
         terms.total.backward()
@@ -375,15 +380,17 @@ def run_training(
 
         last = step == config.steps
         if step % config.log_every == 0 or step == 1 or last:
-            loss, dice_loss, ce_loss = _global_mean(
-                [terms.total.item(), terms.dice.item(), terms.bce.item()], world_size, device
+            parts = [terms.total, terms.dice, terms.bce] + (
+                [terms.exclusive] if terms.exclusive is not None else []
             )
+            loss, dice_loss, ce_loss, *exclusive = _global_mean([t.item() for t in parts], world_size, device)
             elapsed = time.perf_counter() - window_start
             record = {
                 "step": step,
                 "loss": loss,
                 "dice_loss": dice_loss,
                 "ce_loss": ce_loss,
+                **({"exclusive_loss": exclusive[0]} if exclusive else {}),
                 "lr": lr,
                 "samples_per_s": window_steps * config.batch_size / max(elapsed, 1e-9),
             }

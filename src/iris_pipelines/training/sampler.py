@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from .augment import AugmentParams, augment_pair, perturb_masks
+from .augment import AugmentParams, augment_pair, flip_axes, perturb_masks
 from .config import TrainConfig
 
 Box = tuple[int, int, int, int, int, int]
@@ -220,19 +220,25 @@ class EpisodeSampler:
             q_start = crop_window(q_size, crop, [0, 0, 0], [0, 0, 0], rng)
         query, q_masks = load_crop(draw.query, q_start, crop, draw.classes)
         ref, r_masks = load_crop(draw.reference, ref_start, crop, draw.classes)
+        ids = [self.class_ids.get(f"{draw.query.dataset}/{c}", -1) for c in draw.classes]
+        # Drawn only when enabled, so recipes without it keep their episode stream.
+        if self.config.class_union_prob > 0 and len(ids) > 1 and rng.random() < self.config.class_union_prob:
+            pair = rng.choice(len(ids), size=2, replace=False)
+            q_masks, r_masks, ids = _merge_slots(q_masks, r_masks, ids, int(pair[0]), int(pair[1]))
         if self.config.augment:
             gen = torch.Generator().manual_seed(int(rng.integers(2**62)))
-            query, q_masks = augment_pair(query, q_masks, gen, self.augment)
-            ref, r_masks = augment_pair(ref, r_masks, gen, self.augment)
+            flips = flip_axes(gen, self.augment) if self.config.shared_flips else None
+            query, q_masks = augment_pair(query, q_masks, gen, self.augment, flips)
+            ref, r_masks = augment_pair(ref, r_masks, gen, self.augment, flips)
             r_masks = perturb_masks(r_masks, gen, self.config.reference_mask_perturbation)
-        return self._pad(draw, query, q_masks, ref, r_masks)
+        return self._pad(ids, query, q_masks, ref, r_masks)
 
     def _pad(
-        self, draw: EpisodeDraw, query: Tensor, q_masks: Tensor, ref: Tensor, r_masks: Tensor
+        self, ids: list[int], query: Tensor, q_masks: Tensor, ref: Tensor, r_masks: Tensor
     ) -> dict[str, Tensor]:
-        k, n = self.config.max_classes, len(draw.classes)
+        k, n = self.config.max_classes, len(ids)
         pad = torch.zeros(k - n, *query.shape[1:])
-        ids = [self.class_ids.get(f"{draw.query.dataset}/{c}", -1) for c in draw.classes] + [-1] * (k - n)
+        ids = ids + [-1] * (k - n)
         return {
             "query": query,
             "query_masks": torch.cat([q_masks, pad]),
@@ -246,6 +252,24 @@ class EpisodeSampler:
         """This rank's batch for ``step``, stacked along a leading batch axis."""
         episodes = [self.episode(step, slot) for slot in range(self.batch_size)]
         return {key: torch.stack([e[key] for e in episodes]) for key in episodes[0]}
+
+
+def _merge_slots(
+    q_masks: Tensor, r_masks: Tensor, ids: list[int], keep: int, merged: int
+) -> tuple[Tensor, Tensor, list[int]]:
+    """Slot ``keep`` becomes the union of slots ``keep`` and ``merged`` (which goes) in both mask stacks.
+
+    The union is a task no single class is, so its memory-bank id is −1 (never written to the bank).
+    """
+    rest = [i for i in range(len(ids)) if i != merged]
+
+    def merge(masks: Tensor) -> Tensor:
+        out = masks.clone()
+        out[keep] = torch.maximum(masks[keep], masks[merged])
+        return out[rest]
+
+    new_ids = [-1 if i == keep else ids[i] for i in rest]
+    return merge(q_masks), merge(r_masks), new_ids
 
 
 class StepDataset(Dataset):

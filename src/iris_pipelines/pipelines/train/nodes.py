@@ -81,8 +81,9 @@ def checkpoint_dir(
 def metric_record(metrics: dict[str, Any]) -> tuple[dict[str, float], int | None]:
     """One launcher metrics dict → MLflow metric names and the step.
 
-    Train records (loss, dice_loss, ce_loss, lr, samples_per_s) become ``train/<key>``; a validation
-    record ``{step, dataset, dice}`` becomes ``val/dice/<dataset>``; keys already holding a ``/`` are kept.
+    Train records (loss, dice_loss, ce_loss, exclusive_loss when that term is on, lr, samples_per_s)
+    become ``train/<key>``; a validation record ``{step, dataset, dice}`` becomes ``val/dice/<dataset>``;
+    keys already holding a ``/`` are kept.
     """
     step = metrics.get("step")
     step = int(step) if step is not None else None
