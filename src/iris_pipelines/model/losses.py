@@ -86,14 +86,15 @@ def exclusive_cross_entropy(logits: Tensor, target: Tensor, class_mask: Tensor |
     slots = _slot_mask(logits, class_mask)
     if target.shape != logits.shape:
         raise ValueError(f"target {tuple(target.shape)} must match logits {tuple(logits.shape)}")
-    if bool(((target > 0.5) & slots[..., None, None, None]).sum(dim=1).gt(1).any()):
+    real = slots[..., None, None, None]
+    hot = (target > 0.5) & real
+    if bool(hot.sum(dim=1).gt(1).any()):
         raise ValueError("exclusive_cross_entropy needs mutually exclusive targets: a voxel is in two slots")
-    masked = logits.float().masked_fill(~slots[..., None, None, None], float("-inf"))
+    masked = logits.float().masked_fill(~real, float("-inf"))
     full = torch.cat([torch.zeros_like(masked[:, :1]), masked], dim=1)
-    hot = (target > 0.5) & slots[..., None, None, None]
-    index = torch.where(
-        hot.any(dim=1), hot.float().argmax(dim=1) + 1, torch.zeros_like(hot[:, 0], dtype=torch.long)
-    )
+    # At most one slot is hot per voxel, so this sum is its class index in ``full`` (0: background).
+    slot_numbers = torch.arange(1, hot.shape[1] + 1, device=hot.device).view(1, -1, 1, 1, 1)
+    index = (hot.long() * slot_numbers).sum(dim=1)
     per_voxel = F.cross_entropy(full, index, reduction="none")
     has_slot = slots.any(dim=1).to(per_voxel.dtype)
     return (per_voxel.mean(_SPATIAL) * has_slot).sum() / has_slot.sum().clamp_min(1.0)
