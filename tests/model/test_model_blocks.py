@@ -1,10 +1,10 @@
-"""Building blocks: 3-D pixel shuffle and the residual block."""
+"""Building blocks: 3-D pixel shuffle, the residual block and the pointwise convolution."""
 
 from __future__ import annotations
 
 import torch
 
-from iris_pipelines.model.blocks import ResidualBlock, pixel_shuffle_3d, pixel_unshuffle_3d
+from iris_pipelines.model.blocks import PointwiseConv3d, ResidualBlock, pixel_shuffle_3d, pixel_unshuffle_3d
 
 
 def test_pixel_shuffle_3d_layout_and_inverse() -> None:
@@ -32,3 +32,17 @@ def test_residual_block_projects_when_width_changes() -> None:
     assert out.shape == (2, 8, 6, 6, 6)
     assert isinstance(block.shortcut, torch.nn.Conv3d)
     assert isinstance(ResidualBlock(8, 8, "relu", 1e-5).shortcut, torch.nn.Identity)
+
+
+def test_pointwise_conv_equals_a_1x1x1_convolution_with_its_weights() -> None:
+    """Same output and gradients as nn.Conv3d(kernel 1), and checkpoints load into either."""
+    torch.manual_seed(0)
+    pointwise, conv = PointwiseConv3d(3, 5), torch.nn.Conv3d(3, 5, 1)
+    conv.load_state_dict(pointwise.state_dict())
+    x = torch.randn(2, 3, 4, 5, 6, requires_grad=True)
+    out_pointwise, out_conv = pointwise(x), conv(x)
+    torch.testing.assert_close(out_pointwise, out_conv, rtol=1e-5, atol=1e-6)
+    grad = torch.randn_like(out_conv)
+    (g_pointwise,) = torch.autograd.grad(out_pointwise, pointwise.weight, grad)
+    (g_conv,) = torch.autograd.grad(out_conv, conv.weight, grad)
+    torch.testing.assert_close(g_pointwise, g_conv, rtol=1e-5, atol=1e-5)

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from .blocks import (
     CrossAttentionLayer,
     FeedForwardLayer,
+    PointwiseConv3d,
     SelfAttentionLayer,
     flatten_voxels,
     init_linear_xavier,
@@ -120,9 +121,12 @@ class TaskEncoder(nn.Module):
         # this equals the paper's conv on the concatenation while the feature half runs once for all K
         # classes instead of K times at full resolution.
         self.merge_features = nn.Sequential(norm_act(sub, act, eps), nn.Conv3d(sub, sub, k, padding=k // 2))
-        self.merge_mask = nn.Sequential(
-            norm_act(1, act, eps), nn.Conv3d(1, sub, k, padding=k // 2, bias=False)
+        mask_conv = (
+            PointwiseConv3d(1, sub, bias=False)
+            if k == 1
+            else nn.Conv3d(1, sub, k, padding=k // 2, bias=False)
         )
+        self.merge_mask = nn.Sequential(norm_act(1, act, eps), mask_conv)
         self.squeeze = nn.Sequential(norm_act(sub * r**3, act, eps), nn.Conv3d(sub * r**3, dim, 1))
 
         ln_eps = config.layer_norm_eps
