@@ -10,7 +10,9 @@ import torch
 from iris_pipelines.model import Iris, IrisConfig, count_parameters
 
 
-@pytest.mark.parametrize("config", [IrisConfig.paper(), IrisConfig.tiny(memory_bank_size=7)])
+@pytest.mark.parametrize(
+    "config", [IrisConfig.paper(), IrisConfig.cpu(), IrisConfig.tiny(memory_bank_size=7)]
+)
 def test_json_round_trip(config: IrisConfig) -> None:
     restored = IrisConfig.from_dict(json.loads(json.dumps(config.to_dict())))
     assert restored == config
@@ -44,3 +46,11 @@ def test_paper_parameter_count() -> None:
     print(f"IrisConfig.paper(): {count / 1e6:.2f} M parameters")
     assert 60e6 <= count <= 80e6
     assert config.size_divisor == 16 and config.channels[0] == 32 and config.num_tokens == 11
+
+
+def test_cpu_network_keeps_the_paper_bottleneck_on_its_crop() -> None:
+    """The paper's 128³ crop has an 8³ bottleneck (4 stages); the CPU recipe's 32³ crop must too."""
+    paper, cpu = IrisConfig.paper(), IrisConfig.cpu()
+    assert 128 // paper.size_divisor == 32 // cpu.size_divisor == 8
+    features = Iris(cpu).encoder(torch.zeros(1, 1, 32, 32, 32))
+    assert features[-1].shape[2:] == (8, 8, 8)

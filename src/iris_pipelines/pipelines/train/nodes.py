@@ -31,12 +31,12 @@ PYFUNC_SOURCE = Path(__file__).resolve().parents[2] / "inference" / "pyfunc_mode
 
 
 def build_model_config(params_model: dict[str, Any]) -> dict[str, Any]:
-    """``{size: tiny|paper, **overrides}`` → a full, validated ``IrisConfig`` dict."""
+    """``{size: cpu|tiny|paper, **overrides}`` → a full, validated ``IrisConfig`` dict."""
     from iris_pipelines.model import IrisConfig
 
     overrides = dict(params_model)
     size = overrides.pop("size", "tiny")
-    factories = {"tiny": IrisConfig.tiny, "paper": IrisConfig.paper}
+    factories = {"cpu": IrisConfig.cpu, "tiny": IrisConfig.tiny, "paper": IrisConfig.paper}
     if size not in factories:
         raise ValueError(f"params:model.size must be one of {sorted(factories)}, got {size!r}")
     # from_dict names unknown fields (a typo in params:model) instead of a bare TypeError.
