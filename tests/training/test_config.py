@@ -24,6 +24,7 @@ def test_unknown_key_is_named():
         {"bce_weight": -0.1},
         {"dice_weight": 0.0, "bce_weight": 0.0},
         {"flip_prob": 1.5},
+        {"optimizer": "sgd"},
     ],
 )
 def test_invalid_values_fail_early(bad):

@@ -33,17 +33,22 @@ def test_lr_schedule_warms_up_then_decays_exponentially():
     assert ratios == pytest.approx([ratios[0]] * len(ratios))  # constant ratio = exponential
 
 
-def test_restart_resumes_exactly(collection, tmp_path):
-    reference = _run(collection, tmp_path, "uninterrupted", checkpoint_every=2)
+@pytest.mark.parametrize(
+    "recipe",
+    [{}, {"optimizer": "adamw", "auto_mask_prob": 0.5}],
+    ids=["paper_lamb", "phantom_adamw_auto_masks"],
+)
+def test_restart_resumes_exactly(collection, tmp_path, recipe):
+    reference = _run(collection, tmp_path, "uninterrupted", checkpoint_every=2, **recipe)
 
     def crash_at_step_3(record):
         if record.get("step") == 3 and "loss" in record:
             raise Crash("simulated kill after step 3")
 
     with pytest.raises(Crash):
-        _run(collection, tmp_path, "restarted", on_metrics=crash_at_step_3, checkpoint_every=2)
+        _run(collection, tmp_path, "restarted", on_metrics=crash_at_step_3, checkpoint_every=2, **recipe)
     assert latest_checkpoint(tmp_path / "restarted").name == "step_00000002.pt"
-    resumed = _run(collection, tmp_path, "restarted", checkpoint_every=2)
+    resumed = _run(collection, tmp_path, "restarted", checkpoint_every=2, **recipe)
 
     assert [h["step"] for h in resumed.history] == [1, 2, 3, 4]
     for before, after in zip(reference.history, resumed.history, strict=True):

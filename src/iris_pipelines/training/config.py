@@ -8,6 +8,7 @@ from typing import Any
 from iris_pipelines.model.config import config_from_dict, config_to_dict
 
 _PRECISIONS = ("auto", "bf16", "fp32")
+OPTIMIZERS = ("lamb", "adamw")
 
 
 @dataclass(frozen=True)
@@ -25,6 +26,9 @@ class TrainConfig:
     steps: int = 300
     batch_size: int = 2
     crop_size: tuple[int, int, int] = (64, 64, 64)
+    # The paper's Lamb; AdamW (torch's) for small CPU runs, where Lamb's layer-wise trust ratio keeps
+    # a short run on the "predict empty" plateau (README "Known limits" has the measurements).
+    optimizer: str = "lamb"
     lr: float = 2e-3
     weight_decay: float = 1e-5
     warmup_steps: int = 20
@@ -62,6 +66,10 @@ class TrainConfig:
     # merges two of them into one slot, in query and reference alike. The slot is then no fixed concept,
     # so only the reference says what to segment.
     class_union_prob: float = 0.0
+    # Self-supervision: the share of episodes whose targets are auto-masks (homogeneous intensity regions
+    # of one train scan, reference and query two views of it; training.auto_masks) instead of labels.
+    # They cover tissue no dataset labels, so the reference, not a learned concept, must say what to find.
+    auto_mask_prob: float = 0.0
 
     def __post_init__(self) -> None:
         crop = tuple(int(v) for v in self.crop_size)
@@ -83,6 +91,7 @@ class TrainConfig:
             "foreground_crop_prob",
             "flip_prob",
             "class_union_prob",
+            "auto_mask_prob",
         ):
             if not 0 <= getattr(self, name) <= 1:
                 problems.append(f"{name} must be in [0, 1], got {getattr(self, name)}")
@@ -95,6 +104,8 @@ class TrainConfig:
             )
         if self.precision not in _PRECISIONS:
             problems.append(f"precision must be one of {_PRECISIONS}, got {self.precision!r}")
+        if self.optimizer not in OPTIMIZERS:
+            problems.append(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
         if problems:
             raise ValueError("invalid TrainConfig: " + "; ".join(problems))
 

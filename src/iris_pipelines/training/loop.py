@@ -1,5 +1,5 @@
-"""The train loop of one rank (paper §3.2–3.4): Lamb, warm-up + exponential decay, episodic batches,
-Dice + BCE, the EMA memory bank, validation, atomic checkpoints and exact resume.
+"""The train loop of one rank (paper §3.2–3.4): Lamb (or AdamW), warm-up + exponential decay, episodic
+batches, Dice + BCE, the EMA memory bank, validation, atomic checkpoints and exact resume.
 
 Launchers (``iris_pipelines.launch``) decide where ranks run; this function is the same code for one
 process, ``torch.multiprocessing`` DDP and SLURM. With ``world_size > 1`` the launcher has already
@@ -78,6 +78,13 @@ class TrainingInterrupted(Exception):
     def __init__(self, step: int) -> None:
         super().__init__(f"training stopped on request after step {step}; checkpoint saved")
         self.step = step
+
+
+def make_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    """The recipe's optimiser: Lamb (pytorch-optimizer, the paper's) or torch's AdamW."""
+    if config.optimizer == "adamw":
+        return torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    return Lamb(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
 
 
 def lr_factor(index: int, config: TrainConfig) -> float:
@@ -326,7 +333,7 @@ def run_training(
     iris_config = _model_config(model_config, class_ids)
     _seed_everything(config.seed)  # same init on every rank (DDP also broadcasts rank 0's weights)
     model = Iris(iris_config).to(device)
-    optimizer = Lamb(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    optimizer = make_optimizer(model, config)
     scheduler = LambdaLR(optimizer, lambda index: lr_factor(index, config))
     state = _resume(checkpoint_dir, model, optimizer, scheduler, config, device)
     net: nn.Module = _EpisodeModel(model)

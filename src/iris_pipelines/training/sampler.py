@@ -22,9 +22,12 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from .augment import AugmentParams, augment_pair, flip_axes, perturb_masks
+from .auto_masks import intensity_regions, shared_regions
 from .config import TrainConfig
 
 Box = tuple[int, int, int, int, int, int]
+# An auto-mask region must fill this share of a crop in both views (64 voxels of a 32³ crop).
+AUTO_MASK_MIN_SHARE = 64 / 32**3
 
 
 @dataclass(frozen=True)
@@ -206,6 +209,11 @@ class EpisodeSampler:
 
     def episode(self, step: int, slot: int) -> dict[str, Tensor]:
         """Tensors of one episode: crops, masks padded to ``max_classes``, class mask and bank ids."""
+        # Drawn from a stream of its own, and only when enabled, so labelled episodes stay the same.
+        if self.config.auto_mask_prob > 0:
+            task_rng = np.random.default_rng([*self._seed(step, slot), 2])
+            if task_rng.random() < self.config.auto_mask_prob:
+                return self._auto_mask_episode(task_rng)
         draw = self.draw(step, slot)
         rng = np.random.default_rng([*self._seed(step, slot), 1])
         crop = self.config.crop_size
@@ -225,6 +233,12 @@ class EpisodeSampler:
         if self.config.class_union_prob > 0 and len(ids) > 1 and rng.random() < self.config.class_union_prob:
             pair = rng.choice(len(ids), size=2, replace=False)
             q_masks, r_masks, ids = _merge_slots(q_masks, r_masks, ids, int(pair[0]), int(pair[1]))
+        return self._finish(rng, ids, query, q_masks, ref, r_masks)
+
+    def _finish(
+        self, rng, ids: list[int], query: Tensor, q_masks: Tensor, ref: Tensor, r_masks: Tensor
+    ) -> dict[str, Tensor]:
+        """Augment query and reference (each its own draw), perturb the reference masks, pad."""
         if self.config.augment:
             gen = torch.Generator().manual_seed(int(rng.integers(2**62)))
             flips = flip_axes(gen, self.augment) if self.config.shared_flips else None
@@ -232,6 +246,46 @@ class EpisodeSampler:
             ref, r_masks = augment_pair(ref, r_masks, gen, self.augment, flips)
             r_masks = perturb_masks(r_masks, gen, self.config.reference_mask_perturbation)
         return self._pad(ids, query, q_masks, ref, r_masks)
+
+    def _auto_mask_episode(self, rng: np.random.Generator) -> dict[str, Tensor]:
+        """A label-free episode: regions of one train scan, seen through two different crops.
+
+        The query window lies within a quarter crop of the reference window, so the two views share
+        most of their regions; the targets are the regions with enough voxels in both views
+        (:mod:`~iris_pipelines.training.auto_masks`). Their bank ids are −1: no class, no bank row.
+        """
+        cases = self.pool[self.datasets[int(rng.integers(len(self.datasets)))]]
+        record = cases[int(rng.integers(len(cases)))]
+        size, crop = volume_shape(record), self.config.crop_size
+        ref_start = [int(rng.integers(0, max(n - c, 0) + 1)) for n, c in zip(size, crop, strict=True)]
+        q_start = [
+            int(np.clip(s + rng.integers(-(c // 4), c // 4 + 1), 0, max(n - c, 0)))
+            for s, n, c in zip(ref_start, size, crop, strict=True)
+        ]
+        lo = [min(a, b) for a, b in zip(ref_start, q_start, strict=True)]
+        extent = [max(a, b) + c - low for a, b, c, low in zip(ref_start, q_start, crop, lo, strict=True)]
+        image = read_crop(np.load(record.image_path, mmap_mode="r"), lo, extent).astype(np.float32)
+        min_voxels = max(8, int(AUTO_MASK_MIN_SHARE * np.prod(crop)))
+        regions = intensity_regions(image, int(rng.integers(3, 9)), min_voxels=min_voxels)
+        windows = [
+            ([s - low for s, low in zip(start, lo, strict=True)], crop) for start in (ref_start, q_start)
+        ]
+        labels = shared_regions(regions, windows, min_voxels)
+        if not labels:  # a scan too uniform to cut: fall back to one region covering the shared view
+            regions = np.ones_like(regions)
+            labels = [1]
+        count = int(rng.integers(1, min(len(labels), self.config.max_classes) + 1))
+        chosen = [labels[i] for i in rng.permutation(len(labels))[:count]]
+        views = []
+        for start, _ in windows:
+            window = tuple(slice(s, s + c) for s, c in zip(start, crop, strict=True))
+            region_crop = regions[window]
+            masks = np.stack([region_crop == label for label in chosen]).astype(np.float32)
+            views.append(
+                (torch.from_numpy(np.ascontiguousarray(image[window]))[None], torch.from_numpy(masks))
+            )
+        (ref, r_masks), (query, q_masks) = views
+        return self._finish(rng, [-1] * count, query, q_masks, ref, r_masks)
 
     def _pad(
         self, ids: list[int], query: Tensor, q_masks: Tensor, ref: Tensor, r_masks: Tensor

@@ -6,7 +6,9 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import yaml
 from kedro.io import DataCatalog
+from project_copy import PROJECT_ROOT
 
 from iris_pipelines.hooks import InputVersionHooks, resolved_load_version
 from iris_pipelines.model import IrisConfig
@@ -19,10 +21,12 @@ from iris_pipelines.pipelines.train.nodes import (
     parameter_layout,
     split_train_params,
 )
+from iris_pipelines.training import TrainConfig
 
 
 def test_model_config_from_size_and_overrides() -> None:
     assert build_model_config({"size": "tiny"}) == IrisConfig.tiny().to_dict()
+    assert build_model_config({"size": "cpu"}) == IrisConfig.cpu().to_dict()
     assert build_model_config({"size": "paper", "num_query_tokens": 4})["num_query_tokens"] == 4
     with pytest.raises(ValueError, match="size must be one of"):
         build_model_config({"size": "huge"})
@@ -99,3 +103,25 @@ def test_hook_resolves_the_loaded_versions(tmp_path: Path) -> None:
     hooks = InputVersionHooks()
     hooks.before_node_run(node=FakeNode(), catalog=catalog)  # no MLflow run active: only remembered
     assert hooks.versions == {"episode_index": "2026-01-02T00.00.00.000Z"}
+
+
+def _train_params(env: str) -> dict:
+    """conf/base/parameters_train.yml with conf/<env>'s soft-merged over it (as Kedro's loader does)."""
+    merged: dict = {}
+    for folder in ("base", env):
+        params = yaml.safe_load((PROJECT_ROOT / "conf" / folder / "parameters_train.yml").read_text())
+        for section, values in params.items():
+            merged.setdefault(section, {}).update(values)
+    return merged
+
+
+@pytest.mark.parametrize("env", ["base", "hpcc"])
+def test_shipped_parameters_build_valid_configs(env: str) -> None:
+    params = _train_params(env)
+    model = IrisConfig.from_dict(build_model_config(params["model"]))
+    train = TrainConfig.from_dict(split_train_params(params["train"])[1])
+    if env == "hpcc":  # the paper's recipe, none of the phantom recipe's additions
+        assert model == IrisConfig.paper() and train.optimizer == "lamb" and train.auto_mask_prob == 0
+        assert train.crop_size == (128, 128, 128) and train.steps == 80_000 and train.batch_size == 32
+    else:
+        assert train.optimizer == "adamw" and train.crop_size == (32, 32, 32)
