@@ -144,12 +144,53 @@ def test_memory_bank_ema() -> None:
     model.update_memory_bank(torch.tensor([2]), first, momentum=0.9)
     torch.testing.assert_close(model.memory_bank[2], first[0])  # the first update copies
     model.update_memory_bank(torch.tensor([2, -1]), torch.cat([second, other]), momentum=0.9)  # -1: padding
-    torch.testing.assert_close(model.memory_bank[2], 0.9 * first[0] + 0.1 * second[0])
+    warmup = 2 / 11  # min(0.9, (1 + n) / (10 + n)) after n = 1 update
+    torch.testing.assert_close(model.memory_bank[2], warmup * first[0] + (1 - warmup) * second[0])
     assert model.bank_initialized.tolist() == [False, False, True, False]
+    assert model.bank_updates.tolist() == [0, 0, 2, 0]
     assert model.memory_bank_embedding(torch.tensor([2])).shape == (1, 1, *shape)
     with pytest.raises(KeyError, match=r"\[0\]"):
         model.memory_bank_embedding(torch.tensor([0, 2]))
     assert "memory_bank" in model.state_dict()
+
+
+def test_memory_bank_forgets_early_training_embeddings() -> None:
+    """A class's embedding drifts while the network learns; the bank must end near its latest value.
+
+    With α = 0.999 and no warm-up, 61 % of the bank would still be the first, random-network embedding
+    after 500 updates (the 1000-step CPU run's bank scored Dice 0.01 that way).
+    """
+    model = Iris(IrisConfig.tiny(memory_bank_size=1))
+    shape = (1, model.config.num_tokens, model.config.embed_dim)
+    early, late = torch.zeros(shape), torch.ones(shape)
+    for _ in range(250):
+        model.update_memory_bank(torch.tensor([0]), early, momentum=0.999)
+    for _ in range(250):
+        model.update_memory_bank(torch.tensor([0]), late, momentum=0.999)
+    assert model.memory_bank.min() > 0.95
+    assert model.bank_updates.tolist() == [500]
+
+
+def test_memory_bank_momentum_reaches_alpha() -> None:
+    model = Iris(IrisConfig.tiny(memory_bank_size=1))
+    shape = (1, model.config.num_tokens, model.config.embed_dim)
+    model.update_memory_bank(torch.tensor([0]), torch.zeros(shape))
+    model.bank_updates.fill_(20_000)  # long past the warm-up: the update uses α itself
+    model.update_memory_bank(torch.tensor([0]), torch.ones(shape), momentum=0.999)
+    torch.testing.assert_close(model.memory_bank, torch.full(shape, 0.001))
+
+
+def test_models_saved_with_the_boolean_bank_flags_still_load() -> None:
+    """Versions registered before the EMA warm-up stored ``bank_initialized``; reviews must load them."""
+    torch.manual_seed(0)
+    old = Iris(IrisConfig.tiny(memory_bank_size=3))
+    old.update_memory_bank(torch.tensor([1]), torch.randn(1, old.config.num_tokens, old.config.embed_dim))
+    state = old.state_dict()
+    state["bank_initialized"] = state.pop("bank_updates") > 0
+    model = Iris(IrisConfig.tiny(memory_bank_size=3))
+    model.load_state_dict(state)
+    assert model.bank_updates.tolist() == [0, 1, 0]
+    torch.testing.assert_close(model.memory_bank, old.memory_bank)
 
 
 def test_disabled_memory_bank_refuses_updates(tiny_model: Iris) -> None:

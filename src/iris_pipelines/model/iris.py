@@ -7,6 +7,8 @@ tuning); gradients flow into T whenever it requires grad.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -54,7 +56,21 @@ class Iris(nn.Module):
         self.mask_decoder = MaskDecoder(self.config)
         bank_shape = (self.config.memory_bank_size, self.config.num_tokens, self.config.embed_dim)
         self.register_buffer("memory_bank", torch.zeros(bank_shape))
-        self.register_buffer("bank_initialized", torch.zeros(self.config.memory_bank_size, dtype=torch.bool))
+        # Updates each slot has received: drives the EMA warm-up and says which slots hold an embedding.
+        self.register_buffer("bank_updates", torch.zeros(self.config.memory_bank_size, dtype=torch.long))
+
+    @property
+    def bank_initialized(self) -> Tensor:
+        """(memory_bank_size,) bool: the slots that have received at least one embedding."""
+        return self.bank_updates > 0
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any, **kwargs: Any) -> None:
+        # Models saved before the EMA warm-up hold a bool ``bank_initialized`` instead of update counts.
+        # Registered versions must keep loading for reviews: a filled slot counts as one update.
+        legacy = state_dict.pop(prefix + "bank_initialized", None)
+        if legacy is not None and prefix + "bank_updates" not in state_dict:
+            state_dict[prefix + "bank_updates"] = legacy.long()
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def _pad_image(self, image: Tensor) -> tuple[Tensor, list[int]]:
         pad = _padding(tuple(image.shape[2:]), self.config.size_divisor)
@@ -114,12 +130,19 @@ class Iris(nn.Module):
 
     @torch.no_grad()
     def update_memory_bank(self, class_ids: Tensor, embeddings: Tensor, momentum: float = 0.999) -> None:
-        """EMA update T_k ← α·T_k + (1−α)·T_new per class (supplement, α = 0.999); the first update copies.
+        """EMA update T_k ← α_n·T_k + (1−α_n)·T_new per class, α_n = min(α, (1 + n) / (10 + n)).
+
+        n is the number of updates the slot has had; the first one copies. The supplement's α = 0.999
+        alone would keep most of the bank's weight on embeddings from the first steps of training, when
+        the encoder was still random: after 500 updates 0.999^500 = 61 % of it still sits on the first
+        one, and a 1000-step run's bank scored Dice 0.01 where the same model's one-shot scored 0.49. The
+        warm-up (the ``num_updates`` rule of TensorFlow's ExponentialMovingAverage) lets early
+        embeddings fade and reaches α itself after 9 000 updates, so a long run ends on the paper's rule.
 
         Args:
             class_ids: (N,) global class ids; negative ids mark padding slots and are skipped.
             embeddings: (N, m+1, C) new embeddings, e.g. ``T[class_mask]``; detached here.
-            momentum: α.
+            momentum: α, the momentum the warm-up rises to.
 
         A class that appears several times in one call is updated once per occurrence, in order.
         """
@@ -139,11 +162,13 @@ class Iris(nn.Module):
                 raise ValueError(
                     f"class id {cid} is outside the memory bank (size {self.config.memory_bank_size})"
                 )
-            if self.bank_initialized[cid]:
-                self.memory_bank[cid].mul_(momentum).add_(new, alpha=1.0 - momentum)
+            updates = int(self.bank_updates[cid])
+            if updates:
+                alpha = min(momentum, (1.0 + updates) / (10.0 + updates))
+                self.memory_bank[cid].mul_(alpha).add_(new, alpha=1.0 - alpha)
             else:
                 self.memory_bank[cid].copy_(new)
-                self.bank_initialized[cid] = True
+            self.bank_updates[cid] += 1
 
     def memory_bank_embedding(self, class_ids: Tensor) -> Tensor:
         """T (1, K, m+1, C) for seen classes picked by global id, for reference-free segmentation."""
