@@ -270,3 +270,17 @@ def test_reference_window_is_centred_on_the_union_box_and_stays_inside() -> None
     assert torch.equal(crop_image, image[:, :, :, 0:16])
     with pytest.raises(ValueError, match="empty masks"):
         mask_window(torch.zeros(1, 1, 8, 8, 8), 4)
+
+
+@pytest.mark.parametrize("roi", [(8, 8, 8), (8, 40, 40), (12, 12, 12)])
+def test_reference_window_holds_foreground_when_the_structure_outgrows_it(roi) -> None:
+    """A curved organ or two distant lesions: the box centre is empty, the window must not be."""
+    shape = (40, 24, 24)
+    masks = torch.zeros(1, 1, *shape)
+    masks[0, 0, 2:6, 4:8, 4:8] = 1
+    masks[0, 0, 30:36, 16:20, 16:20] = 1  # union box z 2..36: its centre z = 19 is empty
+    window = mask_window(masks, roi)
+    assert masks[0, 0, window[0], window[1], window[2]].sum() > 0
+    for axis, part in enumerate(window):
+        assert part.stop - part.start == min(roi[axis], shape[axis])
+        assert 0 <= part.start and part.stop <= shape[axis]

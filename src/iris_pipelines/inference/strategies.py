@@ -196,19 +196,24 @@ def mask_window(masks: Tensor, roi_size: int | Sequence[int]) -> tuple[slice, sl
 
     Why centred on the union box: the task encoder must see every requested structure and as much of its
     surroundings as training did (training crops are ``roi``-sized windows around the foreground). When
-    the union box is larger than ``roi`` along an axis the window keeps its centre and cuts the box; the
-    window is shifted, never shrunk, to stay inside the volume. ``masks`` is (..., D, H, W).
+    the union box is larger than ``roi`` along an axis, its centre may lie in empty space (a curved
+    organ, lesions far apart), so along that axis the window is centred on the foreground voxel nearest
+    the box centre instead: the window always holds foreground. It is shifted, never shrunk, to stay
+    inside the volume. ``masks`` is (..., D, H, W).
     """
     spatial = tuple(masks.shape[-3:])
     roi = clamp_roi(roi_size, spatial)
     occupied = masks.reshape(-1, *spatial).amax(dim=0) > 0
     if not occupied.any():
         raise ValueError("cannot place a window on empty masks: no class has a foreground voxel")
+    voxels = occupied.nonzero().float()  # (N, 3)
+    low, high = voxels.amin(dim=0), voxels.amax(dim=0) + 1
+    box_centre = (low + high) / 2.0
+    nearest = voxels[((voxels + 0.5 - box_centre) ** 2).sum(dim=1).argmin()] + 0.5
     window = []
     for axis, (size, length) in enumerate(zip(spatial, roi, strict=True)):
-        others = tuple(a for a in range(3) if a != axis)
-        indices = occupied.any(dim=others).nonzero().flatten()
-        centre = (int(indices[0]) + int(indices[-1]) + 1) / 2.0
+        fits = float(high[axis] - low[axis]) <= length
+        centre = float(box_centre[axis] if fits else nearest[axis])
         start = min(max(int(round(centre - length / 2.0)), 0), size - length)
         window.append(slice(start, start + length))
     return window[0], window[1], window[2]
