@@ -255,7 +255,7 @@ def reproduce(
     on_step: Callable[[str], None] | None = None,
 ) -> Reproduction:
     """Re-run embed_tasks + evaluate on the recorded data versions and compare every recorded number."""
-    from iris_pipelines.evaluation.report import headline_metrics, summary_by_group
+    from iris_pipelines.evaluation.report import gain_over_baseline, headline_metrics, summary_by_group
     from iris_pipelines.pipelines.embed_tasks.nodes import embed_tasks
     from iris_pipelines.pipelines.evaluate.nodes import evaluate_strategies
 
@@ -294,7 +294,7 @@ def reproduce(
     embeddings = embed_tasks(bundle, registered, index, manifest, params["embed_tasks"])
     step("evaluating")
     metrics = evaluate_strategies(bundle, registered, embeddings, index, manifest, params["evaluate"])
-    headline = headline_metrics(summary_by_group(metrics))
+    headline = headline_metrics(summary_by_group(metrics), gain_over_baseline(metrics))
     for name, value in sorted(recorded.items()):
         result.comparisons.append(Comparison(name, value, headline.get(_headline_key(name)), tolerance))
     return result

@@ -102,6 +102,7 @@ def test_every_strategy_and_baseline_is_scored_per_group(run, collection) -> Non
             assert row.dice == pytest.approx(mean), (group, row.method)
     report = catalog.load("evaluation_report")
     assert "| registration" in report or "registration |" in report
+    assert "## Gain over pasting the reference mask" in report
     assert _saved_png(run, "evaluation_dice_boxplot.png") and _saved_png(run, "evaluation_class_dice.png")
 
 
@@ -127,6 +128,15 @@ def test_mlflow_gets_headline_numbers_plots_and_version_tags(run) -> None:
     one_shot = summary[(summary.group == "seen") & (summary.method == "one_shot")].dice.item()
     assert data.metrics["eval/seen/one_shot/dice"] == pytest.approx(one_shot)
     assert "eval/heldout/registration/dice" in data.metrics
+    metrics = catalog.load("evaluation_metrics")
+    pairs = metrics[metrics.method == "one_shot"].merge(
+        metrics[metrics.method == "paste"], on=["episode_id", "class_name"], suffixes=("", "_paste")
+    )
+    seen = pairs[~pairs.heldout]
+    gain = data.metrics["eval/seen/one_shot/dice_gain_vs_paste"]
+    assert gain == pytest.approx((seen.dice - seen.dice_paste).mean())
+    assert data.metrics["eval/seen/one_shot/dice_gain_vs_paste_ci_low"] <= gain
+    assert gain <= data.metrics["eval/seen/one_shot/dice_gain_vs_paste_ci_high"]
     artifacts = {f.path for f in client.list_artifacts(run_id, "evaluation")}
     assert {
         "evaluation/dice_boxplot.png",

@@ -14,6 +14,7 @@ from iris_pipelines.evaluation.report import (
     class_bars,
     dice_boxplot,
     dice_pivot,
+    gain_over_baseline,
     headline_metrics,
     markdown_report,
     summary_by_dataset,
@@ -66,19 +67,23 @@ def report_evaluation(
 ) -> tuple[pd.DataFrame, pd.DataFrame, str, Figure, Figure]:
     """Summary tables (per group, per dataset), the Markdown report, the box plot and the class bars.
 
-    The headline numbers go to the active MLflow run as ``eval/<group>/<method>/<metric>`` and onto the
-    registered model version as tags.
+    The headline numbers go to the active MLflow run as ``eval/<group>/<method>/<metric>`` (with the paired
+    ``dice_gain_vs_paste`` and its CI) and the mean Dice onto the registered model version as tags.
     """
     by_group = summary_by_group(evaluation_metrics)
     by_dataset = summary_by_dataset(evaluation_metrics)
     first = evaluation_metrics.iloc[0] if not evaluation_metrics.empty else {}
     model = {key: str(first.get(key, "")) for key in ("model_uri", "weights_sha256")} if len(first) else {}
-    report = markdown_report(by_group, by_dataset, model)
+    gains = gain_over_baseline(evaluation_metrics)
+    report = markdown_report(by_group, by_dataset, gains, model)
     boxplot, bars = dice_boxplot(evaluation_metrics), class_bars(evaluation_metrics)
     if not by_group.empty:
         logger.info("Mean Dice per group and method:\n%s", dice_pivot(by_group, "group").round(3).to_string())
+    if not gains.empty:
+        table = gains.round(3).to_string(index=False)
+        logger.info("Dice gain over paste (95 %% CI over episodes):\n%s", table)
     if mlflow.active_run() is not None:
-        headline = headline_metrics(by_group)
+        headline = headline_metrics(by_group, gains)
         mlflow.log_metrics(headline)
         mlflow.log_text(report, "evaluation/evaluation_report.md")
         mlflow.log_figure(boxplot, "evaluation/dice_boxplot.png")

@@ -1,0 +1,77 @@
+"""The paired comparison against paste that decides whether a strategy "clearly beats" the baseline."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from iris_pipelines.evaluation.report import gain_over_baseline, headline_metrics, summary_by_group
+
+
+def _rows(method: str, dice: np.ndarray, *, heldout: bool = False, episodes: int = 10) -> pd.DataFrame:
+    """``dice`` laid out as episodes × 3 classes, as evaluate writes them."""
+    episode = np.repeat([f"D/case_{i:03d}" for i in range(episodes)], 3)
+    return pd.DataFrame(
+        {
+            "episode_id": episode,
+            "dataset": "D",
+            "class_name": np.tile(["a", "b", "c"], episodes),
+            "method": method,
+            "heldout": heldout,
+            "novel": heldout,
+            "dice": dice,
+            "iou": dice,
+            "nsd": dice,
+            "hd95_mm": 1.0,
+            "error": "",
+        }
+    )
+
+
+def test_a_uniform_gain_has_a_tight_interval_above_zero() -> None:
+    paste = np.linspace(0.1, 0.6, 30)
+    metrics = pd.concat([_rows("paste", paste), _rows("one_shot", paste + 0.2)], ignore_index=True)
+    gains = gain_over_baseline(metrics)
+    row = gains.set_index(["group", "method"]).loc[("seen", "one_shot")]
+    assert row.dice_gain == pytest.approx(0.2)
+    assert row.ci_low == pytest.approx(0.2) and row.ci_high == pytest.approx(0.2)
+    assert (row.pairs, row.episodes, row.win_fraction) == (30, 10, 1.0)
+    assert set(gains.group) == {"seen"}  # no held-out rows, no held-out comparison
+
+
+def test_noise_around_the_baseline_gives_an_interval_that_contains_zero() -> None:
+    rng = np.random.default_rng(1)
+    paste = rng.uniform(0.2, 0.8, 60)
+    noisy = np.clip(paste + rng.normal(0.0, 0.3, 60), 0, 1)
+    paired = [_rows(m, d, heldout=True, episodes=20) for m, d in (("paste", paste), ("one_shot", noisy))]
+    metrics = pd.concat(paired, ignore_index=True)
+    for row in gain_over_baseline(metrics).itertuples():
+        assert row.ci_low < 0 < row.ci_high, row
+        assert row.ci_low < row.dice_gain < row.ci_high
+
+
+def test_only_pairs_scored_by_both_methods_count() -> None:
+    """A class the strategy failed on (no row, or NaN Dice) must not be compared with paste's score."""
+    paste = _rows("paste", np.full(30, 0.5))
+    one_shot = _rows("one_shot", np.full(30, 0.7))
+    one_shot.loc[0, "dice"] = np.nan
+    one_shot = one_shot.drop(index=[1, 2])
+    gains = gain_over_baseline(pd.concat([paste, one_shot], ignore_index=True))
+    row = gains.iloc[0]
+    assert (row.pairs, row.episodes) == (27, 9) and row.dice_gain == pytest.approx(0.2)
+
+
+def test_headline_metrics_carry_the_gain_and_its_interval() -> None:
+    paste = np.linspace(0.1, 0.6, 30)
+    metrics = pd.concat([_rows("paste", paste), _rows("one_shot", paste + 0.1)], ignore_index=True)
+    headline = headline_metrics(summary_by_group(metrics), gain_over_baseline(metrics))
+    assert headline["eval/seen/one_shot/dice_gain_vs_paste"] == pytest.approx(0.1)
+    assert headline["eval/seen/one_shot/dice_gain_vs_paste_ci_low"] == pytest.approx(0.1)
+    assert headline["eval/seen/one_shot/dice"] == pytest.approx(paste.mean() + 0.1)
+    assert not any("paste/dice_gain" in key for key in headline)  # the baseline is not compared to itself
+
+
+def test_no_paste_rows_means_no_comparison() -> None:
+    metrics = _rows("one_shot", np.full(30, 0.5))
+    assert gain_over_baseline(metrics).empty
