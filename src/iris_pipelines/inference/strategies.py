@@ -206,14 +206,18 @@ def mask_window(masks: Tensor, roi_size: int | Sequence[int]) -> tuple[slice, sl
     occupied = masks.reshape(-1, *spatial).amax(dim=0) > 0
     if not occupied.any():
         raise ValueError("cannot place a window on empty masks: no class has a foreground voxel")
-    voxels = occupied.nonzero().float()  # (N, 3)
-    low, high = voxels.amin(dim=0), voxels.amax(dim=0) + 1
-    box_centre = (low + high) / 2.0
-    nearest = voxels[((voxels + 0.5 - box_centre) ** 2).sum(dim=1).argmin()] + 0.5
+    extents = []
+    for axis in range(3):
+        indices = occupied.any(dim=tuple(a for a in range(3) if a != axis)).nonzero().flatten()
+        extents.append((int(indices[0]), int(indices[-1]) + 1))
+    centres = [(low + high) / 2.0 for low, high in extents]
+    cut = [high - low > length for (low, high), length in zip(extents, roi, strict=True)]
+    if any(cut):  # only then list the foreground voxels (millions for a large organ at full resolution)
+        voxels = occupied.nonzero().float() + 0.5
+        nearest = voxels[((voxels - torch.tensor(centres)) ** 2).sum(dim=1).argmin()].tolist()
+        centres = [n if c else b for n, c, b in zip(nearest, cut, centres, strict=True)]
     window = []
-    for axis, (size, length) in enumerate(zip(spatial, roi, strict=True)):
-        fits = float(high[axis] - low[axis]) <= length
-        centre = float(box_centre[axis] if fits else nearest[axis])
+    for size, length, centre in zip(spatial, roi, centres, strict=True):
         start = min(max(int(round(centre - length / 2.0)), 0), size - length)
         window.append(slice(start, start + length))
     return window[0], window[1], window[2]
