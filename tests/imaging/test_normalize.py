@@ -74,3 +74,31 @@ def test_normalize_intensity_leaves_its_input_alone():
 def test_in_place_needs_float32():
     with pytest.raises(TypeError, match="float32"):
         normalize_in_place(np.zeros((2, 2, 2), dtype=np.int16), "CT")
+
+
+@pytest.mark.parametrize("modality", ["CT", "MR", "PET"])
+def test_padding_outside_the_scan_does_not_shift_the_intensities(modality):
+    """A scan padded with its minimum (what resampling an oblique scan adds) keeps its normalised values
+    when ``inside`` names the scanned voxels; without it the padding pulls the mean and the spread."""
+    rng = np.random.default_rng(3)
+    scan = rng.normal(40, 300, (6, 7, 8)).astype(np.float32)
+    padded = np.full((6, 7, 20), scan.min(), dtype=np.float32)
+    padded[:, :, :8] = scan
+    inside = np.zeros(padded.shape, dtype=bool)
+    inside[:, :, :8] = True
+    expected = normalize_intensity(scan, modality, ct_window=(-500.0, 800.0), percentiles=(5.0, 95.0))
+    masked = normalize_intensity(
+        padded, modality, ct_window=(-500.0, 800.0), percentiles=(5.0, 95.0), inside=inside
+    )
+    np.testing.assert_allclose(masked[:, :, :8], expected, atol=1e-5)
+    assert np.all(masked[:, :, 8:] <= expected.min() + 1e-5)  # padding stays at the low end
+    unmasked = normalize_intensity(padded, modality, ct_window=(-500.0, 800.0), percentiles=(5.0, 95.0))
+    assert np.abs(unmasked[:, :, :8] - expected).max() > 0.1
+
+
+def test_inside_must_fit_the_volume():
+    volume = np.zeros((2, 2, 2), dtype=np.float32)
+    with pytest.raises(ValueError, match="boolean array of the volume's shape"):
+        normalize_in_place(volume, "CT", inside=np.ones((2, 2), dtype=bool))
+    with pytest.raises(ValueError, match="selects no voxel"):
+        normalize_in_place(volume, "CT", inside=np.zeros((2, 2, 2), dtype=bool))

@@ -9,6 +9,7 @@ import SimpleITK as sitk
 from iris_pipelines.imaging.geometry import Geometry
 from iris_pipelines.imaging.resample import (
     canonical_geometry,
+    field_of_view_mask,
     resample_to_geometry,
     restore_geometry,
     to_canonical,
@@ -113,3 +114,22 @@ def test_labels_outside_uint8_are_refused(make_image) -> None:
     label = make_image(np.full((2, 2, 2), 300, dtype=np.int16))
     with pytest.raises(ValueError, match="0..255"):
         to_canonical(label, 1.0, is_label=True)
+
+
+@pytest.mark.parametrize("case", list(_ROUND_TRIPS))
+def test_field_of_view_mask_is_what_the_resampler_covers(case: str, oblique_direction) -> None:
+    """The padding of a canonical grid is exactly where resampling a scan of ones gives 0."""
+    size, spacing, direction, target, _ = _ROUND_TRIPS[case]
+    direction = oblique_direction if direction == "oblique" else direction
+    original = Geometry(size, spacing, (-31.4, 12.7, 100.2), direction)
+    grid = canonical_geometry(original, target)
+    ones = original.apply_to(sitk.GetImageFromArray(np.ones(tuple(reversed(size)), dtype=np.uint8)))
+    covered = sitk.GetArrayFromImage(resample_to_geometry(ones, grid, is_label=True)) == 1
+    mask = field_of_view_mask(original, grid)
+    if covered.all():
+        assert mask is None
+    else:
+        assert mask is not None and mask.shape == covered.shape
+        np.testing.assert_array_equal(mask, covered)
+    if case == "oblique":
+        assert 0.3 < covered.mean() < 0.9  # the bounding box of a rotated cube is mostly padding

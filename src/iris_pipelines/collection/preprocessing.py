@@ -32,13 +32,13 @@ from iris_pipelines.imaging.errors import InvalidInputError
 from iris_pipelines.imaging.geometry import Geometry
 from iris_pipelines.imaging.io import read_image
 from iris_pipelines.imaging.normalize import normalize_in_place
-from iris_pipelines.imaging.resample import canonical_geometry, resample_to_geometry
+from iris_pipelines.imaging.resample import canonical_geometry, field_of_view_mask, resample_to_geometry
 from iris_pipelines.imaging.stats import class_statistics
 
 logger = logging.getLogger(__name__)
 
 # Bump whenever a code change alters the arrays or meta.json, so cached cases are rebuilt, not reused.
-PREPROCESS_VERSION = "1"
+PREPROCESS_VERSION = "2"  # 2: normalisation statistics exclude the padding of oblique scans
 
 REPORT_COLUMNS = ["dataset", "case_id", "path", "check", "reason"]
 ADDED_COLUMNS = [
@@ -212,7 +212,13 @@ def canonical_image_array(
         raise InvalidInputError(
             source, "non_finite", "the image holds NaN or infinite values; fix the export"
         )
-    normalize_in_place(array, kind, ct_window=params.ct_window, percentiles=params.percentiles)
+    normalize_in_place(
+        array,
+        kind,
+        ct_window=params.ct_window,
+        percentiles=params.percentiles,
+        inside=field_of_view_mask(original, grid),
+    )
     return array, original, grid
 
 

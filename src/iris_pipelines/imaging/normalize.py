@@ -16,13 +16,18 @@ def _check_modality(modality: str) -> str:
     return kind
 
 
-def _mean_std(flat: np.ndarray) -> tuple[float, float]:
-    """Two-pass float64 mean and standard deviation, block by block (``ndarray.std`` would allocate a
-    float64 copy of the whole volume)."""
-    blocks = range(0, flat.size, _BLOCK)
-    mean = sum(float(flat[i : i + _BLOCK].sum(dtype=np.float64)) for i in blocks) / flat.size
-    squares = sum(float(np.square(flat[i : i + _BLOCK] - mean, dtype=np.float64).sum()) for i in blocks)
-    return mean, (squares / flat.size) ** 0.5
+def _mean_std(flat: np.ndarray, inside: np.ndarray | None = None) -> tuple[float, float]:
+    """Two-pass float64 mean and standard deviation of ``flat`` (where ``inside``), block by block
+    (``ndarray.std`` would allocate a float64 copy of the whole volume)."""
+    def blocks():
+        for i in range(0, flat.size, _BLOCK):
+            block = flat[i : i + _BLOCK]
+            yield block if inside is None else block[inside[i : i + _BLOCK]]
+
+    count = flat.size if inside is None else int(np.count_nonzero(inside))
+    mean = sum(float(block.sum(dtype=np.float64)) for block in blocks()) / count
+    squares = sum(float(np.square(block - mean, dtype=np.float64).sum()) for block in blocks())
+    return mean, (squares / count) ** 0.5
 
 
 def normalize_in_place(
@@ -31,11 +36,16 @@ def normalize_in_place(
     *,
     ct_window: tuple[float, float] = (-990.0, 500.0),
     percentiles: tuple[float, float] = (2.0, 98.0),
+    inside: np.ndarray | None = None,
 ) -> None:
     """Clip then z-score a float32 volume in place.
 
     CT is clipped to a fixed Hounsfield window because its units are absolute; MR and PET have arbitrary
     scales, so they are clipped to the volume's own percentiles. A constant volume maps to zeros.
+    ``inside`` (a boolean array of the volume's shape, or None for all of it) names the voxels the scan
+    covered: percentiles, mean and standard deviation come from them alone, so the padding a resampled
+    oblique scan gains does not shift its intensities (its air-filled corners would otherwise lower the
+    mean and shrink the spread: 62 % padding moved a CT bladder from 1.0 to 1.8 units, near bone).
     In place because preprocessing must stay under 3x one volume per worker: the copying version measured
     1.45 s and four volumes of temporaries on a 274x274x334 CT, this one 0.15 s and none.
     """
@@ -46,9 +56,20 @@ def normalize_in_place(
         raise ValueError("the volume holds NaN or infinite values")
     if array.size == 0:
         return
-    low, high = ct_window if kind == "CT" else np.percentile(array, percentiles)
+    if inside is not None:
+        if inside.shape != array.shape or inside.dtype != np.bool_:
+            raise ValueError(
+                f"inside must be a boolean array of the volume's shape {array.shape}, "
+                f"got {inside.dtype} {inside.shape}"
+            )
+        if not inside.any():
+            raise ValueError("inside selects no voxel: the scan covers none of the volume")
+    if kind == "CT":
+        low, high = ct_window
+    else:
+        low, high = np.percentile(array if inside is None else array[inside], percentiles)
     np.clip(array, np.float32(low), np.float32(high), out=array)
-    mean, std = _mean_std(array.reshape(-1))
+    mean, std = _mean_std(array.reshape(-1), None if inside is None else inside.reshape(-1))
     if std == 0:
         array.fill(0)
         return
@@ -62,9 +83,10 @@ def normalize_intensity(
     *,
     ct_window: tuple[float, float] = (-990.0, 500.0),
     percentiles: tuple[float, float] = (2.0, 98.0),
+    inside: np.ndarray | None = None,
 ) -> np.ndarray:
     """:func:`normalize_in_place` on a float32 copy, leaving the input untouched."""
     _check_modality(modality)
     values = np.array(array, dtype=np.float32, copy=True)
-    normalize_in_place(values, modality, ct_window=ct_window, percentiles=percentiles)
+    normalize_in_place(values, modality, ct_window=ct_window, percentiles=percentiles, inside=inside)
     return values

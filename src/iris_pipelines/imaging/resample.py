@@ -35,6 +35,36 @@ def canonical_geometry(image_geometry: Geometry, spacing: float | Sequence[float
     return Geometry(tuple(size), tuple(target), tuple(origin), IDENTITY_DIRECTION)
 
 
+def field_of_view_mask(source: Geometry, grid: Geometry) -> np.ndarray | None:
+    """Which voxels of ``grid`` (array order z, y, x) lie inside ``source``'s scanned volume; None if all.
+
+    Inside means what the resampler decides: the voxel centre's continuous index in ``source`` lies within
+    half a voxel of its outer voxel centres. The rest of a canonical grid is padding (an oblique scan's
+    bounding box holds 60-70 % of it), which must not count as tissue in any intensity statistic.
+    Computed slice by slice from the two geometries alone, so no input-sized array is allocated.
+    """
+    def to_source_index(ijk: np.ndarray) -> np.ndarray:
+        return source.world_to_index(grid.index_to_world(ijk))
+
+    low = np.full(3, -0.5)
+    high = np.asarray(source.size, dtype=np.float64) - 0.5
+    corners = np.array(np.meshgrid(*[[0, n - 1] for n in grid.size], indexing="ij")).reshape(3, -1).T
+    corner_index = to_source_index(corners)
+    if np.all((corner_index >= low) & (corner_index < high)):
+        return None  # both grids are boxes: all corners inside means every voxel is
+    size_x, size_y, size_z = grid.size
+    columns, rows = np.meshgrid(np.arange(size_x), np.arange(size_y), indexing="xy")
+    plane = np.stack([columns.ravel(), rows.ravel(), np.zeros(columns.size)], axis=1)
+    origin = to_source_index(np.zeros((1, 3)))[0]
+    in_plane = to_source_index(plane) - origin  # source-index offset of every (x, y) of a slice
+    step = to_source_index(np.array([[0.0, 0.0, 1.0]]))[0] - origin  # offset of one slice along z
+    mask = np.empty((size_z, size_y, size_x), dtype=bool)
+    for z in range(size_z):
+        index = in_plane + (origin + z * step)
+        mask[z] = np.all((index >= low) & (index < high), axis=1).reshape(size_y, size_x)
+    return mask
+
+
 def _minimum(image: sitk.Image) -> float:
     stats = sitk.MinimumMaximumImageFilter()
     stats.Execute(image)
