@@ -20,6 +20,7 @@ from iris_pipelines.pipelines.train.nodes import (
     metric_record,
     parameter_layout,
     split_train_params,
+    train_iris,
 )
 from iris_pipelines.training import TrainConfig
 
@@ -53,6 +54,27 @@ def test_checkpoint_dir_is_keyed_by_the_recipe(tmp_path: Path) -> None:
     assert a != checkpoint_dir(tmp_path, {"m": 1}, {"steps": 4}, "abc")
     assert a != checkpoint_dir(tmp_path, {"m": 1}, {"steps": 3}, "abd")
     assert a != checkpoint_dir(tmp_path, {"m": 1}, {"steps": 3}, "abc", layout="other network")
+    # Same cases, other intensities (a new normalisation or spacing): never resume the old network.
+    assert a != checkpoint_dir(tmp_path, {"m": 1}, {"steps": 3}, "abc", volumes="renormalised")
+
+
+def test_train_node_keys_checkpoints_by_the_preprocessed_volumes(tmp_path: Path, monkeypatch) -> None:
+    import iris_pipelines.launch as launch
+
+    used = []
+
+    def record(launcher, *, checkpoint_dir, **kwargs):
+        used.append(checkpoint_dir)
+        raise RuntimeError("stop after the checkpoint folder is chosen")
+
+    monkeypatch.setattr(launch, "launch_training", record)
+    index = {"checksum": "same episodes"}
+    params = {"checkpoint_root": str(tmp_path), "steps": 3}
+    for key in ("preprocess v1", "preprocess v2"):
+        manifest = pd.DataFrame({"case_id": ["a"], "cache_key": [key]})
+        with pytest.raises(RuntimeError, match="stop after"):
+            train_iris(index, manifest, {"size": "tiny"}, params)
+    assert len(used) == 2 and used[0] != used[1] and used[0].parent == tmp_path
 
 
 def test_parameter_layout_follows_the_network_not_the_values() -> None:

@@ -67,12 +67,28 @@ def parameter_layout(model_config: dict) -> str:
 
 
 def checkpoint_dir(
-    root: str | Path, model_config: dict, train_config: dict, episode_checksum: str, layout: str = ""
+    root: str | Path,
+    model_config: dict,
+    train_config: dict,
+    episode_checksum: str,
+    layout: str = "",
+    volumes: str = "",
 ) -> Path:
     """Checkpoints keyed by what determines the run, so re-running the same recipe resumes, a new one
-    (or a network whose ``layout`` changed with the code) starts afresh and leaves the old ones alone."""
+    (or a network whose ``layout`` changed with the code) starts afresh and leaves the old ones alone.
+
+    ``volumes`` identifies the preprocessed arrays (:func:`manifest_checksum`): the episode index names
+    cases, not intensities, so without it a change of normalisation or spacing would resume a network
+    trained on the old volumes.
+    """
     key = json.dumps(
-        {"model": model_config, "train": train_config, "episodes": episode_checksum, "layout": layout},
+        {
+            "model": model_config,
+            "train": train_config,
+            "episodes": episode_checksum,
+            "layout": layout,
+            "volumes": volumes,
+        },
         sort_keys=True,
     )
     return Path(root) / hashlib.sha256(key.encode()).hexdigest()[:16]
@@ -163,7 +179,14 @@ def train_iris(
     launcher = node.get("launcher", "in_process")
     checksum = str(episode_index.get("checksum", ""))
     root = node.get("checkpoint_root", "data/06_models/checkpoints")
-    ckpt = checkpoint_dir(root, model_config, train_config, checksum, parameter_layout(model_config))
+    ckpt = checkpoint_dir(
+        root,
+        model_config,
+        train_config,
+        checksum,
+        parameter_layout(model_config),
+        volumes=manifest_checksum(preprocessed_manifest),
+    )
     logger.info("Training Iris with launcher %r; checkpoints in %s", launcher, ckpt)
     stream = MlflowMetricStream()
     result = launch_training(
