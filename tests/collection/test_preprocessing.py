@@ -11,8 +11,8 @@ import pandas as pd
 import pytest
 import SimpleITK as sitk
 import yaml
-from scipy.spatial.transform import Rotation
 from kedro.config import OmegaConfigLoader
+from scipy.spatial.transform import Rotation
 
 from iris_pipelines.collection.preprocessing import (
     ADDED_COLUMNS,

@@ -19,6 +19,7 @@ def _check_modality(modality: str) -> str:
 def _mean_std(flat: np.ndarray, inside: np.ndarray | None = None) -> tuple[float, float]:
     """Two-pass float64 mean and standard deviation of ``flat`` (where ``inside``), block by block
     (``ndarray.std`` would allocate a float64 copy of the whole volume)."""
+
     def blocks():
         for i in range(0, flat.size, _BLOCK):
             block = flat[i : i + _BLOCK]
@@ -45,7 +46,7 @@ def normalize_in_place(
     ``inside`` (a boolean array of the volume's shape, or None for all of it) names the voxels the scan
     covered: percentiles, mean and standard deviation come from them alone, so the padding a resampled
     oblique scan gains does not shift its intensities (its air-filled corners would otherwise lower the
-    mean and shrink the spread: 62 % padding moved a CT bladder from 1.0 to 1.8 units, near bone).
+    mean and shrink the spread: 62 % padding moved a CT bladder from 0.8 to 1.8 units, near bone).
     In place because preprocessing must stay under 3x one volume per worker: the copying version measured
     1.45 s and four volumes of temporaries on a 274x274x334 CT, this one 0.15 s and none.
     """

@@ -43,6 +43,7 @@ def field_of_view_mask(source: Geometry, grid: Geometry) -> np.ndarray | None:
     bounding box holds 60-70 % of it), which must not count as tissue in any intensity statistic.
     Computed slice by slice from the two geometries alone, so no input-sized array is allocated.
     """
+
     def to_source_index(ijk: np.ndarray) -> np.ndarray:
         return source.world_to_index(grid.index_to_world(ijk))
 

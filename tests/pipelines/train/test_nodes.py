@@ -59,7 +59,7 @@ def test_checkpoint_dir_is_keyed_by_the_recipe(tmp_path: Path) -> None:
 
 
 def test_train_node_keys_checkpoints_by_the_preprocessed_volumes(tmp_path: Path, monkeypatch) -> None:
-    import iris_pipelines.launch as launch
+    from iris_pipelines import launch
 
     used = []
 
