@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import locale
 import logging
 import pickle
 from pathlib import Path
@@ -149,6 +150,20 @@ def test_dicom_series_round_trip(tmp_path: Path, make_image, oblique_direction, 
     assert Geometry.from_image(back).same_grid(Geometry.from_image(image), atol_mm=1e-4, atol_direction=1e-6)
     np.testing.assert_array_equal(sitk.GetArrayViewFromImage(back), sitk.GetArrayViewFromImage(image))
     assert detect_format(tmp_path / "series") == "dicom"
+
+
+def test_dicom_writer_leaves_the_process_locale_alone(tmp_path: Path, make_image) -> None:
+    """GDCM's writer switched the whole process to the "C" locale, so every text file opened later
+    without an explicit encoding was ASCII-only and `kedro run` failed when it saved its report."""
+    saved = locale.setlocale(locale.LC_ALL)
+    try:
+        locale.setlocale(locale.LC_CTYPE, "C.UTF-8")  # what Python picks at start-up on a bare machine
+        before = locale.setlocale(locale.LC_ALL)
+        write_dicom_series(make_image(size=(6, 5, 3)), tmp_path / "series")
+        assert locale.setlocale(locale.LC_ALL) == before
+        assert locale.getpreferredencoding(False) == "UTF-8"
+    finally:
+        locale.setlocale(locale.LC_ALL, saved)
 
 
 def test_dicom_directory_with_two_series_reads_the_largest(tmp_path: Path, make_image, caplog) -> None:

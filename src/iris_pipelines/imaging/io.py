@@ -6,8 +6,10 @@ record a reject instead of surfacing an ITK traceback.
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
+import locale
 import logging
 import os
 import re
@@ -15,6 +17,7 @@ import shutil
 import tempfile
 import uuid
 import zlib
+from collections.abc import Iterator
 from pathlib import Path
 
 import nibabel
@@ -255,6 +258,21 @@ def _to_int16(image: sitk.Image) -> sitk.Image:
     return result
 
 
+@contextlib.contextmanager
+def _process_locale_kept() -> Iterator[None]:
+    """Restore the C library's locale after GDCM changed it.
+
+    GDCM's DICOM writer leaves the process in the "C" locale once a slice carries metadata, so every
+    text file opened later without an explicit encoding becomes ASCII: a whole ``kedro run`` that wrote
+    the phantom DICOM series then failed at its last node, saving the Markdown report (U+2212).
+    """
+    saved = locale.setlocale(locale.LC_ALL)
+    try:
+        yield
+    finally:
+        locale.setlocale(locale.LC_ALL, saved)
+
+
 def write_dicom_series(image: sitk.Image, directory: str | os.PathLike[str]) -> None:
     """Write a 3-D scalar volume as a CT series (int16, one file per slice) that reads back to the same grid.
 
@@ -294,19 +312,22 @@ def write_dicom_series(image: sitk.Image, directory: str | os.PathLike[str]) -> 
     }
     scratch = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
-        writer = sitk.ImageFileWriter()
-        writer.KeepOriginalImageUIDOn()  # otherwise GDCM replaces the series UIDs set above
-        for k in range(volume.GetDepth()):
-            position = volume.TransformIndexToPhysicalPoint((0, 0, k))
-            slice_image = volume[:, :, k]
-            for tag, value in series_tags.items():
-                slice_image.SetMetaData(tag, value)
-            slice_image.SetMetaData("0008|0018", _new_uid())
-            slice_image.SetMetaData("0020|0013", str(k + 1))
-            slice_image.SetMetaData("0020|0032", "\\".join(_decimal_string(v) for v in position))
-            slice_image.SetMetaData("0020|1041", _decimal_string(float(np.dot(position, direction[:, 2]))))
-            writer.SetFileName(str(scratch / f"slice_{k:04d}.dcm"))
-            writer.Execute(slice_image)
+        with _process_locale_kept():
+            writer = sitk.ImageFileWriter()
+            writer.KeepOriginalImageUIDOn()  # otherwise GDCM replaces the series UIDs set above
+            for k in range(volume.GetDepth()):
+                position = volume.TransformIndexToPhysicalPoint((0, 0, k))
+                slice_image = volume[:, :, k]
+                for tag, value in series_tags.items():
+                    slice_image.SetMetaData(tag, value)
+                slice_image.SetMetaData("0008|0018", _new_uid())
+                slice_image.SetMetaData("0020|0013", str(k + 1))
+                slice_image.SetMetaData("0020|0032", "\\".join(_decimal_string(v) for v in position))
+                slice_image.SetMetaData(
+                    "0020|1041", _decimal_string(float(np.dot(position, direction[:, 2])))
+                )
+                writer.SetFileName(str(scratch / f"slice_{k:04d}.dcm"))
+                writer.Execute(slice_image)
         if target.exists():
             target.rmdir()
         os.replace(scratch, target)

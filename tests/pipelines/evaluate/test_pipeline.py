@@ -3,6 +3,9 @@ registered model version, as `kedro run` chains them after train."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import mlflow
@@ -167,3 +170,24 @@ def test_embeddings_are_versioned_vectors_on_disk(run) -> None:
     vectors = np.stack(stored.embedding)
     assert vectors.ndim == 2 and np.isfinite(vectors).all()
     assert (stored.tokens * stored.dim == vectors.shape[1]).all()
+
+
+def test_report_is_written_as_utf8_under_an_ascii_locale(tmp_path: Path) -> None:
+    """The report's −, × and ³ must not depend on the machine's locale: under "C" without Python's UTF-8
+    mode, a text file opened with no encoding is ASCII and saving the report failed."""
+    script = (
+        "import sys; from kedro.config import OmegaConfigLoader; from kedro.io import DataCatalog;"
+        "loader = OmegaConfigLoader(sys.argv[1], base_env='base', default_run_env='base');"
+        "loader['globals'] = {'data_root': sys.argv[2]};"
+        "catalog = DataCatalog.from_config({'report': loader['catalog']['evaluation_report']});"
+        "catalog.save('report', 'gain \\u2212 0.1 at 32\\u00b3'); catalog.load('report')"
+    )
+    environment = {**os.environ, "LC_ALL": "C", "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0"}
+    environment.pop("PYTHONIOENCODING", None)
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(PROJECT / "conf"), str(tmp_path)],
+        env=environment, capture_output=True, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr.decode(errors="replace")[-2000:]
+    (written,) = tmp_path.glob("08_reporting/evaluation_report.md/*/evaluation_report.md")
+    assert written.read_text(encoding="utf-8") == "gain \u2212 0.1 at 32\u00b3"
