@@ -273,6 +273,7 @@ def _process_locale_kept() -> Iterator[None]:
         locale.setlocale(locale.LC_ALL, saved)
 
 
+@_process_locale_kept()
 def write_dicom_series(image: sitk.Image, directory: str | os.PathLike[str]) -> None:
     """Write a 3-D scalar volume as a CT series (int16, one file per slice) that reads back to the same grid.
 
@@ -312,22 +313,19 @@ def write_dicom_series(image: sitk.Image, directory: str | os.PathLike[str]) -> 
     }
     scratch = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
-        with _process_locale_kept():
-            writer = sitk.ImageFileWriter()
-            writer.KeepOriginalImageUIDOn()  # otherwise GDCM replaces the series UIDs set above
-            for k in range(volume.GetDepth()):
-                position = volume.TransformIndexToPhysicalPoint((0, 0, k))
-                slice_image = volume[:, :, k]
-                for tag, value in series_tags.items():
-                    slice_image.SetMetaData(tag, value)
-                slice_image.SetMetaData("0008|0018", _new_uid())
-                slice_image.SetMetaData("0020|0013", str(k + 1))
-                slice_image.SetMetaData("0020|0032", "\\".join(_decimal_string(v) for v in position))
-                slice_image.SetMetaData(
-                    "0020|1041", _decimal_string(float(np.dot(position, direction[:, 2])))
-                )
-                writer.SetFileName(str(scratch / f"slice_{k:04d}.dcm"))
-                writer.Execute(slice_image)
+        writer = sitk.ImageFileWriter()
+        writer.KeepOriginalImageUIDOn()  # otherwise GDCM replaces the series UIDs set above
+        for k in range(volume.GetDepth()):
+            position = volume.TransformIndexToPhysicalPoint((0, 0, k))
+            slice_image = volume[:, :, k]
+            for tag, value in series_tags.items():
+                slice_image.SetMetaData(tag, value)
+            slice_image.SetMetaData("0008|0018", _new_uid())
+            slice_image.SetMetaData("0020|0013", str(k + 1))
+            slice_image.SetMetaData("0020|0032", "\\".join(_decimal_string(v) for v in position))
+            slice_image.SetMetaData("0020|1041", _decimal_string(float(np.dot(position, direction[:, 2]))))
+            writer.SetFileName(str(scratch / f"slice_{k:04d}.dcm"))
+            writer.Execute(slice_image)
         if target.exists():
             target.rmdir()
         os.replace(scratch, target)
