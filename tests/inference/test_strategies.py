@@ -14,6 +14,7 @@ from iris_pipelines.inference import (
     crop_reference,
     encode_reference,
     encode_references,
+    frozen,
     logits_to_labels,
     mask_window,
     memory_bank_task,
@@ -21,7 +22,7 @@ from iris_pipelines.inference import (
     retrieve_references,
     tune_task_embedding,
 )
-from iris_pipelines.model import Iris, IrisConfig
+from iris_pipelines.model import Iris, IrisConfig, segmentation_loss
 
 Scans = dict[str, tuple[torch.Tensor, torch.Tensor]]
 
@@ -228,6 +229,27 @@ def test_tuning_lowers_its_loss_and_leaves_every_weight_bit_identical(scans: Sca
     assert {name: p.requires_grad for name, p in model.named_parameters()} == flags
     assert all(p.grad is None for p in model.parameters())
     assert model.training
+
+
+def test_tuning_follows_the_plain_adam_loop_on_segment(tiny_model: Iris, scans: Scans) -> None:
+    """Encoding the references once is an optimisation only: the same steps as segmenting each time."""
+    references = [scans["a"], scans["c"]]
+    initial = encode_reference(tiny_model, *scans["b"])
+    result = tune_task_embedding(tiny_model, initial, references, steps=4, lr=5e-2)
+
+    task = initial.clone().requires_grad_(True)
+    optimizer = torch.optim.Adam([task], lr=5e-2)
+    expected = []
+    with frozen(tiny_model):
+        for step in range(5):
+            optimizer.zero_grad()
+            loss = sum(segmentation_loss(tiny_model.segment(i, task), m).total for i, m in references) / 2
+            expected.append(float(loss.detach()))
+            if step < 4:
+                loss.backward()
+                optimizer.step()
+    assert result.losses == pytest.approx(expected, abs=1e-5)
+    torch.testing.assert_close(result.task, task.detach(), rtol=0, atol=1e-5)
 
 
 def test_tuning_checks_its_inputs(tiny_model: Iris, scans: Scans) -> None:

@@ -55,6 +55,20 @@ def test_cached_embedding_equals_forward(tiny_model: Iris, episode: dict[str, to
     torch.testing.assert_close(cached, full, rtol=0, atol=1e-6)
 
 
+def test_segmenting_encoded_query_features_equals_segmenting_the_query(tiny_model: Iris) -> None:
+    query = torch.randn(2, 1, 19, 26, 33)  # odd sizes: the features carry the padding to crop off
+    task = torch.randn(1, 3, tiny_model.config.num_tokens, tiny_model.config.embed_dim)
+    other = torch.randn_like(task)
+    with torch.no_grad():
+        features = tiny_model.encode_query(query)
+        # the same features serve a second T (in-context tuning reuses them every step)
+        from_features = [tiny_model.segment(features, t) for t in (task, other)]
+        direct = [tiny_model.segment(query, t) for t in (task, other)]
+    assert from_features[0].shape == (2, 3, 19, 26, 33)
+    for cached, full in zip(from_features, direct, strict=True):
+        torch.testing.assert_close(cached, full, rtol=0, atol=1e-6)
+
+
 def test_one_embedding_broadcasts_over_a_query_batch(
     tiny_model: Iris, episode: dict[str, torch.Tensor]
 ) -> None:

@@ -6,7 +6,7 @@ classes in one pass.
 """
 
 from .config import IrisConfig
-from .iris import Iris, count_parameters
+from .iris import Iris, QueryFeatures, count_parameters
 from .losses import LossTerms, bce_loss, dice_score, segmentation_loss, soft_dice_loss
 from .task_encoding import foreground_pool
 
@@ -14,6 +14,7 @@ __all__ = [
     "Iris",
     "IrisConfig",
     "LossTerms",
+    "QueryFeatures",
     "bce_loss",
     "count_parameters",
     "dice_score",

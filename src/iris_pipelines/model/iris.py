@@ -7,6 +7,7 @@ tuning); gradients flow into T whenever it requires grad.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -39,6 +40,22 @@ def _check_volume(name: str, x: Tensor, channels: int | None = None) -> None:
     if x.dim() != 5 or (channels is not None and x.shape[1] != channels):
         want = f"(B, {channels}, D, H, W)" if channels is not None else "(B, K, D, H, W)"
         raise ValueError(f"{name} must have shape {want}, got {tuple(x.shape)}")
+
+
+@dataclass(frozen=True)
+class QueryFeatures:
+    """The part of ``segment`` that does not depend on T: a padded query's encoder features.
+
+    In-context tuning segments the same reference once per step with a changing T; encoding it once
+    (:meth:`Iris.encode_query`) leaves only the decoder in the loop.
+    """
+
+    features: list[Tensor]  # full resolution first, as the encoder returns them
+    padding: list[int]  # what ``segment`` crops off the logits (``F.pad`` order)
+
+    @property
+    def batch(self) -> int:
+        return self.features[0].shape[0]
 
 
 class Iris(nn.Module):
@@ -92,21 +109,30 @@ class Iris(nn.Module):
         bottleneck = self.encoder(image)[-1]
         return self.task_encoder(bottleneck, masks)
 
-    def segment(self, query: Tensor, task_embedding: Tensor, class_mask: Tensor | None = None) -> Tensor:
-        """(B, 1, D, H, W) query and T (B or 1, K, m+1, C) → logits (B, K, D, H, W), all classes at once.
+    def encode_query(self, query: Tensor) -> QueryFeatures:
+        """(B, 1, D, H, W) query → its encoder features, to segment with any number of T."""
+        _check_volume("query", query, self.config.in_channels)
+        image, pad = self._pad_image(query)
+        return QueryFeatures(self.encoder(image), pad)
+
+    def segment(
+        self, query: Tensor | QueryFeatures, task_embedding: Tensor, class_mask: Tensor | None = None
+    ) -> Tensor:
+        """(B, 1, D, H, W) query (or its :meth:`encode_query` features) and T (B or 1, K, m+1, C) → logits
+        (B, K, D, H, W), all classes at once.
 
         ``class_mask`` (B, K) bool marks the real slots when episodes are padded to a common K (training);
         padding slots are then invisible to the real ones, so their logits equal an unpadded pass. Every
         episode needs at least one real slot.
         """
-        _check_volume("query", query, self.config.in_channels)
+        encoded = query if isinstance(query, QueryFeatures) else self.encode_query(query)
         expected = (self.config.num_tokens, self.config.embed_dim)
         if task_embedding.dim() != 4 or tuple(task_embedding.shape[2:]) != expected:
             raise ValueError(
                 f"task_embedding must have shape (B, K, {expected[0]}, {expected[1]}), "
                 f"got {tuple(task_embedding.shape)}"
             )
-        b = query.shape[0]
+        b = encoded.batch
         if task_embedding.shape[0] == 1 and b > 1:
             task_embedding = task_embedding.expand(b, -1, -1, -1)
         elif task_embedding.shape[0] != b:
@@ -120,9 +146,8 @@ class Iris(nn.Module):
                 f"class_mask must be a bool tensor of shape {tuple(task_embedding.shape[:2])}, "
                 f"got {class_mask.dtype} {tuple(class_mask.shape)}"
             )
-        image, pad = self._pad_image(query)
-        logits = self.mask_decoder(self.encoder(image), task_embedding, class_mask)
-        return _crop(logits, pad) if any(pad) else logits
+        logits = self.mask_decoder(encoded.features, task_embedding, class_mask)
+        return _crop(logits, encoded.padding) if any(encoded.padding) else logits
 
     def forward(self, query: Tensor, ref_image: Tensor, ref_masks: Tensor) -> Tensor:
         """One-shot segmentation: ``segment(query, encode_task(ref_image, ref_masks))``."""
