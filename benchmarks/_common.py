@@ -75,7 +75,9 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="channels-last 3-D weights and inputs (CUDA default)",
     )
-    parser.add_argument("--model", choices=("paper", "tiny"), default=None, help="IrisConfig preset")
+    parser.add_argument(
+        "--model", choices=("paper", "cpu", "tiny"), default=None, help="IrisConfig preset (cpu: make run's)"
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (CPU runs)")
     parser.add_argument("--quick", action="store_true", help="CPU-small smoke settings")
     parser.add_argument("--json", type=Path, default=None, help="write the results here")
@@ -108,7 +110,7 @@ def finish_args(args: argparse.Namespace, full: dict[str, Any], quick: dict[str,
 def iris_config(preset: str, **overrides: Any):
     from iris_pipelines.model import IrisConfig
 
-    return IrisConfig.paper(**overrides) if preset == "paper" else IrisConfig.tiny(**overrides)
+    return getattr(IrisConfig, preset)(**overrides)
 
 
 def to_channels_last(x: torch.Tensor, enabled: bool) -> torch.Tensor:

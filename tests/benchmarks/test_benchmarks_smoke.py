@@ -64,6 +64,21 @@ def test_inference_reports_every_case_and_the_k_class_ratio(tmp_path):
     _positive(payload["ratios"], "k_one_pass_over_single_class", "k_single_passes_over_k_one_pass")
 
 
+def test_tuning_reports_the_encode_once_speedup_and_checks_the_losses_agree(tmp_path):
+    payload = _run("tuning", tmp_path, "--threads", "1", "--steps", "3", "--repeats", "1")
+    rows = {r["variant"]: r for r in payload["results"]}
+    assert len(rows) == 2
+    for row in rows.values():
+        _positive(row, "median_s", "speedup_vs_reference")
+    assert payload["losses_agree"]
+    reference, ours = (row["final_loss"] for row in payload["results"])
+    assert ours == pytest.approx(reference, abs=1e-4)
+    assert (
+        payload["ratios"]["encode_once_over_segment_every_step"]
+        == payload["results"][1]["speedup_vs_reference"]
+    )
+
+
 def test_dataloader_reports_episode_rate_against_the_step_rate(tmp_path):
     payload = _run("dataloader", tmp_path, "--synthetic", "--step-rate", "2.0")
     assert [r["workers"] for r in payload["results"]] == [0, 2]
