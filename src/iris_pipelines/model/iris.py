@@ -125,13 +125,13 @@ class Iris(nn.Module):
         padding slots are then invisible to the real ones, so their logits equal an unpadded pass. Every
         episode needs at least one real slot.
         """
-        encoded = query if isinstance(query, QueryFeatures) else self.encode_query(query)
         expected = (self.config.num_tokens, self.config.embed_dim)
         if task_embedding.dim() != 4 or tuple(task_embedding.shape[2:]) != expected:
             raise ValueError(
                 f"task_embedding must have shape (B, K, {expected[0]}, {expected[1]}), "
                 f"got {tuple(task_embedding.shape)}"
             )
+        encoded = query if isinstance(query, QueryFeatures) else self.encode_query(query)
         b = encoded.batch
         if task_embedding.shape[0] == 1 and b > 1:
             task_embedding = task_embedding.expand(b, -1, -1, -1)
