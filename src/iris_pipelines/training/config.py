@@ -27,7 +27,7 @@ class TrainConfig:
     batch_size: int = 2
     crop_size: tuple[int, int, int] = (64, 64, 64)
     # The paper's Lamb; AdamW (torch's) for small CPU runs, where Lamb's layer-wise trust ratio keeps
-    # a short run on the "predict empty" plateau (README "Known limits" has the measurements).
+    # a short run on the "predict empty" plateau (docs/phantom-recipe.md has the measurements).
     optimizer: str = "lamb"
     lr: float = 2e-3
     weight_decay: float = 1e-5
