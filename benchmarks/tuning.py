@@ -34,7 +34,7 @@ from _common import (  # noqa: E402
     write_json,
 )
 
-from iris_pipelines.inference.strategies import frozen, tune_task_embedding  # noqa: E402
+from iris_pipelines.inference.strategies import TUNING_LR, TUNING_STEPS, frozen, tune_task_embedding  # noqa: E402
 from iris_pipelines.model import Iris, segmentation_loss  # noqa: E402
 
 
@@ -59,8 +59,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_common_args(parser)
     parser.add_argument("--classes", type=int, default=None, help="K (15)")
-    parser.add_argument("--steps", type=int, default=30, help="Adam steps per tuning (the default recipe's)")
-    parser.add_argument("--lr", type=float, default=0.1)
+    parser.add_argument("--steps", type=int, default=TUNING_STEPS, help="Adam steps per tuning (evaluate's)")
+    parser.add_argument("--lr", type=float, default=TUNING_LR)
     args = finish_args(
         parser.parse_args(argv),
         full={"size": 128, "repeats": 5, "warmup": 1, "classes": 15},

@@ -38,6 +38,8 @@ from iris_pipelines.imaging.resample import restore_geometry
 from iris_pipelines.inference.sliding_window import sliding_window_segment
 from iris_pipelines.inference.strategies import (
     STRATEGIES,
+    TUNING_LR,
+    TUNING_STEPS,
     context_ensemble,
     crop_reference,
     logits_to_labels,
@@ -71,10 +73,8 @@ class EvaluateParams:
     overlap: float = 0.5
     threshold: float = 0.5
     retrieval_top_k: int = 2
-    # 10 × 1e-2 barely moved T (held-out references' own loss −5 %, 30 × 0.1: −29 %, 60 × 0.1: −41 %); 60
-    # steps beat 30 on the held-out datasets of all five networks measured (docs/phantom-recipe.md)
-    tuning_steps: int = 60
-    tuning_lr: float = 0.1
+    tuning_steps: int = TUNING_STEPS
+    tuning_lr: float = TUNING_LR
     nsd_tolerance_mm: float = 2.0  # per-class overrides by class name below
     class_tolerance_mm: dict[str, float] = field(default_factory=dict)
     registration: dict[str, Any] = field(default_factory=dict)  # RegistrationConfig fields

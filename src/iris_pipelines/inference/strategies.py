@@ -34,6 +34,13 @@ from iris_pipelines.model.losses import segmentation_loss
 Strategy = Literal["one_shot", "ensemble", "memory_bank", "retrieval", "tuning"]
 STRATEGIES: tuple[str, ...] = get_args(Strategy)
 
+# In-context tuning's defaults (evaluate, ``iris segment`` and the pyfunc take them from here). The paper
+# gives neither steps, lr nor optimiser. On the phantom recipe (docs/phantom-recipe.md) 10 × Adam(1e-2)
+# barely moved T, 30 × 0.1 lifted the held-out datasets, 60 lifted them further on every network
+# measured, 120 no more; lr 0.1 suits tokens that the task encoder's final LayerNorm keeps at unit scale.
+TUNING_STEPS = 60
+TUNING_LR = 0.1
+
 SegmentFn = Callable[[Tensor, Tensor], Tensor]
 """(query (1, 1, D, H, W), T (1, K, m+1, C)) → logits (1, K, D, H, W): direct or sliding-window."""
 
@@ -426,8 +433,8 @@ def tune_task_embedding(
     task: Tensor,
     references: Sequence[tuple[Tensor, Tensor]],
     *,
-    steps: int = 60,
-    lr: float = 0.1,
+    steps: int = TUNING_STEPS,
+    lr: float = TUNING_LR,
     class_mask: Tensor | None = None,
 ) -> TuningResult:
     """In-context tuning (paper §3.3): optimise only T on the references' own masks, weights frozen.
@@ -438,10 +445,7 @@ def tune_task_embedding(
         task: initial T (1, K, m+1, C), e.g. :func:`encode_reference` of a random reference.
         references: (image (1, 1, D, H, W), masks (1, K, D, H, W)) pairs, slot order as ``task``; a
             class absent from a reference crop is fine (the loss then pushes it to empty there).
-        steps: Adam steps. The paper gives neither steps, lr nor optimiser; 60 × Adam(0.1) is the phantom
-            recipe's (docs/phantom-recipe.md: 10 × 1e-2 barely moved T, 30 × 0.1 lifted the held-out
-            datasets, 60 lifted them further on every network measured, 120 no more), for tokens that
-            the task encoder's final LayerNorm keeps at unit scale.
+        steps: Adam steps (:data:`TUNING_STEPS`, which says how the default was measured).
         lr: Adam learning rate.
         class_mask: optional (K,) bool of slots to tune (others still get no gradient from the loss).
 
