@@ -18,6 +18,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 SUITE = ROOT / "benchmarks" / "device_suite.py"
+GPU_IMAGE = Path(__file__).resolve().parent / "gpu_image"  # its sitecustomize hides what that image lacks
 
 
 @pytest.fixture(scope="module")
@@ -31,33 +32,38 @@ def suite():
     sys.modules.pop(spec.name, None)
 
 
-def test_quick_suite_runs_its_steps_and_feeds_the_loader_the_step_rate(tmp_path):
+def test_quick_suite_runs_on_the_gpu_image_and_feeds_the_loader_the_step_rate(tmp_path):
+    """Run as on the GPU machine: no Kedro, MONAI, SimpleITK, MLflow or pytorch-optimizer importable."""
     out = tmp_path / "results"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
-    command = [
-        sys.executable,
-        str(SUITE),
-        "--out",
-        str(out),
-        "--quick",
-        "--only",
-        "train_step_eager",
-        "dataloader",
-    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1", "PYTHONPATH": str(GPU_IMAGE)}
+    steps = ["train_step_eager", "inference_eager", "dataloader"]
+    command = [sys.executable, str(SUITE), "--out", str(out), "--quick", "--only", *steps]
     done = subprocess.run(
         command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=False
     )
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
 
     records = json.loads((out / "suite.json").read_text())
-    assert [(r["step"], r["status"]) for r in records] == [("train_step_eager", "ok"), ("dataloader", "ok")]
+    assert [(r["step"], r["status"]) for r in records] == [(step, "ok") for step in steps]
+    inference = json.loads((out / "inference_eager.json").read_text())
+    assert inference["settings"]["sliding_window_impl"].startswith("torch fallback")  # MONAI was blocked
     loader = json.loads((out / "dataloader.json").read_text())
     assert loader["step_rate"]["source"].startswith(str(out / "train_step_eager.json"))
     summary = (out / "summary.md").read_text()
     assert "CPU smoke run" in summary and "not judged" in summary
     assert "train_step_eager: tflops_iris_over_nnunet_b1" in summary
+    assert "inference_eager: K classes in one pass / one class" in summary
     assert "dataloader: 2 workers / step rate" in summary
     assert (out / "machine.txt").read_text().startswith("python ")
+
+
+def test_the_gpu_image_emulation_blocks_what_the_machine_lacks():
+    code = (
+        "import importlib.util, torch, numpy; assert importlib.util.find_spec('monai') is None; import kedro"
+    )
+    env = {**os.environ, "PYTHONPATH": str(GPU_IMAGE)}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=False)
+    assert done.returncode == 1 and "ModuleNotFoundError: No module named 'kedro'" in done.stderr
 
 
 def test_a_step_over_its_limit_is_stopped_with_its_children(suite, tmp_path):
