@@ -109,6 +109,22 @@ def all_train_index(manifest: pd.DataFrame) -> dict[str, Any]:
     return {"cases": cases, "classes": classes}
 
 
+def build_sampler(manifest: pd.DataFrame, size: int, batch: int, classes: int, augment: bool = True):
+    """The train loop's ``EpisodeSampler`` over every case of ``manifest``, at ``size``³ crops."""
+    # training/__init__ loads the train loop lazily, so this needs torch, numpy and pandas only.
+    from iris_pipelines.training import config as config_mod
+    from iris_pipelines.training import sampler as sampler_mod
+
+    records = sampler_mod.case_records(manifest)
+    index = all_train_index(manifest)
+    config = config_mod.TrainConfig(
+        batch_size=batch, crop_size=(size,) * 3, max_classes=classes, augment=augment
+    )
+    return sampler_mod.EpisodeSampler(
+        sampler_mod.train_pool(index, records), sampler_mod.train_class_ids(index), config
+    )
+
+
 def gpu_step_rate(args, device: torch.device) -> tuple[float, str]:
     """Training steps/s of Iris at this batch and crop: given, from a train_step JSON, or measured now."""
     if args.step_rate:
@@ -196,8 +212,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     set_fast_math(device)
     print(f"dataloader: {vars(args)}", flush=True)
 
-    # training/__init__ loads the train loop lazily, so this needs torch, numpy and pandas only.
-    from iris_pipelines.training import config as config_mod
     from iris_pipelines.training import sampler as sampler_mod
 
     with tempfile.TemporaryDirectory(prefix="iris_loader_bench_") as tmp:
@@ -210,14 +224,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         else:
             manifest = read_manifest(manifest_path)
             source = f"{manifest_path} ({len(manifest)} cases)"
-        records = sampler_mod.case_records(manifest)
-        index = all_train_index(manifest)
-        config = config_mod.TrainConfig(
-            batch_size=args.batch, crop_size=(args.size,) * 3, max_classes=args.classes, augment=args.augment
-        )
-        sampler = sampler_mod.EpisodeSampler(
-            sampler_mod.train_pool(index, records), sampler_mod.train_class_ids(index), config
-        )
+        sampler = build_sampler(manifest, args.size, args.batch, args.classes, args.augment)
         rows = []
         for workers in args.workers:
             rows.append(measure_loader(sampler_mod, sampler, workers, args, pin=device.type == "cuda"))

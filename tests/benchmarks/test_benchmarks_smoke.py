@@ -88,6 +88,18 @@ def test_dataloader_reports_episode_rate_against_the_step_rate(tmp_path):
     assert payload["settings"]["data"].startswith("synthetic")
 
 
+def test_augment_reports_the_boxed_speedup_on_identical_batches(tmp_path):
+    payload = _run("augment", tmp_path)
+    rows = {r["version"]: r for r in payload["results"]}
+    assert set(rows) == {"dense", "boxed"}
+    for row in rows.values():
+        _positive(row, "batch_ms", "episodes_per_s")
+    assert payload["identical"] is True
+    assert payload["ratios"]["dense_over_boxed_batch_time"] == pytest.approx(
+        rows["dense"]["batch_ms"] / rows["boxed"]["batch_ms"]
+    )
+
+
 def test_sampler_imports_without_the_train_loop_dependencies():
     """The GPU machine lacks pytorch_optimizer/tqdm/Kedro; the loader benchmark must still get the sampler."""
     code = (

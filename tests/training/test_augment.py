@@ -1,6 +1,18 @@
-import torch
+import importlib.util
+import math
+from pathlib import Path
 
-from iris_pipelines.training.augment import AugmentParams, augment_pair, perturb_masks, spatial_augment
+import torch
+import torch.nn.functional as F
+
+from iris_pipelines.training.augment import (
+    AugmentParams,
+    _rotation_matrix,
+    augment_pair,
+    perturb_masks,
+    spatial_augment,
+    warp_masks,
+)
 
 
 def _blob() -> torch.Tensor:
@@ -53,3 +65,52 @@ def test_given_flips_are_applied_to_both_members_of_a_pair():
         _, query_mask = augment_pair(mask.clone(), mask.clone(), gen, params, flips=[1, 3])
         _, reference_mask = augment_pair(mask.clone(), mask.clone(), gen, params, flips=[1, 3])
         assert torch.equal(query_mask, mask.flip([1, 3])) and torch.equal(reference_mask, query_mask)
+
+
+def _dense_reference():
+    """benchmarks/augment.py keeps the whole-crop versions the boxed ones replaced (loaded by path)."""
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "augment.py"
+    spec = importlib.util.spec_from_file_location("augment_benchmark", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _masks_for_boxes(gen: torch.Generator, shape=(3, 20, 23, 17)) -> torch.Tensor:
+    """A random box, one touching two borders, a single voxel, an empty mask and one filling the crop."""
+    k, d, h, w = shape
+    masks = torch.zeros(shape)
+    lo = [int(torch.randint(0, n - 4, (), generator=gen)) for n in (d, h, w)]
+    masks[0, lo[0] : lo[0] + 5, lo[1] : lo[1] + 7, lo[2] : lo[2] + 4] = 1
+    masks[1, 0:6, h - 5 :, 3:9] = 1
+    masks[2, d // 2, h // 2, w // 2] = 1
+    return torch.cat([masks, torch.zeros(1, d, h, w), torch.ones(1, d, h, w)])
+
+
+def test_boxed_mask_warp_equals_sampling_the_whole_crop():
+    gen = torch.Generator().manual_seed(0)
+    for trial in range(12):
+        masks = _masks_for_boxes(gen)
+        # Small turns like training's, then large ones with scaling and a shift (theta's last column).
+        degrees = 10.0 if trial < 6 else 60.0
+        angles = [math.radians(degrees) * (2 * float(torch.rand((), generator=gen)) - 1) for _ in range(3)]
+        theta = torch.zeros(1, 3, 4)
+        theta[0, :, :3] = _rotation_matrix(tuple(angles)) / (0.8 + 0.4 * float(torch.rand((), generator=gen)))
+        if trial >= 6:
+            theta[0, :, 3] = 0.3 * (2 * torch.rand(3, generator=gen) - 1)
+        grid = F.affine_grid(theta, [1, 1, *masks.shape[1:]], align_corners=False)
+        dense = F.grid_sample(masks[None], grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+        assert torch.equal(warp_masks(masks, grid, theta), (dense[0] > 0.5).float()), trial
+
+
+def test_boxed_perturbation_equals_the_whole_crop_version_draw_for_draw():
+    dense_perturb_masks = _dense_reference().dense_perturb_masks
+    masks = _masks_for_boxes(torch.Generator().manual_seed(1))
+    for seed in range(40):
+        ours = perturb_masks(masks, torch.Generator().manual_seed(seed), prob=0.7)
+        theirs = dense_perturb_masks(masks, torch.Generator().manual_seed(seed), prob=0.7)
+        assert torch.equal(ours, theirs), seed
+    # Both consume the generator alike, so the draws after them (the next episode's) are unchanged.
+    a, b = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    perturb_masks(masks, a, prob=0.7), dense_perturb_masks(masks, b, prob=0.7)
+    assert torch.equal(torch.rand(4, generator=a), torch.rand(4, generator=b))

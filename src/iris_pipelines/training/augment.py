@@ -8,6 +8,7 @@ MONAI's randomisable transforms carry their own NumPy state that would have to b
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 
@@ -78,13 +79,64 @@ def spatial_augment(
     size = (1, 1, *image.shape[1:])
     grid = F.affine_grid(theta, list(size), align_corners=False)
     image = F.grid_sample(image[None], grid, mode="bilinear", padding_mode="border", align_corners=False)[0]
-    if masks.shape[0]:
-        grid_k = grid.expand(1, *grid.shape[1:])
+    return image, warp_masks(masks, grid, theta)
+
+
+def mask_extent(masks: Tensor) -> tuple[list[int], list[int]] | None:
+    """First and last (D, H, W) index any of the (K, D, H, W) masks covers; None when all are empty."""
+    occupied = (masks != 0).any(dim=0)
+    first, last = [], []
+    for axis in range(3):
+        hits = occupied.any(dim=tuple(a for a in range(3) if a != axis)).nonzero()
+        if not hits.numel():
+            return None
+        first.append(int(hits[0]))
+        last.append(int(hits[-1]))
+    return first, last
+
+
+def warp_masks(masks: Tensor, grid: Tensor, theta: Tensor) -> Tensor:
+    """``grid_sample(masks, grid) > 0.5`` (bilinear, zero padding) for the affine ``theta`` behind ``grid``.
+
+    Each mask is sampled only over the output box it can reach, which gives the same result bit for bit:
+    a bilinear sample is non-zero only within one voxel of the mask, the affine map sends the mask's box
+    (grown by that voxel) into the box of its corners' images, and grid_sample computes every output
+    voxel on its own. A class covers a small part of a crop, and sampling all of it for every class was
+    most of an episode's augmentation time at 128³ (benchmarks/augment.py).
+    """
+    out = torch.zeros_like(masks)
+    for k in range(masks.shape[0]):
+        window = _reachable_window(masks[k : k + 1], theta)
+        if window is None:
+            continue
         warped = F.grid_sample(
-            masks[None].float(), grid_k, mode="bilinear", padding_mode="zeros", align_corners=False
-        )
-        masks = (warped[0] > 0.5).to(masks.dtype)
-    return image, masks
+            masks[None, k : k + 1].float(), grid[(slice(None), *window)], mode="bilinear",
+            padding_mode="zeros", align_corners=False,
+        )  # fmt: skip
+        out[k][window] = (warped[0, 0] > 0.5).to(masks.dtype)
+    return out
+
+
+def _reachable_window(mask: Tensor, theta: Tensor) -> tuple[slice, slice, slice] | None:
+    """The output (D, H, W) box outside which the affine warp of the (1, D, H, W) ``mask`` is 0."""
+    extent = mask_extent(mask)
+    if extent is None:
+        return None
+    sizes = torch.tensor(mask.shape[1:], dtype=torch.float64)
+    # The 8 corners of the reachable input box (one voxel around the mask), in voxel (D, H, W) and then
+    # normalised (x, y, z) coordinates (align_corners=False: voxel i of n sits at (2i + 1) / n - 1).
+    reach = [(a - 1, b + 1) for a, b in zip(*extent, strict=True)]
+    corners = torch.tensor(list(itertools.product(*reach)), dtype=torch.float64)
+    source_xyz = ((2 * corners + 1) / sizes - 1).flip(-1)
+    matrix, shift = theta[0, :, :3].double(), theta[0, :, 3].double()
+    target = ((source_xyz - shift) @ torch.linalg.inv(matrix).T).flip(-1)
+    voxels = ((target + 1) * sizes - 1) / 2
+    # One voxel more each way than the corners' box: float rounding in affine_grid stays inside it.
+    start = (voxels.min(dim=0).values.floor() - 1).clamp(min=0).long().tolist()
+    stop = torch.minimum(voxels.max(dim=0).values.ceil() + 2, sizes).long().tolist()
+    if any(a >= b for a, b in zip(start, stop, strict=True)):
+        return None
+    return tuple(slice(a, b) for a, b in zip(start, stop, strict=True))
 
 
 def _gaussian_blur(image: Tensor, sigma: float) -> Tensor:
@@ -143,17 +195,24 @@ def perturb_masks(masks: Tensor, gen: torch.Generator, prob: float) -> Tensor:
     for k in range(masks.shape[0]):
         if not _chance(gen, prob):
             continue
-        mask = masks[k].float()
         choice = int(torch.randint(3, (), generator=gen))
+        if choice == 2:
+            axis = int(torch.randint(3, (), generator=gen))
+            offset = 1 if _chance(gen, 0.5) else -1
+        extent = mask_extent(masks[k : k + 1])
+        if extent is None:  # every perturbation of an empty mask is empty
+            continue
+        # All three reach one voxel: outside the mask's box grown by one, the result is 0 as before.
+        window = tuple(slice(max(a - 1, 0), b + 2) for a, b in zip(*extent, strict=True))
+        mask = masks[k][window].float()
         if choice == 0:
             new = F.max_pool3d(mask[None, None], 3, 1, 1)[0, 0]
         elif choice == 1:
             new = -F.max_pool3d(-mask[None, None], 3, 1, 1)[0, 0]
         else:
-            axis = int(torch.randint(3, (), generator=gen))
-            new = _shift(mask, axis, 1 if _chance(gen, 0.5) else -1)
+            new = _shift(mask, axis, offset)
         if new.any():
-            out[k] = new.to(masks.dtype)
+            out[k][window] = new.to(masks.dtype)
     return out
 
 
