@@ -1,8 +1,9 @@
 """Episode loading throughput: the training DataLoader with N workers against the GPU's training step rate.
 
 Builds the loader exactly as the train loop does (``training.sampler.EpisodeSampler`` behind
-``StepDataset``, one batch per step, ``batch_size=None``) over preprocessed volumes, and measures
-batches/s (and episodes/s) after a warm-up per worker count. The ratio that matters is loader batches/s
+``StepDataset``, one batch per step, ``batch_size=None``, pinned on CUDA) over preprocessed volumes, and
+measures batches/s (and episodes/s) on the device (``batch_to_device``, as the loop moves them) after a
+warm-up per worker count. The ratio that matters is loader batches/s
 over GPU steps/s at the same per-GPU batch (target ≥ 1.5 with 8 workers). The step rate comes from
 ``--step-rate``, or from a ``train_step.py`` JSON (``--train-json``, the Iris row at this batch), or is
 measured in this process with ``train_step.py``'s Iris step on ``--device``.
@@ -148,21 +149,25 @@ def gpu_step_rate(args, device: torch.device) -> tuple[float, str]:
     return 1e3 / row["step_ms"], f"measured in-process with train_step.py {' '.join(step_args)}"
 
 
-def measure_loader(sampler_mod, sampler, workers: int, args, pin: bool) -> dict[str, Any]:
+def measure_loader(sampler_mod, sampler, workers: int, args, device: torch.device) -> dict[str, Any]:
     total = args.warmup + args.batches
     loader = DataLoader(
         sampler_mod.StepDataset(sampler, total + 1),
         batch_size=None,
         sampler=list(range(1, total + 1)),
         num_workers=workers,
-        pin_memory=pin,
+        pin_memory=device.type == "cuda",
         prefetch_factor=args.prefetch if workers else None,
     )
     start = time.perf_counter()
     arrivals = []
     for batch in loader:
+        # What the train loop does with each batch: to the device, masks to float32 there.
+        on_device = sampler_mod.batch_to_device(batch, device)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
         arrivals.append(time.perf_counter())
-        assert batch["query"].shape[0] == args.batch
+        assert on_device["query"].shape[0] == args.batch
     first = arrivals[0] - start
     timed = arrivals[args.warmup :]
     span = timed[-1] - arrivals[args.warmup - 1] if args.warmup else timed[-1] - start
@@ -227,7 +232,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         sampler = build_sampler(manifest, args.size, args.batch, args.classes, args.augment)
         rows = []
         for workers in args.workers:
-            rows.append(measure_loader(sampler_mod, sampler, workers, args, pin=device.type == "cuda"))
+            rows.append(measure_loader(sampler_mod, sampler, workers, args, device))
             print_table(rows[-1:], list(rows[-1]))
 
     step_rate, step_source = (None, "skipped") if args.skip_step_rate else gpu_step_rate(args, device)

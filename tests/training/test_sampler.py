@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from iris_pipelines.training import EpisodeSampler, TrainConfig, train_class_ids, train_pool
-from iris_pipelines.training.sampler import case_records, read_crop
+from iris_pipelines.training.sampler import MASK_KEYS, batch_to_device, case_records, read_crop
 
 
 @pytest.fixture(scope="module")
@@ -52,6 +52,23 @@ def test_batch_is_deterministic_in_seed_rank_step(setup):
     other_rank = _sampler(setup, rank=1).batch(5)
     assert not torch.equal(a["query"], other_step["query"])
     assert not torch.equal(a["query"], other_rank["query"])
+
+
+@pytest.mark.parametrize("auto_mask_prob", [0.0, 1.0], ids=["labelled", "auto-mask"])
+def test_masks_travel_as_uint8_and_reach_the_device_as_float(setup, auto_mask_prob):
+    # uint8 masks are a quarter of the bytes through worker shared memory, pinning and the H2D copy;
+    # the model and loss must still get float32 {0, 1} masks, the other entries untouched.
+    config = TrainConfig.from_dict({**setup[3].to_dict(), "auto_mask_prob": auto_mask_prob})
+    batch = _sampler(setup, config=config, batch_size=2).batch(3)
+    moved = batch_to_device(batch, torch.device("cpu"))
+    for key in MASK_KEYS:
+        assert batch[key].dtype == torch.uint8
+        assert set(batch[key].unique().tolist()) <= {0, 1}
+        assert batch[key].any()
+        assert moved[key].dtype == torch.float32
+        assert torch.equal(moved[key], batch[key].float())
+    for key in batch.keys() - set(MASK_KEYS):
+        assert moved[key].dtype == batch[key].dtype and torch.equal(moved[key], batch[key])
 
 
 def test_batch_shapes_padding_and_reference_coverage(setup):

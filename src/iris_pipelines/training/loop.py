@@ -44,6 +44,7 @@ from .sampler import (
     CaseRecord,
     EpisodeSampler,
     StepDataset,
+    batch_to_device,
     case_records,
     crop_window,
     load_crop,
@@ -362,7 +363,7 @@ def run_training(
     window_start, window_steps = time.perf_counter(), 0
     for cpu_batch in _loader(sampler, config, state.step, device):
         step = state.step + 1
-        batch = {k: v.to(device, non_blocking=True) for k, v in cpu_batch.items()}
+        batch = batch_to_device(cpu_batch, device)
         lr = optimizer.param_groups[0]["lr"]
         with autocast_context(device, config.precision):
             logits, task = net(batch["query"], batch["ref_image"], batch["ref_masks"], batch["class_mask"])
