@@ -3,8 +3,8 @@
 Builds the loader exactly as the train loop does (``training.sampler.EpisodeSampler`` behind
 ``StepDataset``, one batch per step, ``batch_size=None``, pinned on CUDA) over preprocessed volumes, and
 measures batches/s (and episodes/s) on the device (``batch_to_device``, as the loop moves them) after a
-warm-up per worker count. The ratio that matters is loader batches/s
-over GPU steps/s at the same per-GPU batch (target ≥ 1.5 with 8 workers). The step rate comes from
+warm-up per worker count. The ratio that matters is loader batches/s over GPU steps/s at the same
+per-GPU batch (target ≥ 1.5 with 8 workers). The step rate comes from
 ``--step-rate``, or from a ``train_step.py`` JSON (``--train-json``, the Iris row at this batch), or is
 measured in this process with ``train_step.py``'s Iris step on ``--device``.
 
