@@ -83,6 +83,13 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", type=Path, default=None, help="write the results here")
 
 
+def fill_unset(args: argparse.Namespace, values: dict[str, Any]) -> None:
+    """Give every option the command line left at None its value from ``values``."""
+    for key, value in values.items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
+
+
 def finish_args(args: argparse.Namespace, full: dict[str, Any], quick: dict[str, Any]) -> argparse.Namespace:
     """Fill unset options: ``quick`` values under ``--quick`` (which also forces the CPU), else ``full``."""
     if args.quick and args.device == "auto":
@@ -98,9 +105,7 @@ def finish_args(args: argparse.Namespace, full: dict[str, Any], quick: dict[str,
     }
     if args.quick:
         base.update({"compile": False, "channels_last": False, "model": "tiny", **quick})
-    for key, value in base.items():
-        if getattr(args, key, None) is None:
-            setattr(args, key, value)
+    fill_unset(args, base)
     if args.threads:
         torch.set_num_threads(args.threads)
     args.device = str(device)
@@ -298,6 +303,19 @@ def print_table(rows: list[dict[str, Any]], columns: Sequence[str]) -> None:
     print("  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)))
     for row in cells:
         print("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)))
+
+
+def report_header(
+    name: str, argv: Sequence[str] | None, device: torch.device, args: argparse.Namespace, **settings: Any
+) -> dict[str, Any]:
+    """What every benchmark JSON starts with: which script, its command line, the machine, its settings
+    (the parsed options plus ``settings``)."""
+    return {
+        "benchmark": name,
+        "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
+        "machine": machine_info(device),
+        "settings": {**vars(args), "json": str(args.json), **settings},
+    }
 
 
 def write_json(path: Path | None, payload: dict[str, Any]) -> None:

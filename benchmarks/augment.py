@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine_info, print_table, write_json  # noqa: E402
+from _common import fill_unset, print_table, report_header, write_json  # noqa: E402
 from dataloader import build_sampler, synthesize  # noqa: E402
 
 from iris_pipelines.training import augment, sampler  # noqa: E402
@@ -90,9 +90,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "batches": 12, "warmup": 2}  # fmt: skip
     quick = {"size": 32, "batch": 1, "classes": 2, "cases": 3, "volume_shape": [64, 56, 56],
              "batches": 6, "warmup": 1}  # fmt: skip
-    for key, value in (quick if args.quick else full).items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
+    fill_unset(args, quick if args.quick else full)
     torch.set_num_threads(args.threads)
     print(f"augment: {vars(args)}", flush=True)
 
@@ -128,10 +126,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print_table(rows, ["version", "batch_ms", "batch_ms_min", "episodes_per_s"])
     print(f"dense / boxed batch time: {ratio:.2f}x; batches identical: {identical}")
     payload = {
-        "benchmark": "augment",
-        "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
-        "machine": machine_info(torch.device("cpu")),
-        "settings": {**vars(args), "json": str(args.json)},
+        **report_header("augment", argv, torch.device("cpu"), args),
         "results": rows,
         "ratios": {"dense_over_boxed_batch_time": ratio},
         "identical": identical,

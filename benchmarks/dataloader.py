@@ -37,9 +37,12 @@ from torch.utils.data import DataLoader
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (  # noqa: E402
     ROOT,
-    machine_info,
+    fill_unset,
     print_table,
+    report_header,
+    resolve_device,
     set_fast_math,
+    synchronize,
     write_json,
 )
 
@@ -164,8 +167,7 @@ def measure_loader(sampler_mod, sampler, workers: int, args, device: torch.devic
     for batch in loader:
         # What the train loop does with each batch: to the device, masks to float32 there.
         on_device = sampler_mod.batch_to_device(batch, device)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        synchronize(device)
         arrivals.append(time.perf_counter())
         assert on_device["query"].shape[0] == args.batch
     first = arrivals[0] - start
@@ -207,13 +209,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "batches": 40, "warmup": 8, "cases": 8, "volume_shape": [300, 273, 273]}  # fmt: skip
     quick = {"size": 32, "batch": 1, "classes": 2, "step_repeats": 2, "workers": [0, 2],
              "batches": 6, "warmup": 2, "cases": 3, "volume_shape": [64, 56, 56]}  # fmt: skip
-    for key, value in (quick if args.quick else full).items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
+    fill_unset(args, quick if args.quick else full)
     if args.quick and args.device == "auto":
         args.device = "cpu"
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          "cpu" if args.device == "auto" else args.device)  # fmt: skip
+    device = resolve_device(args.device)
     set_fast_math(device)
     print(f"dataloader: {vars(args)}", flush=True)
 
@@ -243,16 +242,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if step_rate:
         print(f"GPU step rate {step_rate:.3f} steps/s ({step_source}); target: >= 1.5x with 8 workers")
     payload = {
-        "benchmark": "dataloader",
-        "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
-        "machine": machine_info(device),
-        "settings": {
-            **vars(args),
-            "json": str(args.json),
-            "manifest": str(args.manifest),
-            "train_json": str(args.train_json),
-            "data": source,
-        },
+        **report_header(
+            "dataloader",
+            argv,
+            device,
+            args,
+            manifest=str(args.manifest),
+            train_json=str(args.train_json),
+            data=source,
+        ),
         "results": rows,
         "step_rate": {"steps_per_s": step_rate, "source": step_source},
         "targets": {"over_step_rate_min_with_8_workers": 1.5},

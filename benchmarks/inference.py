@@ -38,9 +38,9 @@ from _common import (  # noqa: E402
     finish_args,
     free_memory,
     iris_config,
-    machine_info,
     maybe_compile,
     print_table,
+    report_header,
     set_fast_math,
     summarise,
     time_calls,
@@ -268,15 +268,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for key, value in ratios.items():
         print(f"{key}: {value:.3f}")
     payload = {
-        "benchmark": "inference",
-        "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
-        "machine": machine_info(device),
-        "settings": {
-            **vars(args),
-            "json": str(args.json),
-            "params_m": count_parameters(model) / 1e6,
-            "sliding_window_impl": sliding_impl,
-        },
+        **report_header(
+            "inference",
+            argv,
+            device,
+            args,
+            params_m=count_parameters(model) / 1e6,
+            sliding_window_impl=sliding_impl,
+        ),
         "results": rows,
         "ratios": ratios,
         "targets": targets,

@@ -38,9 +38,9 @@ from _common import (  # noqa: E402
     finish_args,
     free_memory,
     iris_config,
-    machine_info,
     maybe_compile,
     print_table,
+    report_header,
     set_fast_math,
     summarise,
     time_calls,
@@ -216,10 +216,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         }
     )
     payload = {
-        "benchmark": "train_step",
-        "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
-        "machine": machine_info(device),
-        "settings": {**vars(args), "json": str(args.json), "nnunet": unet},
+        **report_header("train_step", argv, device, args, nnunet=unet),
         "results": rows,
         "ratios": ratios,
         "targets": {"tflops_iris_over_nnunet": 1.0},

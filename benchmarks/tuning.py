@@ -27,8 +27,8 @@ from _common import (  # noqa: E402
     autocast,
     finish_args,
     iris_config,
-    machine_info,
     print_table,
+    report_header,
     summarise,
     synchronize,
     write_json,
@@ -117,9 +117,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     agree = abs(losses[0] - losses[1]) <= 1e-3 * max(1.0, abs(losses[0]))
     print(f"final losses agree: {agree} ({losses[0]:.6f} vs {losses[1]:.6f})", flush=True)
     payload = {
-        "benchmark": "tuning",
-        "machine": machine_info(device),
-        "settings": {**vars(args), "json": str(args.json)},
+        **report_header("tuning", argv, device, args),
         "results": rows,
         "ratios": {"encode_once_over_segment_every_step": rows[1]["speedup_vs_reference"]},
         "losses_agree": agree,
