@@ -3,7 +3,7 @@ import torch
 from training_synthetic import fast_train_config, tiny_model_config
 
 from iris_pipelines.launch import launch_training
-from iris_pipelines.training import TrainConfig, latest_checkpoint, lr_factor, run_training
+from iris_pipelines.training import TrainConfig, latest_checkpoint, lr_factor, run_training, weights_checksum
 
 
 class Crash(RuntimeError):
@@ -20,6 +20,15 @@ def _run(collection, tmp_path, name="ck", on_metrics=None, **overrides):
         checkpoint_dir=tmp_path / name,
         on_metrics=on_metrics,
     )
+
+
+def test_weights_checksum_covers_scalar_parameters():
+    """A 0-dim parameter (a learned scale) is hashed like any other tensor, not a crash after training."""
+    weights = {"scale": torch.tensor(5.0), "weight": torch.ones(2, 3), "empty": torch.zeros(0)}
+    same = {name: value.clone() for name, value in weights.items()}
+    assert weights_checksum(weights) == weights_checksum(same)
+    assert weights_checksum(weights) != weights_checksum({**weights, "scale": torch.tensor(5.5)})
+    assert weights_checksum(weights) != weights_checksum({**weights, "weight": torch.ones(3, 2) * 1.5})
 
 
 def test_lr_schedule_warms_up_then_decays_exponentially():
