@@ -23,12 +23,14 @@ def _run(collection, tmp_path, name="ck", on_metrics=None, **overrides):
 
 
 def test_weights_checksum_covers_scalar_parameters():
-    """A 0-dim parameter (a learned scale) is hashed like any other tensor, not a crash after training."""
+    """A 0-dim parameter (a learned scale) is hashed, not a crash after training; shape and values count."""
     weights = {"scale": torch.tensor(5.0), "weight": torch.ones(2, 3), "empty": torch.zeros(0)}
     same = {name: value.clone() for name, value in weights.items()}
     assert weights_checksum(weights) == weights_checksum(same)
     assert weights_checksum(weights) != weights_checksum({**weights, "scale": torch.tensor(5.5)})
-    assert weights_checksum(weights) != weights_checksum({**weights, "weight": torch.ones(3, 2) * 1.5})
+    assert weights_checksum(weights) != weights_checksum({**weights, "weight": torch.ones(2, 3) * 1.5})
+    assert weights_checksum(weights) != weights_checksum({**weights, "weight": torch.ones(3, 2)})  # same data
+    assert weights_checksum(weights) != weights_checksum({**weights, "scale": torch.tensor([5.0])})
 
 
 def test_lr_schedule_warms_up_then_decays_exponentially():

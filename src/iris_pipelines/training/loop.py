@@ -121,11 +121,12 @@ def autocast_context(device: torch.device, precision: str) -> contextlib.Abstrac
 
 
 def weights_checksum(state_dict: Mapping[str, Tensor]) -> str:
-    """sha256 over names and raw bytes of every tensor, in name order: equal iff the weights are equal."""
+    """sha256 over the name, dtype, shape and raw bytes of every tensor, in name order: equal iff the
+    weights are equal (the same bytes under another shape or dtype are other weights)."""
     digest = hashlib.sha256()
     for name in sorted(state_dict):
         tensor = state_dict[name].detach().cpu().contiguous()
-        digest.update(name.encode())
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}".encode())
         digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
     return digest.hexdigest()
 
