@@ -1,6 +1,7 @@
 import json
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -153,3 +154,55 @@ def test_class_union_merges_two_slots_in_query_and_reference(setup):
         # The union is no single class (id −1) and the freed slot becomes padding (−1 too).
         assert (after["class_ids"] == -1).sum() == (before["class_ids"] == -1).sum() + 2
     assert merged_any
+
+
+def _far_apart_pool(root, z_size: int = 96):
+    """Three subjects whose two classes lie at opposite ends of z, farther apart than a 32³ crop; the
+    image is each voxel's z index, so a crop's first value tells where it starts."""
+    rows, cases = [], []
+    for s in range(3):
+        image = np.broadcast_to(np.arange(z_size, dtype=np.float32)[:, None, None], (z_size, 32, 32))
+        label = np.zeros((z_size, 32, 32), np.uint8)
+        label[2:8, 10:20, 10:20] = 1
+        label[z_size - 8 : z_size - 2, 10:20, 10:20] = 2
+        np.save(root / f"i{s}.npy", image)
+        np.save(root / f"l{s}.npy", label)
+        boxes = {"1": [2, 10, 10, 8, 20, 20], "2": [z_size - 8, 10, 10, z_size - 2, 20, 20]}
+        rows.append(
+            {
+                "dataset": "far",
+                "case_id": f"c{s}",
+                "subject_id": f"s{s}",
+                "image_array": str(root / f"i{s}.npy"),
+                "label_array": str(root / f"l{s}.npy"),
+                "class_voxels": json.dumps({"1": 600, "2": 600}),
+                "class_bboxes": json.dumps(boxes),
+            }
+        )
+        cases.append(
+            {"dataset": "far", "case_id": f"c{s}", "subject_id": f"s{s}", "split": "train", "heldout": False}
+        )
+    index = {"cases": cases, "classes": {"far": {"1": {}, "2": {}}}}
+    return train_pool(index, case_records(pd.DataFrame(rows))), train_class_ids(index)
+
+
+def test_a_class_the_reference_crop_cuts_out_leaves_the_episode(tmp_path):
+    # The crop centred on both classes' union shows neither: a slot with an empty reference would ask
+    # for a class never shown and write an empty mask's embedding into the memory bank.
+    pool, ids = _far_apart_pool(tmp_path)
+    config = TrainConfig(crop_size=(32, 32, 32), augment=False, class_drop_prob=0.0, max_classes=2)
+    sampler = EpisodeSampler(pool, ids, config)
+    for step in range(12):
+        episode = sampler.episode(step, 0)
+        real = episode["class_mask"]
+        assert real.sum() == 1, "of two classes 80 voxels apart, one fits a 32³ reference crop"
+        assert (episode["ref_masks"][real].flatten(1).sum(1) == 600).all()
+        assert (episode["ref_masks"][~real] == 0).all() and (episode["class_ids"][~real] == -1).all()
+
+
+def test_query_crops_off_the_foreground_lie_anywhere_in_the_volume(tmp_path):
+    pool, ids = _far_apart_pool(tmp_path)
+    config = TrainConfig(crop_size=(32, 32, 32), augment=False, foreground_crop_prob=0.0)
+    sampler = EpisodeSampler(pool, ids, config)
+    starts = {int(sampler.episode(step, 0)["query"][0, 0, 0, 0]) for step in range(40)}
+    assert len(starts) > 10 and min(starts) < 16 and max(starts) > 48  # z starts range over 0..64

@@ -45,7 +45,11 @@ def _worker(
         WORLD_SIZE=str(world_size),
         LOCAL_RANK=str(rank),
     )
-    if not torch.cuda.is_available():
+    if torch.cuda.is_available():
+        # NCCL's collectives without a device argument (barrier, all_gather_object) use the current
+        # device: left at cuda:0, every rank would claim the same GPU.
+        torch.cuda.set_device(rank % torch.cuda.device_count())
+    else:
         # Ranks share the CPU: without this each one spawns a thread per core and they thrash.
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
     try:

@@ -190,6 +190,12 @@ class EpisodeSampler:
         self.rank = rank
         self.batch_size = batch_size or config.batch_size
         self.augment = augment or AugmentParams()
+        # Each query with its partners, found once: scanning every pair per episode is quadratic in a
+        # dataset's cases (seconds per episode at TotalSegmentator's 1200).
+        self.queries = {
+            dataset: [(q, partners) for q in cases if (partners := _partners(cases, q))]
+            for dataset, cases in self.pool.items()
+        }
 
     def _seed(self, step: int, slot: int) -> list[int]:
         return [self.config.seed, self.rank, step, slot]
@@ -197,10 +203,9 @@ class EpisodeSampler:
     def draw(self, step: int, slot: int) -> EpisodeDraw:
         """Dataset, query, reference and classes of episode ``slot`` of ``step``."""
         rng = np.random.default_rng(self._seed(step, slot))
-        cases = self.pool[self.datasets[int(rng.integers(len(self.datasets)))]]
-        queries = [c for c in cases if _partners(cases, c)]
-        query = queries[int(rng.integers(len(queries)))]
-        partners = _partners(cases, query)
+        dataset = self.datasets[int(rng.integers(len(self.datasets)))]
+        queries = self.queries[dataset]
+        query, partners = queries[int(rng.integers(len(queries)))]
         reference = partners[int(rng.integers(len(partners)))]
         common = sorted(set(query.classes) & set(reference.classes))
         order = [common[i] for i in rng.permutation(len(common))]
@@ -227,10 +232,21 @@ class EpisodeSampler:
             centre = [int(rng.integers(box[i], max(box[i] + 1, box[i + 3]))) for i in range(3)]
             q_start = crop_window(q_size, crop, centre, [c + 1 for c in centre], rng)
         else:
-            q_start = crop_window(q_size, crop, [0, 0, 0], [0, 0, 0], rng)
-        query, q_masks = load_crop(draw.query, q_start, crop, draw.classes)
+            q_start = [int(rng.integers(0, max(n - c, 0) + 1)) for n, c in zip(q_size, crop, strict=True)]
         ref, r_masks = load_crop(draw.reference, ref_start, crop, draw.classes)
-        ids = [self.class_ids.get(f"{draw.query.dataset}/{c}", -1) for c in draw.classes]
+        # Classes spread wider than a crop: the window centred on their union cuts some out. A slot
+        # with an empty reference asks for a class the reference never shows, and would write that
+        # empty mask's embedding into the class's memory-bank row, so such classes leave the episode.
+        shown = r_masks.flatten(1).amax(1) > 0
+        if not shown.any():  # every class cut out: centre on the first one instead
+            first = draw.reference.bboxes[draw.classes[0]]
+            ref_start = crop_window(volume_shape(draw.reference), crop, first[:3], first[3:], None)
+            ref, r_masks = load_crop(draw.reference, ref_start, crop, draw.classes)
+            shown = r_masks.flatten(1).amax(1) > 0
+        classes = [c for c, visible in zip(draw.classes, shown.tolist(), strict=True) if visible]
+        r_masks = r_masks[shown]
+        query, q_masks = load_crop(draw.query, q_start, crop, classes)
+        ids = [self.class_ids.get(f"{draw.query.dataset}/{c}", -1) for c in classes]
         # Drawn only when enabled, so recipes without it keep their episode stream.
         if self.config.class_union_prob > 0 and len(ids) > 1 and rng.random() < self.config.class_union_prob:
             pair = rng.choice(len(ids), size=2, replace=False)
