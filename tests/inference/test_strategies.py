@@ -231,6 +231,17 @@ def test_tuning_lowers_its_loss_and_leaves_every_weight_bit_identical(scans: Sca
     assert model.training
 
 
+def test_tuning_leaves_the_slots_outside_its_class_mask_as_they_were(tiny_model: Iris, scans: Scans) -> None:
+    """A class cropped out of the reference still gets gradient through the decoder's attention
+    between class tokens; Adam would scale it into full-size steps and shift that class's T."""
+    image, masks = scans["a"]
+    initial = encode_reference(tiny_model, *scans["b"])
+    keep = torch.tensor([True, False])
+    result = tune_task_embedding(tiny_model, initial, [(image, masks)], steps=5, lr=0.1, class_mask=keep)
+    assert torch.equal(result.task[:, 1], initial[:, 1])
+    assert not torch.equal(result.task[:, 0], initial[:, 0])
+
+
 def test_tuning_follows_the_plain_adam_loop_on_segment(tiny_model: Iris, scans: Scans) -> None:
     """Encoding the references once is an optimisation only: the same steps as segmenting each time."""
     references = [scans["a"], scans["c"]]

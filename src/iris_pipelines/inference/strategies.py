@@ -447,7 +447,9 @@ def tune_task_embedding(
             class absent from a reference crop is fine (the loss then pushes it to empty there).
         steps: Adam steps (:data:`TUNING_STEPS`, which says how the default was measured).
         lr: Adam learning rate.
-        class_mask: optional (K,) bool of slots to tune (others still get no gradient from the loss).
+        class_mask: optional (K,) bool of slots to tune; the others are left exactly as given (their
+            own loss terms are dropped, and the gradient that reaches them through the decoder's
+            attention between class tokens is zeroed, or Adam would scale it to full-size steps).
 
     The loss is ``segmentation_loss`` (Dice + BCE, as in training) averaged over the references, each
     segmented whole: crop references larger than a window first (:func:`crop_reference`).
@@ -485,6 +487,8 @@ def tune_task_embedding(
                 if step == steps:
                     break
                 loss.backward()
+                if slots is not None:
+                    tuned.grad.mul_(slots.reshape(1, -1, 1, 1))
                 optimizer.step()
     return TuningResult(tuned.detach().to(task.dtype), losses)
 
