@@ -21,6 +21,7 @@ import pandas as pd
 
 from iris_pipelines.hooks import INPUT_VERSION_TAG_PREFIX, LOCK_FILE, provenance_tags
 from iris_pipelines.inference.bundle import ModelBundle
+from iris_pipelines.inference.pyfunc_model import SIGNATURE
 
 logger = logging.getLogger(__name__)
 
@@ -294,6 +295,8 @@ def register_model(
             artifacts={"bundle": str(bundle_dir)},
             registered_model_name=name,
             pip_requirements=_pip_requirements(),
+            # Without a signature MLflow drops predict's params (``threshold``) with only a warning.
+            signature=SIGNATURE,
         )
     version = str(info.registered_model_version)
     client = mlflow.MlflowClient()
