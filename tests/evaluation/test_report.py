@@ -75,3 +75,18 @@ def test_headline_metrics_carry_the_gain_and_its_interval() -> None:
 def test_no_paste_rows_means_no_comparison() -> None:
     metrics = _rows("one_shot", np.full(30, 0.5))
     assert gain_over_baseline(metrics).empty
+
+
+def test_a_single_episode_has_no_interval() -> None:
+    """Resampling one episode returns it every time; its zero-width interval must not read as a win."""
+    metrics = pd.concat(
+        [_rows("paste", np.full(3, 0.2), episodes=1), _rows("one_shot", np.full(3, 0.5), episodes=1)],
+        ignore_index=True,
+    )
+    gains = gain_over_baseline(metrics)
+    row = gains.iloc[0]
+    assert row.episodes == 1 and row.dice_gain == pytest.approx(0.3)
+    assert np.isnan(row.ci_low) and np.isnan(row.ci_high)
+    headline = headline_metrics(summary_by_group(metrics), gains)
+    assert headline["eval/seen/one_shot/dice_gain_vs_paste"] == pytest.approx(0.3)
+    assert "eval/seen/one_shot/dice_gain_vs_paste_ci_low" not in headline  # MLflow gets finite values

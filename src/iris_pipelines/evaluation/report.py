@@ -106,6 +106,9 @@ def gain_over_baseline(
             sums, counts = per_episode["sum"].to_numpy(), per_episode["size"].to_numpy()
             draws = rng.integers(0, len(sums), size=(resamples, len(sums)))
             means = sums[draws].sum(axis=1) / counts[draws].sum(axis=1)
+            # Resampling one episode only ever returns that episode: a zero-width interval that
+            # would read as a clear win or loss. Below two episodes there is no interval.
+            low, high = np.quantile(means, [0.025, 0.975]) if len(sums) > 1 else (np.nan, np.nan)
             rows.append(
                 {
                     "group": group,
@@ -114,8 +117,8 @@ def gain_over_baseline(
                     "pairs": len(pairs),
                     "episodes": len(sums),
                     "dice_gain": float(gain.mean()),
-                    "ci_low": float(np.quantile(means, 0.025)),
-                    "ci_high": float(np.quantile(means, 0.975)),
+                    "ci_low": float(low),
+                    "ci_high": float(high),
                     "win_fraction": float((gain > 0).mean()),
                 }
             )
@@ -177,7 +180,8 @@ def headline_metrics(by_group: pd.DataFrame, gains: pd.DataFrame) -> dict[str, f
                 out[f"eval/{row['group']}/{row['method']}/{metric}"] = value
     for row in gains.to_dict("records"):
         key = f"eval/{row['group']}/{row['method']}/dice_gain_vs_{row['baseline']}"
-        out.update({key: row["dice_gain"], f"{key}_ci_low": row["ci_low"], f"{key}_ci_high": row["ci_high"]})
+        values = {key: row["dice_gain"], f"{key}_ci_low": row["ci_low"], f"{key}_ci_high": row["ci_high"]}
+        out.update({name: value for name, value in values.items() if np.isfinite(value)})
     return out
 
 
