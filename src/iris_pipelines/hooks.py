@@ -99,10 +99,19 @@ def resolved_load_version(catalog: Any, dataset_name: str) -> str | None:
 
 
 class InputVersionHooks:
-    """Tags the active MLflow run with the load version of every versioned node input."""
+    """Tags the active MLflow run with the load version of every versioned node input.
+
+    ``versions`` holds what the current pipeline run already tagged, so each input is tagged once per run.
+    """
 
     def __init__(self) -> None:
         self.versions: dict[str, str] = {}
+
+    @hook_impl
+    def before_pipeline_run(self) -> None:
+        # settings.py builds one instance per process: a second run in it (a notebook's %reload_kedro, a
+        # script looping over sessions) opens a new MLflow run that must get every tag again.
+        self.versions = {}
 
     @hook_impl
     def before_node_run(self, node: Any, catalog: Any) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -150,6 +151,20 @@ def test_non_integer_label_values(tmp_path: Path) -> None:
     error = _rejection(ref)
     assert (error.check, error.path) == ("non_integer_label", str(ref.label_path))
     assert "not whole numbers" in error.reason and "0.5" in error.reason
+
+
+def test_infinite_label_values_are_named_as_such(tmp_path: Path) -> None:
+    """An infinity is "whole" to rounding; it must not surface as a bogus undeclared int64 class."""
+    values = sitk.GetArrayFromImage(sitk.Cast(label_volume(), sitk.sitkFloat32))
+    values[0, 0, :3] = [np.inf, -np.inf, np.nan]
+    label = sitk.GetImageFromArray(values)
+    label.CopyInformation(label_volume())
+    # MetaImage keeps NaN/Inf; ITK's NIfTI reader would hand back 0 for NaN.
+    ref = replace(_case(tmp_path), label_path=write(label, tmp_path / "seg.mha"))
+    error = _rejection(ref)
+    assert (error.check, error.path) == ("non_finite_label", str(ref.label_path))
+    assert "3 NaN/infinite values (1 NaN, 2 infinite)" in error.reason
+    assert "whole class numbers" in error.reason and "9223372036854775808" not in error.reason
 
 
 @pytest.fixture

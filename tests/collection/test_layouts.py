@@ -164,6 +164,47 @@ def test_nnunet_region_labels_are_rejected(tmp_path: Path) -> None:
     assert "region-based" in problem.reason and problem.path.endswith("dataset.json")
 
 
+def test_nnunet_ignore_label_rejects_the_dataset(tmp_path: Path) -> None:
+    """nnU-Net v2's "ignore" marks unannotated voxels; it must not become a foreground class."""
+    root = write_nnunet(
+        tmp_path / "Dataset004_Sparse", ["a"], labels={"background": 0, "prostate": 1, "ignore": 2}
+    )
+    refs, problems = discover_cases({"name": "sparse", "layout": "nnunet", "path": str(root)})
+    problem = _only_problem(problems)
+    assert refs == [] and problem.check == "unsupported_labels"
+    assert problem.path == str(root / "dataset.json")
+    assert "'ignore' (value 2)" in problem.reason and "partially annotated" in problem.reason
+
+
+def test_nnunet_label_without_channel_0_image_is_reported(tmp_path: Path) -> None:
+    root = write_nnunet(tmp_path / "Dataset001_X", ["a", "b"], channel_names={"0": "T2", "1": "ADC"})
+    (root / "imagesTr" / "b_0000.mha").unlink()  # b_0001.mha and labelsTr/b.mha remain
+    refs, problems = discover_cases({"name": "x", "layout": "nnunet", "path": str(root)})
+    assert [ref.case_id for ref in refs] == ["a"]
+    missing = [problem for problem in problems if not problem.warning]
+    problem = _only_problem(missing)
+    assert (problem.check, problem.case_id) == ("missing_file", "b")
+    assert problem.path == str(root / "imagesTr" / "b_0000.mha")
+    assert str(root / "labelsTr" / "b.mha") in problem.reason and "no channel-0 image" in problem.reason
+
+
+def test_files_saved_with_a_byte_order_mark_are_read(tmp_path: Path) -> None:
+    """Excel's "CSV UTF-8" and Windows editors start the file with a BOM."""
+    root = tmp_path / "site"
+    write(image_volume(), root / "a.nii.gz")
+    write(label_volume(), root / "a_seg.nii.gz")
+    (root / "manifest.csv").write_bytes("case_id,image,label\na,a.nii.gz,a_seg.nii.gz\n".encode("utf-8-sig"))
+    (root / "labels.json").write_bytes('{"1": "kidney", "2": "cyst"}'.encode("utf-8-sig"))
+    refs, problems = discover_cases({"name": "s", "layout": "csv", "path": str(root), "modality": "CT"})
+    assert problems == []
+    assert [(ref.case_id, ref.labels) for ref in refs] == [("a", {1: "kidney", 2: "cyst"})]
+    msd = write_msd(tmp_path / "Task01", ["b"])
+    meta = msd / "dataset.json"
+    meta.write_bytes(meta.read_text().encode("utf-8-sig"))
+    refs, problems = discover_cases({"name": "m", "layout": "msd", "path": str(msd)})
+    assert problems == [] and [ref.case_id for ref in refs] == ["b"]
+
+
 def test_csv_source_with_dicom_series_image(tmp_path: Path) -> None:
     root = tmp_path / "hospital"
     dicom_dir, label = write_dicom_case(root, "scan_a")

@@ -14,6 +14,7 @@ import yaml
 from kedro.config import OmegaConfigLoader
 from scipy.spatial.transform import Rotation
 
+from iris_pipelines.collection import preprocessing
 from iris_pipelines.collection.preprocessing import (
     ADDED_COLUMNS,
     REPORT_COLUMNS,
@@ -166,11 +167,14 @@ def test_class_statistics_match_the_stored_labels(processed):
             assert boxes[str(value)] == [*where.min(axis=0).tolist(), *(where.max(axis=0) + 1).tolist()]
 
 
-def test_rerun_skips_cached_cases(manifest, processed):
+def test_rerun_skips_cached_cases(manifest, processed, monkeypatch):
     output_dir, first, _ = processed
     files = sorted(p for p in output_dir.rglob("*") if p.is_file())
     stamps = {p: p.stat().st_mtime_ns for p in files}
+    hashed = []
+    monkeypatch.setattr(preprocessing, "file_sha256", hashed.append)
     again, _ = preprocess_cases(manifest, _params(output_dir))
+    assert hashed == []  # a cache hit reads no input file, not even to checksum it
     assert {p: p.stat().st_mtime_ns for p in files} == stamps
     assert sorted(p for p in output_dir.rglob("*") if p.is_file()) == files
     pd.testing.assert_frame_equal(again.set_index("case_id", drop=False), first)
@@ -222,7 +226,7 @@ def test_a_bad_case_is_reported_and_the_rest_go_on(manifest, tmp_path):
             **manifest.iloc[1].to_dict(),
             "case_id": "garbage",
             "image_path": str(broken),
-            "image_sha256": "2" * 64,
+            "image_sha256": file_sha256(broken),
         },
     ]
     mixed = pd.concat([pd.DataFrame(bad_rows[:1]), manifest, pd.DataFrame(bad_rows[1:])], ignore_index=True)
@@ -235,13 +239,46 @@ def test_a_bad_case_is_reported_and_the_rest_go_on(manifest, tmp_path):
         preprocess_cases(mixed, _params(tmp_path / "strict", strict=True))
 
 
+@pytest.mark.parametrize("kind", ["image", "label"])
+def test_an_input_edited_after_ingest_is_rejected_not_cached(manifest, processed, tmp_path, kind):
+    """Re-running preprocess alone after editing a file must not cache the edit under the ingested
+    file's key, where a later run would serve it for the original file as well."""
+    _, reference, _ = processed
+    row = manifest.iloc[0].to_dict()
+    original = tmp_path / "original.nii.gz"
+    shutil.copy(row[f"{kind}_path"], original)
+    edited = tmp_path / f"{kind}.nii.gz"
+    shutil.copy(original, edited)
+    row[f"{kind}_path"] = str(edited)  # same bytes, so the manifest's checksum still holds
+    volume = sitk.ReadImage(str(original))
+    sitk.WriteImage(sitk.Cast(volume, sitk.sitkUInt8) * 0 + 1, str(edited))  # a different file
+    output_dir = tmp_path / "volumes"
+    result, report = preprocess_cases(pd.DataFrame([row]), _params(output_dir))
+    assert result.empty and list(report["check"]) == ["stale_manifest"]
+    assert report.loc[0, "path"] == str(edited)
+    reason = report.loc[0, "reason"]
+    assert reason.startswith(f"{edited} changed after ingest") and "re-run the ingest pipeline" in reason
+    assert row[f"{kind}_sha256"] in reason and file_sha256(edited) in reason
+    assert not [p for p in output_dir.rglob("*") if p.is_file()]
+    with pytest.raises(InvalidInputError, match="changed after ingest"):
+        preprocess_case(row, _params(output_dir, strict=True))
+    shutil.copy(original, edited)  # undone: the case matches its manifest row again
+    result, report = preprocess_cases(pd.DataFrame([row]), _params(output_dir))
+    assert report.empty
+    expected = reference.loc[row["case_id"]]
+    for column in ("image_array", "label_array"):
+        np.testing.assert_array_equal(np.load(result.loc[0, column]), np.load(expected[column]))
+
+
 def test_out_of_range_labels_are_rejected(manifest, tmp_path):
     row = manifest.iloc[0].to_dict()
     label = sitk.ReadImage(row["label_path"], sitk.sitkInt16) * 200  # 400 does not fit uint8
     path = tmp_path / "wide_seg.nii.gz"
     sitk.WriteImage(label, str(path))
     with pytest.raises(InvalidInputError) as error:
-        preprocess_case({**row, "label_path": str(path), "label_sha256": "3" * 64}, _params(tmp_path))
+        preprocess_case(
+            {**row, "label_path": str(path), "label_sha256": file_sha256(path)}, _params(tmp_path)
+        )
     assert error.value.check == "label_range" and error.value.path == str(path)
 
 
@@ -323,7 +360,9 @@ def test_non_finite_images_are_rejected(manifest, tmp_path):
     path = tmp_path / "nan_img.mha"  # ITK NIfTI I/O turns NaN into 0; MetaImage keeps it
     sitk.WriteImage(image, str(path))
     with pytest.raises(InvalidInputError) as error:
-        preprocess_case({**row, "image_path": str(path), "image_sha256": "4" * 64}, _params(tmp_path))
+        preprocess_case(
+            {**row, "image_path": str(path), "image_sha256": file_sha256(path)}, _params(tmp_path)
+        )
     assert error.value.check == "non_finite"
 
 

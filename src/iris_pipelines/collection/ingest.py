@@ -103,10 +103,21 @@ def first_grid_difference(image: Geometry, label: Geometry, tolerance_mm: float)
 
 
 def label_values(values: np.ndarray, path: Path) -> np.ndarray:
-    """Distinct label values, refusing fractional or NaN ones (interpolated or probability masks)."""
+    """Distinct label values, refusing NaN, infinite or fractional ones (interpolated or probability
+    masks)."""
     if not np.issubdtype(values.dtype, np.integer):
+        # Checked first: an infinity is "whole" to rint and would become a nonsense int64 class below.
+        non_finite = values.size - int(np.count_nonzero(np.isfinite(values)))
+        if non_finite:
+            nans = int(np.count_nonzero(np.isnan(values)))
+            raise InvalidInputError(
+                str(path),
+                "non_finite_label",
+                f"the label holds {non_finite} NaN/infinite values ({nans} NaN, {non_finite - nans} "
+                "infinite); a label map must hold whole class numbers: re-export it",
+            )
         rounded = np.rint(values)
-        fractional = values != rounded  # NaN != NaN, so NaNs count too
+        fractional = values != rounded
         count = int(np.count_nonzero(fractional))
         if count:
             examples = np.unique(values[fractional])[:_MAX_LISTED]

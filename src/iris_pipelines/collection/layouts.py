@@ -42,6 +42,10 @@ _MODALITY_ALIASES: dict[str, str] = {
 _IMAGE_SUFFIXES = (".nii.gz", ".nii", ".mha", ".mhd", ".nrrd", ".nhdr")
 _CSV_REQUIRED = ("case_id", "image", "label")
 _INTEGER_KEY = re.compile(r"^\s*-?\d+\s*$")
+_NNUNET_IGNORE = "ignore"
+# utf-8-sig also reads files saved with a byte order mark (Excel's "CSV UTF-8", Notepad), which plain
+# utf-8 would glue onto the first column name or refuse as JSON.
+_TEXT_ENCODING = "utf-8-sig"
 
 
 @dataclass(frozen=True)
@@ -107,6 +111,10 @@ def parse_labels(raw: object, *, where: str) -> dict[int, str]:
     """Declared foreground labels ``{value: name}`` from MSD style ``{"1": "liver"}`` or nnU-Net style
     ``{"liver": 1}``; value 0 is background and dropped. Region-based (list) values are refused because a
     voxel could then belong to several classes, which the episode sampler cannot represent.
+
+    nnU-Net v2's reserved ``"ignore"`` label (nnU-Net style only) is refused too: it marks voxels nobody
+    annotated, so it is no class, and mapping it to background would teach the model that every
+    unannotated voxel is background. Partially annotated datasets are therefore not ingested at all.
     """
     if not isinstance(raw, Mapping) or not raw:
         raise InvalidInputError(where, "malformed_labels", "`labels` must be a non-empty JSON object")
@@ -114,6 +122,15 @@ def parse_labels(raw: object, *, where: str) -> dict[int, str]:
     if all(isinstance(key, str) and _INTEGER_KEY.match(key) for key in raw):
         pairs = [(int(key), name) for key, name in raw.items()]
     else:
+        if _NNUNET_IGNORE in raw:
+            raise InvalidInputError(
+                where,
+                "unsupported_labels",
+                f"label {_NNUNET_IGNORE!r} (value {raw[_NNUNET_IGNORE]!r}) is nnU-Net's ignore label for "
+                "unannotated voxels: partially annotated datasets are not supported for in-context "
+                "training, whose reference masks must mark every voxel of a class; annotate the ignored "
+                "voxels (or drop the dataset) and remove the label",
+            )
         pairs = [(value, name) for name, value in raw.items()]
     labels: dict[int, str] = {}
     for value, name in pairs:
@@ -222,7 +239,7 @@ def _read_dataset_json(directory: Path) -> tuple[Path, dict[str, Any]]:
             str(meta_path), "missing_file", f"no dataset.json in {directory}; is this the dataset folder?"
         )
     try:
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        meta = json.loads(meta_path.read_text(encoding=_TEXT_ENCODING))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise InvalidInputError(
             str(meta_path), "malformed_json", f"dataset.json is not valid JSON: {exc}"
@@ -350,18 +367,40 @@ def _discover_nnunet(source: _Source) -> tuple[list[CaseRef], list[Problem]]:
             )
         )
     suffix = "_0000" + file_ending
+    labels_dir = source.path / "labelsTr"
     refs: list[CaseRef] = []
+    imaged: set[str] = set()
     for image in sorted(images_dir.iterdir()):
         if image.name.startswith(".") or not image.name.endswith(suffix):
             continue
         case_id = image.name[: -len(suffix)]
-        label = source.path / "labelsTr" / f"{case_id}{file_ending}"
+        imaged.add(case_id)
+        label = labels_dir / f"{case_id}{file_ending}"
         try:
             refs.append(
                 _make_ref(source, case_id, image=image, label=label, labels=labels, modality=modality)
             )
         except InvalidInputError as err:
             problems.append(Problem(source.name, case_id, err.path, err.check, err.reason))
+    # Cases are found through their channel-0 images, so a label whose image is missing would otherwise
+    # vanish without a trace.
+    labelled = sorted(labels_dir.iterdir()) if labels_dir.is_dir() else []
+    for label in labelled:
+        if label.name.startswith(".") or not label.name.endswith(file_ending):
+            continue
+        case_id = label.name[: -len(file_ending)]
+        if case_id in imaged:
+            continue
+        expected = images_dir / f"{case_id}{suffix}"
+        problems.append(
+            Problem(
+                source.name,
+                case_id,
+                str(expected),
+                "missing_file",
+                f"the label {label} has no channel-0 image: {expected} does not exist",
+            )
+        )
     if not refs and not any(not problem.warning for problem in problems):
         raise InvalidInputError(str(images_dir), "no_cases", f"imagesTr holds no file ending in {suffix}")
     return refs, problems
@@ -369,7 +408,7 @@ def _discover_nnunet(source: _Source) -> tuple[list[CaseRef], list[Problem]]:
 
 def _read_manifest_csv(csv_path: Path) -> tuple[list[str], list[dict[str, str]]]:
     try:
-        with csv_path.open(newline="", encoding="utf-8") as handle:
+        with csv_path.open(newline="", encoding=_TEXT_ENCODING) as handle:
             reader = csv.DictReader(handle)
             rows = list(reader)
             columns = list(reader.fieldnames or [])
@@ -402,7 +441,7 @@ def _csv_default_labels(csv_path: Path, has_column: bool) -> dict[int, str] | No
             f"no labels.json next to {csv_path.name} and no `labels` column; add one of them",
         )
     try:
-        raw = json.loads(labels_path.read_text(encoding="utf-8"))
+        raw = json.loads(labels_path.read_text(encoding=_TEXT_ENCODING))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise InvalidInputError(
             str(labels_path), "malformed_json", f"labels.json is not valid JSON: {exc}"

@@ -4,8 +4,10 @@ One case is read, resampled onto an identity-direction grid at the target spacin
 modality and stored as ``image.npy`` (float32) + ``label.npy`` (uint8) + ``meta.json`` under
 ``<output_dir>/<cache_key[:2]>/<cache_key>/``. The key hashes the inputs' checksums, the parameters that
 change the output and :data:`PREPROCESS_VERSION`, so re-runs skip unchanged cases and older manifest
-versions keep pointing at valid files. Cases fan out over dask.distributed (a local cluster, a SLURM
-cluster, or in-process for debugging); a failing case is reported and the rest go on unless ``strict``.
+versions keep pointing at valid files; a file edited since ingest no longer matches its checksum and is
+rejected (``stale_manifest``) instead of being cached under the old one's key. Cases fan out over
+dask.distributed (a local cluster, a SLURM cluster, or in-process for debugging); a failing case is
+reported and the rest go on unless ``strict``.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from tqdm.auto import tqdm
 
 from iris_pipelines.imaging.errors import InvalidInputError
 from iris_pipelines.imaging.geometry import Geometry
-from iris_pipelines.imaging.io import read_image
+from iris_pipelines.imaging.io import file_sha256, read_image
 from iris_pipelines.imaging.normalize import normalize_in_place
 from iris_pipelines.imaging.resample import canonical_geometry, field_of_view_mask, resample_to_geometry
 from iris_pipelines.imaging.stats import class_statistics
@@ -38,7 +40,9 @@ from iris_pipelines.imaging.stats import class_statistics
 logger = logging.getLogger(__name__)
 
 # Bump whenever a code change alters the arrays or meta.json, so cached cases are rebuilt, not reused.
-PREPROCESS_VERSION = "2"  # 2: normalisation statistics exclude the padding of oblique scans
+# 2: normalisation statistics exclude the padding of oblique scans. 3: a case is only cached once its files
+# match the manifest's checksums; a version-2 entry may hold a file edited after ingest under the old key.
+PREPROCESS_VERSION = "3"
 
 REPORT_COLUMNS = ["dataset", "case_id", "path", "check", "reason"]
 ADDED_COLUMNS = [
@@ -237,7 +241,8 @@ def _image_array(row: Mapping[str, Any], params: PreprocessParams) -> tuple[np.n
     """:func:`canonical_image_array` of a manifest row's image file."""
     path = str(row["image_path"])
     modality = _modality(row["modality"], path)  # before reading: a bad modality costs no I/O
-    # Ingest verified the file (and its checksum is in the cache key): skip the second decompression.
+    # _preprocess matched the file's bytes to ingest's checksum, so ingest's integrity checks still hold:
+    # skip the second decompression.
     return canonical_image_array(read_image(path, verify=False), modality, params, source=path)
 
 
@@ -245,6 +250,26 @@ def _label_array(row: Mapping[str, Any], grid: Geometry) -> np.ndarray:
     """:func:`canonical_label_array` of a manifest row's label file."""
     label_path = str(row["label_path"])
     return canonical_label_array(read_image(label_path, verify=False), grid, source=label_path)
+
+
+def _require_unchanged_inputs(row: Mapping[str, Any]) -> None:
+    """Refuse a case whose image or label bytes differ from the checksums ingest recorded.
+
+    The cache key is built from those checksums, so preprocessing an edited file would store it under the
+    key of the file ingest checked: a later run would serve it for the original file too, and the edit
+    would never have passed ingest's checks.
+    """
+    for kind in ("image", "label"):
+        path = str(row[f"{kind}_path"])
+        recorded = str(row[f"{kind}_sha256"])
+        on_disk = file_sha256(path)
+        if on_disk != recorded:
+            raise InvalidInputError(
+                path,
+                "stale_manifest",
+                f"{path} changed after ingest (sha256 {recorded} in the manifest, {on_disk} on disk); "
+                "re-run the ingest pipeline",
+            )
 
 
 def _write_case(directory: Path, image: np.ndarray, label: np.ndarray, meta: dict[str, Any]) -> None:
@@ -310,7 +335,9 @@ def _preprocess(row: Mapping[str, Any], params: PreprocessParams) -> tuple[dict[
     directory = case_directory(Path(params.output_dir).absolute(), key)
     meta_path = directory / "meta.json"
     if meta_path.exists():
+        # Only unchanged inputs were ever cached under this key, so a hit needs no re-hash.
         return _manifest_row(row, directory, json.loads(meta_path.read_text(encoding="utf-8"))), True
+    _require_unchanged_inputs(row)
     image, original, grid = _image_array(row, params)
     label = _label_array(row, grid)
     labels = sorted(int(k) for k in _declared_labels(row))

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import mlflow
 import pandas as pd
 import pytest
 import yaml
+from kedro.framework.hooks.manager import _create_hook_manager
 from kedro.io import DataCatalog
+from kedro.pipeline import Pipeline, node
+from kedro.runner import SequentialRunner
 from project_copy import PROJECT_ROOT
 
 from iris_pipelines.hooks import InputVersionHooks, resolved_load_version
@@ -125,6 +129,29 @@ def test_hook_resolves_the_loaded_versions(tmp_path: Path) -> None:
     hooks = InputVersionHooks()
     hooks.before_node_run(node=FakeNode(), catalog=catalog)  # no MLflow run active: only remembered
     assert hooks.versions == {"episode_index": "2026-01-02T00.00.00.000Z"}
+
+
+def test_hook_tags_every_run_of_one_process(tmp_path: Path, mlflow_store: Path) -> None:
+    """settings.py builds the hooks once per process; a second session in it (a notebook's
+    %reload_kedro, a sweep script) must tag its own MLflow run too, even with the same input version."""
+    config = {
+        "episode_index": {"type": "json.JSONDataset", "filepath": str(tmp_path / "e.json"), "versioned": True}
+    }
+    DataCatalog.from_config(config, save_version="2026-01-01T00.00.00.000Z").save("episode_index", {"a": 1})
+    pipeline = Pipeline([node(lambda index: index, "episode_index", "copied")])
+    hook_manager = _create_hook_manager()
+    hook_manager.register(InputVersionHooks())  # registering checks the hook names and arguments
+    run_ids = []
+    for _ in range(2):
+        catalog = DataCatalog.from_config(config)
+        with mlflow.start_run() as run:  # kedro-mlflow opens one run per session
+            hook_manager.hook.before_pipeline_run(run_params={}, pipeline=pipeline, catalog=catalog)
+            SequentialRunner().run(pipeline, catalog, hook_manager=hook_manager)
+        run_ids.append(run.info.run_id)
+    client = mlflow.MlflowClient()
+    for run_id in run_ids:
+        tags = client.get_run(run_id).data.tags
+        assert tags.get("input_version.episode_index") == "2026-01-01T00.00.00.000Z", run_id
 
 
 def _train_params(env: str) -> dict:
