@@ -327,3 +327,76 @@ def test_preprocessing_defaults_follow_the_model_then_the_project(tmp_path) -> N
     )
     params, source = preprocess_params([1.0], tagged, recorded, project)
     assert params["target_spacing"] == [1.0, 1.0, 1.0] and source.startswith("--spacing")
+
+
+@pytest.mark.parametrize(
+    ("role", "shape", "expected"),
+    [
+        ("image", "4-D", "the reference image is 4-D (size (24, 22, 16, 2))"),
+        ("label", "4-D", "the reference label is 4-D (size (24, 22, 16, 2))"),
+        ("image", "2-D", "the reference image is 2-D (size (24, 22))"),
+        ("label", "vector", "the reference label has 3 values per voxel"),
+    ],
+)
+def test_a_reference_that_is_not_one_scalar_3d_volume_is_named(
+    files, tmp_path, role, shape, expected
+) -> None:
+    """Got "Geometry is for 3-D images, got a 4-D one" without a file name, or an ITK traceback (exit 1)
+    for an RGB-exported label."""
+    original = read_image(files[f"ref_a{'_label' if role == 'label' else ''}"])
+    bad = {
+        "4-D": lambda: sitk.JoinSeries([original, original]),
+        "2-D": lambda: original[:, :, 0],
+        "vector": lambda: sitk.Compose([original] * 3),
+    }[shape]()
+    path = tmp_path / f"bad_{role}.mha"
+    write_image(bad, path)
+    image, label = (path, files["ref_a_label"]) if role == "image" else (files["ref_a"], path)
+    result = invoke(
+        "--image", files["query"], "--reference", f"{image}:{label}", "--model", files["bundle"],
+        "--out", tmp_path / "o.nii.gz", *SPACING,
+    )  # fmt: skip
+    assert result.exit_code == 2, result.output
+    assert f"{path}: {expected}" in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "o.nii.gz").exists()
+
+
+def test_a_sheared_scan_is_refused_for_nifti_output_before_segmenting(files, tmp_path, monkeypatch) -> None:
+    """A gantry-tilted scan (sheared direction, kept by MHA) written as NIfTI came back ~8 mm off, silently;
+    the refusal comes before any inference, which would be wasted."""
+    scan = read_image(files["query"])
+    direction = np.asarray(scan.GetDirection()).reshape(3, 3)
+    direction[:, 2] = direction[:, 2] + np.tan(np.deg2rad(20.0)) * direction[:, 1]
+    scan.SetDirection(tuple((direction / np.linalg.norm(direction, axis=0)).ravel()))
+    sheared = tmp_path / "tilted.mha"
+    write_image(scan, sheared)
+
+    def no_inference(*args, **kwargs):
+        raise AssertionError("segmented although the output cannot be written")
+
+    monkeypatch.setattr(segment_module, "make_predictor", no_inference)
+    out = tmp_path / "labels.nii.gz"
+    result = invoke(
+        "--image", sheared, *_reference(files), "--model", files["bundle"], "--out", out, *SPACING
+    )  # fmt: skip
+    assert result.exit_code == 2, result.output
+    assert f"{out}: the image's direction is sheared" in result.output
+    assert "write .mha or .nrrd instead" in result.output and not out.exists()
+
+
+def test_nan_voxels_in_the_scan_are_counted_whatever_the_spacing(files, tmp_path) -> None:
+    """The NaN check saw only resampled voxels: a 3 mm grid could step over a NaN and accept the scan."""
+    scan = read_image(files["ref_b"])
+    values = sitk.GetArrayFromImage(scan)
+    values[5, 6, 7] = np.nan
+    broken = sitk.GetImageFromArray(values)
+    broken.CopyInformation(scan)
+    path = tmp_path / "nan_scan.nrrd"
+    write_image(broken, path)
+    for spacing in ("1.0", "3.0"):
+        result = invoke(
+            "--image", path, *_reference(files), "--model", files["bundle"], "--out", tmp_path / "o.nii.gz",
+            "--spacing", spacing, "--roi", "32",
+        )  # fmt: skip
+        assert result.exit_code == 2, result.output
+        assert f"{path}: the image has 1 non-finite voxels (1 NaN, 0 infinite)" in result.output

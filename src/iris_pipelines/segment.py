@@ -33,7 +33,7 @@ from iris_pipelines.collection.layouts import parse_labels
 from iris_pipelines.evaluation.embeddings import class_embeddings, embedding_tensor
 from iris_pipelines.evaluation.evaluate import EvaluateParams
 from iris_pipelines.imaging import Geometry, InvalidInputError, read_image, write_image
-from iris_pipelines.imaging.io import file_suffix, write_text_atomic
+from iris_pipelines.imaging.io import file_suffix, require_scalar_volume, require_storable, write_text_atomic
 from iris_pipelines.inference.bundle import ModelBundle
 from iris_pipelines.inference.sliding_window import volume_predictor
 from iris_pipelines.inference.strategies import (
@@ -269,7 +269,9 @@ def read_reference(
     the label must hold every ``wanted`` class, before and after resampling.
     """
     image = read_image(spec.image)
+    require_scalar_volume(image, spec.image, "reference image")
     label = read_image(spec.label)
+    require_scalar_volume(label, spec.label, "reference label")
     difference = first_grid_difference(
         Geometry.from_image(image), Geometry.from_image(label), GRID_TOLERANCE_MM
     )
@@ -466,6 +468,8 @@ def segment(
 
     step("reading")
     image = read_image(request.image)
+    require_scalar_volume(image, request.image, "image")
+    require_storable(image, request.out)  # the result gets the scan's grid: refuse now, not after inference
     model = bundle.build_model().to(device)
     references: list[Reference] = []
     table = read_embeddings(request.embeddings) if request.embeddings is not None else None

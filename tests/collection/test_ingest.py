@@ -24,7 +24,13 @@ from builders import (
     write_nnunet,
 )
 
-from iris_pipelines.collection.ingest import MANIFEST_COLUMNS, REPORT_COLUMNS, ingest_sources, validate_case
+from iris_pipelines.collection.ingest import (
+    MANIFEST_COLUMNS,
+    REPORT_COLUMNS,
+    ingest_sources,
+    label_values,
+    validate_case,
+)
 from iris_pipelines.collection.layouts import CaseRef
 from iris_pipelines.imaging.errors import InvalidInputError
 from iris_pipelines.imaging.io import file_sha256
@@ -157,14 +163,22 @@ def test_infinite_label_values_are_named_as_such(tmp_path: Path) -> None:
     """An infinity is "whole" to rounding; it must not surface as a bogus undeclared int64 class."""
     values = sitk.GetArrayFromImage(sitk.Cast(label_volume(), sitk.sitkFloat32))
     values[0, 0, :3] = [np.inf, -np.inf, np.nan]
+    with pytest.raises(InvalidInputError) as raised:
+        label_values(values, tmp_path / "seg.nii.gz")
+    assert (raised.value.check, raised.value.path) == ("non_finite_label", str(tmp_path / "seg.nii.gz"))
+    assert "3 NaN/infinite values (1 NaN, 2 infinite)" in raised.value.reason
+    assert "whole class numbers" in raised.value.reason
+    # From a file, the reader already refuses them (MetaImage keeps NaN/Inf; NIfTI's reader would
+    # hand back 0 for NaN), naming the label file.
     label = sitk.GetImageFromArray(values)
     label.CopyInformation(label_volume())
-    # MetaImage keeps NaN/Inf; ITK's NIfTI reader would hand back 0 for NaN.
     ref = replace(_case(tmp_path), label_path=write(label, tmp_path / "seg.mha"))
     error = _rejection(ref)
-    assert (error.check, error.path) == ("non_finite_label", str(ref.label_path))
-    assert "3 NaN/infinite values (1 NaN, 2 infinite)" in error.reason
-    assert "whole class numbers" in error.reason and "9223372036854775808" not in error.reason
+    assert (error.check, error.path) == ("non_finite", str(ref.label_path))
+    assert (
+        "3 non-finite voxels (1 NaN, 2 infinite)" in error.reason
+        and "9223372036854775808" not in error.reason
+    )
 
 
 @pytest.fixture

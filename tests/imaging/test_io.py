@@ -229,3 +229,190 @@ def test_unverified_read_gives_the_same_image(tmp_path):
     verified, unverified = read_image(path), read_image(path, verify=False)
     np.testing.assert_array_equal(sitk.GetArrayFromImage(verified), sitk.GetArrayFromImage(unverified))
     assert verified.GetSpacing() == unverified.GetSpacing()
+
+
+@pytest.mark.parametrize("oblique", [False, True])
+def test_dicom_series_with_a_missing_slice_is_refused(
+    tmp_path: Path, make_image, oblique_direction, oblique: bool
+) -> None:
+    """ITK would stack the remaining slices on one averaged step, shifting everything after the gap."""
+    direction = oblique_direction if oblique else (1, 0, 0, 0, 1, 0, 0, 0, 1)
+    image = make_image(
+        size=(9, 7, 8), spacing=(0.7, 0.8, 2.5), origin=(-12.3, 45.6, -7.8), direction=direction
+    )
+    series = tmp_path / "series"
+    write_dicom_series(image, series)
+    (series / "slice_0003.dcm").unlink()  # lost in transfer
+    err = _read_error(series)
+    assert (err.check, err.path) == ("non_uniform_slices", str(series))
+    assert "slice gap of 5 mm between slices 3 and 4 (slice_0002.dcm, slice_0004.dcm)" in err.reason
+    assert "where the others are 2.5 mm" in err.reason and "a slice is missing" in err.reason
+
+
+def test_dicom_series_missing_its_last_slice_still_reads(tmp_path: Path, make_image) -> None:
+    """A series cut short at an end is still evenly spaced: a valid (shorter) scan, not a gap."""
+    image = make_image(size=(9, 7, 6), spacing=(0.7, 0.8, 2.5))
+    write_dicom_series(image, tmp_path / "series")
+    (tmp_path / "series" / "slice_0005.dcm").unlink()
+    back = read_image(tmp_path / "series")
+    assert back.GetSize() == (9, 7, 5) and back.GetSpacing()[2] == pytest.approx(2.5)
+
+
+@pytest.mark.parametrize(("name", "data"), [("a.mhd", "a.raw"), ("a.nhdr", "a.raw"), ("c.mhd", "c.zraw")])
+def test_checksum_of_a_detached_header_covers_its_voxels(tmp_path: Path, make_image, name, data) -> None:
+    """A re-export with new voxels and the same header must change the checksum, or the preprocessing
+    cache (keyed by it) serves the old voxels."""
+    compress = data.endswith("zraw")
+    write_image(make_image(), tmp_path / name, compress=compress)
+    header, before = (tmp_path / name).read_bytes(), file_sha256(tmp_path / name)
+    rng = np.random.default_rng(1)
+    changed = make_image(rng.integers(-1000, 1500, size=(8, 10, 12), dtype=np.int16))
+    write_image(changed, tmp_path / name, compress=compress)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted({name, data})
+    if not compress:
+        assert (tmp_path / name).read_bytes() == header  # only the data file differs
+    assert file_sha256(tmp_path / name) != before
+    assert file_sha256(tmp_path / name) == file_sha256(tmp_path / name)
+
+
+def test_checksum_of_a_file_with_embedded_voxels_is_the_file_hash(tmp_path: Path, make_image) -> None:
+    for name in ("a.mha", "a.nrrd", "a.nii.gz"):
+        write_image(make_image(), tmp_path / name)
+        assert file_sha256(tmp_path / name) == hashlib.sha256((tmp_path / name).read_bytes()).hexdigest()
+
+
+def _slice_files(tmp_path: Path, names: list[str]) -> np.ndarray:
+    """Two 3×4 int16 slices, one raw file each."""
+    volume = np.arange(24, dtype="<i2").reshape(2, 3, 4)
+    for name, plane in zip(names, volume, strict=True):
+        (tmp_path / name).write_bytes(plane.tobytes())
+    return volume
+
+
+_MHD_LIST = """ObjectType = Image
+NDims = 3
+BinaryData = True
+BinaryDataByteOrderMSB = False
+CompressedData = False
+ElementSpacing = 1 1 2
+DimSize = 4 3 2
+ElementType = MET_SHORT
+ElementDataFile = {files}
+"""
+_NHDR_LIST = """NRRD0004
+type: short
+dimension: 3
+sizes: 4 3 2
+endian: little
+encoding: raw
+data file: {files}
+"""
+
+
+@pytest.mark.parametrize(
+    ("name", "template", "files"),
+    [
+        ("list.mhd", _MHD_LIST, "LIST\ns_01.raw\ns_02.raw"),
+        ("pattern.mhd", _MHD_LIST, "s_%02d.raw 1 2 1"),
+        ("list.nhdr", _NHDR_LIST, "LIST\ns_01.raw\ns_02.raw"),
+        ("pattern.nhdr", _NHDR_LIST, "s_%02d.raw 1 2 1"),
+    ],
+)
+def test_checksum_and_reading_of_one_data_file_per_slice(tmp_path: Path, name, template, files) -> None:
+    volume = _slice_files(tmp_path, ["s_01.raw", "s_02.raw"])
+    header = tmp_path / name
+    header.write_text(template.format(files=files))
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(read_image(header)), volume)
+    before = file_sha256(header)
+    (tmp_path / "s_02.raw").write_bytes(volume[0].tobytes())  # the second slice re-exported
+    assert file_sha256(header) != before
+    (tmp_path / "s_02.raw").unlink()
+    for err in (_read_error(header), pytest.raises(InvalidInputError, file_sha256, header).value):
+        assert (err.check, err.path) == ("missing_file", str(header))
+        assert "the data file s_02.raw" in err.reason and str(tmp_path / "s_02.raw") in err.reason
+
+
+@pytest.mark.parametrize(("name", "data"), [("a.mhd", "a.zraw"), ("a.nhdr", "a.raw.gz"), ("b.mhd", "b.raw")])
+def test_missing_data_file_of_a_detached_header_is_named(tmp_path: Path, make_image, name, data) -> None:
+    """ITK reported "No such file or directory" for the header, which exists, and never named the data."""
+    write_image(make_image(), tmp_path / name, compress=not data.endswith(".raw"))
+    (tmp_path / data).unlink()
+    err = _read_error(tmp_path / name)
+    assert (err.check, err.path) == ("missing_file", str(tmp_path / name))
+    assert f"the data file {data} that the header's" in err.reason and str(tmp_path / data) in err.reason
+    assert "No such file" not in err.reason
+
+
+@pytest.mark.parametrize(
+    ("name", "compress", "where", "kind"),
+    [
+        ("a.mha", False, "the file", "voxel bytes"),
+        ("a.mhd", False, "the data file a.raw", "voxel bytes"),
+        ("a.mha", True, "the file", "compressed voxel bytes"),
+    ],
+)
+def test_truncated_metaimage_reports_the_byte_count(
+    tmp_path: Path, make_image, name, compress, where, kind
+) -> None:
+    """ITK reported a stale "No such file or directory" for a file that exists."""
+    write_image(make_image(size=(20, 20, 20)), tmp_path / name, compress=compress)
+    data = tmp_path / ("a.raw" if name == "a.mhd" else name)
+    data.write_bytes(data.read_bytes()[:-100])
+    err = _read_error(tmp_path / name)
+    assert (err.check, err.path) == ("unreadable", str(tmp_path / name))
+    assert f"{where} is truncated: it holds" in err.reason and f"{kind} its header declares" in err.reason
+    if not compress:  # 20³ int16 voxels
+        assert "holds 15900 of the 16000 voxel bytes" in err.reason
+    assert "No such file" not in err.reason
+
+
+def _sheared_direction() -> tuple[float, ...]:
+    """A gantry-tilted CT: the slice axis leans 20° towards y, so the axes are not perpendicular."""
+    direction = np.eye(3)
+    direction[:, 2] = [0.0, np.sin(np.deg2rad(20.0)), np.cos(np.deg2rad(20.0))]
+    return tuple(direction.ravel())
+
+
+def test_nifti_refuses_a_sheared_direction_that_mha_and_nrrd_keep(tmp_path: Path, make_image) -> None:
+    """ITK's NIfTI writer straightens a sheared direction without error, moving the voxels (8 mm for a
+    mask in the audit); MetaImage and NRRD store the direction as it is."""
+    image = make_image(spacing=(1.0, 1.0, 3.0), direction=_sheared_direction())
+    with pytest.raises(InvalidInputError) as caught:
+        write_image(image, tmp_path / "mask.nii.gz")
+    assert (caught.value.check, caught.value.path) == (
+        "non_orthogonal_direction",
+        str(tmp_path / "mask.nii.gz"),
+    )
+    assert "sheared" in caught.value.reason and ".mha or .nrrd" in caught.value.reason
+    assert list(tmp_path.iterdir()) == []
+    for name in ("mask.mha", "mask.nrrd"):
+        write_image(image, tmp_path / name)
+        assert Geometry.from_image(read_image(tmp_path / name)).same_grid(Geometry.from_image(image))
+
+
+def test_dicom_refuses_a_sheared_direction(tmp_path: Path, make_image) -> None:
+    with pytest.raises(ValueError, match="sheared.*write .mha or .nrrd"):
+        write_dicom_series(make_image(direction=_sheared_direction()), tmp_path / "series")
+    assert not (tmp_path / "series").exists()
+
+
+def test_dicom_refuses_a_single_slice(tmp_path: Path, make_image) -> None:
+    """One slice cannot record its slice spacing: it read back as 1 mm instead of 4 mm."""
+    with pytest.raises(ValueError, match="at least 2 slices"):
+        write_dicom_series(make_image(size=(6, 5, 1), spacing=(0.7, 1.3, 4.0)), tmp_path / "series")
+    assert not (tmp_path / "series").exists()
+    write_dicom_series(make_image(size=(6, 5, 2), spacing=(0.7, 1.3, 4.0)), tmp_path / "two")
+    assert read_image(tmp_path / "two").GetSpacing()[2] == pytest.approx(4.0)
+
+
+@pytest.mark.parametrize("name", ["scan.mha", "scan.nrrd", "scan.mhd"])
+def test_non_finite_voxels_are_refused_whatever_the_format(tmp_path: Path, name: str) -> None:
+    """Checking only resampled voxels accepted or refused the same scan depending on the target spacing."""
+    values = np.full((12, 12, 12), 40.0, dtype=np.float32)
+    values[4:6, 4:6, 4:6] = np.nan
+    values[0, 0, 0] = np.inf
+    write_image(sitk.GetImageFromArray(values), tmp_path / name)
+    err = _read_error(tmp_path / name)
+    assert (err.check, err.path) == ("non_finite", str(tmp_path / name))
+    assert "9 non-finite voxels (8 NaN, 1 infinite) out of 1728" in err.reason
+    assert np.isnan(sitk.GetArrayViewFromImage(read_image(tmp_path / name, verify=False))).sum() == 8

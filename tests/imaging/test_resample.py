@@ -133,3 +133,21 @@ def test_field_of_view_mask_is_what_the_resampler_covers(case: str, oblique_dire
         np.testing.assert_array_equal(mask, covered)
     if case == "oblique":
         assert 0.3 < covered.mean() < 0.9  # the bounding box of a rotated cube is mostly padding
+
+
+@pytest.mark.parametrize("value", [1.5, 0.6, np.nan])
+def test_float_labels_that_are_not_whole_numbers_are_refused(make_image, value: float) -> None:
+    """The uint8 cast truncated 1.5 to class 1 and 0.6 to background, and accepted NaN."""
+    values = np.zeros((6, 6, 6), dtype=np.float32)
+    values[2:4, 2:4, 2:4] = value
+    with pytest.raises(ValueError, match=r"whole numbers; 8 voxel\(s\) are not"):
+        to_canonical(make_image(values), 1.0, is_label=True)
+
+
+def test_float_labels_holding_whole_numbers_keep_their_classes(make_image) -> None:
+    values = np.zeros((6, 6, 6), dtype=np.float64)
+    values[2:4, 2:4, 2:4] = 2.0
+    values[0, 0, 0] = 255.0
+    canonical = to_canonical(make_image(values), 1.0, is_label=True)
+    assert canonical.GetPixelID() == sitk.sitkUInt8
+    np.testing.assert_array_equal(sitk.GetArrayViewFromImage(canonical), values.astype(np.uint8))

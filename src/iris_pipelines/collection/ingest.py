@@ -21,7 +21,7 @@ from tqdm import tqdm
 from iris_pipelines.collection.layouts import CaseRef, Problem, discover_cases
 from iris_pipelines.imaging.errors import InvalidInputError
 from iris_pipelines.imaging.geometry import Geometry
-from iris_pipelines.imaging.io import detect_format, file_sha256, read_image
+from iris_pipelines.imaging.io import detect_format, file_sha256, read_image, require_scalar_volume
 
 logger = logging.getLogger(__name__)
 
@@ -53,38 +53,6 @@ _MAX_LISTED = 10
 
 def _format_values(values: Iterable[float]) -> str:
     return "(" + ", ".join(repr(round(float(v), 6)) if isinstance(v, float) else str(v) for v in values) + ")"
-
-
-def _require_3d(image: sitk.Image, path: Path) -> None:
-    dimension = image.GetDimension()
-    if dimension != 3:
-        raise InvalidInputError(
-            str(path),
-            "not_3d",
-            f"the image is {dimension}-D (size {_format_values(image.GetSize())}); Iris needs one 3-D volume "
-            "per file: split channels or time points into separate cases",
-        )
-    components = image.GetNumberOfComponentsPerPixel()
-    if components != 1:
-        raise InvalidInputError(
-            str(path),
-            "not_3d",
-            f"the image has {components} values per voxel; Iris needs a single-channel 3-D volume",
-        )
-
-
-def _require_finite(values: np.ndarray, path: Path) -> None:
-    if not np.issubdtype(values.dtype, np.floating):
-        return
-    non_finite = values.size - int(np.count_nonzero(np.isfinite(values)))
-    if non_finite:
-        nans = int(np.count_nonzero(np.isnan(values)))
-        raise InvalidInputError(
-            str(path),
-            "non_finite",
-            f"the image has {non_finite} non-finite voxels ({nans} NaN, {non_finite - nans} infinite) "
-            f"out of {values.size}; replace them (e.g. with the background value) and re-export",
-        )
 
 
 def first_grid_difference(image: Geometry, label: Geometry, tolerance_mm: float) -> str | None:
@@ -158,13 +126,12 @@ def validate_case(ref: CaseRef, *, tolerance_mm: float) -> dict[str, Any]:
 
     Raises :class:`InvalidInputError` naming the offending file and the problem.
     """
-    image = read_image(ref.image_path)
-    _require_3d(image, ref.image_path)
-    _require_finite(sitk.GetArrayViewFromImage(image), ref.image_path)
+    image = read_image(ref.image_path)  # verifies NaN/Inf voxels too
+    require_scalar_volume(image, ref.image_path)
     geometry = Geometry.from_image(image)
     del image  # the label is read next; do not hold two volumes
     label = read_image(ref.label_path)
-    _require_3d(label, ref.label_path)
+    require_scalar_volume(label, ref.label_path, "label")
     difference = first_grid_difference(geometry, Geometry.from_image(label), tolerance_mm)
     if difference:
         raise InvalidInputError(

@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 from iris_pipelines.imaging.errors import InvalidInputError
 from iris_pipelines.imaging.geometry import Geometry
-from iris_pipelines.imaging.io import file_sha256, read_image
+from iris_pipelines.imaging.io import file_sha256, read_image, require_finite
 from iris_pipelines.imaging.normalize import normalize_in_place
 from iris_pipelines.imaging.resample import canonical_geometry, field_of_view_mask, resample_to_geometry
 from iris_pipelines.imaging.stats import class_statistics
@@ -206,16 +206,14 @@ def canonical_image_array(
     input and the resampled volume (or the resampled volume and its array) at a time.
     """
     kind = _modality(modality, source)
+    # Checked on the source: after resampling, whether a NaN shows depends on the target spacing.
+    require_finite(image, source)
     original = Geometry.from_image(image)
     grid = canonical_geometry(original, params.target_spacing)
     canonical = resample_to_geometry(image, grid, is_label=False)
     del image
     array = sitk.GetArrayFromImage(canonical)
     del canonical
-    if not np.isfinite(array).all():
-        raise InvalidInputError(
-            source, "non_finite", "the image holds NaN or infinite values; fix the export"
-        )
     normalize_in_place(
         array,
         kind,

@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from iris_pipelines.imaging.errors import InvalidInputError
 from iris_pipelines.imaging.geometry import Geometry
 from iris_pipelines.imaging.io import read_image
 from iris_pipelines.imaging.metrics import label_map_metrics, spacing_from_image
@@ -34,7 +35,7 @@ from iris_pipelines.imaging.registration import (
     paste_label,
     registration_baseline,
 )
-from iris_pipelines.imaging.resample import restore_geometry
+from iris_pipelines.imaging.resample import as_label, restore_geometry
 from iris_pipelines.inference.sliding_window import sliding_window_segment
 from iris_pipelines.inference.strategies import (
     STRATEGIES,
@@ -148,6 +149,18 @@ def _geometry(value: Any) -> Geometry:
     return Geometry.from_dict(json.loads(value) if isinstance(value, str) else dict(value))
 
 
+def _truth_labels(image: sitk.Image, path: str) -> np.ndarray:
+    """The truth label map as integers, as the metrics need.
+
+    Ingest accepts float label files that hold whole numbers (many public datasets ship 0.0/1.0 maps), so
+    such a case is scored rather than stopping the run.
+    """
+    try:
+        return sitk.GetArrayFromImage(as_label(image))
+    except ValueError as exc:
+        raise InvalidInputError(path, "non_integer_label", f"{exc}; then re-run ingest") from None
+
+
 def _load_episode(
     episode: Mapping[str, Any],
     episode_index: Mapping[str, Any],
@@ -177,7 +190,7 @@ def _load_episode(
         image=image,
         grid=_geometry(row["preprocessed_geometry"]),
         original=_geometry(row["original_geometry"]),
-        truth=sitk.GetArrayFromImage(truth_image),
+        truth=_truth_labels(truth_image, str(row["label_path"])),
         spacing=spacing_from_image(truth_image),
     )
 

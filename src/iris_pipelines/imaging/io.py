@@ -17,7 +17,8 @@ import shutil
 import tempfile
 import uuid
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import nibabel
@@ -44,6 +45,28 @@ _CHUNK = 1 << 20
 _CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 _UID_ROOT = "1.2.826.0.1.3680043.8.498"  # pydicom's registered root, for generated example UIDs
 _MAX_REASON_CHARS = 300
+_HEADER_LIMIT = 1 << 20  # a header is a few hundred bytes; a LIST of one file per slice can be far longer
+_METAIMAGE_LOCAL = ("LOCAL", "Local", "local")  # the spellings MetaIO accepts for voxels after the header
+# Bytes per value of each MetaIO element type (MET_ValueTypeSize in MetaIO's metaTypes.h).
+_METAIMAGE_TYPE_BYTES = {
+    "MET_CHAR": 1,
+    "MET_UCHAR": 1,
+    "MET_SHORT": 2,
+    "MET_USHORT": 2,
+    "MET_INT": 4,
+    "MET_UINT": 4,
+    "MET_LONG": 4,
+    "MET_ULONG": 4,
+    "MET_LONG_LONG": 8,
+    "MET_ULONG_LONG": 8,
+    "MET_FLOAT": 4,
+    "MET_DOUBLE": 8,
+}
+_FLOAT_PIXEL_IDS = frozenset(
+    (sitk.sitkFloat32, sitk.sitkFloat64, sitk.sitkVectorFloat32, sitk.sitkVectorFloat64)
+)
+_SLICE_STEP_MM = 0.01  # absolute tolerance on DICOM slice steps; the relative one is 1 % of the step
+_ORTHONORMAL_ATOL = 1e-4  # DᵀD against I: float32 NIfTI headers and 6-digit DICOM cosines stay well inside
 
 
 def file_suffix(path: str | os.PathLike[str]) -> str:
@@ -133,6 +156,213 @@ def _check_nifti(path: Path, payload_bytes: int) -> None:
             )
 
 
+@dataclass(frozen=True)
+class _Header:
+    """What a MetaImage or NRRD header says about where its voxels are."""
+
+    fields: dict[str, str]
+    field: str  # the field naming the voxel files, for messages
+    data_start: int  # byte offset right after the header, where embedded voxels start
+    # (name as written, path) of each detached voxel file, in order; () when the voxels are embedded
+    data_files: tuple[tuple[str, Path], ...]
+
+
+def _resolve_data_file(header: Path, name: str) -> Path:
+    # MetaIO and teem both take a relative name from the header's directory.
+    return Path(name) if os.path.isabs(name) else header.parent / name
+
+
+def _pattern_names(path: Path, field: str, value: str, pattern: str, numbers: Sequence[str]) -> list[str]:
+    """Expand ``<printf pattern> <first> <last> <step>`` (the last number included) into file names."""
+    try:
+        first, last, step = (int(v) for v in numbers)
+        return [pattern % index for index in range(first, last + (1 if step > 0 else -1), step)]
+    except (TypeError, ValueError):
+        raise InvalidInputError(
+            str(path),
+            "unsupported_format",
+            f"{field} {value!r} is not a file-name pattern with integer first, last and step numbers "
+            "(e.g. 'slice_%03d.raw 1 40 1'); list the files with LIST instead",
+        ) from None
+
+
+def _metaimage_header(path: Path, head: bytes) -> _Header | None:
+    fields: dict[str, str] = {}
+    offset = 0
+    for line in head.splitlines(keepends=True):
+        offset += len(line)
+        key, sep, value = line.decode("utf-8", "surrogateescape").partition("=")
+        if sep:
+            fields[key.strip()] = value.strip()
+        if key.strip() == "ElementDataFile":
+            break
+    else:
+        return None  # no complete header: the reader reports what is wrong
+    value = fields["ElementDataFile"]
+    if value in _METAIMAGE_LOCAL:
+        names: list[str] = []
+    elif value.startswith("LIST"):
+        names = [n.strip() for n in _text_after(path, offset).splitlines() if n.strip()]
+    elif "%" in value:
+        words = value.split()
+        names = _pattern_names(path, "ElementDataFile", value, " ".join(words[:-3]), words[-3:])
+    else:
+        plain = _resolve_data_file(path, value)
+        # MetaIO falls back to a gzip- or compress-ed copy of the named file.
+        found = next((c for c in (plain, Path(f"{plain}.gz"), Path(f"{plain}.Z")) if c.is_file()), plain)
+        return _Header(fields, "ElementDataFile", offset, ((value, found),))
+    return _Header(fields, "ElementDataFile", offset, tuple((n, _resolve_data_file(path, n)) for n in names))
+
+
+def _nrrd_header(path: Path, head: bytes) -> _Header | None:
+    lines = head.splitlines(keepends=True)
+    if not lines or not lines[0].startswith(b"NRRD"):
+        return None
+    fields: dict[str, str] = {}
+    offset = len(lines[0])
+    for line in lines[1:]:
+        offset += len(line)
+        text = line.decode("utf-8", "surrogateescape").rstrip("\r\n")
+        if not text:
+            break  # the blank line that ends the header
+        key, sep, value = text.partition(": ")  # fields; "key:=value" pairs are free text, never files
+        if not sep or text.startswith("#"):
+            continue
+        key, value = key.strip(), value.strip()
+        fields[key] = value
+        if key in ("data file", "datafile"):
+            words = value.split()
+            if words and words[0] == "LIST":
+                names = [n.strip() for n in _text_after(path, offset).splitlines() if n.strip()]
+            elif len(words) >= 4 and "%" in words[0]:
+                names = _pattern_names(path, f"'{key}:'", value, words[0], words[1:4])
+            else:
+                names = [value]
+            files = tuple((n, _resolve_data_file(path, n)) for n in names)
+            return _Header(fields, f"'{key}:'", offset, files)
+    return _Header(fields, "'data file:'", offset, ())
+
+
+def _text_after(path: Path, offset: int) -> str:
+    """The rest of a header file after ``offset``: a LIST of data files runs to the end of the header."""
+    with path.open("rb") as handle:
+        handle.seek(offset)
+        return handle.read().decode("utf-8", "surrogateescape")
+
+
+def _read_header(path: Path, image_format: str) -> _Header | None:
+    """The header of a MetaImage or NRRD file, or None when it is some other format or not parseable."""
+    if image_format not in ("mha", "nrrd"):
+        return None
+    with path.open("rb") as handle:
+        head = handle.read(_HEADER_LIMIT)
+    return _metaimage_header(path, head) if image_format == "mha" else _nrrd_header(path, head)
+
+
+def _require_data_files(path: Path, header: _Header) -> None:
+    """Name a detached voxel file that is missing; ITK would report a stale errno for the header instead."""
+    missing = [(name, item) for name, item in header.data_files if not item.is_file()]
+    if missing:
+        name, item = missing[0]
+        more = (
+            f" (and {len(missing) - 1} more of its {len(header.data_files)} data files)"
+            if len(missing) > 1
+            else ""
+        )
+        raise InvalidInputError(
+            str(path),
+            "missing_file",
+            f"the data file {name} that the header's {header.field} names does not exist ({item}){more}; "
+            "copy it next to the header or correct the header",
+        )
+
+
+def _check_metaimage_size(path: Path, header: _Header) -> None:
+    """Fail on a MetaImage whose voxel bytes are fewer than its header declares.
+
+    ITK reports such a file with the stale errno of an earlier call ("No such file or directory"), so the
+    byte count is compared here, as for NIfTI. Compressed data declare their size in CompressedDataSize.
+    """
+    fields = header.fields
+    if fields.get("BinaryData", "True").lower() != "true" or len(header.data_files) > 1:
+        return  # ASCII voxels or one file per slice: no single byte count to compare
+    try:
+        skip = max(int(fields.get("HeaderSize", "0")), 0)
+        if fields.get("CompressedData", "False").lower() == "true":
+            kind, expected = "compressed voxel bytes", int(fields["CompressedDataSize"])
+        else:
+            values = int(np.prod([int(v) for v in fields["DimSize"].split()], dtype=np.int64))
+            channels = int(fields.get("ElementNumberOfChannels", "1"))
+            kind, expected = "voxel bytes", values * channels * _METAIMAGE_TYPE_BYTES[fields["ElementType"]]
+    except (KeyError, ValueError):
+        return  # an incomplete or unusual header: the reader reports what is wrong
+    if header.data_files:
+        name, item = header.data_files[0]
+        if item.name != Path(name).name:
+            return  # MetaIO's fallback to a .gz copy: compressed although the header does not say so
+        where, available = f"the data file {name}", item.stat().st_size - skip
+    else:
+        where, available = "the file", path.stat().st_size - header.data_start - skip
+    if available < expected:
+        raise InvalidInputError(
+            str(path),
+            "unreadable",
+            f"{where} is truncated: it holds {max(available, 0)} of the {expected} {kind} its header "
+            "declares; re-export or re-download it",
+        )
+
+
+def require_finite(image: sitk.Image, path: str | os.PathLike[str]) -> None:
+    """Fail on NaN/Inf voxels, which resampling would spread or skip depending on the target grid."""
+    if image.GetPixelID() not in _FLOAT_PIXEL_IDS:
+        return
+    values = sitk.GetArrayViewFromImage(image)
+    # Slab by slab, so no volume-sized mask is allocated.
+    non_finite = sum(slab.size - int(np.count_nonzero(np.isfinite(slab))) for slab in values)
+    if non_finite:
+        nans = sum(int(np.count_nonzero(np.isnan(slab))) for slab in values)
+        raise InvalidInputError(
+            str(path),
+            "non_finite",
+            f"the image has {non_finite} non-finite voxels ({nans} NaN, {non_finite - nans} infinite) "
+            f"out of {values.size}; replace them (e.g. with the background value) and re-export",
+        )
+
+
+def _require_uniform_slices(directory: Path, files: Sequence[str], reader: sitk.ImageSeriesReader) -> None:
+    """Refuse a series whose slices are not evenly spaced along their normal.
+
+    ITK stacks such a series on one averaged slice step with only a warning, so after a lost slice every
+    later slice sits up to a step away from where DICOM places it. ITK's
+    ``ITK_non_uniform_sampling_deviation`` key is set on complete series too, so positions are compared
+    here.
+    """
+    if len(files) < 3:
+        return  # one step: nothing to compare it with
+    positions = []
+    try:
+        orientation = reader.GetMetaData(0, "0020|0037")  # Image Orientation (Patient): row, column cosines
+        row, column = np.asarray([float(v) for v in orientation.split("\\")]).reshape(2, 3)
+        normal = np.cross(row, column)
+        for index in range(len(files)):
+            point = [float(v) for v in reader.GetMetaData(index, "0020|0032").split("\\")]  # Image Position
+            positions.append(float(np.dot(point, normal)))
+    except (RuntimeError, ValueError):
+        return  # no usable position or orientation: ITK falls back to its own spacing, nothing to compare
+    steps = np.abs(np.diff(positions))
+    typical = float(np.median(steps))
+    uneven = np.flatnonzero(np.abs(steps - typical) > max(_SLICE_STEP_MM, 0.01 * typical))
+    if uneven.size:
+        i = int(uneven[0])
+        raise InvalidInputError(
+            str(directory),
+            "non_uniform_slices",
+            f"the series has a slice gap of {steps[i]:.4g} mm between slices {i + 1} and {i + 2} "
+            f"({Path(files[i]).name}, {Path(files[i + 1]).name}) where the others are {typical:.4g} mm; "
+            "a slice is missing or the series mixes acquisitions: export the complete series on its own",
+        )
+
+
 def _pick_dicom_series(directory: Path) -> list[str]:
     # GDCM prints "No Series were found" to stderr; the error raised below says it better.
     warnings_shown = sitk.ProcessObject.GetGlobalWarningDisplay()
@@ -172,8 +402,10 @@ def read_image(
 
     ``pixel_type`` is a SimpleITK pixel id (e.g. ``sitk.sitkFloat32``) to cast to while reading.
     ``verify=False`` skips the integrity checks ITK does not do itself (complete gzip stream, voxel bytes
-    and NaN in NIfTI), which cost a second decompression; only for files already verified, like the
-    ingested cases that preprocessing reads.
+    of NIfTI and MetaImage, NaN and Inf voxels), which cost a second decompression or a pass over the
+    voxels; only for files already verified, like the ingested cases that preprocessing reads.
+    A DICOM series must have evenly spaced slices, and a detached header (``.mhd``, ``.nhdr``) its data
+    files, whatever ``verify`` says: both checks read headers only.
     """
     source = Path(path)
     if not source.exists():
@@ -184,22 +416,28 @@ def read_image(
         files = _pick_dicom_series(source)
         reader = sitk.ImageSeriesReader()
         reader.SetFileNames(files)
+        reader.MetaDataDictionaryArrayUpdateOn()  # per-slice positions, for the even-spacing check
     else:
         if not source.is_file():
             raise InvalidInputError(str(path), "unreadable", "the path is not a regular file")
         if source.stat().st_size == 0:
             raise InvalidInputError(str(path), "unreadable", "the file is empty (0 bytes); re-export it")
+        header = _read_header(source, image_format)
+        if header is not None:
+            _require_data_files(source, header)
         if verify:
             with source.open("rb") as handle:
                 gzipped = handle.read(2) == _GZIP_MAGIC
             payload_bytes = _gzip_payload_bytes(source) if gzipped else source.stat().st_size
             if image_format == "nifti":
                 _check_nifti(source, payload_bytes)
+            elif image_format == "mha" and header is not None:
+                _check_metaimage_size(source, header)
         reader = sitk.ImageFileReader()
         reader.SetFileName(str(source))
     reader.SetOutputPixelType(output_type)
     try:
-        return reader.Execute()
+        image = reader.Execute()
     except RuntimeError as exc:
         raise InvalidInputError(
             str(path),
@@ -207,6 +445,53 @@ def read_image(
             f"the {_FORMAT_NAMES[image_format]} reader failed ({_condense(str(exc))}); "
             f"the file may be truncated, corrupt or not a valid {_FORMAT_NAMES[image_format]} file",
         ) from None
+    if image_format == "dicom":
+        _require_uniform_slices(source, files, reader)
+    if verify and image_format != "nifti":  # _check_nifti counted NaN/Inf in the file, before ITK zeroed them
+        require_finite(image, source)
+    return image
+
+
+def require_scalar_volume(image: sitk.Image, path: str | os.PathLike[str], what: str = "image") -> None:
+    """One 3-D single-channel volume per file, checked before any geometry code sees it: that code only
+    says "Geometry is for 3-D images" without the file, and ITK fails on a vector label with a traceback."""
+    dimension = image.GetDimension()
+    if dimension != 3:
+        raise InvalidInputError(
+            str(path),
+            "not_3d",
+            f"the {what} is {dimension}-D (size {tuple(image.GetSize())}); Iris needs one 3-D volume per "
+            "file: split channels or time points into separate files",
+        )
+    components = image.GetNumberOfComponentsPerPixel()
+    if components != 1:
+        raise InvalidInputError(
+            str(path),
+            "multi_component",
+            f"the {what} has {components} values per voxel (e.g. RGB or a vector image); Iris needs a "
+            "single-channel 3-D volume: export one value per voxel",
+        )
+
+
+def _is_orthonormal(image: sitk.Image) -> bool:
+    dimension = image.GetDimension()
+    direction = np.asarray(image.GetDirection(), dtype=np.float64).reshape(dimension, dimension)
+    return bool(np.allclose(direction.T @ direction, np.eye(dimension), rtol=0.0, atol=_ORTHONORMAL_ATOL))
+
+
+def require_storable(image: sitk.Image, path: str | os.PathLike[str]) -> None:
+    """Refuse a grid the format of ``path`` cannot store, before any work goes into the image.
+
+    NIfTI keeps only rotations (a quaternion): ITK silently straightens a sheared direction (e.g. a
+    gantry-tilted CT read from MHA/NRRD), which moves every voxel of the written file off its place.
+    """
+    if detect_format(path) == "nifti" and not _is_orthonormal(image):
+        raise InvalidInputError(
+            str(path),
+            "non_orthogonal_direction",
+            "the image's direction is sheared (its axes are not perpendicular, e.g. a gantry-tilted CT); "
+            "NIfTI cannot store it and the voxels would land in the wrong place: write .mha or .nrrd instead",
+        )
 
 
 def write_image(image: sitk.Image, path: str | os.PathLike[str], *, compress: bool = True) -> None:
@@ -222,6 +507,7 @@ def write_image(image: sitk.Image, path: str | os.PathLike[str], *, compress: bo
         raise InvalidInputError(
             str(path), "unsupported_format", "write_image writes files; use write_dicom_series for DICOM"
         )
+    require_storable(image, target)
     target.parent.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
@@ -282,6 +568,16 @@ def write_dicom_series(image: sitk.Image, directory: str | os.PathLike[str]) -> 
     """
     if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
         raise ValueError("write_dicom_series needs a 3-D scalar image")
+    if image.GetDepth() < 2:
+        raise ValueError(
+            "write_dicom_series needs at least 2 slices: the slice spacing of a single slice is not "
+            "stored (it reads back as 1 mm); write .mha or .nrrd instead"
+        )
+    if not _is_orthonormal(image):
+        raise ValueError(
+            "DICOM can only store perpendicular axes, and this direction is sheared (e.g. a gantry-tilted "
+            "CT): the slices would read back in the wrong place; write .mha or .nrrd instead"
+        )
     direction = np.asarray(image.GetDirection(), dtype=float).reshape(3, 3)
     if np.linalg.det(direction) <= 0:
         raise ValueError(
@@ -348,23 +644,37 @@ def write_text_atomic(path: Path, text: str) -> Path:
 
 
 def file_sha256(path: str | os.PathLike[str]) -> str:
-    """Content checksum of a file, or of a directory's files (relative names and contents, sorted)."""
+    """Content checksum of an image: a file, a directory's files (relative names and contents, sorted),
+    or a detached header (``.mhd``, ``.nhdr``) with the data files it names (names and contents, in order).
+    """
     source = Path(path)
     digest = hashlib.sha256()
     if source.is_dir():
         files = sorted(
             (p for p in source.rglob("*") if p.is_file()), key=lambda p: p.relative_to(source).as_posix()
         )
-        for item in files:
-            name = item.relative_to(source).as_posix().encode()
-            digest.update(len(name).to_bytes(8, "little") + name)
-            digest.update(item.stat().st_size.to_bytes(8, "little"))
-            _update_from_file(digest, item)
+        _update_from_files(digest, [(item.relative_to(source).as_posix(), item) for item in files])
         return digest.hexdigest()
     if not source.is_file():
         raise InvalidInputError(str(path), "missing_file", "the file does not exist; check the path")
-    _update_from_file(digest, source)
+    header = _read_header(source, _SUFFIX_FORMATS.get(file_suffix(source), ""))
+    if header is None or not header.data_files:
+        _update_from_file(digest, source)
+        return digest.hexdigest()
+    # The voxels are in other files: without them a re-export with the same header keeps its checksum,
+    # and the preprocessing cache serves the old voxels.
+    _require_data_files(source, header)
+    _update_from_files(digest, [(source.name, source), *header.data_files])
     return digest.hexdigest()
+
+
+def _update_from_files(digest: hashlib._Hash, files: Sequence[tuple[str, Path]]) -> None:
+    """Each file as its length-prefixed name, its size and its contents, so no two sets collide."""
+    for name, item in files:
+        encoded = name.encode("utf-8", "surrogateescape")
+        digest.update(len(encoded).to_bytes(8, "little") + encoded)
+        digest.update(item.stat().st_size.to_bytes(8, "little"))
+        _update_from_file(digest, item)
 
 
 def _update_from_file(digest: hashlib._Hash, path: Path) -> None:

@@ -72,9 +72,29 @@ def _minimum(image: sitk.Image) -> float:
     return stats.GetMinimum()
 
 
-def _as_label(image: sitk.Image) -> sitk.Image:
+def _require_whole_numbers(image: sitk.Image) -> None:
+    """Refuse fractional or NaN values in a float label map: the uint8 cast would truncate 1.5 to 1 and 0.6
+    to 0 (a class silently lost) and NaN to an arbitrary class."""
+    count, examples = 0, np.empty(0)
+    # Slab by slab, so no volume-sized copy is allocated; NaN != NaN counts NaN as not whole.
+    for slab in sitk.GetArrayViewFromImage(image):
+        fractional = slab[slab != np.rint(slab)]
+        count += fractional.size
+        if fractional.size and not examples.size:
+            examples = np.unique(fractional)[:5]
+    if count:
+        raise ValueError(
+            f"label values must be whole numbers; {count} voxel(s) are not "
+            f"(e.g. {', '.join(f'{v:g}' for v in examples)}): re-export the label map without interpolation"
+        )
+
+
+def as_label(image: sitk.Image) -> sitk.Image:
+    """A label map as uint8, refusing values that do not survive the cast (fractional, NaN, out of range)."""
     if image.GetPixelID() == sitk.sitkUInt8:
         return image
+    if image.GetPixelID() in (sitk.sitkFloat32, sitk.sitkFloat64):
+        _require_whole_numbers(image)
     stats = sitk.MinimumMaximumImageFilter()
     stats.Execute(image)
     if stats.GetMinimum() < 0 or stats.GetMaximum() > _LABEL_MAX:
@@ -94,7 +114,7 @@ def resample_to_geometry(
     interpolation) and are padded with their minimum, i.e. air for CT rather than a fake 0 HU.
     """
     if is_label:
-        source = _as_label(image)
+        source = as_label(image)
         interpolator, pixel_type = sitk.sitkNearestNeighbor, sitk.sitkUInt8
         fill = 0.0 if default_value is None else default_value
     else:
