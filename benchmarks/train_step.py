@@ -109,7 +109,9 @@ def build_case(args, which: str, batch: int, device: torch.device):
 
         def loss_fn(query, ref_image, ref_masks, query_masks, class_mask):
             with autocast(device, args.precision):
-                logits = model.segment(query, model.encode_task(ref_image, ref_masks))
+                # The class mask reaches the attention as in the train loop: a boolean key mask picks
+                # another SDPA kernel on CUDA than no mask does.
+                logits = model.segment(query, model.encode_task(ref_image, ref_masks), class_mask)
             return segmentation_loss(logits, query_masks, class_mask).total
 
     else:
@@ -149,6 +151,7 @@ def measure(args, which: str, batch: int, device: torch.device) -> dict[str, Any
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
+    free_memory(device)  # the FLOP-counting pass's cached blocks must not count as this step's peak
     with PeakMemory(device) as memory:
         times = time_calls(step, device, args.repeats, args.warmup)
     stats = summarise(times)
