@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 from click.testing import CliRunner
 
 from iris_pipelines.cli import main
@@ -40,3 +41,24 @@ def test_phantoms_writes_the_collection(tmp_path: Path):
     assert result.exit_code == 0, result.output
     assert (tmp_path / "p" / "phantoms.json").exists()
     assert "PelvisCT" in result.output
+
+
+@pytest.mark.parametrize(
+    ("options", "expected"),
+    [
+        (["--cases-per-dataset", "0"], "cases_per_dataset must be ≥ 1"),
+        (["--size-scale", "-1"], "size_scale > 0"),
+    ],
+)
+def test_phantoms_rejects_bad_options_in_one_line(tmp_path: Path, options: list[str], expected: str):
+    result = CliRunner().invoke(main, ["phantoms", str(tmp_path / "p"), *options])
+    assert result.exit_code == 2, result.output
+    assert expected in result.output and "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("root", ["afile", "afile/sub"], ids=["ROOT is a file", "under a file"])
+def test_phantoms_root_that_cannot_be_a_folder_is_a_one_line_error(tmp_path: Path, root: str):
+    (tmp_path / "afile").write_text("")
+    result = CliRunner().invoke(main, ["phantoms", str(tmp_path / root), "--cases-per-dataset", "1"])
+    assert result.exit_code == 2, result.output
+    assert "afile" in result.output and "Traceback" not in result.output

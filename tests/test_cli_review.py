@@ -7,6 +7,7 @@ root, inside one MLflow run, so the version carries the provenance and eval tags
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import mlflow
@@ -23,7 +24,8 @@ from iris_pipelines.hooks import InputVersionHooks, ProvenanceHooks
 from iris_pipelines.pipelines.embed_tasks import create_pipeline as embed_pipeline
 from iris_pipelines.pipelines.evaluate import create_pipeline as evaluate_pipeline
 from iris_pipelines.pipelines.train import create_pipeline as train_pipeline
-from iris_pipelines.review import project_config
+from iris_pipelines.registry import RegisteredModel
+from iris_pipelines.review import project_config, provenance
 
 PROJECT = Path(__file__).parents[1]
 EPISODES_VERSION = "2026-01-01T00.00.00.000Z"
@@ -121,12 +123,58 @@ def test_reproduce_fails_on_a_tampered_metric(registered) -> None:
     assert "NOT REPRODUCED: 1 of" in result.output and "(tag eval.seen.one_shot.dice)" in result.output
 
 
-def test_reproduce_fails_when_the_recorded_data_version_is_gone(registered, tmp_path) -> None:
+def test_reproduce_is_not_attempted_when_the_recorded_data_version_is_gone(registered, tmp_path) -> None:
+    """Nothing recomputed is a usage error (exit 2) naming why, not "0 of 0 metric(s) differ" (exit 1)."""
     uri, _ = registered
     result = review(uri, tmp_path / "empty_data_root", "--reproduce")
-    assert result.exit_code == 1
+    assert result.exit_code == 2, result.output
+    assert "could not attempt to reproduce models:/iris/1" in result.output
     assert f"episode_index: cannot load recorded version {EPISODES_VERSION}" in result.output
     assert "preprocessed_manifest: cannot load recorded version" in result.output
+    assert "NOT REPRODUCED" not in result.output
+
+
+def test_reproduce_reads_the_data_of_project_not_of_the_current_directory(
+    registered, tmp_path, monkeypatch
+) -> None:
+    """Base data_root is the relative `data`: it is the --project's data folder wherever iris runs."""
+    uri, data_root = registered
+    project = tmp_path / "project"
+    shutil.copytree(PROJECT / "conf", project / "conf")
+    shutil.copytree(data_root, project / "data")
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(
+        main, ["review", "models:/iris/1", "--tracking-uri", uri, "--project", str(project), "--reproduce"]
+    )
+    assert result.exit_code == 0, result.output
+    assert "reproduced: all" in result.output
+
+
+@pytest.mark.parametrize(
+    ("project", "env", "expected"),
+    [(PROJECT, "nope", "conf/nope"), (None, None, "conf/base")],
+    ids=["unknown env", "not a project"],
+)
+def test_reproduce_without_the_project_config_is_a_one_line_error(
+    registered, tmp_path, project, env, expected
+) -> None:
+    uri, _ = registered
+    args = ["--project", str(project or tmp_path)] + (["--env", env] if env else [])
+    result = CliRunner().invoke(
+        main, ["review", "models:/iris/1", "--tracking-uri", uri, "--reproduce", *args]
+    )
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output and "--project" in result.output and expected in result.output
+
+
+def test_provenance_without_evaluation_hints_a_valid_kedro_command(tmp_path) -> None:
+    """kedro run takes several pipelines as `--pipelines=a,b`; `--pipeline=a+b` names no pipeline."""
+    record = RegisteredModel(
+        uri="models:/iris/1", name="iris", version="1", tracking_uri="sqlite://", tags={}, run_id=None,
+        run=None, model_id=None, client=None,
+    )  # fmt: skip
+    evaluation = dict(provenance(record, tmp_path, None))["evaluation"]
+    assert evaluation == [("evaluation", "none recorded: run `kedro run --pipelines=embed_tasks,evaluate`")]
 
 
 def test_unknown_version_is_a_one_line_error(registered) -> None:

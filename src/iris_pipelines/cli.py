@@ -37,6 +37,8 @@ def user_errors() -> Iterator[None]:
         raise InputError(str(error)) from None
     except (ValueError, KeyError) as error:  # e.g. SegmentError, a modality or strategy check
         raise InputError(str(error.args[0]) if error.args else repr(error)) from None
+    except OSError as error:  # its str names the path: "[Errno 20] Not a directory: 'root/phantoms.json'"
+        raise InputError(str(error)) from None
 
 
 @contextmanager
@@ -145,7 +147,7 @@ def validate(
 
 
 @main.command()
-@click.argument("root", type=click.Path(path_type=Path))
+@click.argument("root", type=click.Path(path_type=Path, file_okay=False))
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--cases-per-dataset", type=int, default=8, show_default=True)
 @click.option(
@@ -159,7 +161,10 @@ def phantoms(root: Path, seed: int, cases_per_dataset: int, size_scale: float) -
     """Write the embedded phantom collection to ROOT, in the layouts real data uses."""
     from iris_pipelines.phantoms import generate_collection
 
-    sources = generate_collection(root, seed=seed, cases_per_dataset=cases_per_dataset, size_scale=size_scale)
+    with user_errors():
+        sources = generate_collection(
+            root, seed=seed, cases_per_dataset=cases_per_dataset, size_scale=size_scale
+        )
     table = Table(title=f"phantom collection in {root}")
     for column in ("name", "layout", "modality", "heldout", "path"):
         table.add_column(column)
@@ -334,12 +339,18 @@ def segment(image: Path, references: tuple[str, ...], embeddings: Path | None, d
 @_tracking_uri_option("sqlite:///<project>/mlflow.db")
 @_project_option("Kedro project whose catalog locates the recorded data versions.")
 @click.option("--env", type=str, default=None, help="Kedro env of the catalog (default: the recorded one).")
-@click.option("--data-root", type=str, default=None, help="Override globals.data_root of the catalog.")
+@click.option(
+    "--data-root",
+    type=str,
+    default=None,
+    help="Override globals.data_root of the catalog (relative: to the current directory).",
+)
 def review(model_uri: str, run_reproduce: bool, tolerance: float, tracking_uri: str | None,
            project_dir: Path, env: str | None, data_root: str | None) -> None:  # fmt: skip
     """Provenance of a registered model version (models:/iris/7): code, data, config, metrics.
 
-    With --reproduce, exits 1 unless every recorded evaluation number is recomputed within --tolerance.
+    With --reproduce, exits 1 unless every recorded evaluation number is recomputed within --tolerance,
+    and 2 when reproduction cannot be attempted (data versions, config or evaluation not found).
     """
     from iris_pipelines import registry
     from iris_pipelines import review as reviewing
@@ -370,22 +381,20 @@ def review(model_uri: str, run_reproduce: bool, tolerance: float, tracking_uri: 
         )
     for note in result.notes:
         click.echo(f"warning: {note}", err=True)
-    if result.comparisons:
-        table = Table(title=f"reproduction of {model_uri} (tolerance {tolerance:g})")
-        for column in ("metric", "recorded", "reproduced", "|diff|", "ok"):
-            table.add_column(column)
-        for c in result.comparisons:
-            reproduced = "(missing)" if c.reproduced is None else f"{c.reproduced:.6f}"
-            table.add_row(
-                c.metric, f"{c.recorded:.6f}", reproduced, f"{c.difference:.2e}", "✔" if c.ok else "✘"
-            )
-        console.print(table)
-    for error in result.errors:
-        click.echo(f"error: {error}", err=True)
+    if not result.comparisons:
+        # Nothing was recomputed, so nothing "differs": the inputs are the problem, not the model.
+        raise InputError(f"could not attempt to reproduce {model_uri}: {'; '.join(result.errors)}")
+    table = Table(title=f"reproduction of {model_uri} (tolerance {tolerance:g})")
+    for column in ("metric", "recorded", "reproduced", "|diff|", "ok"):
+        table.add_column(column)
+    for c in result.comparisons:
+        reproduced = "(missing)" if c.reproduced is None else f"{c.reproduced:.6f}"
+        table.add_row(c.metric, f"{c.recorded:.6f}", reproduced, f"{c.difference:.2e}", "✔" if c.ok else "✘")
+    console.print(table)
     failed = [c.metric for c in result.comparisons if not c.ok]
-    if not result.ok:
+    if failed:
         click.echo(f"NOT REPRODUCED: {len(failed)} of {len(result.comparisons)} metric(s) differ"
-                   + (f" ({', '.join(failed)})" if failed else ""), err=True)  # fmt: skip
+                   f" ({', '.join(failed)})", err=True)  # fmt: skip
         sys.exit(1)
     click.echo(f"reproduced: all {len(result.comparisons)} recorded metric(s) within {tolerance:g}", err=True)
 

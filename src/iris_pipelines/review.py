@@ -113,7 +113,7 @@ def provenance(
         if key.startswith(EVAL_METRIC_PREFIX)
     ]
     if not evaluation:
-        evaluation = [("evaluation", "none recorded: run `kedro run --pipeline=embed_tasks+evaluate`")]
+        evaluation = [("evaluation", "none recorded: run `kedro run --pipelines=embed_tasks,evaluate`")]
     if parameters is not None:
         params = [(key, _fmt(value)) for key, value in _flatten(parameters)]
         params_title = f"parameters ({PARAMETERS_ARTIFACT})"
@@ -190,23 +190,53 @@ def _headline_key(name: str) -> str:
     return key.replace(".", "/") if kind == "tag" else key
 
 
+def _anchored(path: str, base: Path) -> str:
+    """A relative local path joined to ``base``; absolute paths and URLs (``s3://…``) are left as they are."""
+    if "://" in path or Path(path).is_absolute():
+        return path
+    return str(base / path)
+
+
 def project_config(project_dir: Path, env: str | None, data_root: str | None) -> Any:
-    """The project's OmegaConfigLoader (settings.py arguments), with ``globals.data_root`` overridden."""
+    """The project's OmegaConfigLoader (settings.py arguments), with ``globals.data_root`` overridden.
+
+    A relative override is taken from the current directory, as any path typed on a command line.
+    """
     from kedro.config import OmegaConfigLoader
 
     from iris_pipelines.settings import CONFIG_LOADER_ARGS
 
     loader = OmegaConfigLoader(conf_source=str(project_dir / "conf"), env=env, **CONFIG_LOADER_ARGS)
     if data_root is not None:
-        loader["globals"] = {**loader["globals"], "data_root": str(data_root)}
+        loader["globals"] = {**loader["globals"], "data_root": _anchored(str(data_root), Path.cwd())}
     return loader
 
 
-def load_recorded_inputs(record: RegisteredModel, loader: Any) -> tuple[dict[str, Any], list[str]]:
-    """``episode_index`` and ``preprocessed_manifest`` at the versions recorded on the model version."""
+def read_project_config(project_dir: Path, env: str | None, data_root: str | None) -> tuple[dict, dict]:
+    """The project's catalog and parameters; a missing ``conf/`` or env folder is a ``ValueError``."""
+    from kedro.config import MissingConfigException
+
+    try:
+        loader = project_config(project_dir, env, data_root)
+        return loader["catalog"], loader["parameters"]
+    except (MissingConfigException, OSError) as error:
+        reason = " ".join(str(error).split())
+        raise ValueError(
+            f"cannot read the Kedro configuration of --project {project_dir} (env {env or 'local'}): "
+            f"{reason}; pass --project <the Kedro project> and an --env it has under conf/"
+        ) from None
+
+
+def load_recorded_inputs(
+    record: RegisteredModel, catalog_config: Mapping[str, Any], project_dir: Path
+) -> tuple[dict[str, Any], list[str]]:
+    """``episode_index`` and ``preprocessed_manifest`` at the versions recorded on the model version.
+
+    Relative catalog filepaths (base ``data_root`` is ``data``) are the project's, as under ``kedro run``
+    in the project root, so they are resolved against ``project_dir``, not the current directory.
+    """
     from kedro.io import DataCatalog
 
-    catalog_config = loader["catalog"]
     loaded, errors = {}, []
     for name in INPUTS:
         version = record.tags.get(f"{INPUT_VERSION_TAG_PREFIX}{name}")
@@ -218,11 +248,14 @@ def load_recorded_inputs(record: RegisteredModel, loader: Any) -> tuple[dict[str
         if name not in catalog_config:
             errors.append(f"{name}: the project's catalog has no entry for it")
             continue
+        entry = dict(catalog_config[name])
+        if "filepath" in entry:
+            entry["filepath"] = _anchored(str(entry["filepath"]), project_dir)
         try:
-            catalog = DataCatalog.from_config({name: catalog_config[name]}, load_versions={name: version})
+            catalog = DataCatalog.from_config({name: entry}, load_versions={name: version})
             loaded[name] = catalog.load(name)
         except Exception as error:  # noqa: BLE001 - DatasetError, VersionNotFoundError, OSError, …
-            where = catalog_config[name].get("filepath", "?")
+            where = entry.get("filepath", "?")
             reason = " ".join(str(error).split())[:300]
             errors.append(f"{name}: cannot load recorded version {version} from {where}: {reason}")
     return loaded, errors
@@ -266,13 +299,13 @@ def reproduce(
         result.errors.append(f"{record.uri} has no recorded evaluation (no eval.* tags or eval/* metrics)")
         return result
     step("loading recorded data versions")
-    loader = project_config(project_dir, env, data_root)
-    inputs, errors = load_recorded_inputs(record, loader)
+    catalog_config, project_params = read_project_config(project_dir, env, data_root)
+    inputs, errors = load_recorded_inputs(record, catalog_config, project_dir)
     result.errors.extend(errors)
     params = dict(parameters or {})
     for section in ("embed_tasks", "evaluate"):
         if section not in params:
-            params[section] = loader["parameters"].get(section, {})
+            params[section] = project_params.get(section, {})
             result.notes.append(
                 f"params:{section} not recorded in {PARAMETERS_ARTIFACT}; using the project's current values"
             )
