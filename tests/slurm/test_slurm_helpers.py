@@ -115,6 +115,21 @@ def test_without_sbatch_the_error_says_what_to_do(monkeypatch, tmp_path):
         run_slurm(folder=tmp_path, train_config={}, checkpoint_dir=tmp_path)
 
 
+def test_a_mistyped_launcher_option_is_refused_before_submission(monkeypatch, tmp_path):
+    """Not pickled into the job to fail on every rank after queueing: named, with the valid options."""
+    monkeypatch.setenv("PATH", str(tmp_path))  # no sbatch: nothing could be submitted anyway
+    with pytest.raises(ValueError, match=r"\['gpu_per_node'\].*'gpus_per_node'"):
+        run_slurm(
+            folder=tmp_path,
+            gpu_per_node=4,
+            model_config={},
+            train_config={},
+            episode_index={},
+            preprocessed_manifest=None,
+            checkpoint_dir=tmp_path,
+        )
+
+
 def test_hpcc_local_is_hpcc_shrunk(tmp_path):
     spec = importlib.util.spec_from_file_location(
         "make_env", PROJECT_ROOT / "slurm/local-cluster/make_env.py"

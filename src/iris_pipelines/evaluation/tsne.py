@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import matplotlib
 import numpy as np
 import pandas as pd
@@ -10,6 +12,8 @@ from matplotlib.figure import Figure
 from plotly.graph_objects import Figure as PlotlyFigure
 from sklearn.manifold import TSNE
 
+logger = logging.getLogger(__name__)
+
 COORDINATE_COLUMNS = ("dataset", "label", "class_name", "source", "case_id", "heldout", "novel", "x", "y")
 
 
@@ -17,7 +21,8 @@ def tsne_coordinates(embeddings: pd.DataFrame, *, perplexity: float = 30.0, seed
     """2-D t-SNE of every embedding row (references and memory bank), L2-normalised first so the map
     shows direction (what retrieval's cosine similarity compares), not magnitude.
 
-    Perplexity is capped below the number of rows, as t-SNE requires; fewer than 3 rows is an error.
+    Perplexity is capped below the number of rows, as t-SNE requires; fewer than 3 rows is an error. When
+    all rows share one direction, every point lies at the origin (logged as a warning).
     """
     if len(embeddings) < 3:
         raise ValueError(f"t-SNE needs at least 3 embeddings, got {len(embeddings)}")
@@ -25,13 +30,23 @@ def tsne_coordinates(embeddings: pd.DataFrame, *, perplexity: float = 30.0, seed
     if not np.isfinite(vectors).all():
         raise ValueError("task embeddings hold NaN or Inf values; re-run embed_tasks with a healthy model")
     vectors /= np.linalg.norm(vectors, axis=1, keepdims=True).clip(min=1e-12)
-    points = TSNE(
-        n_components=2,
-        perplexity=min(perplexity, (len(vectors) - 1) / 3),
-        init="pca",
-        random_state=seed,
-        metric="euclidean",
-    ).fit_transform(vectors)
+    if np.abs(vectors - vectors[0]).max() < 1e-9:
+        # Every row points the same way (or is zero), e.g. a collapsed encoder: there is nothing to map,
+        # and scikit-learn's Barnes-Hut t-SNE kills the process (SIGSEGV) on such input.
+        logger.warning(
+            "All %d task embeddings point in the same direction after L2 normalisation; "
+            "t-SNE is skipped and every point is placed at the origin",
+            len(vectors),
+        )
+        points = np.zeros((len(vectors), 2))
+    else:
+        points = TSNE(
+            n_components=2,
+            perplexity=min(perplexity, (len(vectors) - 1) / 3),
+            init="pca",
+            random_state=seed,
+            metric="euclidean",
+        ).fit_transform(vectors)
     table = embeddings[[c for c in COORDINATE_COLUMNS if c in embeddings.columns]].copy()
     table["x"], table["y"] = points[:, 0], points[:, 1]
     return table.reset_index(drop=True)

@@ -81,6 +81,13 @@ class ModelBundle:
             model.config.to_dict(), dict(model.state_dict()), dict(class_ids or {}), dict(metadata or {})
         )
 
+    @property
+    def weights_checksum(self) -> str:
+        """The training's checksum of the final weights (``metadata``), which every embedding and metric
+        row and the registry entry carry; empty for a bundle not made by training."""
+        checksums = self.metadata.get("weights_checksum") or [""]
+        return str(checksums[0])
+
     def config_document(self, weights_sha256: str) -> dict[str, Any]:
         """The JSON written next to the weights; the checksum lets ``load`` detect a swapped file."""
         return {

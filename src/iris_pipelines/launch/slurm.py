@@ -28,6 +28,7 @@ How it works (slurm/README.md has the user's view):
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import os
@@ -440,6 +441,19 @@ def run_slurm(
     for key in ("rank", "world_size"):
         if key in run_training_kwargs:
             raise TypeError(f"the slurm launcher sets {key} itself; do not pass it")
+    # Checked here because otherwise a typo in train.launcher_options would be pickled into the job and
+    # fail as a TypeError on every rank only after the job waited in the queue for its nodes.
+    unknown = sorted(set(run_training_kwargs) - set(inspect.signature(run_training).parameters))
+    if unknown:
+        options = sorted(
+            name
+            for name, parameter in inspect.signature(run_slurm).parameters.items()
+            if parameter.kind is parameter.KEYWORD_ONLY and name != "on_metrics"
+        )
+        raise ValueError(
+            f"unknown slurm launcher option(s) {unknown} (check train.launcher_options); "
+            f"the slurm launcher takes {options}"
+        )
     if shutil.which("sbatch") is None:
         raise SlurmJobError(
             "the slurm launcher needs the SLURM client (sbatch) on PATH: run on a login node, or start a "

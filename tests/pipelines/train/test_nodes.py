@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import mlflow
 import pandas as pd
@@ -15,6 +16,7 @@ from kedro.runner import SequentialRunner
 from project_copy import PROJECT_ROOT
 
 from iris_pipelines.hooks import InputVersionHooks, resolved_load_version
+from iris_pipelines.inference.bundle import ModelBundle
 from iris_pipelines.model import IrisConfig
 from iris_pipelines.pipelines.train.nodes import (
     build_model_config,
@@ -23,6 +25,7 @@ from iris_pipelines.pipelines.train.nodes import (
     history_frame,
     metric_record,
     parameter_layout,
+    registry_tags,
     split_train_params,
     train_iris,
 )
@@ -174,3 +177,14 @@ def test_shipped_parameters_build_valid_configs(env: str) -> None:
         assert train.crop_size == (128, 128, 128) and train.steps == 80_000 and train.batch_size == 32
     else:
         assert train.optimizer == "adamw" and train.crop_size == (32, 32, 32)
+
+
+def test_the_registry_entry_carries_the_weights_checksum() -> None:
+    """embed_tasks compares it with iris_model's to notice a bundle whose registration failed."""
+    bundle = ModelBundle(
+        model_config=IrisConfig.tiny().to_dict(), state_dict={}, metadata={"weights_checksum": ["abc123"]}
+    )
+    provenance = {"git_commit": "0" * 40, "git_dirty": "false", "lockfile_sha256": "f", "kedro_env": "test"}
+    run = SimpleNamespace(data=SimpleNamespace(tags=provenance), info=SimpleNamespace(run_id="r1"))
+    tags = registry_tags(run, bundle, {"checksum": "e"}, pd.DataFrame({"cache_key": ["k"]}))
+    assert tags["weights_sha256"] == "abc123"

@@ -179,6 +179,7 @@ def test_real_tiny_run_registers_a_reproducible_model(mlflow_store: Path, tmp_pa
     assert sorted(p.suffix for p in bundle_dir.iterdir()) == [".json", ".safetensors"]
     saved = catalog.load("iris_model")
     assert saved.metadata["final_step"] == 2
+    assert registered["weights_sha256"] == tags["weights_sha256"] == saved.metadata["weights_checksum"][0]
     raw = load_file(str(bundle_dir / "weights.safetensors"))
     assert all(torch.equal(raw[k], v) for k, v in saved.state_dict.items())
     assert ModelBundle.load(bundle_dir).class_ids == saved.class_ids

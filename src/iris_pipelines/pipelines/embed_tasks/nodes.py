@@ -16,9 +16,22 @@ logger = logging.getLogger(__name__)
 
 
 def model_info(iris_model: ModelBundle, registered_model: dict[str, Any] | None) -> ModelInfo:
-    """Registry URI/version and weights checksum that every embedding and metric row carries."""
-    checksums = iris_model.metadata.get("weights_checksum") or [""]
-    return ModelInfo.from_registration(registered_model, str(checksums[0]))
+    """Registry URI/version and weights checksum that every embedding and metric row carries.
+
+    ``iris_model`` and ``registered_model`` are separate catalog entries, each loaded as its latest version;
+    when the train run that saved the bundle failed to register it, they name different models. The
+    registered entry's checksum (absent in entries written before it was recorded) catches that before a
+    registry version is credited with another model's results.
+    """
+    weights = iris_model.weights_checksum
+    registered = dict(registered_model or {})
+    if "weights_sha256" in registered and str(registered["weights_sha256"]) != weights:
+        raise ValueError(
+            f"registered_model names {registered.get('model_uri', '?')}, whose weights are "
+            f"{registered['weights_sha256']}, but iris_model holds {weights}: re-run the train pipeline so "
+            "the model is registered, or load matching versions with --load-versions"
+        )
+    return ModelInfo.from_registration(registered_model, weights)
 
 
 def embed_tasks(

@@ -255,6 +255,7 @@ def registry_tags(
     tags["mlflow_run_id"] = run.info.run_id
     tags["final_step"] = str(bundle.metadata.get("final_step", ""))
     tags["world_size"] = str(bundle.metadata.get("world_size", ""))
+    tags["weights_sha256"] = bundle.weights_checksum
     for dataset, dice in bundle.metadata.get("final_validation", {}).items():
         tags[f"val_dice.{dataset}"] = f"{dice:.6f}"
     return tags
@@ -308,4 +309,7 @@ def register_model(
         "version": version,
         "run_id": run.info.run_id,
         "model_uri": f"models:/{name}/{version}",
+        # embed_tasks/evaluate load this and iris_model as separate "latest" versions; a train run whose
+        # registration failed leaves a newer iris_model beside this entry, and the checksum exposes that.
+        "weights_sha256": iris_model.weights_checksum,
     }
