@@ -12,6 +12,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from iris_pipelines.imaging.geometry import IDENTITY_DIRECTION, Geometry
+from iris_pipelines.imaging.stats import non_whole_values
 
 _LABEL_MAX = 255
 _SIZE_EPS = 1e-6  # keeps float noise in a box that is exactly n voxels wide from adding a voxel
@@ -75,13 +76,7 @@ def _minimum(image: sitk.Image) -> float:
 def _require_whole_numbers(image: sitk.Image) -> None:
     """Refuse fractional or NaN values in a float label map: the uint8 cast would truncate 1.5 to 1 and 0.6
     to 0 (a class silently lost) and NaN to an arbitrary class."""
-    count, examples = 0, np.empty(0)
-    # Slab by slab, so no volume-sized copy is allocated; NaN != NaN counts NaN as not whole.
-    for slab in sitk.GetArrayViewFromImage(image):
-        fractional = slab[slab != np.rint(slab)]
-        count += fractional.size
-        if fractional.size and not examples.size:
-            examples = np.unique(fractional)[:5]
+    count, examples = non_whole_values(sitk.GetArrayViewFromImage(image))
     if count:
         raise ValueError(
             f"label values must be whole numbers; {count} voxel(s) are not "

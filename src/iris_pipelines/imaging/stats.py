@@ -35,3 +35,18 @@ def class_statistics(
         counts[label] = int(np.count_nonzero(label_array[box] == label))
         bboxes[label] = [s.start for s in box] + [s.stop for s in box]
     return counts, bboxes
+
+
+def non_whole_values(values: np.ndarray, examples: int = 5) -> tuple[int, np.ndarray]:
+    """How many of ``values`` are not whole numbers (NaN counts, NaN != NaN), and the smallest distinct
+    ones (at most ``examples``), for a label map that must hold class numbers.
+
+    Slab by slab along the first axis, so no volume-sized mask is allocated.
+    """
+    count, found = 0, np.empty(0, dtype=values.dtype)
+    for slab in np.atleast_2d(values):
+        fractional = slab[slab != np.rint(slab)]
+        if fractional.size:
+            count += fractional.size
+            found = np.unique(np.concatenate([found, np.unique(fractional)]))[:examples]
+    return count, found
