@@ -8,6 +8,8 @@ root, inside one MLflow run, so the version carries the provenance and eval tags
 from __future__ import annotations
 
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import mlflow
@@ -20,6 +22,7 @@ from kedro.runner import SequentialRunner
 from mlflow_support import temporary_mlflow_store
 
 from iris_pipelines.cli import main
+from iris_pipelines.collection.episodes import index_checksum
 from iris_pipelines.hooks import InputVersionHooks, ProvenanceHooks
 from iris_pipelines.pipelines.embed_tasks import create_pipeline as embed_pipeline
 from iris_pipelines.pipelines.evaluate import create_pipeline as evaluate_pipeline
@@ -30,6 +33,7 @@ from iris_pipelines.review import project_config, provenance
 PROJECT = Path(__file__).parents[1]
 EPISODES_VERSION = "2026-01-01T00.00.00.000Z"
 MANIFEST_VERSION = "2026-01-01T00.00.01.000Z"
+LATER_EPISODES_VERSION = "2026-02-01T00.00.00.000Z"
 
 
 def _parameters(root: Path) -> dict:
@@ -148,6 +152,65 @@ def test_reproduce_reads_the_data_of_project_not_of_the_current_directory(
     )
     assert result.exit_code == 0, result.output
     assert "reproduced: all" in result.output
+
+
+@contextmanager
+def restored_version_tags(uri: str, name: str, version: str) -> Iterator[mlflow.MlflowClient]:
+    """The other tests of this module review models:/iris/1 as its training run evaluated it."""
+    client = mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
+    before = dict(client.get_model_version(name, version).tags)
+    try:
+        yield client
+    finally:
+        for key in client.get_model_version(name, version).tags:
+            if key not in before:
+                client.delete_model_version_tag(name, version, key)
+        for key, value in before.items():
+            client.set_model_version_tag(name, version, key, value)
+
+
+def evaluate_again(data_root: Path, index: dict, parameters: dict) -> str:
+    """`kedro run --pipelines=embed_tasks,evaluate --params=…` after an episodes re-run: a new MLflow run
+    on the registered model, the latest episode_index version and other settings. Returns its run id."""
+    pipeline = embed_pipeline() + evaluate_pipeline()
+    config = project_config(PROJECT, None, str(data_root))["catalog"]
+    persisted = {name: config[name] for name in pipeline.datasets() if name in config}
+    DataCatalog.from_config(persisted, save_version=LATER_EPISODES_VERSION).save("episode_index", index)
+    catalog = DataCatalog.from_config(persisted)
+    for key, value in parameters.items():
+        catalog[f"params:{key}"] = MemoryDataset(value)
+    hooks = _create_hook_manager()
+    hooks.register(InputVersionHooks())
+    with mlflow.start_run() as run:
+        SequentialRunner().run(pipeline, catalog, hook_manager=hooks)
+    return run.info.run_id
+
+
+def test_reproduce_follows_a_later_evaluation_run(registered, collection) -> None:
+    """A later evaluate-only run re-tags the version; review reproduces that run, not the training run's
+    evaluation: its settings, its episode_index version, and none of the earlier run's eval tags."""
+    uri, data_root = registered
+    _, index = collection
+    fewer = {**index, "episodes": [e for e in index["episodes"] if e["split"] == "test"][1:]}
+    fewer["checksum"] = index_checksum(fewer)
+    parameters = _parameters(data_root)
+    parameters["embed_tasks"]["references_per_class"] = 1
+    parameters["evaluate"]["strategies"] = ["ensemble"]
+    with restored_version_tags(uri, "iris", "1") as client:
+        run_id = evaluate_again(data_root, fewer, parameters)
+        tags = client.get_model_version("iris", "1").tags
+        assert tags["evaluation_run_id"] == run_id
+        assert "eval.seen.ensemble.dice" in tags and "eval.seen.one_shot.dice" not in tags
+        provenance_output = " ".join(review(uri, data_root).output.split())
+        result = review(uri, data_root, "--reproduce")
+    assert f"evaluation run id │ {run_id}" in provenance_output
+    assert f"evaluated episode_index version │ {LATER_EPISODES_VERSION}" in provenance_output
+    assert result.exit_code == 0, result.output
+    assert "reproduced: all" in result.output and "warning" not in result.output
+    comparisons = result.output[result.output.index("reproduction of") :]
+    assert "tag eval.seen.ensemble.dice" in comparisons and "metric eval/seen/ensemble/dice" in comparisons
+    assert "one_shot" not in comparisons
+    assert 'evaluation settings: evaluate.strategies │ ["ensemble"]' in provenance_output
 
 
 @pytest.mark.parametrize(

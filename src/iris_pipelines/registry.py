@@ -22,6 +22,10 @@ from iris_pipelines.inference.bundle import BundleError, ModelBundle
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"  # conf/base/mlflow.yml, relative to the project directory
 BUNDLE_ARTIFACT = "model_bundle"  # register_model logs the bundle directory under this run path
 PARAMETERS_ARTIFACT = "config/parameters.json"  # ... and all resolved parameters here
+# evaluate tags the version with the run that produced its eval.* tags, and logs the settings it used there
+EVALUATION_RUN_TAG = "evaluation_run_id"
+EVAL_TAG_PREFIX = "eval."  # ... and its mean Dice as eval.<group>.<method>.dice
+EVALUATION_PARAMETERS_ARTIFACT = "config/evaluation_parameters.json"
 PYFUNC_BUNDLE = "artifacts/bundle"  # where mlflow.pyfunc keeps the "bundle" artifact in the model
 
 _MODEL_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:/(?P<version>\d+)|@(?P<alias>[\w.-]+))$")
@@ -95,6 +99,7 @@ class RegisteredModel:
     model_id: str | None
     client: Any = field(repr=False)
     problems: list[str] = field(default_factory=list)
+    _evaluation_run: Any | None = field(default=None, init=False, repr=False)
 
     @property
     def params(self) -> dict[str, str]:
@@ -116,19 +121,60 @@ class RegisteredModel:
         except Exception:  # noqa: BLE001 - a review shows what it can read
             return []
 
-    def parameters(self) -> dict[str, Any] | None:
-        """The run's ``config/parameters.json`` (all resolved params at training time), None when absent."""
-        if self.run_id is None:
-            return None
+    def _artifact_json(self, run_id: str, artifact: str) -> dict[str, Any] | None:
         with tempfile.TemporaryDirectory(prefix="iris-params-") as scratch:
             try:
-                path = self.client.download_artifacts(self.run_id, PARAMETERS_ARTIFACT, scratch)
+                path = self.client.download_artifacts(run_id, artifact, scratch)
                 return json.loads(Path(path).read_text(encoding="utf-8"))
             except Exception as error:  # noqa: BLE001 - missing artifact or unreadable JSON: reported
-                self.problems.append(
-                    f"{PARAMETERS_ARTIFACT} artifact of run {self.run_id}: {_one_line(error)}"
-                )
+                self.problems.append(f"{artifact} artifact of run {run_id}: {_one_line(error)}")
                 return None
+
+    def parameters(self) -> dict[str, Any] | None:
+        """The run's ``config/parameters.json`` (all resolved params at training time), None when absent."""
+        return None if self.run_id is None else self._artifact_json(self.run_id, PARAMETERS_ARTIFACT)
+
+    @property
+    def evaluation_run_id(self) -> str | None:
+        """The run whose evaluation the version's ``eval.*`` tags hold (the training run when unrecorded)."""
+        return self.tags.get(EVALUATION_RUN_TAG) or self.run_id
+
+    @property
+    def evaluated_separately(self) -> bool:
+        """Whether a later ``kedro run`` than the training one evaluated this version."""
+        return self.evaluation_run_id != self.run_id
+
+    def evaluation_run(self) -> Any | None:
+        """The MLflow run that evaluated the version, None when it cannot be read (noted in ``problems``)."""
+        if not self.evaluated_separately:
+            return self.run
+        if self._evaluation_run is None:
+            try:
+                self._evaluation_run = self.client.get_run(self.evaluation_run_id)
+            except Exception as error:  # noqa: BLE001
+                self.problems.append(f"evaluation run {self.evaluation_run_id}: {_one_line(error)}")
+                return None
+        return self._evaluation_run
+
+    @property
+    def evaluation_metrics(self) -> dict[str, float]:
+        run = self.evaluation_run()
+        return dict(run.data.metrics) if run is not None else {}
+
+    @property
+    def evaluation_run_tags(self) -> dict[str, str]:
+        run = self.evaluation_run()
+        return dict(run.data.tags) if run is not None else {}
+
+    def evaluation_parameters(self) -> dict[str, Any] | None:
+        """``{"embed_tasks": …, "evaluate": …}`` as the evaluating run resolved them, None when not logged
+        (runs from before evaluate logged them: only the training run's ``parameters`` exist there)."""
+        if self.evaluation_run_id is None or self.evaluation_run() is None:
+            return None
+        logged = {item.path for item in self.client.list_artifacts(self.evaluation_run_id, "config")}
+        if EVALUATION_PARAMETERS_ARTIFACT not in logged:
+            return None
+        return self._artifact_json(self.evaluation_run_id, EVALUATION_PARAMETERS_ARTIFACT)
 
     def download_bundle(self, destination: str | os.PathLike[str]) -> Path:
         """The version's bundle directory under ``destination``: the run's ``model_bundle`` artifact, or

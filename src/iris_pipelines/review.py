@@ -1,10 +1,12 @@
 """``iris review``: which code, data and config made a registered model, and do its numbers reproduce?
 
 :func:`provenance` gathers what ``register_model`` (train) and ``report_evaluation`` (evaluate) recorded
-on a model version and its run into titled sections, naming what is missing instead of failing.
-:func:`reproduce` re-runs ``embed_tasks`` and ``evaluate`` (the very node functions) on the recorded
-``episode_index`` / ``preprocessed_manifest`` versions, loaded through the project's own catalog
-configuration, with the recorded parameters, and compares every recorded evaluation number.
+on a model version and its runs into titled sections, naming what is missing instead of failing.
+:func:`reproduce` re-runs ``embed_tasks`` and ``evaluate`` (the very node functions) as the run that
+evaluated the version did (the training run, or a later evaluate-only run named by the version's
+``evaluation_run_id``): on the ``episode_index`` / ``preprocessed_manifest`` versions that run read,
+loaded through the project's own catalog configuration, with that run's settings, and compares every
+number it recorded.
 """
 
 from __future__ import annotations
@@ -17,11 +19,10 @@ from pathlib import Path
 from typing import Any
 
 from iris_pipelines.hooks import INPUT_VERSION_TAG_PREFIX, LOCK_FILE, file_sha256
-from iris_pipelines.registry import PARAMETERS_ARTIFACT, RegisteredModel
+from iris_pipelines.registry import EVAL_TAG_PREFIX, PARAMETERS_ARTIFACT, RegisteredModel
 
 INPUTS = ("episode_index", "preprocessed_manifest")
 CHECKSUM_TAGS = ("episode_index_checksum", "preprocessed_manifest_checksum")
-EVAL_TAG_PREFIX = "eval."  # report_evaluation tags the version with eval.<group>.<method>.dice
 EVAL_METRIC_PREFIX = "eval/"  # ... and logs eval/<group>/<method>/<metric> to its run
 MISSING = "(not recorded)"
 
@@ -109,11 +110,24 @@ def provenance(
     evaluation = [(key, value) for key, value in sorted(tags.items()) if key.startswith(EVAL_TAG_PREFIX)]
     evaluation += [
         (f"run {key}", _fmt(value))
-        for key, value in sorted(record.metrics.items())
+        for key, value in sorted(record.evaluation_metrics.items())
         if key.startswith(EVAL_METRIC_PREFIX)
     ]
     if not evaluation:
         evaluation = [("evaluation", "none recorded: run `kedro run --pipelines=embed_tasks,evaluate`")]
+    elif record.evaluated_separately:
+        evaluated_on = record.evaluation_run_tags
+        evaluation = [
+            ("evaluation run id", record.evaluation_run_id or MISSING),
+            *[
+                (f"evaluated {name} version", evaluated_on.get(f"{INPUT_VERSION_TAG_PREFIX}{name}", MISSING))
+                for name in INPUTS
+            ],
+            *evaluation,
+        ]
+    if record.evaluated_separately:
+        settings = record.evaluation_parameters() or {}
+        evaluation += [(f"evaluation settings: {key}", _fmt(value)) for key, value in _flatten(settings)]
     if parameters is not None:
         params = [(key, _fmt(value)) for key, value in _flatten(parameters)]
         params_title = f"parameters ({PARAMETERS_ARTIFACT})"
@@ -167,10 +181,11 @@ class Reproduction:
 
 
 def recorded_evaluation(record: RegisteredModel) -> dict[str, float]:
-    """``eval/<group>/<method>/<metric>`` → value, from the version's tags and the run's metrics.
+    """``eval/<group>/<method>/<metric>`` → value, from the version's tags and the evaluation run's metrics.
 
-    Tags (``eval.seen.one_shot.dice``) are what the evaluate pipeline put on the version; the run's
-    ``eval/…`` metrics exist when evaluate ran in the training run. Tag values are rounded to 6 decimals.
+    Tags (``eval.seen.one_shot.dice``) are what the newest evaluate run put on the version; that run (the
+    training run, or a later ``kedro run --pipelines=embed_tasks,evaluate``) logged the ``eval/…`` metrics.
+    Tag values are rounded to 6 decimals.
     """
     recorded: dict[str, float] = {}
     for key, value in record.tags.items():
@@ -179,7 +194,7 @@ def recorded_evaluation(record: RegisteredModel) -> dict[str, float]:
                 recorded[f"tag {key}"] = float(value)
             except ValueError:
                 recorded[f"tag {key}"] = math.nan  # a non-number never matches: reported, not skipped
-    for key, value in record.metrics.items():
+    for key, value in record.evaluation_metrics.items():
         if key.startswith(EVAL_METRIC_PREFIX):
             recorded[f"metric {key}"] = float(value)
     return recorded
@@ -227,10 +242,21 @@ def read_project_config(project_dir: Path, env: str | None, data_root: str | Non
         ) from None
 
 
+def evaluated_inputs(record: RegisteredModel) -> tuple[dict[str, str], str]:
+    """Tags naming the data versions (and checksums) the recorded evaluation ran on, and their source.
+
+    Those of the evaluation run when evaluate ran apart from training (it may have read newer versions),
+    else those register_model put on the version.
+    """
+    if record.evaluated_separately:
+        return record.evaluation_run_tags, f"evaluation run {record.evaluation_run_id}"
+    return record.tags, record.uri
+
+
 def load_recorded_inputs(
-    record: RegisteredModel, catalog_config: Mapping[str, Any], project_dir: Path
+    tags: Mapping[str, str], source: str, catalog_config: Mapping[str, Any], project_dir: Path
 ) -> tuple[dict[str, Any], list[str]]:
-    """``episode_index`` and ``preprocessed_manifest`` at the versions recorded on the model version.
+    """``episode_index`` and ``preprocessed_manifest`` at the versions ``tags`` (recorded on ``source``) name.
 
     Relative catalog filepaths (base ``data_root`` is ``data``) are the project's, as under ``kedro run``
     in the project root, so they are resolved against ``project_dir``, not the current directory.
@@ -239,10 +265,10 @@ def load_recorded_inputs(
 
     loaded, errors = {}, []
     for name in INPUTS:
-        version = record.tags.get(f"{INPUT_VERSION_TAG_PREFIX}{name}")
+        version = tags.get(f"{INPUT_VERSION_TAG_PREFIX}{name}")
         if not version or version == "unversioned":
             errors.append(
-                f"{name}: no data version was recorded on {record.uri} (tag {INPUT_VERSION_TAG_PREFIX}{name})"
+                f"{name}: no data version was recorded on {source} (tag {INPUT_VERSION_TAG_PREFIX}{name})"
             )
             continue
         if name not in catalog_config:
@@ -261,8 +287,8 @@ def load_recorded_inputs(
     return loaded, errors
 
 
-def checksum_mismatches(record: RegisteredModel, index: Mapping[str, Any], manifest: Any) -> list[str]:
-    """The loaded inputs against the checksums recorded at registration (a re-written version fails)."""
+def checksum_mismatches(tags: Mapping[str, str], index: Mapping[str, Any], manifest: Any) -> list[str]:
+    """The loaded inputs against the checksums ``tags`` recorded (a re-written version fails)."""
     from iris_pipelines.pipelines.train.nodes import manifest_checksum
 
     actual = {
@@ -271,9 +297,9 @@ def checksum_mismatches(record: RegisteredModel, index: Mapping[str, Any], manif
     }
     return [
         f"{key[: -len('_checksum')]}: the loaded version has checksum {value[:12]}…, "
-        f"but {record.tags[key][:12]}… was recorded"
+        f"but {tags[key][:12]}… was recorded"
         for key, value in actual.items()
-        if record.tags.get(key) and record.tags[key] != value
+        if tags.get(key) and tags[key] != value
     ]
 
 
@@ -287,7 +313,10 @@ def reproduce(
     parameters: Mapping[str, Any] | None = None,
     on_step: Callable[[str], None] | None = None,
 ) -> Reproduction:
-    """Re-run embed_tasks + evaluate on the recorded data versions and compare every recorded number."""
+    """Re-run embed_tasks + evaluate as the recorded evaluation did and compare every number it recorded.
+
+    ``parameters`` are the training run's; the evaluation's own settings win when its run logged them.
+    """
     from iris_pipelines.evaluation.report import gain_over_baseline, headline_metrics, summary_by_group
     from iris_pipelines.pipelines.embed_tasks.nodes import embed_tasks
     from iris_pipelines.pipelines.evaluate.nodes import evaluate_strategies
@@ -300,15 +329,21 @@ def reproduce(
         return result
     step("loading recorded data versions")
     catalog_config, project_params = read_project_config(project_dir, env, data_root)
-    inputs, errors = load_recorded_inputs(record, catalog_config, project_dir)
+    tags, source = evaluated_inputs(record)
+    inputs, errors = load_recorded_inputs(tags, source, catalog_config, project_dir)
     result.errors.extend(errors)
-    params = dict(parameters or {})
+    params = record.evaluation_parameters()
+    if params is None and not record.evaluated_separately:
+        params = parameters
+    params = dict(params or {})
     for section in ("embed_tasks", "evaluate"):
         if section not in params:
             params[section] = project_params.get(section, {})
             result.notes.append(
-                f"params:{section} not recorded in {PARAMETERS_ARTIFACT}; using the project's current values"
+                f"params:{section} was not recorded by {source}; using the project's current values"
             )
+    if not any(tags.get(key) for key in CHECKSUM_TAGS):
+        result.notes.append(f"{source} recorded no input checksums; the loaded versions are not verified")
     if result.errors:
         return result
     step("loading the registered model")
@@ -320,7 +355,7 @@ def reproduce(
         "run_id": record.run_id,
     }
     index, manifest = inputs["episode_index"], inputs["preprocessed_manifest"]
-    result.errors.extend(checksum_mismatches(record, index, manifest))
+    result.errors.extend(checksum_mismatches(tags, index, manifest))
     if result.errors:
         return result
     step("embedding tasks")

@@ -22,6 +22,8 @@ from iris_pipelines.evaluation.report import (
 )
 from iris_pipelines.inference.bundle import ModelBundle
 from iris_pipelines.pipelines.embed_tasks.nodes import model_info
+from iris_pipelines.pipelines.train.nodes import manifest_checksum
+from iris_pipelines.registry import EVAL_TAG_PREFIX, EVALUATION_PARAMETERS_ARTIFACT, EVALUATION_RUN_TAG
 from iris_pipelines.training.sampler import case_records
 
 logger = logging.getLogger(__name__)
@@ -48,18 +50,47 @@ def evaluate_strategies(
     )
 
 
+def record_evaluation_inputs(
+    episode_index: dict[str, Any],
+    preprocessed_manifest: pd.DataFrame,
+    embed_tasks_params: dict[str, Any],
+    evaluate_params: dict[str, Any],
+) -> None:
+    """Log what this evaluation ran on to the active MLflow run, so ``iris review --reproduce`` can repeat
+    an evaluation run apart from training: the settings of both steps, and the checksums of the inputs
+    (the run's ``input_version.*`` tags name their versions)."""
+    if mlflow.active_run() is None:
+        return
+    settings = {"embed_tasks": embed_tasks_params, "evaluate": evaluate_params}
+    mlflow.log_dict(settings, EVALUATION_PARAMETERS_ARTIFACT)
+    mlflow.set_tags(
+        {
+            "episode_index_checksum": str(episode_index.get("checksum", "")),
+            "preprocessed_manifest_checksum": manifest_checksum(preprocessed_manifest),
+        }
+    )
+
+
 def _tag_model_version(registered_model: dict[str, Any] | None, metrics: dict[str, float]) -> None:
-    """Put the headline Dice on the registered version, so a review sees it next to the provenance tags."""
+    """Put the headline Dice on the registered version, so a review sees it next to the provenance tags.
+
+    The version then holds exactly this evaluation's ``eval.*`` tags: those of an earlier evaluation with
+    other strategies are removed, as they would otherwise be credited to this run.
+    """
     name, version = (registered_model or {}).get("name"), (registered_model or {}).get("version")
     if not (name and version):
         return
     client = mlflow.MlflowClient()
     run = mlflow.active_run()
-    if run is not None:  # which run evaluated (its params hold the evaluate settings), for reviews
-        client.set_model_version_tag(name, str(version), "evaluation_run_id", run.info.run_id)
-    for key, value in metrics.items():
-        if key.endswith("/dice"):
-            client.set_model_version_tag(name, str(version), key.replace("/", "."), f"{value:.6f}")
+    if run is not None:  # which run evaluated: its settings, inputs and metrics, for reviews
+        client.set_model_version_tag(name, str(version), EVALUATION_RUN_TAG, run.info.run_id)
+    tags = {key.replace("/", "."): f"{value:.6f}" for key, value in metrics.items() if key.endswith("/dice")}
+    existing = client.get_model_version(name, str(version)).tags or {}
+    for key in existing:
+        if key.startswith(EVAL_TAG_PREFIX) and key not in tags:
+            client.delete_model_version_tag(name, str(version), key)
+    for key, value in tags.items():
+        client.set_model_version_tag(name, str(version), key, value)
 
 
 def report_evaluation(

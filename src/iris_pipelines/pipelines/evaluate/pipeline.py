@@ -2,7 +2,7 @@
 
 from kedro.pipeline import Node, Pipeline
 
-from .nodes import evaluate_strategies, report_evaluation
+from .nodes import evaluate_strategies, record_evaluation_inputs, report_evaluation
 
 
 def create_pipeline(**kwargs) -> Pipeline:
@@ -32,6 +32,12 @@ def create_pipeline(**kwargs) -> Pipeline:
                     "evaluation_class_dice",
                 ],
                 name="report_evaluation",
+            ),
+            Node(
+                func=record_evaluation_inputs,
+                inputs=["episode_index", "preprocessed_manifest", "params:embed_tasks", "params:evaluate"],
+                outputs=None,
+                name="record_evaluation_inputs",
             ),
         ]
     )
