@@ -224,6 +224,26 @@ def test_preempted_job_checkpoints_requeues_and_resumes(slurm_project: Path):
     assert sorted(m.step for m in history) == list(range(1, steps + 1))  # every step once, none lost
 
 
+def test_kedro_run_inside_an_allocation_submits_a_job_that_runs(slurm_project: Path):
+    """`kedro run` in salloc or an sbatch'd driver: the allocation's variables stay out of the job. Passed
+    on, an allocation's SLURM_MEM_PER_CPU beside the job's own --mem made srun refuse every rank."""
+    allocation = {"SLURM_JOB_ID": "424242", "SLURM_JOBID": "424242", "SLURM_NTASKS": "1",
+                  "SLURM_CPUS_PER_TASK": "1", "SLURM_MEM_PER_CPU": "100"}  # fmt: skip
+    process = _start_kedro(
+        slurm_project,
+        "--pipeline=train",
+        f"--env={ENV}",
+        _params(**{"train.steps": 2, "train.seed": 5, "train.launcher_options.mem_per_task": "64M"}),
+        **allocation,
+    )
+    output = _output(process)
+    assert process.returncode == 0, output[-3000:]
+    assert "Submitting from inside SLURM job 424242" in output
+    job_id = re.search(r"Submitted SLURM job (\d+)", output).group(1)
+    assert _settled_state(job_id) == "COMPLETED"
+    assert "MinMemoryNode=128M" in _scontrol(job_id), _scontrol(job_id)  # the job's --mem: 2 ranks x 64M
+
+
 def test_a_failing_rank_names_the_job_and_the_cause(slurm_project: Path):
     before = {p.name for p in _jobs_dir(slurm_project).glob("*")}
     process = _start_kedro(

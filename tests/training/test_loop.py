@@ -4,6 +4,7 @@ from training_synthetic import fast_train_config, tiny_model_config
 
 from iris_pipelines.launch import launch_training
 from iris_pipelines.training import TrainConfig, latest_checkpoint, lr_factor, run_training, weights_checksum
+from iris_pipelines.training.loop import resolve_device
 
 
 class Crash(RuntimeError):
@@ -31,6 +32,19 @@ def test_weights_checksum_covers_scalar_parameters():
     assert weights_checksum(weights) != weights_checksum({**weights, "weight": torch.ones(2, 3) * 1.5})
     assert weights_checksum(weights) != weights_checksum({**weights, "weight": torch.ones(3, 2)})  # same data
     assert weights_checksum(weights) != weights_checksum({**weights, "scale": torch.tensor([5.0])})
+
+
+@pytest.mark.parametrize(("local_rank", "expected"), [(None, 3), ("0", 0)], ids=["no launcher", "launcher"])
+def test_a_rank_trains_on_the_gpu_of_its_local_rank(monkeypatch, local_rank, expected):
+    """Rank 3 of 2 nodes x 3 ranks (4 GPUs each) is local rank 0 of the second node, whose launcher pinned
+    cuda:0 for its NCCL collectives; rank % 4 GPUs would have put its model on cuda:3."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    if local_rank is None:
+        monkeypatch.delenv("LOCAL_RANK", raising=False)
+    else:
+        monkeypatch.setenv("LOCAL_RANK", local_rank)
+    assert resolve_device(TrainConfig(device="auto"), rank=3) == torch.device("cuda", expected)
 
 
 def test_lr_schedule_warms_up_then_decays_exponentially():

@@ -5,7 +5,8 @@ How it works (slurm/README.md has the user's view):
 - **Submission.** submitit's ``SlurmExecutor`` writes an sbatch script that runs one ``srun`` task per
   rank (one per GPU), with ``--kill-on-bad-exit`` so a crashed rank ends the whole job instead of leaving
   the others blocked in a collective. The pickled call, per-rank logs and the metrics file live in the job
-  folder ``<folder>/<job id>-<random>/`` on the shared filesystem.
+  folder ``<folder>/<job id>-<random>/`` on the shared filesystem. A Kedro process that itself runs in
+  an allocation (``salloc``, an sbatch'd driver) submits without that allocation's ``SLURM_*`` variables.
 - **Ranks.** Every task reads its rank, world size and local rank from SLURM (``SLURM_PROCID``,
   ``SLURM_NTASKS``, ``SLURM_LOCALID``; submitit's ``TorchDistributedEnvironment`` also takes the first
   host of ``SLURM_JOB_NODELIST`` as MASTER_ADDR and derives the port from the job id, so a requeued run
@@ -28,6 +29,7 @@ How it works (slurm/README.md has the user's view):
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
 import logging
@@ -410,6 +412,38 @@ def _memory_per_node(mem_per_task: str | None, tasks_per_node: int) -> str | Non
     return f"{int(match.group(1)) * tasks_per_node}{match.group(2).upper()}"
 
 
+# What a SLURM client needs to find its cluster; every other SLURM_* / SRUN_* variable of a job describes it.
+_CLIENT_SETTINGS = frozenset({"SLURM_CONF"})
+
+
+@contextlib.contextmanager
+def _outside_the_current_allocation() -> Iterator[None]:
+    """Hide the variables of the allocation this process runs in (if any) while submitting.
+
+    sbatch exports the submitting environment into the job, where srun reads ``SLURM_*`` as its options:
+    an inherited ``SLURM_MEM_PER_CPU`` beside the job's own ``SLURM_MEM_PER_NODE`` (``--mem``) makes srun
+    refuse to start any rank ("mutually exclusive"). ``submitit.helpers.clean_env`` would also hide
+    ``SLURM_CONF`` (which cluster to submit to) and the user's own ``SBATCH_*`` defaults, so it is not used.
+    """
+    if "SLURM_JOB_ID" not in os.environ:  # outside a job every SLURM_* variable is the user's choice
+        yield
+        return
+    hidden = {
+        name: os.environ.pop(name)
+        for name in list(os.environ)
+        if name.startswith(("SLURM_", "SLURMD_", "SRUN_")) and name not in _CLIENT_SETTINGS
+    }
+    logger.info(
+        "Submitting from inside SLURM job %s: its %d SLURM_* variables are left out of the training job",
+        hidden["SLURM_JOB_ID"],
+        len(hidden),
+    )
+    try:
+        yield
+    finally:
+        os.environ.update(hidden)
+
+
 def run_slurm(
     *,
     folder: str | Path,
@@ -488,7 +522,8 @@ def run_slurm(
         "srun_args": ["--kill-on-bad-exit=1"],
     }
     executor.update_parameters(**{k: v for k, v in parameters.items() if v is not None})
-    job = executor.submit(SlurmTrainingJob(run_training_kwargs, backend, max_requeues))
+    with _outside_the_current_allocation():
+        job = executor.submit(SlurmTrainingJob(run_training_kwargs, backend, max_requeues))
     logger.info(
         "Submitted SLURM job %s: %d node(s) x %d rank(s); logs and metrics in %s",
         job.job_id,

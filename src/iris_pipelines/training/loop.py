@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+import os
 import random
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -105,11 +106,17 @@ def lr_factor(index: int, config: TrainConfig) -> float:
 
 
 def resolve_device(config: TrainConfig, rank: int) -> torch.device:
-    """``auto``: this rank's GPU (LOCAL_RANK convention: rank modulo GPUs per node) or the CPU."""
+    """``auto``: this rank's GPU on its node, or the CPU.
+
+    The node-local index is ``LOCAL_RANK`` (set by the DDP and SLURM launchers, as by torchrun), the GPU
+    those launchers pinned for NCCL. The global rank modulo the node's GPUs is only a fallback: it names
+    another GPU when SLURM places ranks cyclically or unevenly over the nodes.
+    """
     if config.device != "auto":
         return torch.device(config.device)
     if torch.cuda.is_available():
-        return torch.device("cuda", rank % torch.cuda.device_count())
+        local_rank = int(os.environ.get("LOCAL_RANK", rank))
+        return torch.device("cuda", local_rank % torch.cuda.device_count())
     return torch.device("cpu")
 
 
