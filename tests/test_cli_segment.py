@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import SimpleITK as sitk
 import torch
@@ -400,3 +401,82 @@ def test_nan_voxels_in_the_scan_are_counted_whatever_the_spacing(files, tmp_path
         )  # fmt: skip
         assert result.exit_code == 2, result.output
         assert f"{path}: the image has 1 non-finite voxels (1 NaN, 0 infinite)" in result.output
+
+
+def test_several_scans_share_one_task_and_a_bad_scan_is_skipped(
+    files, tmp_path, monkeypatch, one_torch_thread
+) -> None:
+    """Encode once, segment many (oblique NIfTI, DICOM series); a broken scan is reported, the rest go on."""
+    encoded = []
+    real_reference_task = segment_module.reference_task
+
+    def counting_reference_task(*args, **kwargs):
+        encoded.append(1)
+        return real_reference_task(*args, **kwargs)
+
+    monkeypatch.setattr(segment_module, "reference_task", counting_reference_task)
+    broken = tmp_path / "broken.nii.gz"
+    broken.write_bytes(b"")
+    out = tmp_path / "labels"
+    result = invoke(
+        "--image", files["query"], "--image", broken, "--image", files["dicom"], *_reference(files),
+        "--model", files["bundle"], "--out", out, *SPACING,
+    )  # fmt: skip
+    assert result.exit_code == 1, result.output
+    assert len(encoded) == 1
+    assert "1 of 3 scan(s) failed" in result.output and "Traceback" not in result.output
+    for scan, written in ((files["query"], out / "scan.nii.gz"), (files["dicom"], out / "scan_dicom.nii.gz")):
+        label = read_image(written)
+        assert Geometry.from_image(label).same_grid(
+            Geometry.from_image(read_image(scan)), atol_mm=1e-4, atol_direction=1e-6
+        )
+        assert _check_sidecar(written, label)["image"] == str(scan)
+    assert not (out / "broken.nii.gz").exists()
+    summary = pd.read_csv(out / "segmentations.csv", keep_default_na=False)
+    assert summary["image"].tolist() == [str(files["query"]), str(broken), str(files["dicom"])]
+    assert summary["status"].tolist() == ["ok", "failed", "ok"]
+    assert summary["reason"][1].startswith(f"{broken}: the file is empty (0 bytes)")
+    sidecar = json.loads((out / "scan.json").read_text())
+    assert float(summary["liver (ml)"][0]) == pytest.approx(sidecar["classes"][0]["volume_ml"], abs=1e-3)
+
+
+def test_a_directory_of_scans_in_another_format(files, tmp_path, one_torch_thread) -> None:
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    for name in ("a.nii.gz", "b.nii.gz"):
+        write_image(read_image(files["query"]), scans / name)
+    out = tmp_path / "labels"
+    result = invoke(
+        "--images", scans, *_reference(files), "--model", files["bundle"], "--out", out,
+        "--out-suffix", ".mha", *SPACING,
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in out.iterdir()) == [
+        "a.json",
+        "a.mha",
+        "b.json",
+        "b.mha",
+        "segmentations.csv",
+    ]
+    assert pd.read_csv(out / "segmentations.csv")["status"].tolist() == ["ok", "ok"]
+
+
+@pytest.mark.parametrize("clash", ["overwrite a scan", "one output for two scans"])
+def test_output_names_that_clash_are_refused_before_any_work(files, tmp_path, monkeypatch, clash) -> None:
+    def no_encoding(*args, **kwargs):
+        raise AssertionError("encoded although the outputs clash")
+
+    monkeypatch.setattr(segment_module, "prepare_task", no_encoding)
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    write_image(read_image(files["query"]), scans / "a.nii.gz")
+    if clash == "overwrite a scan":
+        args, expected = ["--images", scans, "--out", scans], f"{scans / 'a.nii.gz'} would overwrite the scan"
+    else:
+        write_image(read_image(files["query"]), scans / "a.mha")
+        args = ["--images", scans, "--out", tmp_path / "out", "--out-suffix", ".nrrd"]
+        expected = f"{scans / 'a.mha'} and {scans / 'a.nii.gz'} would both be written to"
+    result = invoke(*args, *_reference(files), "--model", files["bundle"], *SPACING)
+    assert result.exit_code == 2, result.output
+    assert expected in " ".join(result.output.split()) and "Traceback" not in result.output
+    assert not (tmp_path / "out").exists()

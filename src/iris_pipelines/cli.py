@@ -7,6 +7,7 @@ import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 from rich.console import Console
@@ -14,6 +15,9 @@ from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from iris_pipelines import __version__
+
+if TYPE_CHECKING:
+    from iris_pipelines.segment import SegmentRequest
 
 console = Console(stderr=True)
 
@@ -198,10 +202,17 @@ def _project_option(help_text: str):
 @main.command()
 @click.option(
     "--image",
-    "image",
+    "images",
     type=click.Path(path_type=Path),
-    required=True,
-    help="The scan to segment: NIfTI, MHA, NRRD or a DICOM series directory.",
+    multiple=True,
+    help="A scan to segment: NIfTI, MHA, NRRD or a DICOM series directory (repeat for several).",
+)
+@click.option(
+    "--images",
+    "images_dir",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Segment every NIfTI/MHA/NRRD file in this directory (--out is then a directory).",
 )
 @click.option(
     "--reference",
@@ -261,28 +272,47 @@ def _project_option(help_text: str):
     "--out",
     type=click.Path(path_type=Path),
     required=True,
-    help="Label map to write (NIfTI, MHA or NRRD); a JSON sidecar is written next to it.",
+    help="Label map to write (NIfTI, MHA or NRRD), or a directory for several scans; a JSON sidecar is "
+    "written next to each.",
 )
-def segment(image: Path, references: tuple[str, ...], embeddings: Path | None, dataset: str | None,
-            model_ref: str, strategy: str, classes: str | None, labels_file: Path | None, modality: str,
-            spacing: str | None, roi: str | None, overlap: float, threshold: float, tuning_steps: int | None,
-            tuning_lr: float | None, device: str, tracking_uri: str | None, project_dir: Path,
-            out: Path) -> None:  # fmt: skip
-    """Segment IMAGE in context: the classes shown by the references (or stored task embeddings).
+@click.option(
+    "--out-suffix",
+    type=str,
+    default=None,
+    help="Format of the label maps in an --out directory: .nii.gz, .nii, .mha or .nrrd (default: each "
+    "scan's own; DICOM: .nii.gz).",
+)
+def segment(images: tuple[Path, ...], images_dir: Path | None, references: tuple[str, ...],
+            embeddings: Path | None, dataset: str | None, model_ref: str, strategy: str, classes: str | None,
+            labels_file: Path | None, modality: str, spacing: str | None, roi: str | None, overlap: float,
+            threshold: float, tuning_steps: int | None, tuning_lr: float | None, device: str,
+            tracking_uri: str | None, project_dir: Path, out: Path,
+            out_suffix: str | None) -> None:  # fmt: skip
+    """Segment scans in context: the classes shown by the references (or stored task embeddings).
 
-    The label map is written on the scan's own grid (size, spacing, origin, direction), with
-    `<out stem>.json` beside it: class names, label values, volumes in ml, model and strategy.
+    Each label map is written on its scan's own grid (size, spacing, origin, direction), with
+    `<out stem>.json` beside it: class names, label values, volumes in ml, model and strategy. With
+    several scans (repeated --image, or --images DIR) the task is encoded once, --out is a directory, a
+    scan that fails is reported and skipped, and `segmentations.csv` there lists every scan's outcome
+    (exit 1 when any failed).
     """
     from iris_pipelines import registry
-    from iris_pipelines.segment import ReferenceSpec, SegmentRequest
+    from iris_pipelines.segment import ReferenceSpec, SegmentRequest, scans_in
     from iris_pipelines.segment import segment as run_segment
 
     spacing_mm = _numbers(spacing, float, "--spacing")
     roi_size = _numbers(roi, int, "--roi")
     with user_errors():
+        scans = list(images) + (scans_in(images_dir) if images_dir is not None else [])
+    if not scans:
+        raise click.UsageError("give a scan to segment: --image SCAN (repeatable) or --images DIR")
+    batch = len(scans) > 1 or images_dir is not None or out.is_dir()
+    if out_suffix is not None and not batch:
+        raise click.UsageError("--out-suffix names the format of label maps in an --out directory")
+    with user_errors():
         request = SegmentRequest(
-            image=image,
-            out=out,
+            image=None if batch else scans[0],
+            out=None if batch else out,
             references=[ReferenceSpec.parse(text) for text in references],
             embeddings=embeddings,
             dataset=dataset,
@@ -300,6 +330,9 @@ def segment(image: Path, references: tuple[str, ...], embeddings: Path | None, d
         if tuning_lr is not None:
             request.tuning_lr = tuning_lr
         request.check()
+        if batch:
+            _segment_scans(request, scans, out, out_suffix, model_ref, tracking_uri, project_dir, spacing_mm)
+            return
         with steps(5) as step:
             step("loading model")
             bundle, record = registry.load_model_bundle(model_ref, registry.tracking_uri(tracking_uri))
@@ -397,6 +430,42 @@ def review(model_uri: str, run_reproduce: bool, tolerance: float, tracking_uri: 
                    f" ({', '.join(failed)})", err=True)  # fmt: skip
         sys.exit(1)
     click.echo(f"reproduced: all {len(result.comparisons)} recorded metric(s) within {tolerance:g}", err=True)
+
+
+def _segment_scans(request: SegmentRequest, scans: list[Path], out_dir: Path, out_suffix: str | None,
+                   model_ref: str, tracking_uri: str | None, project_dir: Path,
+                   spacing: list | None) -> None:  # fmt: skip
+    """The batch form of ``iris segment``: one task, many scans; exits 1 when any scan failed."""
+    from iris_pipelines import registry
+    from iris_pipelines.segment import batch_outputs, segment_batch
+
+    batch_outputs(scans, out_dir, out_suffix)  # name clashes fail before the model is fetched
+    with steps(len(scans) + 2) as step:
+        step("loading model")
+        bundle, record = registry.load_model_bundle(model_ref, registry.tracking_uri(tracking_uri))
+        step("reading references and encoding the task")
+        outcome = segment_batch(
+            request, scans, out_dir, bundle, model_uri=model_ref, out_suffix=out_suffix,
+            recorded_parameters=record.parameters() if record is not None else None,
+            project_dir=project_dir, spacing=spacing, on_scan=lambda scan: step(f"segmenting {scan.name}"),
+        )  # fmt: skip
+    table = Table(title=f"{len(scans)} scans ({request.strategy}, {model_ref})")
+    for column in ("scan", "status", "label map or reason"):
+        table.add_column(column, overflow="fold")
+    failed = dict(outcome.failures)
+    written = {result.summary["image"]: result for result in outcome.results}
+    for scan in scans:
+        if scan in failed:
+            table.add_row(str(scan), "failed", failed[scan])
+        else:
+            table.add_row(str(scan), "ok", str(written[str(scan)].label_path))
+    console.print(table)
+    console.print(f"summary: {outcome.summary_path}")
+    if outcome.failures:
+        click.echo(
+            f"{len(outcome.failures)} of {len(scans)} scan(s) failed; see {outcome.summary_path}", err=True
+        )
+        sys.exit(1)
 
 
 # Kedro imports `<package>.cli.cli` for the project's own commands, so `kedro validate …` works as well.

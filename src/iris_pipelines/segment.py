@@ -91,10 +91,14 @@ class ReferenceSpec:
 
 @dataclass
 class SegmentRequest:
-    """What a user asks of ``iris segment``; defaults as the CLI's."""
+    """What a user asks of ``iris segment``; defaults as the CLI's.
 
-    image: Path
-    out: Path
+    ``image`` and ``out`` are the one scan and its label map of :func:`segment`; :func:`segment_batch`
+    takes its scans and output directory separately and ignores them.
+    """
+
+    image: Path | None = None
+    out: Path | None = None
     references: list[ReferenceSpec] = field(default_factory=list)
     embeddings: Path | None = None
     dataset: str | None = None
@@ -449,27 +453,36 @@ def label_volumes(label: sitk.Image, names: Mapping[int, str]) -> list[dict[str,
     ]
 
 
-def segment(
+@dataclass
+class PreparedTask:
+    """The network and the task embedding of a request: built once, then applied to every scan."""
+
+    model: Iris
+    task: Tensor
+    labels: list[int]
+    names: dict[int, str]
+    dataset: str | None
+    params: dict[str, Any]
+    params_source: str
+    roi: tuple[int, int, int]
+    device: torch.device
+
+
+def prepare_task(
     request: SegmentRequest,
     bundle: ModelBundle,
     *,
-    model_uri: str,
     recorded_parameters: Mapping[str, Any] | None = None,
     project_dir: Path | None = None,
     spacing: Sequence[float] | None = None,
     on_step: StepCallback | None = None,
-) -> SegmentResult:
-    """Run ``iris segment``: read, embed, segment on the canonical grid, write on the scan's own grid."""
+) -> PreparedTask:
+    """Read the references (or stored embeddings) and encode the task: the work shared by all scans."""
     step = on_step or (lambda _: None)
     request.check()
     device = resolve_device(request.device)
     params, params_source = preprocess_params(spacing, bundle, recorded_parameters, project_dir or Path.cwd())
     roi = tuple(request.roi_size) if request.roi_size else default_roi(bundle)
-
-    step("reading")
-    image = read_image(request.image)
-    require_scalar_volume(image, request.image, "image")
-    require_storable(image, request.out)  # the result gets the scan's grid: refuse now, not after inference
     model = bundle.build_model().to(device)
     references: list[Reference] = []
     table = read_embeddings(request.embeddings) if request.embeddings is not None else None
@@ -498,35 +511,208 @@ def segment(
     else:
         task, labels = bank_task(model, bundle, str(request.dataset), request.classes)
         names = class_names(labels, request.labels_file, None)
+    return PreparedTask(model, task, labels, names, dataset, params, params_source, roi, device)  # type: ignore[arg-type]
 
+
+def read_scan(path: Path, out: Path) -> sitk.Image:
+    """The scan to segment, refused now if its label map could not be written to ``out`` (its own grid)."""
+    image = read_image(path)
+    require_scalar_volume(image, path, "image")
+    require_storable(image, out)
+    return image
+
+
+def segment_scan(
+    request: SegmentRequest,
+    prepared: PreparedTask,
+    image: sitk.Image,
+    image_path: Path,
+    out: Path,
+    *,
+    model_uri: str,
+    on_step: StepCallback | None = None,
+) -> SegmentResult:
+    """Segment one scan with a prepared task on the canonical grid; write it on the scan's own grid."""
+    step = on_step or (lambda _: None)
     step("segmenting")
-    predict = make_predictor(model, task, roi_size=roi, overlap=request.overlap, device=device)
+    predict = make_predictor(
+        prepared.model, prepared.task, roi_size=prepared.roi, overlap=request.overlap, device=prepared.device
+    )
     with torch.no_grad():
         result = segment_volume(
-            image, predict, labels, modality=request.modality, params=params,
-            threshold=request.threshold, device=device, source=str(request.image),
+            image, predict, prepared.labels, modality=request.modality, params=prepared.params,
+            threshold=request.threshold, device=prepared.device, source=str(image_path),
         )  # fmt: skip
 
     step("writing")
-    write_image(result, request.out)
+    write_image(result, out)
     summary = {
-        "image": str(request.image),
-        "output": str(request.out),
+        "image": str(image_path),
+        "output": str(out),
         "model": model_uri,
         "strategy": request.strategy,
         "references": [{"image": str(r.image), "label": str(r.label)} for r in request.references],
         "embeddings": None if request.embeddings is None else str(request.embeddings),
-        "dataset": dataset,
+        "dataset": prepared.dataset,
         "modality": request.modality,
-        "preprocess": params,
-        "preprocess_source": params_source,
-        "roi_size": list(roi),
+        "preprocess": prepared.params,
+        "preprocess_source": prepared.params_source,
+        "roi_size": list(prepared.roi),
         "threshold": request.threshold,
-        "device": str(device),
+        "device": str(prepared.device),
         "geometry": Geometry.from_image(result).to_dict(),
         "voxel_volume_mm3": float(np.prod(result.GetSpacing())),
-        "classes": label_volumes(result, names),
+        "classes": label_volumes(result, prepared.names),
     }
-    sidecar = sidecar_path(request.out)
+    sidecar = sidecar_path(out)
     write_text_atomic(sidecar, json.dumps(summary, indent=2) + "\n")
-    return SegmentResult(Path(request.out), sidecar, summary)
+    return SegmentResult(Path(out), sidecar, summary)
+
+
+def segment(
+    request: SegmentRequest,
+    bundle: ModelBundle,
+    *,
+    model_uri: str,
+    recorded_parameters: Mapping[str, Any] | None = None,
+    project_dir: Path | None = None,
+    spacing: Sequence[float] | None = None,
+    on_step: StepCallback | None = None,
+) -> SegmentResult:
+    """Run ``iris segment`` on one scan: read, embed, segment on the canonical grid, write on its grid."""
+    step = on_step or (lambda _: None)
+    request.check()
+    if request.image is None or request.out is None:
+        raise SegmentError("give the scan to segment and the label map to write (--image, --out)")
+    step("reading")
+    image = read_scan(request.image, request.out)  # a bad scan fails before the references are read
+    prepared = prepare_task(
+        request, bundle, recorded_parameters=recorded_parameters, project_dir=project_dir, spacing=spacing,
+        on_step=step,
+    )  # fmt: skip
+    return segment_scan(
+        request, prepared, image, request.image, request.out, model_uri=model_uri, on_step=step
+    )
+
+
+# ------------------------------------------------------------------------------------------------ batches
+
+OUTPUT_SUFFIXES = (".nii.gz", ".nii", ".mha", ".nrrd")
+BATCH_SUMMARY = "segmentations.csv"
+# A DICOM series (no suffix) and detached-header formats come out as single files.
+_OWN_OUTPUT_SUFFIX = {"": ".nii.gz", ".mhd": ".mha", ".nhdr": ".nrrd"}
+
+
+def scans_in(directory: Path) -> list[Path]:
+    """Every NIfTI, MetaImage and NRRD file directly in ``directory``, sorted by name."""
+    if not directory.is_dir():
+        raise InvalidInputError(str(directory), "missing_file", "--images must name an existing directory")
+    found = sorted(p for p in directory.iterdir() if p.is_file() and file_suffix(p) and p.name[0] != ".")
+    if not found:
+        raise InvalidInputError(
+            str(directory),
+            "no_images",
+            "holds no .nii.gz, .nii, .mha, .mhd, .nrrd or .nhdr file; "
+            "pass DICOM series one by one with --image",
+        )
+    return found
+
+
+def output_name(image: Path, suffix: str | None = None) -> str:
+    """``scan.nii.gz`` → ``scan<suffix>``; by default the scan's own format, as one file."""
+    own = file_suffix(image)
+    stem = image.name[: len(image.name) - len(own)] if own else image.name
+    return stem + (suffix or _OWN_OUTPUT_SUFFIX.get(own, own))
+
+
+def batch_outputs(
+    images: Sequence[Path], out_dir: Path, suffix: str | None = None
+) -> list[tuple[Path, Path]]:
+    """(scan, label map) pairs under ``out_dir``; refused before any work when an output would overwrite a
+    scan or another scan's output."""
+    if suffix is not None and suffix not in OUTPUT_SUFFIXES:
+        raise SegmentError(f"--out-suffix {suffix!r}: expected one of {list(OUTPUT_SUFFIXES)}")
+    inputs = {Path(image).resolve(): image for image in images}
+    pairs: list[tuple[Path, Path]] = []
+    writers: dict[Path, Path] = {}
+    for image in images:
+        out = out_dir / output_name(Path(image), suffix)
+        key = out.resolve()
+        if key in inputs:
+            raise SegmentError(
+                f"{out} would overwrite the scan {inputs[key]}; choose another --out directory"
+            )
+        if key in writers:
+            raise SegmentError(
+                f"{writers[key]} and {image} would both be written to {out}; rename one or use --out-suffix"
+            )
+        writers[key] = Path(image)
+        pairs.append((Path(image), out))
+    return pairs
+
+
+@dataclass
+class BatchResult:
+    """The scans segmented, the ones that failed (with the one-line reason), and the summary table."""
+
+    results: list[SegmentResult]
+    failures: list[tuple[Path, str]]
+    summary_path: Path
+
+
+def _summary_row(image: Path, out: Path, result: SegmentResult | None, reason: str = "") -> dict[str, Any]:
+    row: dict[str, Any] = {"image": str(image), "output": str(out) if result else "", "status": "ok"}
+    if result is None:
+        row.update(status="failed", reason=reason)
+        return row
+    row["reason"] = ""
+    for item in result.summary["classes"]:
+        row[f"{item['name']} (ml)"] = round(item["volume_ml"], 3)
+    return row
+
+
+def segment_batch(
+    request: SegmentRequest,
+    images: Sequence[Path],
+    out_dir: Path,
+    bundle: ModelBundle,
+    *,
+    model_uri: str,
+    out_suffix: str | None = None,
+    recorded_parameters: Mapping[str, Any] | None = None,
+    project_dir: Path | None = None,
+    spacing: Sequence[float] | None = None,
+    on_scan: Callable[[Path], None] | None = None,
+) -> BatchResult:
+    """``iris segment`` on many scans with one task, encoded once (the point of in-context segmentation).
+
+    A scan that cannot be segmented (unreadable, NaN voxels, a grid its format cannot store, …) is logged,
+    listed with its reason in ``segmentations.csv`` in ``out_dir`` and skipped; the others go on. Problems
+    shared by all scans (references, model, options, output names) stop the batch before any scan.
+    """
+    request.check()
+    pairs = batch_outputs(images, out_dir, out_suffix)
+    prepared = prepare_task(
+        request, bundle, recorded_parameters=recorded_parameters, project_dir=project_dir, spacing=spacing
+    )
+    out_dir.mkdir(parents=True, exist_ok=True)
+    results: list[SegmentResult] = []
+    failures: list[tuple[Path, str]] = []
+    rows: list[dict[str, Any]] = []
+    for image_path, out in pairs:
+        if on_scan is not None:
+            on_scan(image_path)
+        try:
+            image = read_scan(image_path, out)
+            result = segment_scan(request, prepared, image, image_path, out, model_uri=model_uri)
+        except (InvalidInputError, SegmentError, OSError) as error:
+            reason = " ".join(str(error).split())
+            logger.warning("skipped %s", reason)
+            failures.append((image_path, reason))
+            rows.append(_summary_row(image_path, out, None, reason))
+            continue
+        results.append(result)
+        rows.append(_summary_row(image_path, out, result))
+    summary_path = out_dir / BATCH_SUMMARY
+    write_text_atomic(summary_path, pd.DataFrame(rows).to_csv(index=False))
+    return BatchResult(results, failures, summary_path)
