@@ -699,20 +699,22 @@ def segment_batch(
     results: list[SegmentResult] = []
     failures: list[tuple[Path, str]] = []
     rows: list[dict[str, Any]] = []
-    for image_path, out in pairs:
-        if on_scan is not None:
-            on_scan(image_path)
-        try:
-            image = read_scan(image_path, out)
-            result = segment_scan(request, prepared, image, image_path, out, model_uri=model_uri)
-        except (InvalidInputError, SegmentError, OSError) as error:
-            reason = " ".join(str(error).split())
-            logger.warning("skipped %s", reason)
-            failures.append((image_path, reason))
-            rows.append(_summary_row(image_path, out, None, reason))
-            continue
-        results.append(result)
-        rows.append(_summary_row(image_path, out, result))
     summary_path = out_dir / BATCH_SUMMARY
-    write_text_atomic(summary_path, pd.DataFrame(rows).to_csv(index=False))
+    try:
+        for image_path, out in pairs:
+            if on_scan is not None:
+                on_scan(image_path)
+            try:
+                image = read_scan(image_path, out)
+                result = segment_scan(request, prepared, image, image_path, out, model_uri=model_uri)
+            except (InvalidInputError, SegmentError, OSError) as error:
+                reason = " ".join(str(error).split())
+                logger.warning("skipped %s", reason)
+                failures.append((image_path, reason))
+                rows.append(_summary_row(image_path, out, None, reason))
+                continue
+            results.append(result)
+            rows.append(_summary_row(image_path, out, result))
+    finally:  # an unexpected error (or Ctrl-C) still leaves the table of the scans done so far
+        write_text_atomic(summary_path, pd.DataFrame(rows).to_csv(index=False))
     return BatchResult(results, failures, summary_path)
