@@ -62,3 +62,25 @@ def test_phantoms_root_that_cannot_be_a_folder_is_a_one_line_error(tmp_path: Pat
     result = CliRunner().invoke(main, ["phantoms", str(tmp_path / root), "--cases-per-dataset", "1"])
     assert result.exit_code == 2, result.output
     assert "afile" in result.output and "Traceback" not in result.output
+
+
+def test_loading_the_config_and_the_pyfunc_prints_no_third_party_warnings() -> None:
+    """Every `kedro run` and `iris` command printed an MLflow type-hint warning and OmegaConf deprecations
+    (from Kedro's own calls): noise nobody could act on, burying the warnings that matter."""
+    import subprocess
+    import sys
+
+    conf = str(Path(__file__).parents[1] / "conf")
+    script = (
+        "from kedro.config import OmegaConfigLoader\n"
+        "import iris_pipelines.inference.pyfunc_model\n"
+        "from iris_pipelines.settings import CONFIG_LOADER_ARGS\n"
+        f"OmegaConfigLoader({conf!r}, **CONFIG_LOADER_ARGS)['parameters']\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-W", "always", "-c", script], capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    assert "Add type hints" not in result.stderr and "register_new_resolver" not in result.stderr, (
+        result.stderr
+    )

@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -290,15 +291,21 @@ def register_model(
         mlflow.log_artifact(str(config_file), artifact_path="config")
         if "lockfile_sha256" not in run.data.tags and (Path.cwd() / LOCK_FILE).exists():
             mlflow.log_artifact(str(Path.cwd() / LOCK_FILE), artifact_path="environment")
-        info = mlflow.pyfunc.log_model(
-            name="iris",
-            python_model=str(PYFUNC_SOURCE),
-            artifacts={"bundle": str(bundle_dir)},
-            registered_model_name=name,
-            pip_requirements=_pip_requirements(),
-            # Without a signature MLflow drops predict's params (``threshold``) with only a warning.
-            signature=SIGNATURE,
-        )
+        with warnings.catch_warnings():
+            # An input example would make MLflow run a whole segmentation while logging; the signature
+            # already states the params, and predict checks its arrays itself.
+            warnings.filterwarnings(
+                "ignore", message=r".*An input example was not provided", category=UserWarning
+            )
+            info = mlflow.pyfunc.log_model(
+                name="iris",
+                python_model=str(PYFUNC_SOURCE),
+                artifacts={"bundle": str(bundle_dir)},
+                registered_model_name=name,
+                pip_requirements=_pip_requirements(),
+                # Without a signature MLflow drops predict's params (``threshold``) with only a warning.
+                signature=SIGNATURE,
+            )
     version = str(info.registered_model_version)
     client = mlflow.MlflowClient()
     for key, value in registry_tags(run, iris_model, episode_index, preprocessed_manifest).items():
