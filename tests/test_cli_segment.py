@@ -4,6 +4,7 @@ the scan in world coordinates out, with a JSON sidecar; clear one-line errors fo
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -440,25 +441,27 @@ def test_several_scans_share_one_task_and_a_bad_scan_is_skipped(
     assert float(summary["liver (ml)"][0]) == pytest.approx(sidecar["classes"][0]["volume_ml"], abs=1e-3)
 
 
-def test_a_directory_of_scans_in_another_format(files, tmp_path, one_torch_thread) -> None:
+def test_a_directory_of_scans_and_dicom_series_in_another_format(files, tmp_path, one_torch_thread) -> None:
+    """--images takes files and DICOM series folders; the output folder inside it is not read as a scan."""
     scans = tmp_path / "scans"
     scans.mkdir()
     for name in ("a.nii.gz", "b.nii.gz"):
         write_image(read_image(files["query"]), scans / name)
-    out = tmp_path / "labels"
+    shutil.copytree(files["dicom"], scans / "c_series")
+    out = scans / "labels"
+    out.mkdir()  # as on a re-run
     result = invoke(
         "--images", scans, *_reference(files), "--model", files["bundle"], "--out", out,
         "--out-suffix", ".mha", *SPACING,
     )  # fmt: skip
     assert result.exit_code == 0, result.output
     assert sorted(p.name for p in out.iterdir()) == [
-        "a.json",
-        "a.mha",
-        "b.json",
-        "b.mha",
-        "segmentations.csv",
-    ]
-    assert pd.read_csv(out / "segmentations.csv")["status"].tolist() == ["ok", "ok"]
+        "a.json", "a.mha", "b.json", "b.mha", "c_series.json", "c_series.mha", "segmentations.csv",
+    ]  # fmt: skip
+    assert pd.read_csv(out / "segmentations.csv")["status"].tolist() == ["ok", "ok", "ok"]
+    assert Geometry.from_image(read_image(out / "c_series.mha")).same_grid(
+        Geometry.from_image(read_image(files["dicom"])), atol_mm=1e-4, atol_direction=1e-6
+    )
 
 
 @pytest.mark.parametrize("clash", ["overwrite a scan", "one output for two scans"])

@@ -212,7 +212,8 @@ def _project_option(help_text: str):
     "images_dir",
     type=click.Path(path_type=Path),
     default=None,
-    help="Segment every NIfTI/MHA/NRRD file in this directory (--out is then a directory).",
+    help="Segment every NIfTI/MHA/NRRD file in this directory, and each subdirectory as a DICOM series "
+    "(--out is then a directory).",
 )
 @click.option(
     "--reference",
@@ -303,7 +304,7 @@ def segment(images: tuple[Path, ...], images_dir: Path | None, references: tuple
     spacing_mm = _numbers(spacing, float, "--spacing")
     roi_size = _numbers(roi, int, "--roi")
     with user_errors():
-        scans = list(images) + (scans_in(images_dir) if images_dir is not None else [])
+        scans = list(images) + (scans_in(images_dir, exclude=out) if images_dir is not None else [])
     if not scans:
         raise click.UsageError("give a scan to segment: --image SCAN (repeatable) or --images DIR")
     batch = len(scans) > 1 or images_dir is not None or out.is_dir()

@@ -603,17 +603,26 @@ BATCH_SUMMARY = "segmentations.csv"
 _OWN_OUTPUT_SUFFIX = {"": ".nii.gz", ".mhd": ".mha", ".nhdr": ".nrrd"}
 
 
-def scans_in(directory: Path) -> list[Path]:
-    """Every NIfTI, MetaImage and NRRD file directly in ``directory``, sorted by name."""
+def scans_in(directory: Path, exclude: Path | None = None) -> list[Path]:
+    """The scans in ``directory``, sorted by name: every NIfTI, MetaImage and NRRD file, and every
+    subdirectory as a DICOM series (one that is not is reported when read, like any bad scan).
+
+    ``exclude`` (the output directory, when it lies inside) is left out: a re-run must not read it.
+    """
     if not directory.is_dir():
         raise InvalidInputError(str(directory), "missing_file", "--images must name an existing directory")
-    found = sorted(p for p in directory.iterdir() if p.is_file() and file_suffix(p) and p.name[0] != ".")
+    skip = exclude.resolve() if exclude is not None else None
+    found = sorted(
+        path
+        for path in directory.iterdir()
+        if path.name[0] != "."
+        and ((path.is_file() and file_suffix(path)) or (path.is_dir() and path.resolve() != skip))
+    )
     if not found:
         raise InvalidInputError(
             str(directory),
             "no_images",
-            "holds no .nii.gz, .nii, .mha, .mhd, .nrrd or .nhdr file; "
-            "pass DICOM series one by one with --image",
+            "holds no .nii.gz, .nii, .mha, .mhd, .nrrd or .nhdr file and no DICOM series directory",
         )
     return found
 
