@@ -100,6 +100,7 @@ class RegisteredModel:
     client: Any = field(repr=False)
     problems: list[str] = field(default_factory=list)
     _evaluation_run: Any | None = field(default=None, init=False, repr=False)
+    _evaluation_run_read: bool = field(default=False, init=False, repr=False)
 
     @property
     def params(self) -> dict[str, str]:
@@ -148,12 +149,12 @@ class RegisteredModel:
         """The MLflow run that evaluated the version, None when it cannot be read (noted in ``problems``)."""
         if not self.evaluated_separately:
             return self.run
-        if self._evaluation_run is None:
+        if not self._evaluation_run_read:  # read once: a failure is noted once, not at every access
+            self._evaluation_run_read = True
             try:
                 self._evaluation_run = self.client.get_run(self.evaluation_run_id)
             except Exception as error:  # noqa: BLE001
                 self.problems.append(f"evaluation run {self.evaluation_run_id}: {_one_line(error)}")
-                return None
         return self._evaluation_run
 
     @property

@@ -289,12 +289,9 @@ def load_recorded_inputs(
 
 def checksum_mismatches(tags: Mapping[str, str], index: Mapping[str, Any], manifest: Any) -> list[str]:
     """The loaded inputs against the checksums ``tags`` recorded (a re-written version fails)."""
-    from iris_pipelines.pipelines.train.nodes import manifest_checksum
+    from iris_pipelines.pipelines.train.nodes import input_checksums
 
-    actual = {
-        "episode_index_checksum": str(index.get("checksum", "")),
-        "preprocessed_manifest_checksum": manifest_checksum(manifest),
-    }
+    actual = input_checksums(index, manifest)
     return [
         f"{key[: -len('_checksum')]}: the loaded version has checksum {value[:12]}…, "
         f"but {tags[key][:12]}… was recorded"

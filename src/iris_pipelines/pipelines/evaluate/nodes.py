@@ -22,7 +22,7 @@ from iris_pipelines.evaluation.report import (
 )
 from iris_pipelines.inference.bundle import ModelBundle
 from iris_pipelines.pipelines.embed_tasks.nodes import model_info
-from iris_pipelines.pipelines.train.nodes import manifest_checksum
+from iris_pipelines.pipelines.train.nodes import input_checksums
 from iris_pipelines.registry import EVAL_TAG_PREFIX, EVALUATION_PARAMETERS_ARTIFACT, EVALUATION_RUN_TAG
 from iris_pipelines.training.sampler import case_records
 
@@ -63,12 +63,7 @@ def record_evaluation_inputs(
         return
     settings = {"embed_tasks": embed_tasks_params, "evaluate": evaluate_params}
     mlflow.log_dict(settings, EVALUATION_PARAMETERS_ARTIFACT)
-    mlflow.set_tags(
-        {
-            "episode_index_checksum": str(episode_index.get("checksum", "")),
-            "preprocessed_manifest_checksum": manifest_checksum(preprocessed_manifest),
-        }
-    )
+    mlflow.set_tags(input_checksums(episode_index, preprocessed_manifest))
 
 
 def _tag_model_version(registered_model: dict[str, Any] | None, metrics: dict[str, float]) -> None:

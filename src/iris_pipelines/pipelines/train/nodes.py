@@ -14,6 +14,7 @@ import logging
 import math
 import tempfile
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -230,6 +231,14 @@ def manifest_checksum(preprocessed_manifest: pd.DataFrame) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()
 
 
+def input_checksums(episode_index: Mapping[str, Any], preprocessed_manifest: pd.DataFrame) -> dict[str, str]:
+    """The checksum tags of a run's inputs, as the model version and an evaluation run record them."""
+    return {
+        "episode_index_checksum": str(episode_index.get("checksum", "")),
+        "preprocessed_manifest_checksum": manifest_checksum(preprocessed_manifest),
+    }
+
+
 def registry_tags(
     run: mlflow.entities.Run,
     bundle: ModelBundle,
@@ -251,8 +260,7 @@ def registry_tags(
     tags.update({key: value for key, value in run_tags.items() if key.startswith(INPUT_VERSION_TAG_PREFIX)})
     for name in ("episode_index", "preprocessed_manifest"):
         tags.setdefault(f"{INPUT_VERSION_TAG_PREFIX}{name}", "unversioned")
-    tags["episode_index_checksum"] = str(episode_index.get("checksum", ""))
-    tags["preprocessed_manifest_checksum"] = manifest_checksum(preprocessed_manifest)
+    tags.update(input_checksums(episode_index, preprocessed_manifest))
     tags["mlflow_run_id"] = run.info.run_id
     tags["final_step"] = str(bundle.metadata.get("final_step", ""))
     tags["world_size"] = str(bundle.metadata.get("world_size", ""))
