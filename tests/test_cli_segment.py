@@ -7,6 +7,7 @@ import json
 import shutil
 from pathlib import Path
 
+import nibabel
 import numpy as np
 import pandas as pd
 import pytest
@@ -176,6 +177,28 @@ def test_a_known_prediction_lands_on_the_blob_in_world_coordinates(
     assert np.linalg.norm(_world_centroid(written, 5) - CENTRE) < 1.0
     _check_sidecar(out, written)
     assert (tmp_path / "labels.json").is_file()
+
+
+def test_probabilities_are_saved_beside_the_label_map_on_the_scan_grid(files, tmp_path, monkeypatch) -> None:
+    """--save-probabilities (nnU-Net's --save_probabilities): a 4-D float image whose 3-D affine is the label
+    map's, so any viewer or nibabel overlays it; thresholding it gives the label map."""
+    _known_prediction(files, monkeypatch, files["query"])
+    out = tmp_path / "labels.nii.gz"
+    result = invoke(
+        "--image", files["query"], *_reference(files), "--model", files["bundle"], "--strategy", "one_shot",
+        "--out", out, "--save-probabilities", *SPACING,
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    path = tmp_path / "labels_probabilities.nii.gz"
+    assert f"probabilities:{path}" in "".join(result.output.split())  # rich wraps long paths
+    sidecar = _check_sidecar(out, read_image(out))
+    assert sidecar["probabilities"]["path"] == str(path) and sidecar["probabilities"]["order"] == [5]
+    soft, labels = nibabel.load(path), nibabel.load(out)
+    assert soft.shape == (*labels.shape, 1) and soft.get_data_dtype() == np.float32
+    np.testing.assert_allclose(soft.affine, labels.affine, atol=1e-4)
+    probability = np.asarray(soft.dataobj)[..., 0]
+    assert probability.min() >= 0.0 and probability.max() <= 1.0
+    assert np.mean((probability > 0.5) == (np.asarray(labels.dataobj) == 5)) > 0.999
 
 
 def test_unreadable_scan_is_named_in_one_line(files, tmp_path) -> None:
@@ -452,19 +475,24 @@ def test_a_directory_of_scans_and_dicom_series_in_another_format(files, tmp_path
     out.mkdir()  # as on a re-run
     result = invoke(
         "--images", scans, *_reference(files), "--model", files["bundle"], "--out", out,
-        "--out-suffix", ".mha", *SPACING,
+        "--out-suffix", ".mha", "--save-probabilities", *SPACING,
     )  # fmt: skip
     assert result.exit_code == 0, result.output
     assert sorted(p.name for p in out.iterdir()) == [
-        "a.json", "a.mha", "b.json", "b.mha", "c_series.json", "c_series.mha", "segmentations.csv",
+        "a.json", "a.mha", "a_probabilities.mha", "b.json", "b.mha", "b_probabilities.mha",
+        "c_series.json", "c_series.mha", "c_series_probabilities.mha", "segmentations.csv",
     ]  # fmt: skip
+    soft = read_image(out / "c_series_probabilities.mha")
+    assert soft.GetSize() == (*read_image(out / "c_series.mha").GetSize(), 1)
     assert pd.read_csv(out / "segmentations.csv")["status"].tolist() == ["ok", "ok", "ok"]
     assert Geometry.from_image(read_image(out / "c_series.mha")).same_grid(
         Geometry.from_image(read_image(files["dicom"])), atol_mm=1e-4, atol_direction=1e-6
     )
 
 
-@pytest.mark.parametrize("clash", ["overwrite a scan", "one output for two scans"])
+@pytest.mark.parametrize(
+    "clash", ["overwrite a scan", "one output for two scans", "one sidecar for two scans"]
+)
 def test_output_names_that_clash_are_refused_before_any_work(files, tmp_path, monkeypatch, clash) -> None:
     def no_encoding(*args, **kwargs):
         raise AssertionError("encoded although the outputs clash")
@@ -475,10 +503,18 @@ def test_output_names_that_clash_are_refused_before_any_work(files, tmp_path, mo
     write_image(read_image(files["query"]), scans / "a.nii.gz")
     if clash == "overwrite a scan":
         args, expected = ["--images", scans, "--out", scans], f"{scans / 'a.nii.gz'} would overwrite the scan"
-    else:
+    elif clash == "one output for two scans":
         write_image(read_image(files["query"]), scans / "a.mha")
         args = ["--images", scans, "--out", tmp_path / "out", "--out-suffix", ".nrrd"]
-        expected = f"{scans / 'a.mha'} and {scans / 'a.nii.gz'} would both be written to"
+        expected = (
+            f"{scans / 'a.mha'} and {scans / 'a.nii.gz'} would both write {tmp_path / 'out' / 'a.nrrd'}"
+        )
+    else:  # a.mha and a.nii.gz keep their formats, but both sidecars would be a.json
+        write_image(read_image(files["query"]), scans / "a.mha")
+        args = ["--images", scans, "--out", tmp_path / "out"]
+        expected = (
+            f"{scans / 'a.mha'} and {scans / 'a.nii.gz'} would both write {tmp_path / 'out' / 'a.json'}"
+        )
     result = invoke(*args, *_reference(files), "--model", files["bundle"], *SPACING)
     assert result.exit_code == 2, result.output
     assert expected in " ".join(result.output.split()) and "Traceback" not in result.output

@@ -283,12 +283,19 @@ def _project_option(help_text: str):
     help="Format of the label maps in an --out directory: .nii.gz, .nii, .mha or .nrrd (default: each "
     "scan's own; DICOM: .nii.gz).",
 )
+@click.option(
+    "--save-probabilities",
+    is_flag=True,
+    help="Also write <out stem>_probabilities (same format): a float32 4-D image on the scan's grid, each "
+    "class's foreground probability along the fourth axis, in label order (as nnU-Net's "
+    "--save_probabilities; K × the scan's size in float32).",
+)
 def segment(images: tuple[Path, ...], images_dir: Path | None, references: tuple[str, ...],
             embeddings: Path | None, dataset: str | None, model_ref: str, strategy: str, classes: str | None,
             labels_file: Path | None, modality: str, spacing: str | None, roi: str | None, overlap: float,
             threshold: float, tuning_steps: int | None, tuning_lr: float | None, device: str,
             tracking_uri: str | None, project_dir: Path, out: Path,
-            out_suffix: str | None) -> None:  # fmt: skip
+            out_suffix: str | None, save_probabilities: bool) -> None:  # fmt: skip
     """Segment scans in context: the classes shown by the references (or stored task embeddings).
 
     Each label map is written on its scan's own grid (size, spacing, origin, direction), with
@@ -325,6 +332,7 @@ def segment(images: tuple[Path, ...], images_dir: Path | None, references: tuple
             overlap=overlap,
             threshold=threshold,
             device=device,
+            save_probabilities=save_probabilities,
         )
         if tuning_steps is not None:
             request.tuning_steps = tuning_steps
@@ -353,6 +361,8 @@ def segment(images: tuple[Path, ...], images_dir: Path | None, references: tuple
         table.add_row(str(row["label"]), row["name"], str(row["voxels"]), f"{row['volume_ml']:.2f}")
     console.print(table)
     console.print(f"sidecar: {result.sidecar_path}")
+    if result.summary["probabilities"] is not None:
+        console.print(f"probabilities: {result.summary['probabilities']['path']}")
 
 
 @main.command()
@@ -440,7 +450,8 @@ def _segment_scans(request: SegmentRequest, scans: list[Path], out_dir: Path, ou
     from iris_pipelines import registry
     from iris_pipelines.segment import batch_outputs, segment_batch
 
-    batch_outputs(scans, out_dir, out_suffix)  # name clashes fail before the model is fetched
+    # name clashes fail before the model is fetched
+    batch_outputs(scans, out_dir, out_suffix, probabilities=request.save_probabilities)
     with steps(len(scans) + 2) as step:
         step("loading model")
         bundle, record = registry.load_model_bundle(model_ref, registry.tracking_uri(tracking_uri))

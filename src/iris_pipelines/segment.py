@@ -112,6 +112,7 @@ class SegmentRequest:
     tuning_steps: int = EvaluateParams().tuning_steps
     tuning_lr: float = EvaluateParams().tuning_lr
     device: str = "auto"
+    save_probabilities: bool = False
 
     def check(self) -> None:
         """Refuse contradictory options before any file is read."""
@@ -152,12 +153,22 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def _stem_and_suffix(path: Path) -> tuple[str, str]:
+    """``labels.nii.gz`` → (``labels``, ``.nii.gz``): the image suffix as written, else the last suffix."""
+    length = len(file_suffix(path))
+    return (path.name[:-length], path.name[-length:]) if length else (path.stem, path.suffix)
+
+
 def sidecar_path(out: str | Path) -> Path:
     """``labels.nii.gz`` → ``labels.json`` next to it (any image suffix is dropped)."""
-    path = Path(out)
-    suffix = file_suffix(path)
-    stem = path.name[: len(path.name) - len(suffix)] if suffix else path.stem
-    return path.with_name(f"{stem}.json")
+    stem, _ = _stem_and_suffix(Path(out))
+    return Path(out).with_name(f"{stem}.json")
+
+
+def probabilities_path(out: str | Path) -> Path:
+    """``labels.nii.gz`` → ``labels_probabilities.nii.gz`` next to it, in the label map's format."""
+    stem, suffix = _stem_and_suffix(Path(out))
+    return Path(out).with_name(f"{stem}_probabilities{suffix}")
 
 
 def _read_json(path: Path) -> Any:
@@ -539,13 +550,19 @@ def segment_scan(
         prepared.model, prepared.task, roi_size=prepared.roi, overlap=request.overlap, device=prepared.device
     )
     with torch.no_grad():
-        result = segment_volume(
+        prediction = segment_volume(
             image, predict, prepared.labels, modality=request.modality, params=prepared.params,
-            threshold=request.threshold, device=prepared.device, source=str(image_path),
+            threshold=request.threshold, probabilities=request.save_probabilities, device=prepared.device,
+            source=str(image_path),
         )  # fmt: skip
 
     step("writing")
-    write_image(result, out)
+    result = prediction.labels
+    probabilities = None
+    if prediction.probabilities is not None:
+        probabilities = probabilities_path(out)
+        write_image(prediction.probabilities, probabilities)
+    write_image(result, out)  # last: a label map on disk means its probabilities are there too
     summary = {
         "image": str(image_path),
         "output": str(out),
@@ -563,6 +580,13 @@ def segment_scan(
         "geometry": Geometry.from_image(result).to_dict(),
         "voxel_volume_mm3": float(np.prod(result.GetSpacing())),
         "classes": label_volumes(result, prepared.names),
+        "probabilities": None
+        if probabilities is None
+        else {
+            "path": str(probabilities),
+            "order": [int(v) for v in prepared.labels],
+            "meaning": "fourth axis: each class's foreground probability (sigmoid; classes may overlap)",
+        },
     }
     sidecar = sidecar_path(out)
     write_text_atomic(sidecar, json.dumps(summary, indent=2) + "\n")
@@ -635,10 +659,10 @@ def output_name(image: Path, suffix: str | None = None) -> str:
 
 
 def batch_outputs(
-    images: Sequence[Path], out_dir: Path, suffix: str | None = None
+    images: Sequence[Path], out_dir: Path, suffix: str | None = None, *, probabilities: bool = False
 ) -> list[tuple[Path, Path]]:
-    """(scan, label map) pairs under ``out_dir``; refused before any work when an output would overwrite a
-    scan or another scan's output."""
+    """(scan, label map) pairs under ``out_dir``; refused before any work when a file written for one scan
+    (label map, JSON sidecar, probabilities) would overwrite a scan or a file written for another."""
     if suffix is not None and suffix not in OUTPUT_SUFFIXES:
         raise SegmentError(f"--out-suffix {suffix!r}: expected one of {list(OUTPUT_SUFFIXES)}")
     inputs = {Path(image).resolve(): image for image in images}
@@ -646,16 +670,18 @@ def batch_outputs(
     writers: dict[Path, Path] = {}
     for image in images:
         out = out_dir / output_name(Path(image), suffix)
-        key = out.resolve()
-        if key in inputs:
-            raise SegmentError(
-                f"{out} would overwrite the scan {inputs[key]}; choose another --out directory"
-            )
-        if key in writers:
-            raise SegmentError(
-                f"{writers[key]} and {image} would both be written to {out}; rename one or use --out-suffix"
-            )
-        writers[key] = Path(image)
+        written = [out, sidecar_path(out)] + ([probabilities_path(out)] if probabilities else [])
+        for path in written:
+            key = path.resolve()
+            if key in inputs:
+                raise SegmentError(
+                    f"{path} would overwrite the scan {inputs[key]}; choose another --out directory"
+                )
+            if key in writers:
+                raise SegmentError(
+                    f"{writers[key]} and {image} would both write {path}; rename one or use --out-suffix"
+                )
+            writers[key] = Path(image)
         pairs.append((Path(image), out))
     return pairs
 
@@ -700,7 +726,7 @@ def segment_batch(
     shared by all scans (references, model, options, output names) stop the batch before any scan.
     """
     request.check()
-    pairs = batch_outputs(images, out_dir, out_suffix)
+    pairs = batch_outputs(images, out_dir, out_suffix, probabilities=request.save_probabilities)
     prepared = prepare_task(
         request, bundle, recorded_parameters=recorded_parameters, project_dir=project_dir, spacing=spacing
     )

@@ -11,15 +11,17 @@ import torch
 from scipy.spatial.transform import Rotation
 
 from iris_pipelines.collection.preprocessing import PreprocessParams, _image_array
-from iris_pipelines.imaging import Geometry, InvalidInputError, write_image
+from iris_pipelines.imaging import Geometry, InvalidInputError, restore_geometry, write_image
 from iris_pipelines.inference import (
     class_masks,
     encode_reference,
+    label_map_logits,
     predict_label_array,
     prepare_image,
     reference_task,
     reference_tensors,
     segment_volume,
+    to_original_grid,
     volume_predictor,
 )
 from iris_pipelines.model import Iris
@@ -68,7 +70,7 @@ def _world_centroid(label: sitk.Image, value: int) -> np.ndarray:
 @pytest.mark.parametrize("name", sorted(GEOMETRIES))
 def test_prediction_overlays_the_input_in_world_coordinates(name: str) -> None:
     image, truth, _ = _scan(name)
-    result = segment_volume(image, _threshold_predictor, [5], modality="CT", params=PARAMS)
+    result = segment_volume(image, _threshold_predictor, [5], modality="CT", params=PARAMS).labels
 
     assert Geometry.from_image(result) == Geometry.from_image(image)
     assert result.GetPixelID() == sitk.sitkUInt8
@@ -124,7 +126,7 @@ def test_segment_volume_with_the_model_tiles_and_returns_the_scan_grid(tiny_mode
         calls.append(tuple(volume.shape))
         return sliding(volume)
 
-    result = segment_volume(image, predict, [5], modality="CT", params=PARAMS)
+    result = segment_volume(image, predict, [5], modality="CT", params=PARAMS).labels
     assert Geometry.from_image(result) == Geometry.from_image(image)
     assert set(np.unique(sitk.GetArrayViewFromImage(result))) <= {0, 5}
     assert len(calls) == 1 and min(calls[0][2:]) > 18, "the canonical volume is larger than one window"
@@ -135,3 +137,84 @@ def test_a_predictor_with_the_wrong_output_shape_is_named() -> None:
     volume = prepare_image(image, "CT", PARAMS)
     with pytest.raises(ValueError, match=r"predict returned logits of shape .* expected \(1, 2,"):
         predict_label_array(volume, _threshold_predictor, [1, 2])
+
+
+def _two_class_predictor(volume: torch.Tensor) -> torch.Tensor:
+    """Class 0 where the blob is bright; class 1, more confident, on its half of lower x (overlapping)."""
+    blob = _threshold_predictor(volume)
+    middle_x = torch.nonzero(blob[0, 0] > 0)[:, 2].float().mean()
+    x = torch.arange(blob.shape[-1]).view(1, 1, 1, 1, -1)
+    return torch.cat([blob, torch.where(x < middle_x, blob + 1.0, torch.full_like(blob, -5.0))], dim=1)
+
+
+@pytest.mark.parametrize("name", sorted(GEOMETRIES))
+def test_probabilities_lie_on_the_scan_grid_and_give_the_label_map(name: str) -> None:
+    """Each class's probability along the fourth axis, on the scan's grid; the label map is their argmax
+    where the best one passes the threshold."""
+    image, _, _ = _scan(name)
+    result = segment_volume(
+        image, _two_class_predictor, [5, 9], modality="CT", params=PARAMS, threshold=0.4, probabilities=True
+    )
+    probabilities = result.probabilities
+    assert probabilities is not None and probabilities.GetDimension() == 4
+    assert probabilities.GetPixelID() == sitk.sitkFloat32
+    geometry = Geometry.from_image(image)
+    assert probabilities.GetSize() == (*geometry.size, 2)
+    np.testing.assert_allclose(probabilities.GetSpacing()[:3], geometry.spacing)
+    np.testing.assert_allclose(probabilities.GetOrigin()[:3], geometry.origin)
+    np.testing.assert_allclose(
+        np.asarray(probabilities.GetDirection()).reshape(4, 4)[:3, :3].ravel(), geometry.direction
+    )
+    soft = sitk.GetArrayFromImage(probabilities)  # (K, z, y, x)
+    assert soft.min() >= 0.0 and soft.max() <= 1.0
+    assert (soft[0] > 0.9).any() and (soft[1] > 0.4).any(), "both classes are predicted somewhere"
+    labels = sitk.GetArrayFromImage(result.labels)
+    assert set(np.unique(labels)) == {0, 5, 9}
+    foreground = soft.max(axis=0) > 0.4
+    assert np.mean((labels > 0) == foreground) > 0.999  # float32 sigmoid against the logit cut
+    # Where the probabilities are not tied (both saturated at 1.0), the label is their argmax.
+    decided = foreground & (soft[0] != soft[1])
+    expected = np.array([5, 9], np.uint8)[soft.argmax(axis=0)]
+    assert decided.sum() > 50 and np.array_equal(labels[decided], expected[decided])
+
+
+def test_a_scan_finer_than_the_model_grid_gets_boundaries_at_its_own_resolution() -> None:
+    """The logits are interpolated onto the scan before the label map is decided: a 1 mm scan segmented on a
+    4 mm grid is not a staircase of 4 mm blocks (the nearest-neighbour export's)."""
+    size, spacing = (64, 64, 64), (1.0, 1.0, 1.0)
+    geometry = Geometry(size, spacing, (0.0, 0.0, 0.0), tuple(np.eye(3).ravel()))
+    zyx = np.stack(np.meshgrid(*(np.arange(s) for s in size[::-1]), indexing="ij"), -1)
+    inside = np.linalg.norm(zyx - np.array([31.5, 30.0, 33.0]), axis=-1) <= 17.0
+    image = geometry.apply_to(sitk.GetImageFromArray(np.where(inside, 300.0, -800.0).astype(np.float32)))
+    coarse = {**PARAMS, "target_spacing": [4.0, 4.0, 4.0]}
+
+    def dice(label: np.ndarray) -> float:
+        return 2 * np.sum((label == 1) & inside) / (np.sum(label == 1) + np.sum(inside))
+
+    interpolated = sitk.GetArrayFromImage(
+        segment_volume(image, _threshold_predictor, [1], modality="CT", params=coarse).labels
+    )
+    volume = prepare_image(image, "CT", coarse)
+    canonical = predict_label_array(volume, _threshold_predictor, [1])
+    nearest = sitk.GetArrayFromImage(
+        restore_geometry(volume.grid.apply_to(sitk.GetImageFromArray(canonical.astype(np.uint8))), geometry,
+                         is_label=True)
+    )  # fmt: skip
+    # Measured: 0.963 against 0.915 (2026-12-06).
+    assert dice(interpolated) > 0.95 and dice(interpolated) > dice(nearest) + 0.03, (
+        dice(interpolated),
+        dice(nearest),
+    )
+
+
+def test_a_label_map_exported_as_certain_logits_keeps_its_classes() -> None:
+    """Baselines' label maps take the same export: only the requested classes, at any threshold."""
+    image, _, _ = _scan("oblique")
+    volume = prepare_image(image, "CT", PARAMS)
+    label_map = np.zeros(volume.array.shape, np.uint8)
+    label_map[2:9, 3:12, 4:14], label_map[10:13, 2:5, 2:5] = 3, 7
+    for threshold in (0.1, 0.9):
+        restored = to_original_grid(label_map_logits(label_map, [3]), volume, [3], threshold=threshold).labels
+        assert set(np.unique(sitk.GetArrayViewFromImage(restored))) == {0, 3}
+    with pytest.raises(ValueError, match=r"logits of shape \(1, 1, .*\) do not match 2 label values"):
+        to_original_grid(label_map_logits(label_map, [3]), volume, [3, 7])

@@ -35,7 +35,7 @@ from iris_pipelines.imaging.registration import (
     paste_label,
     registration_baseline,
 )
-from iris_pipelines.imaging.resample import as_label, restore_geometry
+from iris_pipelines.imaging.resample import as_label
 from iris_pipelines.inference.sliding_window import sliding_window_segment
 from iris_pipelines.inference.strategies import (
     STRATEGIES,
@@ -43,11 +43,11 @@ from iris_pipelines.inference.strategies import (
     TUNING_STEPS,
     context_ensemble,
     crop_reference,
-    logits_to_labels,
     memory_bank_task,
     retrieval_task,
     tune_task_embedding,
 )
+from iris_pipelines.inference.volume import CanonicalVolume, label_map_logits, to_original_grid
 from iris_pipelines.model import Iris
 from iris_pipelines.model.config import config_from_dict
 from iris_pipelines.training.sampler import CaseRecord
@@ -195,21 +195,22 @@ def _load_episode(
     )
 
 
-def _to_original(label_map: np.ndarray, episode: _Episode) -> np.ndarray:
-    """A canonical-grid label map on the query's original grid, as an array like the label file's."""
-    canonical = array_to_image(label_map.astype(np.uint8), episode.grid)
-    restored = sitk.GetArrayFromImage(restore_geometry(canonical, episode.original, is_label=True))
+def _to_original(logits: Tensor, episode: _Episode, threshold: float) -> np.ndarray:
+    """Canonical-grid logits as a label map on the query's original grid, an array like the label file's.
+
+    Exported as ``iris segment`` exports (:func:`~iris_pipelines.inference.volume.to_original_grid`), so
+    the metrics describe what a user gets; baselines' label maps go through it as certain logits.
+    """
+    volume = CanonicalVolume(episode.image, episode.original, episode.grid)
+    restored = sitk.GetArrayFromImage(
+        to_original_grid(logits, volume, episode.classes, threshold=threshold).labels
+    )
     if restored.shape != episode.truth.shape:
         raise ValueError(
             f"{episode.query.case_id}: prediction restored to {restored.shape} but the label file holds "
             f"{episode.truth.shape}; the label and image grids differ"
         )
-    return restored
-
-
-def _keep(label_map: np.ndarray, classes: Sequence[int]) -> np.ndarray:
-    """Only the episode's classes: a baseline's reference may hold labels the episode does not ask for."""
-    return np.where(np.isin(label_map, classes), label_map, 0).astype(np.int32)
+    return restored.astype(np.int32)
 
 
 def _reference_pool(model: Iris, episode: _Episode, roi: Sequence[int]) -> tuple[Tensor, Tensor]:
@@ -250,7 +251,7 @@ def _table_pool(embeddings: pd.DataFrame, episode: _Episode) -> tuple[Tensor, Te
 
 
 class _Runner:
-    """One episode's predictions, strategy by strategy, each a canonical-grid label map."""
+    """One episode's predictions, strategy by strategy, each canonical-grid logits (1, K, D, H, W)."""
 
     def __init__(
         self,
@@ -263,30 +264,29 @@ class _Runner:
         self.model, self.class_ids, self.embeddings, self.params = model, class_ids, embeddings, params
         self.rows_by_case = rows_by_case
 
-    def segment(self, query: Tensor, task: Tensor, classes: Sequence[int]) -> np.ndarray:
-        logits = sliding_window_segment(
+    def segment(self, query: Tensor, task: Tensor) -> Tensor:
+        return sliding_window_segment(
             self.model, query, task, roi_size=self.params.roi_size, overlap=self.params.overlap
         )
-        return logits_to_labels(logits, classes, self.params.threshold).cpu().numpy()
 
-    def predictions(self, episode: _Episode) -> dict[str, Callable[[], np.ndarray]]:
+    def predictions(self, episode: _Episode) -> dict[str, Callable[[], Tensor]]:
         p, classes = self.params, episode.classes
         query = as_tensor(episode.image)
         pool, valid = _reference_pool(self.model, episode, p.roi_size)
         first = pool[:1]
 
-        def one_shot() -> np.ndarray:
-            return self.segment(query, first, classes)
+        def one_shot() -> Tensor:
+            return self.segment(query, first)
 
-        def ensemble() -> np.ndarray:
+        def ensemble() -> Tensor:
             usable = valid.any(dim=1)
-            return self.segment(query, context_ensemble(pool[usable], valid[usable]), classes)
+            return self.segment(query, context_ensemble(pool[usable], valid[usable]))
 
-        def memory_bank() -> np.ndarray:
+        def memory_bank() -> Tensor:
             keys = [f"{episode.query.dataset}/{c}" for c in classes]
-            return self.segment(query, memory_bank_task(self.model, self.class_ids, keys), classes)
+            return self.segment(query, memory_bank_task(self.model, self.class_ids, keys))
 
-        def retrieval() -> np.ndarray:
+        def retrieval() -> Tensor:
             table_pool, table_valid = _table_pool(self.embeddings, episode)
             generator = torch.Generator().manual_seed(int(episode.info.get("seed", 0)))
             result = retrieval_task(
@@ -302,9 +302,9 @@ class _Runner:
                 roi_size=p.roi_size,
                 threshold=p.threshold,
             )
-            return self.segment(query, result.task, classes)
+            return self.segment(query, result.task)
 
-        def tuning() -> np.ndarray:
+        def tuning() -> Tensor:
             image, label = episode.reference_arrays[0]
             masks = torch.from_numpy(np.stack([label == c for c in classes]))[None].float()
             crop_image, crop_masks = crop_reference(as_tensor(image), masks, p.roi_size)
@@ -313,13 +313,13 @@ class _Runner:
                 self.model, first, [(crop_image, crop_masks)], steps=p.tuning_steps, lr=p.tuning_lr,
                 class_mask=holds,
             )  # fmt: skip
-            return self.segment(query, tuned.task, classes)
+            return self.segment(query, tuned.task)
 
-        def paste() -> np.ndarray:
+        def paste() -> Tensor:
             _, label = episode.reference_arrays[0]
-            return _keep(paste_label(label, episode.image.shape), classes)
+            return label_map_logits(paste_label(label, episode.image.shape), classes)
 
-        def registration() -> np.ndarray:
+        def registration() -> Tensor:
             reference = episode.references[0]
             image, label = episode.reference_arrays[0]
             grid = _geometry(self._row(reference)["preprocessed_geometry"])
@@ -330,7 +330,7 @@ class _Runner:
                 RegistrationConfig(**p.registration),
                 case=f"{episode.info['episode_id']} (reference {reference.case_id})",
             )
-            return _keep(sitk.GetArrayFromImage(propagated), classes)
+            return label_map_logits(sitk.GetArrayFromImage(propagated), classes)
 
         methods = {
             "one_shot": one_shot,
@@ -393,11 +393,10 @@ def evaluate_episodes(
             except (RegistrationError, ValueError, KeyError) as failure:
                 error = str(failure)
                 logger.warning("episode %s, %s failed: %s", info["episode_id"], name, error)
-                prediction = np.zeros(episode.image.shape, dtype=np.int32)
+                prediction = label_map_logits(np.zeros(episode.image.shape, np.uint8), episode.classes)
             seconds = time.perf_counter() - started
-            scored = label_map_metrics(
-                _to_original(prediction, episode), episode.truth, episode.spacing, episode.classes, tolerances
-            )
+            restored = _to_original(prediction, episode, params.threshold)
+            scored = label_map_metrics(restored, episode.truth, episode.spacing, episode.classes, tolerances)
             for row in scored:
                 label = int(row["label"])
                 out.append(

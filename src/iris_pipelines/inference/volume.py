@@ -3,7 +3,7 @@
 A raw SimpleITK image (any orientation, spacing, direction) is brought to the canonical preprocessed grid
 by the *same* function the preprocess stage uses (:func:`~iris_pipelines.collection.preprocessing.
 canonical_image_array`), so inference sees exactly the grid and intensities training saw. Predictions
-are made there and sent back with :func:`~iris_pipelines.imaging.restore_geometry`, so the returned mask
+are made there and their logits interpolated back onto the scan's grid, where the label map is decided, so it
 has the input's size, spacing, origin and direction and overlays it in world coordinates (DESIGN.md,
 "Geometry").
 
@@ -29,7 +29,7 @@ from iris_pipelines.collection.preprocessing import (
     canonical_label_array,
 )
 from iris_pipelines.imaging.geometry import Geometry
-from iris_pipelines.imaging.resample import restore_geometry
+from iris_pipelines.imaging.resample import resample_to_geometry
 from iris_pipelines.inference.strategies import crop_reference, encode_reference, logits_to_labels
 from iris_pipelines.model import Iris
 
@@ -37,6 +37,7 @@ VolumePredictor = Callable[[Tensor], Tensor]
 """Canonical volume (1, 1, D, H, W) → logits (1, K, D, H, W)."""
 
 _MAX_LABEL = 255  # label maps are uint8, as in preprocessing
+_CERTAIN_LOGIT = 1e4  # a label map's certainty: its boundary moves < 0.001 voxel for any threshold
 
 
 @dataclass(frozen=True)
@@ -159,20 +160,35 @@ def reference_task(
     return encode_reference(model, ref_image, ref_masks)
 
 
-def to_original_grid(label_array: np.ndarray, volume: CanonicalVolume) -> sitk.Image:
-    """A canonical-grid label map [z, y, x] → uint8 label image on the scan's original grid and header."""
-    if tuple(label_array.shape) != tuple(volume.array.shape):
-        raise ValueError(
-            f"label map shape {tuple(label_array.shape)} does not match the canonical volume "
-            f"{tuple(volume.array.shape)}"
-        )
-    if label_array.size and (label_array.min() < 0 or label_array.max() > _MAX_LABEL):
-        raise ValueError(f"label values must lie in 0..{_MAX_LABEL} to be written as a uint8 label map")
-    canonical = volume.grid.apply_to(sitk.GetImageFromArray(label_array.astype(np.uint8)))
-    return restore_geometry(canonical, volume.original, is_label=True)
+@dataclass(frozen=True)
+class ScanSegmentation:
+    """A prediction on the scan's own grid (size, spacing, origin, direction).
+
+    ``labels`` is the uint8 label map. ``probabilities``, when asked for, is a float32 4-D image (x, y, z,
+    K) on the same grid: along its fourth axis, class k's foreground probability (an independent sigmoid,
+    so classes may overlap), in the order of the label values.
+    """
+
+    labels: sitk.Image
+    probabilities: sitk.Image | None = None
 
 
 @torch.no_grad()
+def predict_logits(
+    volume: CanonicalVolume,
+    predict: VolumePredictor,
+    labels: Sequence[int],
+    *,
+    device: torch.device | str | None = None,
+) -> Tensor:
+    """Canonical-grid logits (1, K, D, H, W) where ``predict`` left them, their shape checked."""
+    logits = predict(volume.tensor(device))
+    expected = (1, len(labels), *volume.array.shape)
+    if tuple(logits.shape) != expected:
+        raise ValueError(f"predict returned logits of shape {tuple(logits.shape)}, expected {expected}")
+    return logits
+
+
 def predict_label_array(
     volume: CanonicalVolume,
     predict: VolumePredictor,
@@ -185,11 +201,84 @@ def predict_label_array(
 
     For metrics on the preprocessed grid, where the evaluation episodes' ground truth lives.
     """
-    logits = predict(volume.tensor(device))
-    expected = (1, len(labels), *volume.array.shape)
-    if tuple(logits.shape) != expected:
-        raise ValueError(f"predict returned logits of shape {tuple(logits.shape)}, expected {expected}")
+    logits = predict_logits(volume, predict, labels, device=device)
     return logits_to_labels(logits, labels, threshold).cpu().numpy()
+
+
+def label_map_logits(label_map: np.ndarray, labels: Sequence[int]) -> Tensor:
+    """Certain logits (1, K, D, H, W) of a canonical label map [z, y, x]: +big inside class k, -big outside.
+
+    So a label map (a baseline's, say) is exported by :func:`to_original_grid` exactly as a prediction is:
+    its boundaries interpolated onto the scan's grid rather than copied in blocks of the canonical spacing.
+    """
+    values = torch.as_tensor([int(v) for v in labels]).view(-1, 1, 1, 1)
+    inside = torch.from_numpy(np.asarray(label_map).astype(np.int64))[None] == values
+    return torch.where(inside, _CERTAIN_LOGIT, -_CERTAIN_LOGIT).to(torch.float32)[None]
+
+
+def to_original_grid(
+    logits: Tensor,
+    volume: CanonicalVolume,
+    labels: Sequence[int],
+    *,
+    threshold: float = 0.5,
+    probabilities: bool = False,
+) -> ScanSegmentation:
+    """Canonical logits (1, K, D, H, W) → label map (and probabilities) on the scan's original grid.
+
+    Each class's logits are linearly interpolated onto the scan's grid and the label map is decided there
+    (as :func:`~iris_pipelines.inference.strategies.logits_to_labels` decides it), as nnU-Net exports its
+    soft predictions before the argmax: a scan finer than the model's grid gets boundaries at its own
+    resolution instead of nearest-neighbour blocks of the canonical spacing. Class by class with a running
+    maximum, so three scan-sized arrays are held (plus the K probability volumes when asked for).
+    """
+    if logits.dim() != 5 or tuple(logits.shape[1:]) != (len(labels), *volume.array.shape):
+        raise ValueError(
+            f"logits of shape {tuple(logits.shape)} do not match {len(labels)} label values on the canonical "
+            f"volume {tuple(volume.array.shape)}"
+        )
+    values = np.asarray([int(v) for v in labels])
+    if values.size and (values.min() < 1 or values.max() > _MAX_LABEL):
+        raise ValueError(f"label values must lie in 1..{_MAX_LABEL} to be written as a uint8 label map")
+    if not 0.0 < threshold < 1.0:
+        raise ValueError(f"threshold must lie in (0, 1), got {threshold}")
+    size_x, size_y, size_z = volume.original.size
+    best = np.empty((size_z, size_y, size_x), dtype=np.float32)
+    winner = np.zeros(best.shape, dtype=np.uint8)
+    soft = np.empty((len(values), *best.shape), dtype=np.float32) if probabilities else None
+    for index in range(len(values)):
+        canonical = volume.grid.apply_to(
+            sitk.GetImageFromArray(logits[0, index].detach().to("cpu", torch.float32).numpy())
+        )
+        # The canonical grid covers the scan's voxel box, so the fill value is never used. The image is
+        # kept in a name: an array view does not keep its image alive.
+        resampled = resample_to_geometry(
+            canonical, volume.original, is_label=False, default_value=-_CERTAIN_LOGIT
+        )
+        on_scan = sitk.GetArrayViewFromImage(resampled)
+        if index == 0:
+            best[...] = on_scan
+        else:
+            ahead = on_scan > best  # strict: on a tie the earlier class wins, as torch's max does
+            winner[ahead] = index
+            np.maximum(best, on_scan, out=best)
+        if soft is not None:
+            torch.sigmoid(torch.from_numpy(np.array(on_scan)), out=torch.from_numpy(soft[index]))
+    cut = float(torch.logit(torch.tensor(threshold, dtype=torch.float64)))
+    label_array = np.where(best > cut, values.astype(np.uint8)[winner], np.uint8(0))
+    label_image = volume.original.apply_to(sitk.GetImageFromArray(label_array))
+    return ScanSegmentation(label_image, None if soft is None else _class_stack(soft, volume.original))
+
+
+def _class_stack(stack: np.ndarray, geometry: Geometry) -> sitk.Image:
+    """(K, z, y, x) arrays → a 4-D image (x, y, z, K) whose first three axes are ``geometry``'s grid."""
+    image = sitk.GetImageFromArray(stack, isVector=False)
+    direction = np.eye(4)
+    direction[:3, :3] = np.asarray(geometry.direction).reshape(3, 3)
+    image.SetSpacing((*geometry.spacing, 1.0))
+    image.SetOrigin((*geometry.origin, 0.0))
+    image.SetDirection(tuple(direction.ravel()))
+    return image
 
 
 def segment_volume(
@@ -200,10 +289,11 @@ def segment_volume(
     modality: str,
     params: PreprocessParams | Mapping[str, Any],
     threshold: float = 0.5,
+    probabilities: bool = False,
     device: torch.device | str | None = None,
     source: str = "<in-memory image>",
-) -> sitk.Image:
-    """Segment a raw scan: canonical preprocessing → ``predict`` → label map → the scan's own grid.
+) -> ScanSegmentation:
+    """Segment a raw scan: canonical preprocessing → ``predict`` → label map on the scan's own grid.
 
     Args:
         image: the raw scan, any orientation, spacing and direction.
@@ -213,11 +303,12 @@ def segment_volume(
         modality: ``CT``, ``MR`` or ``PET`` (selects the intensity normalisation).
         params: ``params:preprocess`` (or :class:`PreprocessParams`) the model was trained with.
         threshold: foreground probability cut (sigmoid > threshold, then argmax over classes).
+        probabilities: also return each class's probability on the scan's grid.
         device: where the canonical volume is placed before ``predict``.
 
     Returns:
-        A uint8 label image with ``image``'s size, spacing, origin and direction.
+        The uint8 label map with ``image``'s size, spacing, origin and direction (and the probabilities).
     """
     volume = prepare_image(image, modality, params, source=source)
-    label_array = predict_label_array(volume, predict, labels, threshold=threshold, device=device)
-    return to_original_grid(label_array, volume)
+    logits = predict_logits(volume, predict, labels, device=device)
+    return to_original_grid(logits, volume, labels, threshold=threshold, probabilities=probabilities)
