@@ -16,6 +16,22 @@ def collection(tmp_path_factory):
     return build_collection(tmp_path_factory.mktemp("train_collection"))
 
 
+@pytest.fixture
+def group_umask():
+    """umask 022, as on a shared cluster account; yields a check that everything under a path got the
+    umask's mode (files 0644, folders 0755), not a temporary file's private 0600 / 0700."""
+    from pathlib import Path
+
+    def check(*roots) -> None:
+        paths = [p for root in map(Path, roots) for p in [root, *(root.rglob("*") if root.is_dir() else [])]]
+        found = {str(p): oct(p.stat().st_mode & 0o777) for p in paths}
+        assert found == {str(p): oct(0o755 if p.is_dir() else 0o644) for p in paths}
+
+    before = os.umask(0o022)
+    yield check
+    os.umask(before)
+
+
 @pytest.fixture(scope="module")
 def one_torch_thread():
     """The CI box has 2 shared cores: intra-op threads oversubscribe it and slow training tests ~6x."""

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import fsspec
@@ -89,6 +90,39 @@ def test_non_local_protocol_goes_through_a_local_copy(name: str) -> None:
         _assert_same(dataset.load(), _volume())
     finally:
         fsspec.filesystem("memory").rm("/iris-test", recursive=True)
+
+
+@pytest.mark.parametrize("layout", ["another stem", "slices in a subfolder"])
+def test_a_remote_detached_header_brings_the_data_files_it_names(tmp_path: Path, layout: str) -> None:
+    """A .mhd whose voxels are not <stem>.raw (renamed, or one file per slice in a subfolder, as MetaIO
+    writes with LIST) loads remotely as it does locally; a missing one is named with its remote path."""
+    volume = _volume(7)
+    sitk.WriteImage(volume, str(tmp_path / "scan.mhd"))
+    header = (tmp_path / "scan.mhd").read_text()
+    if layout == "another stem":
+        files = {"voxels.raw": (tmp_path / "scan.raw").read_bytes()}
+        header = header.replace("ElementDataFile = scan.raw", "ElementDataFile = voxels.raw")
+    else:
+        raw, depth = (tmp_path / "scan.raw").read_bytes(), volume.GetDepth()
+        step = len(raw) // depth
+        files = {f"slices/{k}.raw": raw[k * step : (k + 1) * step] for k in range(depth)}
+        names = "\n".join(files)
+        header = header.replace("ElementDataFile = scan.raw", f"ElementDataFile = LIST 2D\n{names}")
+    memory = fsspec.filesystem("memory")
+    try:
+        memory.pipe("/iris-remote/scan.mhd", header.encode())
+        for name, content in files.items():
+            memory.pipe(f"/iris-remote/{name}", content)
+        _assert_same(MedicalImageDataset(filepath="memory:///iris-remote/scan.mhd").load(), volume)
+        missing = next(iter(files))
+        memory.rm(f"/iris-remote/{missing}")
+        expected = (
+            f"data file {missing} that the header names does not exist (memory:///iris-remote/{missing})"
+        )
+        with pytest.raises(DatasetError, match=re.escape(expected)):
+            MedicalImageDataset(filepath="memory:///iris-remote/scan.mhd").load()
+    finally:
+        memory.rm("/iris-remote", recursive=True)
 
 
 def test_describe(tmp_path: Path) -> None:

@@ -19,6 +19,7 @@ from iris_pipelines.imaging.io import (
     read_image,
     write_dicom_series,
     write_image,
+    write_text_atomic,
 )
 
 
@@ -137,6 +138,33 @@ def test_pixel_type_is_cast_on_read(tmp_path: Path, make_image) -> None:
     assert read_image(tmp_path / "a.mha", pixel_type=sitk.sitkFloat32).GetPixelID() == sitk.sitkFloat32
 
 
+@pytest.mark.parametrize(
+    ("values", "pixel_type", "problem"),
+    [
+        ([0.0, 1.0, 300.0], sitk.sitkUInt8, r"values 0\.\.300 do not fit 8-bit unsigned"),
+        ([-1.0, 1.0, 2.0], sitk.sitkUInt8, r"values -1\.\.2 do not fit"),
+        ([0.0, 1.5, 2.0], sitk.sitkInt16, r"1 voxel\(s\) are not whole numbers \(e\.g\. 1\.5\) and would be"),
+        ([0.0, np.nan, 2.0], sitk.sitkInt16, r"non-finite voxels \(1 NaN"),
+        ([0.0, np.inf, 2.0], sitk.sitkUInt8, r"non-finite voxels \(0 NaN, 1 infinite"),
+    ],
+)
+@pytest.mark.parametrize("name", ["a.mha", "a.nrrd"])
+def test_a_cast_on_read_that_would_change_values_is_refused(
+    tmp_path: Path, make_image, name: str, values: list, pixel_type: int, problem: str
+) -> None:
+    """ITK's cast wraps 300 to 44 in uint8, truncates 1.5 and turns NaN into 0: the file is named instead."""
+    array = np.zeros((2, 2, 3), np.float32)
+    array[0, 0, :] = values
+    write_image(make_image(array), tmp_path / name)
+    with pytest.raises(InvalidInputError, match=problem) as caught:
+        read_image(tmp_path / name, pixel_type=pixel_type)
+    assert caught.value.path == str(tmp_path / name)
+    whole = np.nan_to_num(np.rint(np.clip(array, 0, 255)), posinf=255)
+    write_image(make_image(whole), tmp_path / name)
+    cast = read_image(tmp_path / name, pixel_type=pixel_type)  # values that fit are cast exactly
+    np.testing.assert_array_equal(sitk.GetArrayViewFromImage(cast), whole)
+
+
 @pytest.mark.parametrize("oblique", [False, True])
 def test_dicom_series_round_trip(tmp_path: Path, make_image, oblique_direction, oblique: bool) -> None:
     direction = oblique_direction if oblique else (1, 0, 0, 0, 1, 0, 0, 0, 1)
@@ -193,6 +221,17 @@ def test_write_is_atomic_and_leaves_no_temporary_files(tmp_path: Path, make_imag
     assert not [p for p in target.parent.iterdir() if ".tmp-" in p.name]
 
 
+def test_outputs_are_readable_by_the_group_like_any_file_the_user_writes(
+    tmp_path: Path, make_image, group_umask
+) -> None:
+    """On a shared project the team reads each other's outputs: the atomic writers' scratch files must not
+    leave their private modes behind."""
+    write_text_atomic(tmp_path / "report.md", "# report\n")
+    write_image(make_image(), tmp_path / "scan.mhd")  # header and data file
+    write_dicom_series(make_image(), tmp_path / "series")
+    group_umask(tmp_path / "report.md", tmp_path / "scan.mhd", tmp_path / "scan.zraw", tmp_path / "series")
+
+
 def test_failed_write_keeps_the_old_file(tmp_path: Path, make_image, monkeypatch) -> None:
     target = tmp_path / "a.nii.gz"
     write_image(make_image(), target)
@@ -231,21 +270,23 @@ def test_unverified_read_gives_the_same_image(tmp_path):
     assert verified.GetSpacing() == unverified.GetSpacing()
 
 
-@pytest.mark.parametrize("oblique", [False, True])
+@pytest.mark.parametrize(("oblique", "slices", "lost"), [(False, 8, 3), (True, 8, 3), (False, 4, 2)])
 def test_dicom_series_with_a_missing_slice_is_refused(
-    tmp_path: Path, make_image, oblique_direction, oblique: bool
+    tmp_path: Path, make_image, oblique_direction, oblique: bool, slices: int, lost: int
 ) -> None:
-    """ITK would stack the remaining slices on one averaged step, shifting everything after the gap."""
+    """ITK would stack the remaining slices on one averaged step, shifting everything after the gap. The
+    message names the gap, also when only two steps are left to compare (4 slices, one lost)."""
     direction = oblique_direction if oblique else (1, 0, 0, 0, 1, 0, 0, 0, 1)
     image = make_image(
-        size=(9, 7, 8), spacing=(0.7, 0.8, 2.5), origin=(-12.3, 45.6, -7.8), direction=direction
+        size=(9, 7, slices), spacing=(0.7, 0.8, 2.5), origin=(-12.3, 45.6, -7.8), direction=direction
     )
     series = tmp_path / "series"
     write_dicom_series(image, series)
-    (series / "slice_0003.dcm").unlink()  # lost in transfer
+    (series / f"slice_{lost:04d}.dcm").unlink()  # lost in transfer
     err = _read_error(series)
     assert (err.check, err.path) == ("non_uniform_slices", str(series))
-    assert "slice gap of 5 mm between slices 3 and 4 (slice_0002.dcm, slice_0004.dcm)" in err.reason
+    before, after = f"slice_{lost - 1:04d}.dcm", f"slice_{lost + 1:04d}.dcm"
+    assert f"slice gap of 5 mm between slices {lost} and {lost + 1} ({before}, {after})" in err.reason
     assert "where the others are 2.5 mm" in err.reason and "a slice is missing" in err.reason
 
 

@@ -39,6 +39,10 @@ def test_round_trip_without_pickle(bundle: ModelBundle, tmp_path: Path) -> None:
     assert not list(tmp_path.glob(".bundle.*")), "temporary directories must not be left behind"
 
 
+def test_a_saved_bundle_is_readable_by_the_group(bundle: ModelBundle, tmp_path: Path, group_umask) -> None:
+    group_umask(bundle.save(tmp_path / "bundle"))
+
+
 def test_save_replaces_an_older_bundle(bundle: ModelBundle, tmp_path: Path) -> None:
     bundle.save(tmp_path / "b")
     newer = ModelBundle(bundle.model_config, bundle.state_dict, metadata={"final_step": 8})

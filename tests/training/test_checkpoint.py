@@ -19,6 +19,10 @@ def test_latest_ignores_temporary_files_and_old_ones_are_pruned(tmp_path):
     assert load_checkpoint(latest_checkpoint(tmp_path))["step"] == 6
 
 
+def test_a_checkpoint_is_readable_by_the_group_that_resumes_the_run(tmp_path, group_umask):
+    group_umask(save_checkpoint(tmp_path / "checkpoints", 2, {"w": torch.ones(2)}))
+
+
 def test_failed_write_leaves_no_checkpoint(tmp_path):
     with pytest.raises(Exception):  # noqa: B017 - pickling a lambda fails inside torch.save
         save_checkpoint(tmp_path, 2, {"bad": lambda: None})

@@ -20,7 +20,8 @@ from kedro.io.core import (
 )
 
 from iris_pipelines.datasets._filesystem import open_filesystem
-from iris_pipelines.imaging.io import read_image, write_image
+from iris_pipelines.imaging.errors import InvalidInputError
+from iris_pipelines.imaging.io import detached_data_files, read_image, write_image
 
 _DETACHED_HEADERS = (".mhd", ".nhdr")
 
@@ -112,8 +113,8 @@ class MedicalImageDataset(AbstractVersionedDataset[sitk.Image, sitk.Image]):
             if self._fs.isdir(load_path):
                 self._fs.get(load_path, str(local), recursive=True)
             else:
-                for remote in self._companion_files(load_path):
-                    self._fs.get(remote, str(Path(scratch) / PurePosixPath(remote).name))
+                self._fs.get(load_path, str(local))
+                self._get_data_files(load_path, local)
             return read_image(local, pixel_type=self._pixel_type)
 
     def save(self, data: sitk.Image) -> None:
@@ -133,14 +134,34 @@ class MedicalImageDataset(AbstractVersionedDataset[sitk.Image, sitk.Image]):
                     self._fs.put(str(item), f"{parent}/{item.name}")
         self._invalidate_cache()
 
-    def _companion_files(self, load_path: str) -> list[str]:
-        """The file itself plus, for a detached header, the data files that share its stem."""
-        name = PurePosixPath(load_path).name
-        if not name.lower().endswith(_DETACHED_HEADERS):
-            return [load_path]
-        stem = name.rsplit(".", 1)[0]
+    def _get_data_files(self, load_path: str, local: Path) -> None:
+        """Copy the voxel files a detached header (``.mhd``, ``.nhdr``) names next to its local copy, under
+        the names it gives them (another stem, LIST or pattern slices, a subfolder)."""
+        if not local.name.lower().endswith(_DETACHED_HEADERS):
+            return
         parent = PurePosixPath(load_path).parent
-        return [str(match) for match in self._fs.glob(f"{parent}/{stem}.*")]
+        for name in detached_data_files(local):
+            relative = PurePosixPath(name)
+            if relative.is_absolute() or ".." in relative.parts:
+                raise InvalidInputError(
+                    f"{self._protocol}://{load_path}",
+                    "unsupported_format",
+                    f"the header names the data file {name} outside its own folder, which cannot be "
+                    "fetched from a remote filesystem; keep the data files beside or below the header",
+                )
+            remote = f"{parent}/{relative}"
+            # MetaIO also reads a gzip- or compress-ed copy of the named file.
+            found = next((c for c in (remote, f"{remote}.gz", f"{remote}.Z") if self._fs.exists(c)), None)
+            if found is None:
+                raise InvalidInputError(
+                    f"{self._protocol}://{load_path}",
+                    "missing_file",
+                    f"the data file {name} that the header names does not exist "
+                    f"({self._protocol}://{remote}); copy it next to the header or correct the header",
+                )
+            target = local.parent / relative.parent / PurePosixPath(found).name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            self._fs.get(found, str(target))
 
     def _exists(self) -> bool:
         try:

@@ -14,7 +14,6 @@ import logging
 import os
 import re
 import shutil
-import tempfile
 import uuid
 import zlib
 from collections.abc import Iterator, Sequence
@@ -28,6 +27,7 @@ from nibabel.filebasedimages import ImageFileError
 from nibabel.spatialimages import HeaderDataError
 
 from iris_pipelines.imaging.errors import InvalidInputError
+from iris_pipelines.imaging.stats import non_whole_values
 
 logger = logging.getLogger(__name__)
 
@@ -259,6 +259,14 @@ def _read_header(path: Path, image_format: str) -> _Header | None:
     return _metaimage_header(path, head) if image_format == "mha" else _nrrd_header(path, head)
 
 
+def detached_data_files(path: str | os.PathLike[str]) -> list[str]:
+    """The voxel files a MetaImage or NRRD header names, as written (relative to its folder unless absolute),
+    in order; [] when the voxels are in the file itself. What to copy along with a detached header."""
+    source = Path(path)
+    header = _read_header(source, detect_format(source))
+    return [] if header is None else [name for name, _ in header.data_files]
+
+
 def _require_data_files(path: Path, header: _Header) -> None:
     """Name a detached voxel file that is missing; ITK would report a stale errno for the header instead."""
     missing = [(name, item) for name, item in header.data_files if not item.is_file()]
@@ -350,10 +358,14 @@ def _require_uniform_slices(directory: Path, files: Sequence[str], reader: sitk.
     except (RuntimeError, ValueError):
         return  # no usable position or orientation: ITK falls back to its own spacing, nothing to compare
     steps = np.abs(np.diff(positions))
-    typical = float(np.median(steps))
-    uneven = np.flatnonzero(np.abs(steps - typical) > max(_SLICE_STEP_MM, 0.01 * typical))
-    if uneven.size:
-        i = int(uneven[0])
+    # The most common step (the smallest non-zero one on a tie): with one slice lost from four, the median
+    # of the steps 2 and 4 mm is 3 mm, which would blame the good pair.
+    values, counts = np.unique(np.round(steps / _SLICE_STEP_MM) * _SLICE_STEP_MM, return_counts=True)
+    common = values[counts == counts.max()]
+    typical = float(common[common > 0].min() if (common > 0).any() else common.min())
+    deviation = np.abs(steps - typical)
+    if np.any(deviation > max(_SLICE_STEP_MM, 0.01 * typical)):
+        i = int(np.argmax(deviation))
         raise InvalidInputError(
             str(directory),
             "non_uniform_slices",
@@ -411,7 +423,6 @@ def read_image(
     if not source.exists():
         raise InvalidInputError(str(path), "missing_file", "the file does not exist; check the path")
     image_format = detect_format(source)
-    output_type = sitk.sitkUnknown if pixel_type is None else pixel_type
     if image_format == "dicom":
         files = _pick_dicom_series(source)
         reader = sitk.ImageSeriesReader()
@@ -435,9 +446,8 @@ def read_image(
                 _check_metaimage_size(source, header)
         reader = sitk.ImageFileReader()
         reader.SetFileName(str(source))
-    reader.SetOutputPixelType(output_type)
     try:
-        image = reader.Execute()
+        image = reader.Execute()  # in the file's own type: the checks below must see the stored values
     except RuntimeError as exc:
         raise InvalidInputError(
             str(path),
@@ -449,7 +459,54 @@ def read_image(
         _require_uniform_slices(source, files, reader)
     if verify and image_format != "nifti":  # _check_nifti counted NaN/Inf in the file, before ITK zeroed them
         require_finite(image, source)
-    return image
+    return image if pixel_type is None else _cast_exactly(image, pixel_type, source)
+
+
+_INTEGER_TYPES = {
+    sitk.sitkUInt8: np.uint8,
+    sitk.sitkInt8: np.int8,
+    sitk.sitkUInt16: np.uint16,
+    sitk.sitkInt16: np.int16,
+    sitk.sitkUInt32: np.uint32,
+    sitk.sitkInt32: np.int32,
+    sitk.sitkUInt64: np.uint64,
+    sitk.sitkInt64: np.int64,
+}
+
+
+def _cast_exactly(image: sitk.Image, pixel_type: int, path: Path) -> sitk.Image:
+    """``image`` as ``pixel_type``, refusing what the cast would change: ITK's cast wraps 300 to 44 in
+    uint8, truncates 1.5 to 1 and turns NaN into 0 without a word."""
+    if image.GetPixelID() == pixel_type:
+        return image
+    name = sitk.GetPixelIDValueAsString(pixel_type)
+    integer = _INTEGER_TYPES.get(pixel_type)
+    if integer is not None and image.GetNumberOfComponentsPerPixel() == 1:
+        require_finite(image, path)
+        values = sitk.GetArrayViewFromImage(image)
+        low, high, limits = float(values.min()), float(values.max()), np.iinfo(integer)
+        if low < limits.min or high > limits.max:
+            raise InvalidInputError(
+                str(path),
+                "pixel_type_range",
+                f"values {low:g}..{high:g} do not fit {name} ({limits.min}..{limits.max}); "
+                "read it without pixel_type or with a wider type",
+            )
+        if image.GetPixelID() in _FLOAT_PIXEL_IDS:
+            count, examples = non_whole_values(values)
+            if count:
+                raise InvalidInputError(
+                    str(path),
+                    "pixel_type_fraction",
+                    f"{count} voxel(s) are not whole numbers (e.g. {', '.join(f'{v:g}' for v in examples)}) "
+                    f"and would be truncated as {name}; read it without pixel_type or as a float type",
+                )
+    try:
+        return sitk.Cast(image, pixel_type)
+    except RuntimeError as exc:
+        raise InvalidInputError(
+            str(path), "pixel_type", f"cannot be read as {name} ({_condense(str(exc))})"
+        ) from None
 
 
 def require_scalar_volume(image: sitk.Image, path: str | os.PathLike[str], what: str = "image") -> None:
@@ -494,12 +551,22 @@ def require_storable(image: sitk.Image, path: str | os.PathLike[str]) -> None:
         )
 
 
+def _scratch_directory(target: Path) -> Path:
+    """A new hidden directory beside ``target`` with the umask's mode: mkdtemp's 0700 would survive the
+    rename of a DICOM series and leave it unreadable to the rest of a shared project's group."""
+    scratch = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex}"
+    scratch.mkdir()
+    return scratch
+
+
 def write_image(image: sitk.Image, path: str | os.PathLike[str], *, compress: bool = True) -> None:
     """Write ``image`` so that ``path`` is either the old file or the complete new one, never partial.
 
     The image is written into a hidden scratch directory beside ``path`` (same filesystem, same file
     name, so detached ``.mhd``/``.nhdr`` headers reference the right data file) and then moved into
-    place with ``os.replace``, data files first and the named file last.
+    place with ``os.replace``, data files first and the named file last. A detached header (``.mhd``,
+    ``.nhdr``) is two files, so a process killed between their two renames leaves the old header beside
+    the new voxels; write single-file formats where that matters.
     """
     target = Path(path)
     image_format = detect_format(target)
@@ -509,7 +576,7 @@ def write_image(image: sitk.Image, path: str | os.PathLike[str], *, compress: bo
         )
     require_storable(image, target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    scratch = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    scratch = _scratch_directory(target)
     try:
         try:
             sitk.WriteImage(image, str(scratch / target.name), useCompression=compress)
@@ -607,7 +674,7 @@ def write_dicom_series(image: sitk.Image, directory: str | os.PathLike[str]) -> 
         "0028|1052": "0",
         "0028|1053": "1",
     }
-    scratch = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    scratch = _scratch_directory(target)
     try:
         writer = sitk.ImageFileWriter()
         writer.KeepOriginalImageUIDOn()  # otherwise GDCM replaces the series UIDs set above
@@ -632,9 +699,10 @@ def write_dicom_series(image: sitk.Image, directory: str | os.PathLike[str]) -> 
 def write_text_atomic(path: Path, text: str) -> Path:
     """Replace ``path`` with ``text`` in one step (scratch file beside it, then ``os.replace``)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, scratch = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    # Created with the umask's mode, not mkstemp's 0600, which the rename would keep.
+    scratch = path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"
     try:
-        with os.fdopen(handle, "w", encoding="utf-8") as stream:
+        with open(scratch, "x", encoding="utf-8") as stream:
             stream.write(text)
         os.replace(scratch, path)
     finally:

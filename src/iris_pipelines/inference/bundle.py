@@ -18,6 +18,7 @@ import json
 import os
 import shutil
 import tempfile
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -105,11 +106,15 @@ class ModelBundle:
         IrisConfig.from_dict(self.model_config)  # fail before writing anything if the config is wrong
         target = Path(directory)
         target.parent.mkdir(parents=True, exist_ok=True)
-        scratch = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+        # Not mkdtemp: its 0700 would survive the rename and hide the model from the project's group.
+        scratch = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex}"
+        scratch.mkdir()
         try:
             weights = scratch / WEIGHTS_FILE
             # safetensors metadata is string→string and public: only the format, never params or paths.
             save_file(_plain_tensors(self.state_dict), str(weights), metadata={"format": "pt"})
+            # safetensors writes 0600; give the weights the umask's mode, which the new folder has.
+            os.chmod(weights, scratch.stat().st_mode & 0o666)
             document = self.config_document(_sha256(weights))
             (scratch / CONFIG_FILE).write_text(json.dumps(document, indent=2, sort_keys=True) + "\n")
             _replace_directory(scratch, target)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import random
 import re
-import tempfile
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -51,9 +51,10 @@ def save_checkpoint(directory: str | Path, step: int, payload: dict[str, Any]) -
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     target = checkpoint_path(directory, step)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=directory)
+    # Not mkstemp: its 0600 would survive the rename, and a shared project's team could not resume the run.
+    tmp = directory / f".{target.name}.{uuid.uuid4().hex}.tmp"
     try:
-        with os.fdopen(fd, "wb") as handle:
+        with open(tmp, "xb") as handle:
             torch.save({**payload, "step": step}, handle)
             handle.flush()
             os.fsync(handle.fileno())
