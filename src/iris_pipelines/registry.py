@@ -81,6 +81,9 @@ def _one_line(error: BaseException) -> str:
     return text if len(text) <= 300 else text[:299] + "…"
 
 
+_UNREAD = object()  # an artifact not read yet (None is "read, and absent")
+
+
 @dataclass
 class RegisteredModel:
     """One registered model version with its run: what ``register_model`` and ``evaluate`` recorded.
@@ -101,6 +104,7 @@ class RegisteredModel:
     problems: list[str] = field(default_factory=list)
     _evaluation_run: Any | None = field(default=None, init=False, repr=False)
     _evaluation_run_read: bool = field(default=False, init=False, repr=False)
+    _evaluation_parameters: Any = field(default=_UNREAD, init=False, repr=False)
 
     @property
     def params(self) -> dict[str, str]:
@@ -169,13 +173,17 @@ class RegisteredModel:
 
     def evaluation_parameters(self) -> dict[str, Any] | None:
         """``{"embed_tasks": …, "evaluate": …}`` as the evaluating run resolved them, None when not logged
-        (runs from before evaluate logged them: only the training run's ``parameters`` exist there)."""
-        if self.evaluation_run_id is None or self.evaluation_run() is None:
-            return None
-        logged = {item.path for item in self.client.list_artifacts(self.evaluation_run_id, "config")}
-        if EVALUATION_PARAMETERS_ARTIFACT not in logged:
-            return None
-        return self._artifact_json(self.evaluation_run_id, EVALUATION_PARAMETERS_ARTIFACT)
+        (runs from before evaluate logged them: only the training run's ``parameters`` exist there).
+        Read once: a review shows them and ``--reproduce`` uses them."""
+        if self._evaluation_parameters is _UNREAD:
+            self._evaluation_parameters = None
+            if self.evaluation_run_id is not None and self.evaluation_run() is not None:
+                logged = {item.path for item in self.client.list_artifacts(self.evaluation_run_id, "config")}
+                if EVALUATION_PARAMETERS_ARTIFACT in logged:
+                    self._evaluation_parameters = self._artifact_json(
+                        self.evaluation_run_id, EVALUATION_PARAMETERS_ARTIFACT
+                    )
+        return self._evaluation_parameters
 
     def download_bundle(self, destination: str | os.PathLike[str]) -> Path:
         """The version's bundle directory under ``destination``: the run's ``model_bundle`` artifact, or

@@ -100,6 +100,22 @@ def test_augment_reports_the_boxed_speedup_on_identical_batches(tmp_path):
     )
 
 
+def test_export_reports_the_cost_and_the_dice_of_interpolated_logits(tmp_path):
+    payload = _run("export", tmp_path, "--threads", "1")
+    rows = {(r["K"], r["case"]): r for r in payload["results"]}
+    cases = {"nearest", "interpolated", "interpolated_probabilities"}
+    assert set(rows) == {(k, case) for k in (1, 3) for case in cases}
+    for (count, _), row in rows.items():
+        _positive(row, "median_s", "mean_dice")
+        assert row["x_nearest"] == pytest.approx(row["median_s"] / rows[(count, "nearest")]["median_s"])
+    for count in (1, 3):  # the reason for the export: boundaries at the scan's resolution
+        assert rows[(count, "interpolated")]["mean_dice"] > rows[(count, "nearest")]["mean_dice"]
+        assert (
+            rows[(count, "interpolated_probabilities")]["mean_dice"]
+            == rows[(count, "interpolated")]["mean_dice"]
+        )
+
+
 def test_sampler_imports_without_the_train_loop_dependencies():
     """The GPU machine lacks pytorch_optimizer/tqdm/Kedro; the loader benchmark must still get the sampler."""
     code = (

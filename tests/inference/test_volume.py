@@ -176,6 +176,10 @@ def test_probabilities_lie_on_the_scan_grid_and_give_the_label_map(name: str) ->
     decided = foreground & (soft[0] != soft[1])
     expected = np.array([5, 9], np.uint8)[soft.argmax(axis=0)]
     assert decided.sum() > 50 and np.array_equal(labels[decided], expected[decided])
+    # Without probabilities each class is resampled over its own box only: the same label map.
+    alone = segment_volume(image, _two_class_predictor, [5, 9], modality="CT", params=PARAMS, threshold=0.4)
+    assert alone.probabilities is None
+    np.testing.assert_array_equal(sitk.GetArrayViewFromImage(alone.labels), labels)
 
 
 def test_a_scan_finer_than_the_model_grid_gets_boundaries_at_its_own_resolution() -> None:

@@ -242,32 +242,64 @@ def to_original_grid(
         raise ValueError(f"label values must lie in 1..{_MAX_LABEL} to be written as a uint8 label map")
     if not 0.0 < threshold < 1.0:
         raise ValueError(f"threshold must lie in (0, 1), got {threshold}")
+    cut = float(torch.logit(torch.tensor(threshold, dtype=torch.float64)))
     size_x, size_y, size_z = volume.original.size
-    best = np.empty((size_z, size_y, size_x), dtype=np.float32)
+    best = np.full((size_z, size_y, size_x), -_CERTAIN_LOGIT, dtype=np.float32)
     winner = np.zeros(best.shape, dtype=np.uint8)
     soft = np.empty((len(values), *best.shape), dtype=np.float32) if probabilities else None
+    whole = (slice(0, size_z), slice(0, size_y), slice(0, size_x))
     for index in range(len(values)):
-        canonical = volume.grid.apply_to(
-            sitk.GetImageFromArray(logits[0, index].detach().to("cpu", torch.float32).numpy())
-        )
-        # The canonical grid covers the scan's voxel box, so the fill value is never used. The image is
-        # kept in a name: an array view does not keep its image alive.
-        resampled = resample_to_geometry(
-            canonical, volume.original, is_label=False, default_value=-_CERTAIN_LOGIT
-        )
-        on_scan = sitk.GetArrayViewFromImage(resampled)
-        if index == 0:
-            best[...] = on_scan
-        else:
-            ahead = on_scan > best  # strict: on a tie the earlier class wins, as torch's max does
-            winner[ahead] = index
-            np.maximum(best, on_scan, out=best)
+        class_logits = logits[0, index].detach().to("cpu", torch.float32).numpy()
+        # Without probabilities only the scan voxels where this class can pass the cut matter: a class is
+        # resampled over its own box, not the whole scan (an organ of a CT: ~10x less work per class).
+        region = whole if soft is not None else _region_above(class_logits > cut, volume)
+        if region is None:
+            continue  # nowhere above the cut: it cannot win a voxel
+        on_region = _resample_region(class_logits, volume, region)
+        ahead = on_region > best[region]  # strict: on a tie the earlier class wins, as torch's max does
+        winner[region][ahead] = index
+        np.maximum(best[region], on_region, out=best[region])
         if soft is not None:
-            torch.sigmoid(torch.from_numpy(np.array(on_scan)), out=torch.from_numpy(soft[index]))
-    cut = float(torch.logit(torch.tensor(threshold, dtype=torch.float64)))
+            torch.sigmoid(torch.from_numpy(on_region), out=torch.from_numpy(soft[index]))
     label_array = np.where(best > cut, values.astype(np.uint8)[winner], np.uint8(0))
     label_image = volume.original.apply_to(sitk.GetImageFromArray(label_array))
     return ScanSegmentation(label_image, None if soft is None else _class_stack(soft, volume.original))
+
+
+Box = tuple[slice, slice, slice]
+"""A box of a [z, y, x] array."""
+
+
+def _region_above(above: np.ndarray, volume: CanonicalVolume) -> Box | None:
+    """The box of the scan's grid where logits interpolated from canonical voxels ``above`` the cut can
+    pass it: the canonical box of those voxels, grown by one voxel (the interpolation's reach) and half a
+    voxel (to its outer faces), mapped through world space onto the scan's index grid. None when no voxel
+    is above."""
+    if not above.any():
+        return None
+    ranges = []
+    for axis in (2, 1, 0):  # x, y, z of the [z, y, x] array
+        present = np.flatnonzero(above.any(axis=tuple(a for a in range(3) if a != axis)))
+        ranges.append((present[0] - 1.5, present[-1] + 1.5))
+    corners = np.array(np.meshgrid(*ranges, indexing="ij")).reshape(3, -1).T
+    on_scan = volume.original.world_to_index(volume.grid.index_to_world(corners))
+    last = np.asarray(volume.original.size) - 1
+    start = np.clip(np.floor(on_scan.min(axis=0)).astype(int), 0, last)
+    stop = np.clip(np.ceil(on_scan.max(axis=0)).astype(int), 0, last) + 1
+    z, y, x = (slice(int(a), int(b)) for a, b in zip(start[::-1], stop[::-1], strict=True))
+    return z, y, x
+
+
+def _resample_region(class_logits: np.ndarray, volume: CanonicalVolume, box: Box) -> np.ndarray:
+    """One class's canonical logits linearly interpolated onto ``box`` of the scan's grid."""
+    original = volume.original
+    start = original.index_to_world(np.array([[box[2].start, box[1].start, box[0].start]], dtype=float))[0]
+    size = (box[2].stop - box[2].start, box[1].stop - box[1].start, box[0].stop - box[0].start)
+    target = Geometry(size, original.spacing, tuple(start), original.direction)
+    canonical = volume.grid.apply_to(sitk.GetImageFromArray(class_logits))
+    # The canonical grid covers the scan's voxel box, so the fill value is never used.
+    resampled = resample_to_geometry(canonical, target, is_label=False, default_value=-_CERTAIN_LOGIT)
+    return sitk.GetArrayFromImage(resampled)
 
 
 def _class_stack(stack: np.ndarray, geometry: Geometry) -> sitk.Image:
