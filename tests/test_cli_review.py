@@ -249,6 +249,19 @@ def test_unknown_version_is_a_one_line_error(registered) -> None:
     )
 
 
+def test_tracking_uris_mlflow_cannot_open_are_one_line_errors(registered, tmp_path) -> None:
+    """A scheme MLflow has no store for, and the retired file store, fail in one line; SQLAlchemy options
+    after the database path are not part of the file name."""
+    uri, _ = registered
+    for bad in ("foo://bar", str(tmp_path / "file_store")):
+        result = CliRunner().invoke(main, ["review", "models:/iris/1", "--tracking-uri", bad])
+        assert result.exit_code == 2, result.output
+        assert f"cannot open the MLflow tracking URI {bad}" in " ".join(result.output.split())
+        assert "Traceback" not in result.output
+    result = CliRunner().invoke(main, ["review", "models:/iris/1", "--tracking-uri", f"{uri}?timeout=20"])
+    assert result.exit_code == 0, result.output
+
+
 def test_segment_downloads_the_registered_bundle(registered, tmp_path) -> None:
     """`iris segment --model models:/iris/1` fetches the version's bundle through the registry."""
     import json

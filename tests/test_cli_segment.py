@@ -21,7 +21,7 @@ from iris_pipelines.cli import main
 from iris_pipelines.evaluation import ModelInfo, build_task_embeddings
 from iris_pipelines.imaging import Geometry, read_image, write_dicom_series, write_image
 from iris_pipelines.inference import prepare_image, prepare_label
-from iris_pipelines.segment import read_class_names, sidecar_path, stored_task
+from iris_pipelines.segment import SegmentResult, read_class_names, sidecar_path, stored_task
 from iris_pipelines.training.sampler import case_records
 
 OBLIQUE = Rotation.from_euler("xy", [20.0, 20.0], degrees=True).as_matrix()
@@ -199,6 +199,85 @@ def test_probabilities_are_saved_beside_the_label_map_on_the_scan_grid(files, tm
     probability = np.asarray(soft.dataobj)[..., 0]
     assert probability.min() >= 0.0 and probability.max() <= 1.0
     assert np.mean((probability > 0.5) == (np.asarray(labels.dataobj) == 5)) > 0.999
+
+
+def test_a_corrected_output_serves_as_the_next_reference(files, tmp_path, monkeypatch) -> None:
+    """Segment, fix the mask, reuse it: the output's own sidecar names the classes, and odd file names
+    (brackets, an upper-case suffix) are written and printed as given."""
+    _known_prediction(files, monkeypatch, files["query"])
+    first = tmp_path / "first [v1].MHA"
+    result = invoke(
+        "--image", files["query"], *_reference(files), "--model", files["bundle"], "--strategy", "one_shot",
+        "--out", first, *SPACING,
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert first.is_file() and sorted(p.name for p in tmp_path.iterdir()) == [
+        "first [v1].MHA",
+        "first [v1].json",
+    ]
+    assert "".join(str(first).split()) in "".join(result.output.split())  # not read as markup
+    second = tmp_path / "second.nii.gz"
+    result = invoke(
+        "--image", files["query"], "--reference", f"{files['query']}:{first}", "--model", files["bundle"],
+        "--strategy", "one_shot", "--out", second, *SPACING,
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert [(c["label"], c["name"]) for c in _check_sidecar(second, read_image(second))["classes"]] == [
+        (5, "liver")
+    ]
+
+
+@pytest.mark.parametrize("clash", ["the scan", "the reference label", "the class names"])
+def test_an_output_that_would_replace_an_input_is_refused(files, tmp_path, monkeypatch, clash) -> None:
+    def no_work(*args, **kwargs):
+        raise AssertionError("started although an output would replace an input")
+
+    monkeypatch.setattr(segment_module, "prepare_task", no_work)
+    scan, label = tmp_path / "scan.nii.gz", tmp_path / "ref_labels.mha"
+    shutil.copy(files["query"], scan)
+    shutil.copy(files["ref_a_label"], label)
+    names = tmp_path / "organs.json"
+    names.write_text(json.dumps({"5": "liver"}))
+    out, expected = {
+        "the scan": (scan, f"{scan} would overwrite the scan {scan}"),
+        "the reference label": (label, f"{label} would overwrite the input {label}"),
+        "the class names": (tmp_path / "organs.nii.gz", f"{names} would overwrite the input {names}"),
+    }[clash]
+    result = invoke(
+        "--image", scan, "--reference", f"{files['ref_a']}:{label}", "--labels", names,
+        "--model", files["bundle"], "--out", out, *SPACING,
+    )  # fmt: skip
+    assert result.exit_code == 2, result.output
+    assert expected in " ".join(result.output.split())
+    assert names.read_text() == json.dumps({"5": "liver"})
+
+
+def test_a_reference_label_whose_name_holds_a_colon(files, tmp_path, one_torch_thread) -> None:
+    label = tmp_path / "labels:v2.mha"
+    shutil.copy(files["ref_a_label"], label)
+    out = tmp_path / "o.nii.gz"
+    result = invoke(
+        "--image", files["query"], "--reference", f"{files['ref_a']}:{label}", "--model", files["bundle"],
+        "--strategy", "one_shot", "--out", out, *SPACING,
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert out.is_file()
+
+
+def test_class_names_from_a_dataset_json_with_a_bom_and_an_ignore_label(tmp_path) -> None:
+    """nnU-Net's dataset.json as ingest reads it: a byte-order mark, and "ignore", which names no class."""
+    path = tmp_path / "dataset.json"
+    path.write_text(json.dumps({"labels": {"background": 0, "liver": 5, "ignore": 9}}), encoding="utf-8-sig")
+    assert read_class_names(path) == {5: "liver"}
+
+
+def test_the_batch_table_keeps_two_classes_of_one_name() -> None:
+    result = SegmentResult(Path("o.nii.gz"), Path("o.json"), {"classes": [
+        {"label": 1, "name": "kidney", "volume_ml": 1.0}, {"label": 2, "name": "kidney", "volume_ml": 2.0},
+        {"label": 3, "name": "liver", "volume_ml": 3.0},
+    ]})  # fmt: skip
+    row = segment_module._summary_row(Path("scan.nii.gz"), Path("o.nii.gz"), result)
+    assert (row["kidney [1] (ml)"], row["kidney [2] (ml)"], row["liver (ml)"]) == (1.0, 2.0, 3.0)
 
 
 def test_unreadable_scan_is_named_in_one_line(files, tmp_path) -> None:
@@ -462,6 +541,26 @@ def test_several_scans_share_one_task_and_a_bad_scan_is_skipped(
     assert summary["reason"][1].startswith(f"{broken}: the file is empty (0 bytes)")
     sidecar = json.loads((out / "scan.json").read_text())
     assert float(summary["liver (ml)"][0]) == pytest.approx(sidecar["classes"][0]["volume_ml"], abs=1e-3)
+
+
+def test_a_scan_too_small_for_the_network_is_skipped_and_the_batch_goes_on(
+    files, tmp_path, one_torch_thread
+) -> None:
+    tiny = tmp_path / "tiny.nii.gz"
+    image, _ = make_scan(
+        (1.0, 1.0, 1.0), _centred_origin((1.0,) * 3, np.eye(3), (6, 5, 4)), np.eye(3), (6, 5, 4)
+    )
+    write_image(image, tiny)
+    out = tmp_path / "labels"
+    result = invoke(
+        "--image", tiny, "--image", files["query"], *_reference(files), "--model", files["bundle"],
+        "--out", out, *SPACING,
+    )  # fmt: skip
+    assert result.exit_code == 1, result.output
+    summary = pd.read_csv(out / "segmentations.csv", keep_default_na=False)
+    assert summary["status"].tolist() == ["failed", "ok"]
+    assert "over a volume of (4, 5, 6) voxels is too small" in summary["reason"][0]
+    assert (out / "scan.nii.gz").is_file()
 
 
 def test_a_directory_of_scans_and_dicom_series_in_another_format(files, tmp_path, one_torch_thread) -> None:

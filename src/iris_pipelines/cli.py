@@ -19,7 +19,8 @@ from iris_pipelines import __version__
 if TYPE_CHECKING:
     from iris_pipelines.segment import SegmentRequest
 
-console = Console(stderr=True)
+# No markup: file and class names such as "scan [v2].nii.gz" are printed as they are, never parsed.
+console = Console(stderr=True, markup=False)
 
 
 class InputError(click.ClickException):
@@ -451,7 +452,9 @@ def _segment_scans(request: SegmentRequest, scans: list[Path], out_dir: Path, ou
     from iris_pipelines.segment import batch_outputs, segment_batch
 
     # name clashes fail before the model is fetched
-    batch_outputs(scans, out_dir, out_suffix, probabilities=request.save_probabilities)
+    batch_outputs(
+        scans, out_dir, out_suffix, probabilities=request.save_probabilities, inputs=request.inputs()
+    )
     with steps(len(scans) + 2) as step:
         step("loading model")
         bundle, record = registry.load_model_bundle(model_ref, registry.tracking_uri(tracking_uri))

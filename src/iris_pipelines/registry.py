@@ -57,7 +57,7 @@ def tracking_uri(option: str | None, project_dir: str | os.PathLike[str] | None 
 def _check_reachable(uri: str) -> None:
     """A missing SQLite file would be created empty by MLflow (and then 'model not found'): say so."""
     if uri.startswith("sqlite:///"):
-        path = Path(uri[len("sqlite:///") :])
+        path = Path(uri[len("sqlite:///") :].split("?", 1)[0])  # SQLAlchemy options follow a "?"
         if not path.is_file():
             raise RegistryError(
                 f"no MLflow database at {path} (tracking URI {uri}); run from the project directory, "
@@ -73,7 +73,10 @@ def _client(uri: str) -> Any:
     _check_reachable(uri)
     from mlflow import MlflowClient
 
-    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+    try:
+        return MlflowClient(tracking_uri=uri, registry_uri=uri)
+    except Exception as error:  # noqa: BLE001 - an unsupported scheme or a retired file store: one line
+        raise RegistryError(f"cannot open the MLflow tracking URI {uri}: {_one_line(error)}") from None
 
 
 def _one_line(error: BaseException) -> str:
@@ -178,7 +181,12 @@ class RegisteredModel:
         if self._evaluation_parameters is _UNREAD:
             self._evaluation_parameters = None
             if self.evaluation_run_id is not None and self.evaluation_run() is not None:
-                logged = {item.path for item in self.client.list_artifacts(self.evaluation_run_id, "config")}
+                try:
+                    listed = self.client.list_artifacts(self.evaluation_run_id, "config")
+                except Exception as error:  # noqa: BLE001 - an unreachable artifact store: reported
+                    self.problems.append(f"artifacts of run {self.evaluation_run_id}: {_one_line(error)}")
+                    listed = []
+                logged = {item.path for item in listed}
                 if EVALUATION_PARAMETERS_ARTIFACT in logged:
                     self._evaluation_parameters = self._artifact_json(
                         self.evaluation_run_id, EVALUATION_PARAMETERS_ARTIFACT

@@ -60,6 +60,7 @@ DEFAULT_SPACING = (3.0, 3.0, 3.0)
 DEFAULT_ROI = 128  # the paper's window, when the bundle does not record its training crop
 PREPROCESS_KEYS = ("target_spacing", "ct_window", "percentiles")
 GRID_TOLERANCE_MM = 1e-3  # as `iris validate` / ingest
+_IGNORE_LABEL = "ignore"  # nnU-Net v2's label for unannotated voxels
 STEPS = ("reading", "embedding", "segmenting", "writing")
 
 StepCallback = Callable[[str], None]
@@ -81,11 +82,18 @@ class ReferenceSpec:
 
     @classmethod
     def parse(cls, text: str) -> ReferenceSpec:
-        image, sep, label = str(text).rpartition(":")
-        if not sep or not image or not label:
+        """Split at the colon that leaves two existing paths (names may hold colons, e.g. ``C:\\scan``),
+        else at the last one, so the error names the file that is missing."""
+        text = str(text)
+        splits = [(text[:i], text[i + 1 :]) for i, char in enumerate(text) if char == ":"]
+        splits = [(image, label) for image, label in splits if image and label]
+        if not splits:
             raise SegmentError(
                 f"--reference {text!r}: expected IMAGE:LABEL, e.g. ref.nii.gz:ref_labels.nii.gz"
             )
+        image, label = next(
+            ((i, lb) for i, lb in reversed(splits) if Path(i).exists() and Path(lb).exists()), splits[-1]
+        )
         return cls(Path(image), Path(label))
 
 
@@ -138,6 +146,37 @@ class SegmentRequest:
             raise SegmentError("--strategy memory_bank needs --dataset (the training dataset of the classes)")
         if self.classes is not None and (not self.classes or min(self.classes) < 1):
             raise SegmentError(f"--classes must list foreground label values >= 1, got {self.classes}")
+        if not 0.0 < self.threshold < 1.0:
+            raise SegmentError(f"--threshold must lie in (0, 1), got {self.threshold}")
+        if not 0.0 <= self.overlap < 1.0:
+            raise SegmentError(f"--overlap must lie in [0, 1), got {self.overlap}")
+        if self.roi_size is not None and (len(self.roi_size) != 3 or min(self.roi_size) < 1):
+            raise SegmentError(f"--roi must be one or three positive sizes in voxels, got {self.roi_size}")
+
+    def inputs(self) -> list[Path]:
+        """Every file the request reads besides the scans: no output may replace one of them."""
+        paths = [path for ref in self.references for path in (ref.image, ref.label)]
+        return paths + [path for path in (self.labels_file, self.embeddings) if path is not None]
+
+
+def written_files(out: Path, *, probabilities: bool) -> list[Path]:
+    """What segmenting one scan writes: the label map, its JSON sidecar and (asked for) probabilities."""
+    return [out, sidecar_path(out)] + ([probabilities_path(out)] if probabilities else [])
+
+
+def protected_inputs(scans: Sequence[Path], others: Sequence[Path]) -> dict[Path, str]:
+    """Resolved path → how to name it, for every file an output must not replace."""
+    protected = {Path(path).resolve(): f"the scan {path}" for path in scans}
+    protected.update({Path(path).resolve(): f"the input {path}" for path in others})
+    return protected
+
+
+def refuse_overwrites(written: Sequence[Path], protected: Mapping[Path, str]) -> None:
+    """Refuse, before any work, a written file that would replace a scan or another input."""
+    for path in written:
+        what = protected.get(Path(path).resolve())
+        if what is not None:
+            raise SegmentError(f"{path} would overwrite {what}; choose another --out")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -173,7 +212,7 @@ def probabilities_path(out: str | Path) -> Path:
 
 def _read_json(path: Path) -> Any:
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        return json.loads(path.read_text(encoding="utf-8-sig"))  # as ingest reads dataset.json
     except OSError as error:
         raise InvalidInputError(str(path), "unreadable", f"cannot read the file ({error.strerror})") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
@@ -181,20 +220,40 @@ def _read_json(path: Path) -> Any:
 
 
 def read_class_names(path: Path) -> dict[int, str]:
-    """``{"1": "liver"}`` / ``{"liver": 1}``, or a ``dataset.json`` whose ``labels`` section is either."""
+    """``{"1": "liver"}`` / ``{"liver": 1}``, a ``dataset.json`` whose ``labels`` section is either, or an
+    ``iris segment`` sidecar (its ``classes``), so a corrected output can serve as the next reference.
+
+    nnU-Net's ``"ignore"`` label names no class: dropped here, where only names are wanted.
+    """
     document = _read_json(path)
+    if isinstance(document, Mapping) and isinstance(document.get("classes"), list):
+        try:
+            return {int(item["label"]): str(item["name"]) for item in document["classes"]}
+        except (KeyError, TypeError, ValueError):
+            raise InvalidInputError(
+                str(path), "malformed_labels", "`classes` must list objects with a `label` and a `name`"
+            ) from None
     if isinstance(document, Mapping) and "labels" in document:
         document = document["labels"]
+    if isinstance(document, Mapping) and _IGNORE_LABEL in document:
+        document = {key: value for key, value in document.items() if key != _IGNORE_LABEL}
     return parse_labels(document, where=str(path))
 
 
 def class_names(labels: Sequence[int], labels_file: Path | None, label_path: Path | None) -> dict[int, str]:
-    """Names for ``labels``: ``--labels`` file, else the label map's JSON sidecar, else ``class_<n>``."""
+    """Names for ``labels``: ``--labels`` file, else the label map's JSON sidecar, else ``class_<n>``.
+
+    A sidecar that holds no class names (e.g. a BIDS sidecar) is skipped with a warning: the names are a
+    convenience there, while ``--labels`` asked for is an error when it cannot be read.
+    """
     declared: dict[int, str] = {}
     if labels_file is not None:
         declared = read_class_names(labels_file)
     elif label_path is not None and sidecar_path(label_path).is_file():
-        declared = read_class_names(sidecar_path(label_path))
+        try:
+            declared = read_class_names(sidecar_path(label_path))
+        except InvalidInputError as error:
+            logger.warning("class names: skipped %s (use --labels to name the classes)", error)
     return {int(v): declared.get(int(v), f"class_{int(v)}") for v in labels}
 
 
@@ -509,11 +568,11 @@ def prepare_task(
     step("embedding")
     dataset = request.dataset
     if references:
+        names = class_names(labels, request.labels_file, request.references[0].label)  # fails before work
         task = reference_task(
             model, references, labels, request.strategy, roi,
             tuning_steps=request.tuning_steps, tuning_lr=request.tuning_lr,
         )  # fmt: skip
-        names = class_names(labels, request.labels_file, request.references[0].label)
     elif table is not None:
         task, labels, stored_names, dataset = stored_task(
             model, table, request.dataset, request.strategy, request.classes
@@ -608,6 +667,10 @@ def segment(
     request.check()
     if request.image is None or request.out is None:
         raise SegmentError("give the scan to segment and the label map to write (--image, --out)")
+    refuse_overwrites(
+        written_files(request.out, probabilities=request.save_probabilities),
+        protected_inputs([request.image], request.inputs()),
+    )
     step("reading")
     image = read_scan(request.image, request.out)  # a bad scan fails before the references are read
     prepared = prepare_task(
@@ -659,24 +722,27 @@ def output_name(image: Path, suffix: str | None = None) -> str:
 
 
 def batch_outputs(
-    images: Sequence[Path], out_dir: Path, suffix: str | None = None, *, probabilities: bool = False
+    images: Sequence[Path],
+    out_dir: Path,
+    suffix: str | None = None,
+    *,
+    probabilities: bool = False,
+    inputs: Sequence[Path] = (),
 ) -> list[tuple[Path, Path]]:
     """(scan, label map) pairs under ``out_dir``; refused before any work when a file written for one scan
-    (label map, JSON sidecar, probabilities) would overwrite a scan or a file written for another."""
+    (label map, JSON sidecar, probabilities) would overwrite a scan, another input (``inputs``: references,
+    class names, embeddings) or a file written for another scan."""
     if suffix is not None and suffix not in OUTPUT_SUFFIXES:
         raise SegmentError(f"--out-suffix {suffix!r}: expected one of {list(OUTPUT_SUFFIXES)}")
-    inputs = {Path(image).resolve(): image for image in images}
+    protected = protected_inputs(images, inputs)
     pairs: list[tuple[Path, Path]] = []
     writers: dict[Path, Path] = {}
     for image in images:
         out = out_dir / output_name(Path(image), suffix)
-        written = [out, sidecar_path(out)] + ([probabilities_path(out)] if probabilities else [])
+        written = written_files(out, probabilities=probabilities)
+        refuse_overwrites(written, protected)
         for path in written:
             key = path.resolve()
-            if key in inputs:
-                raise SegmentError(
-                    f"{path} would overwrite the scan {inputs[key]}; choose another --out directory"
-                )
             if key in writers:
                 raise SegmentError(
                     f"{writers[key]} and {image} would both write {path}; rename one or use --out-suffix"
@@ -701,8 +767,11 @@ def _summary_row(image: Path, out: Path, result: SegmentResult | None, reason: s
         row.update(status="failed", reason=reason)
         return row
     row["reason"] = ""
-    for item in result.summary["classes"]:
-        row[f"{item['name']} (ml)"] = round(item["volume_ml"], 3)
+    classes = result.summary["classes"]
+    repeated = {name for name in (c["name"] for c in classes) if [c["name"] for c in classes].count(name) > 1}
+    for item in classes:  # a name given to two label values keeps both columns
+        name = f"{item['name']} [{item['label']}]" if item["name"] in repeated else item["name"]
+        row[f"{name} (ml)"] = round(item["volume_ml"], 3)
     return row
 
 
@@ -726,7 +795,9 @@ def segment_batch(
     shared by all scans (references, model, options, output names) stop the batch before any scan.
     """
     request.check()
-    pairs = batch_outputs(images, out_dir, out_suffix, probabilities=request.save_probabilities)
+    pairs = batch_outputs(
+        images, out_dir, out_suffix, probabilities=request.save_probabilities, inputs=request.inputs()
+    )
     prepared = prepare_task(
         request, bundle, recorded_parameters=recorded_parameters, project_dir=project_dir, spacing=spacing
     )
@@ -742,7 +813,7 @@ def segment_batch(
             try:
                 image = read_scan(image_path, out)
                 result = segment_scan(request, prepared, image, image_path, out, model_uri=model_uri)
-            except (InvalidInputError, SegmentError, OSError) as error:
+            except (InvalidInputError, SegmentError, OSError, ValueError) as error:  # e.g. a scan too small
                 reason = " ".join(str(error).split())
                 logger.warning("skipped %s", reason)
                 failures.append((image_path, reason))

@@ -112,6 +112,17 @@ def test_undeclared_label_value(tmp_path: Path) -> None:
     assert "value(s) 3 not declared" in error.reason
 
 
+def test_a_label_value_a_uint8_label_map_cannot_hold_is_refused_at_ingest(tmp_path: Path) -> None:
+    """Declared or not, 300 would only fail in preprocessing, long after `iris validate` passed it."""
+    label = sitk.Cast(label_volume(), sitk.sitkUInt16)
+    label[3, 3, 1] = 300
+    ref = _case(tmp_path, label=label)
+    ref.labels[300] = "extra"
+    error = _rejection(ref)
+    assert (error.check, error.path) == ("label_range", str(ref.label_path))
+    assert "value(s) [300] outside 0..255" in error.reason
+
+
 def test_nan_intensities(tmp_path: Path) -> None:
     values = sitk.GetArrayFromImage(image_volume())
     values[0, 0, :3] = np.nan

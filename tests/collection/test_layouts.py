@@ -154,6 +154,18 @@ def test_nnunet_multichannel_takes_channel_0_with_warning(tmp_path: Path) -> Non
     assert refs[0].image_path.name == "a_0000.mha"
 
 
+def test_nnunet_without_channel_names_takes_the_modality_of_the_source(tmp_path: Path) -> None:
+    root = write_nnunet(tmp_path / "Dataset004_Liver", ["a"])
+    meta = json.loads((root / "dataset.json").read_text())
+    del meta["channel_names"]
+    (root / "dataset.json").write_text(json.dumps(meta))
+    source = {"name": "liver", "layout": "nnunet", "path": str(root)}
+    refs, problems = discover_cases({**source, "modality": "CT"})
+    assert problems == [] and refs[0].modality == "CT"
+    refs, problems = discover_cases(source)  # neither says which modality: still refused
+    assert refs == [] and _only_problem(problems).check == "unknown_modality"
+
+
 def test_nnunet_region_labels_are_rejected(tmp_path: Path) -> None:
     root = write_nnunet(
         tmp_path / "Dataset003_Brats", ["a"], labels={"background": 0, "whole": [1, 2], "core": 2}
@@ -239,6 +251,16 @@ def test_csv_labels_column_and_directory_path(tmp_path: Path) -> None:
     refs, problems = discover_cases({"name": "s", "layout": "csv", "path": str(root), "modality": "PET"})
     assert problems == []
     assert (refs[0].subject_id, refs[0].labels, refs[0].modality) == ("a", {1: "liver"}, "PET")
+
+
+def test_csv_header_with_spaces_after_the_commas(tmp_path: Path) -> None:
+    root = tmp_path / "site"
+    write(image_volume(), root / "a.nii.gz")
+    write(label_volume(), root / "a_seg.nii.gz")
+    (root / "manifest.csv").write_text("case_id, image, label\na, a.nii.gz, a_seg.nii.gz\n")
+    (root / "labels.json").write_text(json.dumps({"1": "liver", "2": "tumour"}))
+    refs, problems = discover_cases({"name": "s", "layout": "csv", "path": str(root), "modality": "CT"})
+    assert problems == [] and [(r.case_id, r.image_path.name) for r in refs] == [("a", "a.nii.gz")]
 
 
 def test_csv_without_labels_is_reported(tmp_path: Path) -> None:

@@ -22,6 +22,7 @@ from iris_pipelines.collection.layouts import CaseRef, Problem, discover_cases
 from iris_pipelines.imaging.errors import InvalidInputError
 from iris_pipelines.imaging.geometry import Geometry
 from iris_pipelines.imaging.io import detect_format, file_sha256, read_image, require_scalar_volume
+from iris_pipelines.imaging.resample import LABEL_MAX
 from iris_pipelines.imaging.stats import non_whole_values
 
 logger = logging.getLogger(__name__)
@@ -138,6 +139,14 @@ def validate_case(ref: CaseRef, *, tolerance_mm: float) -> dict[str, Any]:
             f"image and label are on different grids: {difference}; resample the label onto the image grid",
         )
     present = label_values(sitk.GetArrayViewFromImage(label), ref.label_path)
+    outside = [int(v) for v in present if not 0 <= v <= LABEL_MAX]
+    if outside:  # refused here, not by preprocessing hours later
+        raise InvalidInputError(
+            str(ref.label_path),
+            "label_range",
+            f"the label holds value(s) {outside[:_MAX_LISTED]} outside 0..{LABEL_MAX}; label maps are stored "
+            f"as uint8: relabel the classes as 1..{LABEL_MAX}",
+        )
     _require_declared_foreground(present, ref.labels, ref.label_path)
     return {
         "dataset": ref.dataset,

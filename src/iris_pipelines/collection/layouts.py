@@ -342,7 +342,10 @@ def _discover_msd(source: _Source) -> tuple[list[CaseRef], list[Problem]]:
 def _discover_nnunet(source: _Source) -> tuple[list[CaseRef], list[Problem]]:
     meta_path, meta = _read_dataset_json(source.path)
     channel_key = "channel_names" if "channel_names" in meta else "modality"
-    channels = _channels(meta, channel_key, meta_path)
+    if source.modality and not isinstance(meta.get(channel_key), Mapping):
+        channels: dict[str, object] = {}  # the source names the modality: channel names are optional
+    else:
+        channels = _channels(meta, channel_key, meta_path)
     modality = source.modality or normalise_modality(channels["0"], where=str(meta_path))
     labels = parse_labels(meta.get("labels"), where=str(meta_path))
     file_ending = meta.get("file_ending")
@@ -410,8 +413,10 @@ def _read_manifest_csv(csv_path: Path) -> tuple[list[str], list[dict[str, str]]]
     try:
         with csv_path.open(newline="", encoding=_TEXT_ENCODING) as handle:
             reader = csv.DictReader(handle)
+            # "case_id, image, label" (a space after each comma) names the same columns as without.
+            reader.fieldnames = [name.strip() for name in reader.fieldnames or []]
             rows = list(reader)
-            columns = list(reader.fieldnames or [])
+            columns = list(reader.fieldnames)
     except (csv.Error, UnicodeDecodeError) as exc:
         raise InvalidInputError(
             str(csv_path), "malformed_csv", f"the manifest is not valid CSV: {exc}"

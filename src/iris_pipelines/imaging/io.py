@@ -40,6 +40,8 @@ _SUFFIX_FORMATS: dict[str, str] = {
     ".nhdr": "nrrd",
 }
 _FORMAT_NAMES = {"nifti": "NIfTI", "mha": "MetaImage", "nrrd": "NRRD", "dicom": "DICOM"}
+# ITK picks a file's reader by its lower-case suffix alone ("scan.NII.GZ" finds none): named here instead.
+_IMAGE_IOS = {"nifti": "NiftiImageIO", "mha": "MetaImageIO", "nrrd": "NrrdImageIO"}
 _GZIP_MAGIC = b"\x1f\x8b"
 _CHUNK = 1 << 20
 _CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
@@ -81,6 +83,14 @@ def detect_format(path: str | os.PathLike[str]) -> str:
     """Return ``nifti``, ``mha``, ``nrrd`` or ``dicom`` (any directory: its series is checked on read)."""
     suffix = file_suffix(path)
     if suffix:
+        written = Path(path).name[-len(suffix) :]
+        if _SUFFIX_FORMATS[suffix] == "nifti" and written not in (suffix, suffix.upper()):
+            raise InvalidInputError(
+                str(path),
+                "unsupported_format",
+                f"the NIfTI library takes {suffix} in lower or upper case only, not {written!r}; "
+                "rename the file",
+            )
         return _SUFFIX_FORMATS[suffix]
     if Path(path).is_dir():
         return "dicom"
@@ -445,6 +455,7 @@ def read_image(
             elif image_format == "mha" and header is not None:
                 _check_metaimage_size(source, header)
         reader = sitk.ImageFileReader()
+        reader.SetImageIO(_IMAGE_IOS[image_format])
         reader.SetFileName(str(source))
     try:
         image = reader.Execute()  # in the file's own type: the checks below must see the stored values
@@ -576,15 +587,18 @@ def write_image(image: sitk.Image, path: str | os.PathLike[str], *, compress: bo
         )
     require_storable(image, target)
     target.parent.mkdir(parents=True, exist_ok=True)
+    # ITK picks the writer by a lower-case suffix: "Labels.MHA" would come out as Labels.mhd + Labels.zraw.
+    suffix = file_suffix(target)
+    name = target.name[: len(target.name) - len(suffix)] + suffix
     scratch = _scratch_directory(target)
     try:
         try:
-            sitk.WriteImage(image, str(scratch / target.name), useCompression=compress)
+            sitk.WriteImage(image, str(scratch / name), useCompression=compress)
         except RuntimeError as exc:
             raise OSError(f"{path}: could not write the image: {_condense(str(exc))}") from None
-        written = sorted(scratch.iterdir(), key=lambda item: item.name == target.name)
+        written = sorted(scratch.iterdir(), key=lambda item: item.name == name)
         for item in written:
-            os.replace(item, target.parent / item.name)
+            os.replace(item, target if item.name == name else target.parent / item.name)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 

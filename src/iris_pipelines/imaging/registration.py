@@ -24,10 +24,9 @@ import SimpleITK as sitk
 from iris_pipelines.imaging.errors import InvalidInputError
 from iris_pipelines.imaging.geometry import Geometry
 from iris_pipelines.imaging.io import _condense
+from iris_pipelines.imaging.resample import LABEL_MAX
 
 logger = logging.getLogger(__name__)
-
-_LABEL_MAX = 255
 
 
 class RegistrationError(InvalidInputError):
@@ -317,10 +316,10 @@ def _as_label(label: sitk.Image, case: str) -> sitk.Image:
     stats.Execute(label)
     low, high = stats.GetMinimum(), stats.GetMaximum()
     is_float = label.GetPixelID() in (sitk.sitkFloat32, sitk.sitkFloat64)
-    if is_float or low < 0 or high > _LABEL_MAX:
+    if is_float or low < 0 or high > LABEL_MAX:
         raise RegistrationError(
             case,
-            f"the reference label must hold integers in 0..{_LABEL_MAX}, "
+            f"the reference label must hold integers in 0..{LABEL_MAX}, "
             f"got {label.GetPixelIDTypeAsString()} with values {low:g}..{high:g}",
         )
     return sitk.Cast(label, sitk.sitkUInt8)

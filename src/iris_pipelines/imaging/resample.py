@@ -14,7 +14,7 @@ import SimpleITK as sitk
 from iris_pipelines.imaging.geometry import IDENTITY_DIRECTION, Geometry
 from iris_pipelines.imaging.stats import non_whole_values
 
-_LABEL_MAX = 255
+LABEL_MAX = 255  # label maps are stored as uint8
 _SIZE_EPS = 1e-6  # keeps float noise in a box that is exactly n voxels wide from adding a voxel
 
 
@@ -92,9 +92,9 @@ def as_label(image: sitk.Image) -> sitk.Image:
         _require_whole_numbers(image)
     stats = sitk.MinimumMaximumImageFilter()
     stats.Execute(image)
-    if stats.GetMinimum() < 0 or stats.GetMaximum() > _LABEL_MAX:
+    if stats.GetMinimum() < 0 or stats.GetMaximum() > LABEL_MAX:
         raise ValueError(
-            f"label values must lie in 0..{_LABEL_MAX}, got {stats.GetMinimum()}..{stats.GetMaximum()}"
+            f"label values must lie in 0..{LABEL_MAX}, got {stats.GetMinimum()}..{stats.GetMaximum()}"
         )
     return sitk.Cast(image, sitk.sitkUInt8)
 

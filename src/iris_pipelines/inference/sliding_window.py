@@ -110,8 +110,9 @@ def sliding_window_segment(
         if all(r <= divisor for r in roi):
             # InstanceNorm needs more than one bottleneck voxel, and the model pads to multiples of divisor.
             raise ValueError(
-                f"window {roi} is too small: at least one axis must exceed {divisor} voxels so the "
-                "network's bottleneck holds more than one voxel"
+                f"window {roi} over a volume of {tuple(query.shape[2:])} voxels is too small: at least one "
+                f"axis must exceed {divisor} voxels so the network's bottleneck holds more than one voxel "
+                "(a larger window, or for a scan this small a finer target spacing)"
             )
     return sliding_window_logits(
         window_predictor(model, task),

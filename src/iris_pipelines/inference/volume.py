@@ -29,14 +29,13 @@ from iris_pipelines.collection.preprocessing import (
     canonical_label_array,
 )
 from iris_pipelines.imaging.geometry import Geometry
-from iris_pipelines.imaging.resample import resample_to_geometry
+from iris_pipelines.imaging.resample import LABEL_MAX, resample_to_geometry
 from iris_pipelines.inference.strategies import crop_reference, encode_reference, logits_to_labels
 from iris_pipelines.model import Iris
 
 VolumePredictor = Callable[[Tensor], Tensor]
 """Canonical volume (1, 1, D, H, W) → logits (1, K, D, H, W)."""
 
-_MAX_LABEL = 255  # label maps are uint8, as in preprocessing
 _CERTAIN_LOGIT = 1e4  # a label map's certainty: its boundary moves < 0.001 voxel for any threshold
 
 
@@ -102,9 +101,9 @@ def class_masks(label_array: np.ndarray, labels: Sequence[int], *, source: str =
     wanted = [int(v) for v in labels]
     if not wanted:
         raise ValueError(f"{source}: no label values requested")
-    bad = [v for v in wanted if not 1 <= v <= _MAX_LABEL]
+    bad = [v for v in wanted if not 1 <= v <= LABEL_MAX]
     if bad:
-        raise ValueError(f"{source}: label values {bad} are not foreground values in 1..{_MAX_LABEL}")
+        raise ValueError(f"{source}: label values {bad} are not foreground values in 1..{LABEL_MAX}")
     masks = np.stack([label_array == v for v in wanted])
     empty = [v for v, m in zip(wanted, masks, strict=True) if not m.any()]
     if empty:
@@ -238,8 +237,8 @@ def to_original_grid(
             f"volume {tuple(volume.array.shape)}"
         )
     values = np.asarray([int(v) for v in labels])
-    if values.size and (values.min() < 1 or values.max() > _MAX_LABEL):
-        raise ValueError(f"label values must lie in 1..{_MAX_LABEL} to be written as a uint8 label map")
+    if values.size and (values.min() < 1 or values.max() > LABEL_MAX):
+        raise ValueError(f"label values must lie in 1..{LABEL_MAX} to be written as a uint8 label map")
     if not 0.0 < threshold < 1.0:
         raise ValueError(f"threshold must lie in (0, 1), got {threshold}")
     cut = float(torch.logit(torch.tensor(threshold, dtype=torch.float64)))
