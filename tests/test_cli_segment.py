@@ -21,7 +21,7 @@ from iris_pipelines.cli import main
 from iris_pipelines.evaluation import ModelInfo, build_task_embeddings
 from iris_pipelines.imaging import Geometry, read_image, write_dicom_series, write_image
 from iris_pipelines.inference import prepare_image, prepare_label
-from iris_pipelines.segment import SegmentResult, read_class_names, sidecar_path, stored_task
+from iris_pipelines.segment import SegmentError, SegmentResult, read_class_names, sidecar_path, stored_task
 from iris_pipelines.training.sampler import case_records
 
 OBLIQUE = Rotation.from_euler("xy", [20.0, 20.0], degrees=True).as_matrix()
@@ -431,6 +431,9 @@ def test_preprocessing_defaults_follow_the_model_then_the_project(tmp_path) -> N
     )
     params, source = preprocess_params([1.0], tagged, recorded, project)
     assert params["target_spacing"] == [1.0, 1.0, 1.0] and source.startswith("--spacing")
+    for bad in ([float("nan")], [1.0, float("inf"), 1.0], [0.0]):
+        with pytest.raises(SegmentError, match="expected one or three positive numbers"):
+            preprocess_params(bad, tagged, recorded, project)
 
 
 @pytest.mark.parametrize(

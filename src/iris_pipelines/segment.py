@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -261,7 +262,7 @@ def _as_triple(values: Any, what: str) -> tuple[float, float, float]:
     triple = [float(v) for v in (values if isinstance(values, list | tuple) else [values])]
     if len(triple) == 1:
         triple *= 3
-    if len(triple) != 3 or min(triple) <= 0:
+    if len(triple) != 3 or not all(math.isfinite(v) and v > 0 for v in triple):
         raise SegmentError(f"{what}: expected one or three positive numbers, got {values!r}")
     return tuple(triple)  # type: ignore[return-value]
 

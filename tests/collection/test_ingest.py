@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 from dataclasses import replace
 from pathlib import Path
 
@@ -278,6 +279,22 @@ def test_duplicate_case_ids_in_a_dataset(tmp_path: Path) -> None:
         "reason": "",
         "check": "duplicate_case",
     }
+
+
+def test_one_scan_listed_twice_is_kept_once(tmp_path: Path) -> None:
+    """Under two case ids, or in a held-out copy of a training dataset, one scan could be its own
+    reference or a test scan the training saw."""
+    root = write_msd(tmp_path / "Task", ["a", "b"])
+    copy = tmp_path / "copy"
+    shutil.copytree(root, copy)
+    manifest, report = ingest_sources(
+        [{"name": "t", "layout": "msd", "path": str(root)}, {"name": "u", "layout": "msd", "path": str(copy)}]
+    )
+    assert list(zip(manifest["dataset"], manifest["case_id"], strict=True)) == [("t", "a"), ("t", "b")]
+    assert list(report["check"]) == ["duplicate_image", "duplicate_image"]
+    assert report["reason"][0].startswith(
+        f"the same scan (sha256) as case t/a ({root / 'imagesTr' / 'a.nii.gz'})"
+    )
 
 
 def test_no_sources_give_empty_tables() -> None:

@@ -247,15 +247,35 @@ def ingest_sources(
         else:
             _reject(problem, strict=strict, rejects=rejects)
     rows: list[dict[str, Any]] = []
+    first_of_scan: dict[str, dict[str, Any]] = {}
     for ref in tqdm(refs, desc="Checking cases", unit="case"):
         try:
-            rows.append(validate_case(ref, tolerance_mm=tolerance_mm))
+            row = validate_case(ref, tolerance_mm=tolerance_mm)
         except InvalidInputError as err:
             _reject(
                 Problem(ref.dataset, ref.case_id, err.path, err.check, err.reason),
                 strict=strict,
                 rejects=rejects,
             )
+            continue
+        first = first_of_scan.setdefault(row["image_sha256"], row)
+        if first is not row:
+            # One scan under two case ids (or in two datasets) could be the reference of its own query,
+            # or a held-out test scan the training saw: the split and subject checks would not know.
+            _reject(
+                Problem(
+                    ref.dataset,
+                    ref.case_id,
+                    str(ref.image_path),
+                    "duplicate_image",
+                    f"the same scan (sha256) as case {first['dataset']}/{first['case_id']} "
+                    f"({first['image_path']}); list each scan once",
+                ),
+                strict=strict,
+                rejects=rejects,
+            )
+            continue
+        rows.append(row)
     if not rows:
         logger.warning("No case was accepted from %d source(s); see the ingest report", len(sources))
     manifest = pd.DataFrame(rows, columns=list(MANIFEST_COLUMNS)).astype({"heldout": bool})
