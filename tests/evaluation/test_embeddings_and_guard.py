@@ -19,6 +19,7 @@ from iris_pipelines.evaluation import (
 )
 from iris_pipelines.evaluation.embeddings import class_embeddings, embedding_tensor, load_arrays
 from iris_pipelines.evaluation.evaluate import _table_pool
+from iris_pipelines.pipelines.evaluate.nodes import report_evaluation
 from iris_pipelines.training.sampler import case_records
 
 INFO = ModelInfo("models:/iris/7", "7", "f00d")
@@ -104,6 +105,31 @@ def test_evaluation_refuses_a_leaking_index_before_any_inference(untrained_bundl
             untrained_bundle.build_model(), untrained_bundle.class_ids, leaking, manifest,
             case_records(manifest), table, EvaluateParams(), INFO,
         )  # fmt: skip
+
+
+def test_evaluation_refuses_embeddings_of_another_model(untrained_bundle, collection, table) -> None:
+    """After a retrain, the latest task_embeddings still hold the old model's: retrieval must not mix them
+    into the new model's numbers."""
+    manifest, index = collection
+    retrained = ModelInfo("models:/iris/8", "8", "beef")
+    with pytest.raises(ValueError, match=r"made by the model\(s\) with weights \['f00d'\].* are beef"):
+        evaluate_episodes(
+            untrained_bundle.build_model(), untrained_bundle.class_ids, index, manifest,
+            case_records(manifest), table, EvaluateParams(), retrained,
+        )  # fmt: skip
+
+
+def test_no_scorable_episode_gives_an_empty_table_with_its_columns(
+    untrained_bundle, collection, table
+) -> None:
+    manifest, index = collection
+    untested = {**index, "episodes": [e for e in index["episodes"] if e["split"] != "test"]}
+    metrics = evaluate_episodes(
+        untrained_bundle.build_model(), untrained_bundle.class_ids, untested, manifest,
+        case_records(manifest), table, EvaluateParams(), INFO,
+    )  # fmt: skip
+    assert metrics.empty and {"dice", "heldout", "label", "method"} <= set(metrics.columns)
+    assert report_evaluation(metrics, {})  # the report of nothing, not a KeyError
 
 
 def test_retrieval_pool_never_holds_the_query_subject(table, collection) -> None:

@@ -17,6 +17,7 @@ def _rows(method: str, dice: np.ndarray, *, heldout: bool = False, episodes: int
             "episode_id": episode,
             "dataset": "D",
             "class_name": np.tile(["a", "b", "c"], episodes),
+            "label": np.tile([1, 2, 3], episodes),
             "method": method,
             "heldout": heldout,
             "novel": heldout,
@@ -77,16 +78,49 @@ def test_no_paste_rows_means_no_comparison() -> None:
     assert gain_over_baseline(metrics).empty
 
 
-def test_a_single_episode_has_no_interval() -> None:
-    """Resampling one episode returns it every time; its zero-width interval must not read as a win."""
+@pytest.mark.parametrize("episodes", [1, 4])
+def test_a_handful_of_episodes_has_no_interval(episodes: int) -> None:
+    """Resampling one episode returns it every time, and a few give little more: a zero true gain read as
+    a clear win in 21 % of 2-episode draws. No interval must read as a win there."""
     metrics = pd.concat(
-        [_rows("paste", np.full(3, 0.2), episodes=1), _rows("one_shot", np.full(3, 0.5), episodes=1)],
+        [
+            _rows("paste", np.full(3 * episodes, 0.2), episodes=episodes),
+            _rows("one_shot", np.full(3 * episodes, 0.5), episodes=episodes),
+        ],
         ignore_index=True,
     )
     gains = gain_over_baseline(metrics)
     row = gains.iloc[0]
-    assert row.episodes == 1 and row.dice_gain == pytest.approx(0.3)
+    assert row.episodes == episodes and row.dice_gain == pytest.approx(0.3)
     assert np.isnan(row.ci_low) and np.isnan(row.ci_high)
     headline = headline_metrics(summary_by_group(metrics), gains)
     assert headline["eval/seen/one_shot/dice_gain_vs_paste"] == pytest.approx(0.3)
     assert "eval/seen/one_shot/dice_gain_vs_paste_ci_low" not in headline  # MLflow gets finite values
+
+
+def test_classes_sharing_a_name_are_paired_by_label_value() -> None:
+    """Two labels named "kidney": each is compared with paste's score of itself, not of the other."""
+    paste, one_shot = _rows("paste", np.full(30, 0.5)), _rows("one_shot", np.full(30, 0.5))
+    for table in (paste, one_shot):
+        table["class_name"] = table["class_name"].replace({"b": "kidney", "c": "kidney"})
+    one_shot.loc[one_shot["label"] == 3, "dice"] = 0.8
+    row = gain_over_baseline(pd.concat([paste, one_shot], ignore_index=True)).iloc[0]
+    assert (
+        row.pairs == 30 and row.dice_gain == pytest.approx(0.1) and row.win_fraction == pytest.approx(1 / 3)
+    )
+
+
+def test_an_interval_does_not_depend_on_the_other_methods_compared() -> None:
+    rng = np.random.default_rng(3)
+    paste = rng.uniform(0.2, 0.8, 60)
+    one_shot = _rows("one_shot", np.clip(paste + rng.normal(0.1, 0.2, 60), 0, 1), heldout=True, episodes=20)
+    alone = pd.concat([_rows("paste", paste, heldout=True, episodes=20), one_shot], ignore_index=True)
+    ensemble = one_shot.assign(method="ensemble")
+    seen = _rows("paste", paste, episodes=20)
+    crowded = pd.concat([seen, seen.assign(method="tuning"), ensemble, alone], ignore_index=True)
+
+    def interval(metrics: pd.DataFrame) -> tuple[float, float]:
+        row = gain_over_baseline(metrics).set_index(["group", "method"]).loc[("heldout", "one_shot")]
+        return row.ci_low, row.ci_high
+
+    assert interval(alone) == interval(crowded)

@@ -3,9 +3,11 @@ import torch
 
 from iris_pipelines.training.checkpoint import (
     KEEP_LAST,
+    capture_rng_state,
     latest_checkpoint,
     list_checkpoints,
     load_checkpoint,
+    restore_rng_state,
     save_checkpoint,
 )
 
@@ -35,3 +37,17 @@ def test_truncated_checkpoint_error_names_the_file(tmp_path):
     path.write_bytes(path.read_bytes()[:100])
     with pytest.raises(RuntimeError, match="step_00000002.pt"):
         load_checkpoint(path)
+
+
+def test_a_checkpoint_from_more_gpus_resumes_on_fewer(monkeypatch):
+    """A 2-GPU run's generator states, restored where one GPU is visible: the first is restored, no error."""
+    two_gpus = [torch.ones(4, dtype=torch.uint8), torch.zeros(4, dtype=torch.uint8)]
+    state = {**capture_rng_state(), "cuda": two_gpus}
+    restored = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(
+        torch.cuda, "set_rng_state", lambda rng_state, device: restored.append((rng_state, device))
+    )
+    restore_rng_state(state)
+    assert [device for _, device in restored] == [0] and torch.equal(restored[0][0], two_gpus[0])

@@ -1,10 +1,15 @@
+import json
+
+import numpy as np
+import pandas as pd
 import pytest
 import torch
 from training_synthetic import fast_train_config, tiny_model_config
 
 from iris_pipelines.launch import launch_training
 from iris_pipelines.training import TrainConfig, latest_checkpoint, lr_factor, run_training, weights_checksum
-from iris_pipelines.training.loop import resolve_device
+from iris_pipelines.training.loop import resolve_device, validate, validation_episodes
+from iris_pipelines.training.sampler import case_records
 
 
 class Crash(RuntimeError):
@@ -45,6 +50,43 @@ def test_a_rank_trains_on_the_gpu_of_its_local_rank(monkeypatch, local_rank, exp
     else:
         monkeypatch.setenv("LOCAL_RANK", local_rank)
     assert resolve_device(TrainConfig(device="auto"), rank=3) == torch.device("cuda", expected)
+
+
+def test_validation_scores_only_classes_both_crops_show(tmp_path):
+    """Windows centred on two classes far apart show one of them: the other must neither be asked of the
+    model with an empty reference nor score its empty target as a perfect 1.0."""
+    rows = []
+    for s in range(2):
+        label = np.zeros((96, 32, 32), np.uint8)
+        label[40:70, 10:20, 10:20], label[88:94, 10:20, 10:20] = 1, 2
+        np.save(tmp_path / f"i{s}.npy", np.zeros(label.shape, np.float32))
+        np.save(tmp_path / f"l{s}.npy", label)
+        boxes = {"1": [40, 10, 10, 70, 20, 20], "2": [88, 10, 10, 94, 20, 20]}
+        rows.append(
+            {
+                "dataset": "far",
+                "case_id": f"c{s}",
+                "subject_id": f"s{s}",
+                "image_array": str(tmp_path / f"i{s}.npy"),
+                "label_array": str(tmp_path / f"l{s}.npy"),
+                "class_voxels": json.dumps({"1": 3000, "2": 600}),
+                "class_bboxes": json.dumps(boxes),
+            }
+        )
+    episode = {"split": "val", "dataset": "far", "query": "c0", "references": ["c1"], "classes": [1, 2]}
+    episodes = validation_episodes({"episodes": [episode]}, case_records(pd.DataFrame(rows)))
+    asked = []
+
+    class PredictNothing(torch.nn.Module):
+        def forward(self, query, ref, ref_masks):
+            asked.append(ref_masks.flatten(2).sum(-1)[0].tolist())
+            return torch.full((1, ref_masks.shape[1], *query.shape[2:]), -10.0)
+
+    config = TrainConfig(crop_size=(32, 32, 32), device="cpu")
+    assert validate(PredictNothing(), episodes, config, torch.device("cpu"), step=1) == [
+        {"step": 1, "dataset": "far", "dice": 0.0}
+    ]
+    assert asked == [[1900]], "one class, z 51..69 of the window [51, 83) on the union of both"
 
 
 def test_lr_schedule_warms_up_then_decays_exponentially():

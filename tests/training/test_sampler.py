@@ -156,6 +156,45 @@ def test_class_union_merges_two_slots_in_query_and_reference(setup):
     assert merged_any
 
 
+def _pool_of(root, labels: list[np.ndarray], dataset: str = "far"):
+    """A train pool of one subject per label map; the image is each voxel's z index, so a crop's first
+    value tells where it starts."""
+    rows, cases = [], []
+    values = sorted({int(v) for label in labels for v in np.unique(label) if v})
+    for s, label in enumerate(labels):
+        z_size = label.shape[0]
+        image = np.broadcast_to(np.arange(z_size, dtype=np.float32)[:, None, None], label.shape)
+        np.save(root / f"i{s}.npy", image)
+        np.save(root / f"l{s}.npy", label)
+        boxes, voxels = {}, {}
+        for value in values:
+            where = np.argwhere(label == value)
+            boxes[str(value)] = [*where.min(axis=0).tolist(), *(where.max(axis=0) + 1).tolist()]
+            voxels[str(value)] = len(where)
+        rows.append(
+            {
+                "dataset": dataset,
+                "case_id": f"c{s}",
+                "subject_id": f"s{s}",
+                "image_array": str(root / f"i{s}.npy"),
+                "label_array": str(root / f"l{s}.npy"),
+                "class_voxels": json.dumps(voxels),
+                "class_bboxes": json.dumps(boxes),
+            }
+        )
+        cases.append(
+            {
+                "dataset": dataset,
+                "case_id": f"c{s}",
+                "subject_id": f"s{s}",
+                "split": "train",
+                "heldout": False,
+            }
+        )
+    index = {"cases": cases, "classes": {dataset: {str(v): {} for v in values}}}
+    return train_pool(index, case_records(pd.DataFrame(rows))), train_class_ids(index)
+
+
 def _far_apart_pool(root, z_size: int = 96):
     """Three subjects whose two classes lie at opposite ends of z, farther apart than a 32³ crop; the
     image is each voxel's z index, so a crop's first value tells where it starts."""
@@ -198,6 +237,51 @@ def test_a_class_the_reference_crop_cuts_out_leaves_the_episode(tmp_path):
         assert real.sum() == 1, "of two classes 80 voxels apart, one fits a 32³ reference crop"
         assert (episode["ref_masks"][real].flatten(1).sum(1) == 600).all()
         assert (episode["ref_masks"][~real] == 0).all() and (episode["class_ids"][~real] == -1).all()
+
+
+def test_foreground_query_crops_show_a_class_that_stayed_in_the_episode(tmp_path):
+    pool, ids = _far_apart_pool(tmp_path)
+    config = TrainConfig(
+        crop_size=(32, 32, 32), augment=False, class_drop_prob=0.0, max_classes=2, foreground_crop_prob=1.0
+    )
+    sampler = EpisodeSampler(pool, ids, config)
+    for step in range(20):
+        episode = sampler.episode(step, 0)
+        assert episode["query_masks"][episode["class_mask"]].sum() > 0, step
+
+
+def test_a_class_in_two_parts_farther_apart_than_a_crop_is_still_shown(tmp_path):
+    """One label value at both ends of z (a bilateral organ): its box's centre shows neither part."""
+    label = np.zeros((96, 32, 32), np.uint8)
+    label[2:8, 10:20, 10:20] = label[88:94, 10:20, 10:20] = 1
+    pool, ids = _pool_of(tmp_path, [label, label.copy(), label.copy()])
+    sampler = EpisodeSampler(pool, ids, TrainConfig(crop_size=(32, 32, 32), augment=False, max_classes=2))
+    for step in range(8):
+        episode = sampler.episode(step, 0)
+        assert episode["class_mask"].sum() == 1 and episode["ref_masks"][0].sum() > 0
+
+
+def test_augmentation_never_leaves_a_real_slot_with_an_empty_reference(tmp_path):
+    """Warping and perturbing can wipe out a 4-voxel structure: the slot leaves the episode, or when it
+    is the only one, the reference stays unwarped; never an empty mask with a memory-bank id."""
+    labels = []
+    for _ in range(3):
+        label = np.zeros((48, 48, 48), np.uint8)
+        label[20:22, 20:22, 20] = 1
+        label[10:30, 30:40, 5:40] = 2
+        labels.append(label)
+    pool, ids = _pool_of(tmp_path, labels)
+    config = TrainConfig(crop_size=(32, 32, 32), max_classes=2, class_drop_prob=0.5)
+    sampler = EpisodeSampler(pool, ids, config)
+    shown = 0
+    for step in range(120):
+        episode = sampler.episode(step, 0)
+        real = episode["class_mask"]
+        assert real.any(), step
+        assert (episode["ref_masks"][real].flatten(1).sum(1) > 0).all(), step
+        assert (episode["ref_masks"][~real] == 0).all() and (episode["class_ids"][~real] == -1).all()
+        shown += int((episode["class_ids"] == ids["far/1"]).any())
+    assert shown > 10, "the small structure still takes part in most episodes that draw it"
 
 
 def test_query_crops_off_the_foreground_lie_anywhere_in_the_volume(tmp_path):

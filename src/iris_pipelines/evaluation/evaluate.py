@@ -13,7 +13,7 @@ import json
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from functools import partial
 from typing import Any
 
@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from iris_pipelines.imaging.errors import InvalidInputError
 from iris_pipelines.imaging.geometry import Geometry
 from iris_pipelines.imaging.io import read_image
-from iris_pipelines.imaging.metrics import label_map_metrics, spacing_from_image
+from iris_pipelines.imaging.metrics import MaskMetrics, label_map_metrics, spacing_from_image
 from iris_pipelines.imaging.registration import (
     RegistrationConfig,
     RegistrationError,
@@ -174,6 +174,12 @@ def _load_episode(
     classes = [
         int(c) for c in episode["classes"] if int(c) in query.bboxes and int(c) in references[0].bboxes
     ]
+    unscored = [int(c) for c in episode["classes"] if int(c) in query.bboxes and int(c) not in classes]
+    if unscored:  # every method is scored on the same classes, and one-shot and paste need reference 0
+        logger.warning(
+            "episode %s: class(es) %s of the query are not scored: its first reference %s does not show them",
+            episode["episode_id"], unscored, references[0].case_id,
+        )  # fmt: skip
     table = episode_index["classes"][dataset]
     row = rows[(dataset, query.case_id)]
     truth_image = read_image(row["label_path"], verify=False)
@@ -350,6 +356,14 @@ class _Runner:
         return self.rows_by_case[(record.dataset, record.case_id)]
 
 
+METRIC_COLUMNS = (
+    "episode_id", "dataset", "query", "references", "method", "kind", "class_name", "heldout", "novel",
+    "label", *(item.name for item in fields(MaskMetrics)), "seconds", "error", "model_uri", "model_version",
+    "weights_sha256",
+)  # fmt: skip
+"""The columns of ``evaluation_metrics``, also when no episode could be scored."""
+
+
 def evaluate_episodes(
     model: Iris,
     class_ids: Mapping[str, int],
@@ -364,7 +378,16 @@ def evaluate_episodes(
 
     A strategy that fails on an episode (e.g. registration that does not converge) is logged and recorded
     with an ``error`` and an empty prediction, so the table still shows what a user would have got.
+    ``embeddings`` (retrieval's pool) must come from the evaluated model: a table embedded by an earlier
+    model is refused, not silently mixed into the new model's numbers.
     """
+    made_by = sorted({str(v) for v in embeddings.get("weights_sha256", pd.Series(dtype=str)).dropna()})
+    if model_info.weights_sha256 and made_by and made_by != [model_info.weights_sha256]:
+        raise ValueError(
+            f"task_embeddings were made by the model(s) with weights {[m[:12] for m in made_by]}, but the "
+            f"evaluated model's weights are {model_info.weights_sha256[:12]}: re-run embed_tasks with this "
+            "model (kedro run --pipelines=embed_tasks,evaluate)"
+        )
     model.eval()
     rows_by_case = {(r["dataset"], r["case_id"]): r for r in manifest.to_dict("records")}
     subjects = {(c["dataset"], c["case_id"]): c["subject_id"] for c in episode_index["cases"]}
@@ -418,4 +441,4 @@ def evaluate_episodes(
                         "weights_sha256": model_info.weights_sha256,
                     }
                 )
-    return pd.DataFrame(out)
+    return pd.DataFrame(out, columns=list(METRIC_COLUMNS))

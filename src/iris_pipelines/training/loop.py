@@ -230,17 +230,29 @@ def validate(
     model: Iris, episodes: list[ValEpisode], config: TrainConfig, device: torch.device, step: int
 ) -> list[dict[str, Any]]:
     """Mean one-shot Dice per dataset on foreground-centred crops (a cheap proxy for the full
-    sliding-window evaluation of the evaluate pipeline)."""
+    sliding-window evaluation of the evaluate pipeline).
+
+    Classes spread wider than a crop are cut out of the windows centred on their union: a class the
+    reference crop does not show leaves the episode (as in training), and only classes the query crop
+    shows are scored, since Dice counts nothing found in an empty target as perfect.
+    """
     was_training = model.training
     model.eval()
     scores: dict[str, list[float]] = {}
     for ep in episodes:
-        query, q_masks = _centred_crop(ep.query, ep.classes, config.crop_size)
         ref, r_masks = _centred_crop(ep.reference, ep.classes, config.crop_size)
+        shown = r_masks.flatten(1).amax(1) > 0
+        classes = tuple(c for c, visible in zip(ep.classes, shown.tolist(), strict=True) if visible)
+        if not classes:
+            continue
+        query, q_masks = _centred_crop(ep.query, classes, config.crop_size)
+        present = q_masks.flatten(1).amax(1) > 0
+        if not present.any():
+            continue
         with autocast_context(device, config.precision):
-            logits = model(query[None].to(device), ref[None].to(device), r_masks[None].to(device))
-        dice = dice_score(logits.float() > 0, q_masks[None].to(device) > 0.5)
-        scores.setdefault(ep.dataset, []).append(float(dice.mean()))
+            logits = model(query[None].to(device), ref[None].to(device), r_masks[shown][None].to(device))
+        dice = dice_score(logits.float() > 0, q_masks[None].to(device) > 0.5)[0]
+        scores.setdefault(ep.dataset, []).append(float(dice[present.to(device)].mean()))
     model.train(was_training)
     return [{"step": step, "dataset": d, "dice": float(np.mean(v))} for d, v in sorted(scores.items())]
 

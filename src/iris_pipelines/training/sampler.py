@@ -157,6 +157,15 @@ def load_crop(
     return torch.from_numpy(image.astype(np.float32))[None], torch.from_numpy(masks.astype(np.uint8))
 
 
+def first_voxel(record: CaseRecord, value: int) -> list[int]:
+    """[z, y, x] of the first voxel of class ``value``: a point that shows it, where the centre of its
+    box may not (a class in two parts, such as a bilateral organ under one label)."""
+    box = record.bboxes[value]
+    label = np.load(record.label_path, mmap_mode="r")[tuple(slice(box[i], box[i + 3]) for i in range(3))]
+    offset = np.argwhere(np.asarray(label) == value)[0]
+    return [int(box[i] + offset[i]) for i in range(3)]
+
+
 def volume_shape(record: CaseRecord) -> tuple[int, ...]:
     return tuple(np.load(record.image_path, mmap_mode="r").shape)
 
@@ -226,25 +235,26 @@ class EpisodeSampler:
         crop = self.config.crop_size
         ref_lo, ref_hi = union_box([draw.reference.bboxes[c] for c in draw.classes])
         ref_start = crop_window(volume_shape(draw.reference), crop, ref_lo, ref_hi, rng)
-        q_size = volume_shape(draw.query)
-        if rng.random() < self.config.foreground_crop_prob:
-            box = draw.query.bboxes[draw.classes[int(rng.integers(len(draw.classes)))]]
-            centre = [int(rng.integers(box[i], max(box[i] + 1, box[i + 3]))) for i in range(3)]
-            q_start = crop_window(q_size, crop, centre, [c + 1 for c in centre], rng)
-        else:
-            q_start = [int(rng.integers(0, max(n - c, 0) + 1)) for n, c in zip(q_size, crop, strict=True)]
         ref, r_masks = load_crop(draw.reference, ref_start, crop, draw.classes)
         # Classes spread wider than a crop: the window centred on their union cuts some out. A slot
         # with an empty reference asks for a class the reference never shows, and would write that
         # empty mask's embedding into the class's memory-bank row, so such classes leave the episode.
         shown = r_masks.flatten(1).amax(1) > 0
-        if not shown.any():  # every class cut out: centre on the first one instead
+        if not shown.any():  # every class cut out: centre on the first one's box instead
             first = draw.reference.bboxes[draw.classes[0]]
-            ref_start = crop_window(volume_shape(draw.reference), crop, first[:3], first[3:], None)
-            ref, r_masks = load_crop(draw.reference, ref_start, crop, draw.classes)
-            shown = r_masks.flatten(1).amax(1) > 0
+            ref, r_masks, shown = self._reference_crop(draw, first[:3], first[3:])
+            if not shown.any():  # the box's centre missed a class in two parts: centre on a voxel of it
+                point = first_voxel(draw.reference, draw.classes[0])
+                ref, r_masks, shown = self._reference_crop(draw, point, [v + 1 for v in point])
         classes = [c for c, visible in zip(draw.classes, shown.tolist(), strict=True) if visible]
         r_masks = r_masks[shown]
+        q_size = volume_shape(draw.query)
+        if rng.random() < self.config.foreground_crop_prob:  # on a class that stayed in the episode
+            box = draw.query.bboxes[classes[int(rng.integers(len(classes)))]]
+            centre = [int(rng.integers(box[i], max(box[i] + 1, box[i + 3]))) for i in range(3)]
+            q_start = crop_window(q_size, crop, centre, [c + 1 for c in centre], rng)
+        else:
+            q_start = [int(rng.integers(0, max(n - c, 0) + 1)) for n, c in zip(q_size, crop, strict=True)]
         query, q_masks = load_crop(draw.query, q_start, crop, classes)
         ids = [self.class_ids.get(f"{draw.query.dataset}/{c}", -1) for c in classes]
         # Drawn only when enabled, so recipes without it keep their episode stream.
@@ -253,16 +263,34 @@ class EpisodeSampler:
             q_masks, r_masks, ids = _merge_slots(q_masks, r_masks, ids, int(pair[0]), int(pair[1]))
         return self._finish(rng, ids, query, q_masks, ref, r_masks)
 
+    def _reference_crop(
+        self, draw: EpisodeDraw, lo: Sequence[int], hi: Sequence[int]
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """The reference window around [lo, hi), its masks, and which of them show their class."""
+        crop = self.config.crop_size
+        start = crop_window(volume_shape(draw.reference), crop, lo, hi, None)
+        ref, masks = load_crop(draw.reference, start, crop, draw.classes)
+        return ref, masks, masks.flatten(1).amax(1) > 0
+
     def _finish(
         self, rng, ids: list[int], query: Tensor, q_masks: Tensor, ref: Tensor, r_masks: Tensor
     ) -> dict[str, Tensor]:
-        """Augment query and reference (each its own draw), perturb the reference masks, pad."""
+        """Augment query and reference (each its own draw), perturb the reference masks, pad.
+
+        Warping and perturbing can wipe out a small or sliver-thin reference mask: such a slot leaves the
+        episode, as a class the reference crop cuts out does (its empty mask would teach an empty task and
+        write into the memory bank). If none would remain, the reference stays as it was cropped.
+        """
         if self.config.augment:
             gen = torch.Generator().manual_seed(int(rng.integers(2**62)))
             flips = flip_axes(gen, self.augment) if self.config.shared_flips else None
             query, q_masks = augment_pair(query, q_masks, gen, self.augment, flips)
-            ref, r_masks = augment_pair(ref, r_masks, gen, self.augment, flips)
-            r_masks = perturb_masks(r_masks, gen, self.config.reference_mask_perturbation)
+            warped, warped_masks = augment_pair(ref, r_masks, gen, self.augment, flips)
+            warped_masks = perturb_masks(warped_masks, gen, self.config.reference_mask_perturbation)
+            kept = warped_masks.flatten(1).amax(1) > 0
+            if kept.any():
+                ref, r_masks = warped, warped_masks[kept]
+                q_masks, ids = q_masks[kept], [i for i, keep in zip(ids, kept.tolist(), strict=True) if keep]
         return self._pad(ids, query, q_masks, ref, r_masks)
 
     def _auto_mask_episode(self, rng: np.random.Generator) -> dict[str, Tensor]:

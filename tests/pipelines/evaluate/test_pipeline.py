@@ -16,6 +16,7 @@ from kedro.io import DataCatalog, MemoryDataset
 from kedro.runner import SequentialRunner
 from mlflow_support import temporary_mlflow_store
 
+from iris_pipelines.evaluation.report import MIN_INTERVAL_EPISODES
 from iris_pipelines.pipelines.embed_tasks import create_pipeline as embed_pipeline
 from iris_pipelines.pipelines.evaluate import create_pipeline as evaluate_pipeline
 from iris_pipelines.pipelines.tsne import create_pipeline as tsne_pipeline
@@ -133,13 +134,15 @@ def test_mlflow_gets_headline_numbers_plots_and_version_tags(run) -> None:
     assert "eval/heldout/registration/dice" in data.metrics
     metrics = catalog.load("evaluation_metrics")
     pairs = metrics[metrics.method == "one_shot"].merge(
-        metrics[metrics.method == "paste"], on=["episode_id", "class_name"], suffixes=("", "_paste")
+        metrics[metrics.method == "paste"], on=["episode_id", "label"], suffixes=("", "_paste")
     )
     seen = pairs[~pairs.heldout]
     gain = data.metrics["eval/seen/one_shot/dice_gain_vs_paste"]
     assert gain == pytest.approx((seen.dice - seen.dice_paste).mean())
-    assert data.metrics["eval/seen/one_shot/dice_gain_vs_paste_ci_low"] <= gain
-    assert gain <= data.metrics["eval/seen/one_shot/dice_gain_vs_paste_ci_high"]
+    # 3 seen episodes: too few for an interval (tests/evaluation/test_report.py has enough), so none is
+    # logged rather than a misleading one.
+    assert seen.episode_id.nunique() < MIN_INTERVAL_EPISODES
+    assert "eval/seen/one_shot/dice_gain_vs_paste_ci_low" not in data.metrics
     artifacts = {f.path for f in client.list_artifacts(run_id, "evaluation")}
     assert {
         "evaluation/dice_boxplot.png",
