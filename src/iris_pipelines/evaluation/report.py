@@ -231,7 +231,8 @@ def class_bars(metrics: pd.DataFrame) -> Figure:
     axis.set_xticks(positions + 0.4 - width / 2, table.index, rotation=75, ha="right", fontsize=8)
     axis.set_ylabel("mean Dice")
     axis.set_ylim(0, 1)
-    axis.legend(ncols=min(4, len(methods)), fontsize=8)
+    if methods:  # an evaluation with nothing scored has no bars to name
+        axis.legend(ncols=min(4, len(methods)), fontsize=8)
     axis.set_title("Mean Dice per class")
     figure.tight_layout()
     return figure
