@@ -48,6 +48,29 @@ def _stats(label: np.ndarray, labels: dict[str, str]) -> tuple[dict, dict]:
     return voxels, boxes
 
 
+def saved_case_rows(root: Path, labels: list[np.ndarray], dataset: str) -> pd.DataFrame:
+    """``preprocessed_manifest`` rows of one subject per label map, saved under ``root``. Each image is its
+    voxels' z index, so a crop's first value tells where it starts."""
+    rows = []
+    for s, label in enumerate(labels):
+        image = np.broadcast_to(np.arange(label.shape[0], dtype=np.float32)[:, None, None], label.shape)
+        np.save(root / f"i{s}.npy", image)
+        np.save(root / f"l{s}.npy", label)
+        voxels, boxes = _stats(label, {str(int(v)): "" for v in np.unique(label) if v})
+        rows.append(
+            {
+                "dataset": dataset,
+                "case_id": f"c{s}",
+                "subject_id": f"s{s}",
+                "image_array": str(root / f"i{s}.npy"),
+                "label_array": str(root / f"l{s}.npy"),
+                "class_voxels": json.dumps(voxels),
+                "class_bboxes": json.dumps(boxes),
+            }
+        )
+    return pd.DataFrame(rows)
+
+
 def build_collection(root: Path, seed: int = 0) -> tuple[pd.DataFrame, dict[str, Any]]:
     """(preprocessed_manifest, episode_index) for :data:`DATASETS` under ``root``."""
     rng = np.random.default_rng(seed)

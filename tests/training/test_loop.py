@@ -1,10 +1,7 @@
-import json
-
 import numpy as np
-import pandas as pd
 import pytest
 import torch
-from training_synthetic import fast_train_config, tiny_model_config
+from training_synthetic import fast_train_config, saved_case_rows, tiny_model_config
 
 from iris_pipelines.launch import launch_training
 from iris_pipelines.training import TrainConfig, latest_checkpoint, lr_factor, run_training, weights_checksum
@@ -55,26 +52,11 @@ def test_a_rank_trains_on_the_gpu_of_its_local_rank(monkeypatch, local_rank, exp
 def test_validation_scores_only_classes_both_crops_show(tmp_path):
     """Windows centred on two classes far apart show one of them: the other must neither be asked of the
     model with an empty reference nor score its empty target as a perfect 1.0."""
-    rows = []
-    for s in range(2):
-        label = np.zeros((96, 32, 32), np.uint8)
-        label[40:70, 10:20, 10:20], label[88:94, 10:20, 10:20] = 1, 2
-        np.save(tmp_path / f"i{s}.npy", np.zeros(label.shape, np.float32))
-        np.save(tmp_path / f"l{s}.npy", label)
-        boxes = {"1": [40, 10, 10, 70, 20, 20], "2": [88, 10, 10, 94, 20, 20]}
-        rows.append(
-            {
-                "dataset": "far",
-                "case_id": f"c{s}",
-                "subject_id": f"s{s}",
-                "image_array": str(tmp_path / f"i{s}.npy"),
-                "label_array": str(tmp_path / f"l{s}.npy"),
-                "class_voxels": json.dumps({"1": 3000, "2": 600}),
-                "class_bboxes": json.dumps(boxes),
-            }
-        )
+    label = np.zeros((96, 32, 32), np.uint8)
+    label[40:70, 10:20, 10:20], label[88:94, 10:20, 10:20] = 1, 2
+    rows = saved_case_rows(tmp_path, [label, label], "far")
     episode = {"split": "val", "dataset": "far", "query": "c0", "references": ["c1"], "classes": [1, 2]}
-    episodes = validation_episodes({"episodes": [episode]}, case_records(pd.DataFrame(rows)))
+    episodes = validation_episodes({"episodes": [episode]}, case_records(rows))
     asked = []
 
     class PredictNothing(torch.nn.Module):

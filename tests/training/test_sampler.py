@@ -1,9 +1,9 @@
 import json
 
 import numpy as np
-import pandas as pd
 import pytest
 import torch
+from training_synthetic import saved_case_rows
 
 from iris_pipelines.training import EpisodeSampler, TrainConfig, train_class_ids, train_pool
 from iris_pipelines.training.sampler import MASK_KEYS, batch_to_device, case_records, read_crop
@@ -157,72 +157,24 @@ def test_class_union_merges_two_slots_in_query_and_reference(setup):
 
 
 def _pool_of(root, labels: list[np.ndarray], dataset: str = "far"):
-    """A train pool of one subject per label map; the image is each voxel's z index, so a crop's first
-    value tells where it starts."""
-    rows, cases = [], []
+    """The train pool and class ids of one subject per label map (:func:`saved_case_rows`)."""
+    rows = saved_case_rows(root, labels, dataset)
     values = sorted({int(v) for label in labels for v in np.unique(label) if v})
-    for s, label in enumerate(labels):
-        z_size = label.shape[0]
-        image = np.broadcast_to(np.arange(z_size, dtype=np.float32)[:, None, None], label.shape)
-        np.save(root / f"i{s}.npy", image)
-        np.save(root / f"l{s}.npy", label)
-        boxes, voxels = {}, {}
-        for value in values:
-            where = np.argwhere(label == value)
-            boxes[str(value)] = [*where.min(axis=0).tolist(), *(where.max(axis=0) + 1).tolist()]
-            voxels[str(value)] = len(where)
-        rows.append(
-            {
-                "dataset": dataset,
-                "case_id": f"c{s}",
-                "subject_id": f"s{s}",
-                "image_array": str(root / f"i{s}.npy"),
-                "label_array": str(root / f"l{s}.npy"),
-                "class_voxels": json.dumps(voxels),
-                "class_bboxes": json.dumps(boxes),
-            }
-        )
-        cases.append(
-            {
-                "dataset": dataset,
-                "case_id": f"c{s}",
-                "subject_id": f"s{s}",
-                "split": "train",
-                "heldout": False,
-            }
-        )
+    cases = [
+        {"dataset": dataset, "case_id": row.case_id, "subject_id": row.subject_id, "split": "train",
+         "heldout": False}
+        for row in rows.itertuples()
+    ]  # fmt: skip
     index = {"cases": cases, "classes": {dataset: {str(v): {} for v in values}}}
-    return train_pool(index, case_records(pd.DataFrame(rows))), train_class_ids(index)
+    return train_pool(index, case_records(rows)), train_class_ids(index)
 
 
 def _far_apart_pool(root, z_size: int = 96):
-    """Three subjects whose two classes lie at opposite ends of z, farther apart than a 32³ crop; the
-    image is each voxel's z index, so a crop's first value tells where it starts."""
-    rows, cases = [], []
-    for s in range(3):
-        image = np.broadcast_to(np.arange(z_size, dtype=np.float32)[:, None, None], (z_size, 32, 32))
-        label = np.zeros((z_size, 32, 32), np.uint8)
-        label[2:8, 10:20, 10:20] = 1
-        label[z_size - 8 : z_size - 2, 10:20, 10:20] = 2
-        np.save(root / f"i{s}.npy", image)
-        np.save(root / f"l{s}.npy", label)
-        boxes = {"1": [2, 10, 10, 8, 20, 20], "2": [z_size - 8, 10, 10, z_size - 2, 20, 20]}
-        rows.append(
-            {
-                "dataset": "far",
-                "case_id": f"c{s}",
-                "subject_id": f"s{s}",
-                "image_array": str(root / f"i{s}.npy"),
-                "label_array": str(root / f"l{s}.npy"),
-                "class_voxels": json.dumps({"1": 600, "2": 600}),
-                "class_bboxes": json.dumps(boxes),
-            }
-        )
-        cases.append(
-            {"dataset": "far", "case_id": f"c{s}", "subject_id": f"s{s}", "split": "train", "heldout": False}
-        )
-    index = {"cases": cases, "classes": {"far": {"1": {}, "2": {}}}}
-    return train_pool(index, case_records(pd.DataFrame(rows))), train_class_ids(index)
+    """Three subjects whose two classes lie at opposite ends of z, farther apart than a 32³ crop."""
+    label = np.zeros((z_size, 32, 32), np.uint8)
+    label[2:8, 10:20, 10:20] = 1
+    label[z_size - 8 : z_size - 2, 10:20, 10:20] = 2
+    return _pool_of(root, [label] * 3)
 
 
 def test_a_class_the_reference_crop_cuts_out_leaves_the_episode(tmp_path):
