@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -769,9 +770,9 @@ def _summary_row(image: Path, out: Path, result: SegmentResult | None, reason: s
         return row
     row["reason"] = ""
     classes = result.summary["classes"]
-    repeated = {name for name in (c["name"] for c in classes) if [c["name"] for c in classes].count(name) > 1}
+    uses = Counter(item["name"] for item in classes)
     for item in classes:  # a name given to two label values keeps both columns
-        name = f"{item['name']} [{item['label']}]" if item["name"] in repeated else item["name"]
+        name = item["name"] if uses[item["name"]] == 1 else f"{item['name']} [{item['label']}]"
         row[f"{name} (ml)"] = round(item["volume_ml"], 3)
     return row
 
@@ -814,7 +815,8 @@ def segment_batch(
             try:
                 image = read_scan(image_path, out)
                 result = segment_scan(request, prepared, image, image_path, out, model_uri=model_uri)
-            except (InvalidInputError, SegmentError, OSError, ValueError) as error:  # e.g. a scan too small
+            # InvalidInputError and SegmentError are ValueErrors too, as is a scan too small to segment.
+            except (OSError, ValueError) as error:
                 reason = " ".join(str(error).split())
                 logger.warning("skipped %s", reason)
                 failures.append((image_path, reason))

@@ -496,6 +496,14 @@ def tune_task_embedding(
 # --------------------------------------------------------------------------------------------- labels
 
 
+def logit_cut(threshold: float) -> float:
+    """The logit a foreground probability ``threshold`` corresponds to (sigmoid is monotonic, so labels are
+    decided in logit space without a probability tensor)."""
+    if not 0.0 < threshold < 1.0:
+        raise ValueError(f"threshold must lie in (0, 1), got {threshold}")
+    return torch.logit(torch.tensor(threshold, dtype=torch.float64)).item()
+
+
 def logits_to_labels(logits: Tensor, label_values: Sequence[int], threshold: float = 0.5) -> Tensor:
     """(K, D, H, W) or (1, K, D, H, W) logits → int32 label map (D, H, W).
 
@@ -511,9 +519,7 @@ def logits_to_labels(logits: Tensor, label_values: Sequence[int], threshold: flo
             f"logits must have shape (K={len(label_values)}, D, H, W) for label values "
             f"{list(label_values)}, got {tuple(logits.shape)}"
         )
-    if not 0.0 < threshold < 1.0:
-        raise ValueError(f"threshold must lie in (0, 1), got {threshold}")
+    cut = logit_cut(threshold)
     best_logit, best = logits.max(dim=0)
-    cut = torch.logit(torch.tensor(threshold, dtype=torch.float64)).item()
     values = torch.as_tensor(list(label_values), dtype=torch.int32, device=logits.device)[best]
     return torch.where(best_logit > cut, values, torch.zeros_like(values))

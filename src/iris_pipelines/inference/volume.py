@@ -30,7 +30,7 @@ from iris_pipelines.collection.preprocessing import (
 )
 from iris_pipelines.imaging.geometry import Geometry
 from iris_pipelines.imaging.resample import LABEL_MAX, resample_to_geometry
-from iris_pipelines.inference.strategies import crop_reference, encode_reference, logits_to_labels
+from iris_pipelines.inference.strategies import crop_reference, encode_reference, logit_cut, logits_to_labels
 from iris_pipelines.model import Iris
 
 VolumePredictor = Callable[[Tensor], Tensor]
@@ -239,9 +239,7 @@ def to_original_grid(
     values = np.asarray([int(v) for v in labels])
     if values.size and (values.min() < 1 or values.max() > LABEL_MAX):
         raise ValueError(f"label values must lie in 1..{LABEL_MAX} to be written as a uint8 label map")
-    if not 0.0 < threshold < 1.0:
-        raise ValueError(f"threshold must lie in (0, 1), got {threshold}")
-    cut = float(torch.logit(torch.tensor(threshold, dtype=torch.float64)))
+    cut = logit_cut(threshold)
     size_x, size_y, size_z = volume.original.size
     best = np.full((size_z, size_y, size_x), -_CERTAIN_LOGIT, dtype=np.float32)
     winner = np.zeros(best.shape, dtype=np.uint8)
