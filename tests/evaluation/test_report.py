@@ -6,7 +6,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from iris_pipelines.evaluation.report import gain_over_baseline, headline_metrics, summary_by_group
+from iris_pipelines.evaluation.report import (
+    class_bars,
+    gain_over_baseline,
+    headline_metrics,
+    summary_by_group,
+)
 
 
 def _rows(method: str, dice: np.ndarray, *, heldout: bool = False, episodes: int = 10) -> pd.DataFrame:
@@ -124,3 +129,21 @@ def test_an_interval_does_not_depend_on_the_other_methods_compared() -> None:
         return row.ci_low, row.ci_high
 
     assert interval(alone) == interval(crowded)
+
+
+def test_class_bars_give_labels_that_share_a_name_a_bar_each() -> None:
+    """Left and right "kidney" are two structures: one bar each, told apart by label value."""
+    paste, one_shot = _rows("paste", np.full(30, 0.5)), _rows("one_shot", np.full(30, 0.5))
+    for table in (paste, one_shot):
+        table["class_name"] = table["class_name"].replace({"b": "kidney", "c": "kidney"})
+    one_shot.loc[one_shot["label"] == 3, "dice"] = 0.8
+    axis = class_bars(pd.concat([paste, one_shot], ignore_index=True)).axes[0]
+    ticks = [tick.get_text() for tick in axis.get_xticklabels()]
+    assert ticks == ["D/a", "D/kidney (2)", "D/kidney (3)"]
+    one_shot_heights = [bar.get_height() for bar in axis.containers[0]]  # strategies first, then baselines
+    assert one_shot_heights == pytest.approx([0.5, 0.5, 0.8])
+
+
+def test_class_bars_of_an_empty_evaluation_draw_no_bars() -> None:
+    empty = _rows("paste", np.zeros(0), episodes=0)
+    assert class_bars(empty).axes[0].containers == []

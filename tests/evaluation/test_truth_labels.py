@@ -16,18 +16,20 @@ from iris_pipelines.imaging.metrics import label_map_metrics
 from iris_pipelines.training.sampler import CaseRecord
 
 
-def _episode(tmp_path: Path, truth: np.ndarray):
-    """One episode whose query label file holds ``truth`` (stored with truth's dtype)."""
+def _episode(tmp_path: Path, truth: np.ndarray, reference_shows: tuple[int, ...] | None = None):
+    """One episode whose query label file holds ``truth`` (stored with truth's dtype); its reference shows
+    the classes ``reference_shows`` (default: the query's)."""
+    query_classes = tuple(int(c) for c in np.unique(np.rint(truth)) if c > 0)
     grid = Geometry(truth.shape[::-1], (0.8, 0.9, 2.0), (0.0, 0.0, 0.0), (1, 0, 0, 0, 1, 0, 0, 0, 1))
     label_file = tmp_path / "query_labels.nii.gz"
     write_image(grid.apply_to(sitk.GetImageFromArray(truth)), label_file)
     records = {}
-    for case in ("query", "ref"):
+    for case, shown in (("query", query_classes), ("ref", reference_shows or query_classes)):
         np.save(tmp_path / f"{case}_image.npy", np.zeros(truth.shape, np.float32))
-        np.save(tmp_path / f"{case}_label.npy", (truth > 0).astype(np.uint8))
+        np.save(tmp_path / f"{case}_label.npy", np.rint(truth).astype(np.uint8))
         records[("ds", case)] = CaseRecord(
             "ds", case, case, str(tmp_path / f"{case}_image.npy"), str(tmp_path / f"{case}_label.npy"),
-            (1,), {1: (1, 1, 1, 3, 3, 3)},
+            shown, {c: (1, 1, 1, 3, 3, 3) for c in shown},
         )  # fmt: skip
     row = {
         "label_path": str(label_file),
@@ -35,8 +37,8 @@ def _episode(tmp_path: Path, truth: np.ndarray):
         "original_geometry": grid.to_dict(),
     }
     return _load_episode(
-        {"episode_id": "e1", "dataset": "ds", "query": "query", "references": ["ref"], "classes": [1]},
-        {"classes": {"ds": {"1": {"name": "liver"}}}},
+        {"episode_id": "e1", "dataset": "ds", "query": "query", "references": ["ref"], "classes": [1, 2]},
+        {"classes": {"ds": {"1": {"name": "liver"}, "2": {"name": "spleen"}}}},
         records,
         {("ds", "query"): row},
         {"ds": False},
@@ -63,3 +65,12 @@ def test_a_label_file_with_fractions_is_named(tmp_path: Path) -> None:
     assert caught.value.check == "non_integer_label"
     assert caught.value.path == str(tmp_path / "query_labels.nii.gz")
     assert "18 voxel(s) are not" in caught.value.reason
+
+
+def test_query_classes_the_reference_does_not_show_are_logged_as_unscored(tmp_path: Path, caplog) -> None:
+    truth = np.zeros((6, 7, 8), dtype=np.uint8)
+    truth[1:3, 2:5, 3:6], truth[4:6, 2:5, 3:6] = 1, 2
+    with caplog.at_level("WARNING", logger="iris_pipelines.evaluation.evaluate"):
+        episode = _episode(tmp_path, truth, reference_shows=(1,))
+    assert episode.classes == [1]
+    assert "episode e1: class(es) [2] of the query are not scored: its first reference ref" in caplog.text

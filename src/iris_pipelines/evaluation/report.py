@@ -213,22 +213,31 @@ def dice_boxplot(metrics: pd.DataFrame) -> Figure:
 
 
 def class_bars(metrics: pd.DataFrame) -> Figure:
-    """Mean Dice per class (dataset/class) and method as grouped bars."""
+    """Mean Dice per class (dataset/class) and method as grouped bars.
+
+    A bar is one label value of one dataset, as the gain over paste pairs them: two labels that share a
+    name (left and right "kidney" in some datasets) get a bar each, told apart by their label value.
+    """
     methods = _method_order(metrics)
     table = (
-        metrics.assign(structure=metrics["dataset"] + "/" + metrics["class_name"])
-        .groupby(["structure", "method"])["dice"]
+        metrics.groupby(["dataset", "label", "method"])["dice"]
         .mean()
         .unstack("method")
         .reindex(columns=methods)
     )
+    names = metrics.drop_duplicates(["dataset", "label"]).set_index(["dataset", "label"])["class_name"]
+    shared = names.groupby(level="dataset").transform(lambda column: column.duplicated(keep=False))
+    tick_labels = [
+        f"{dataset}/{names[dataset, label]}" + (f" ({int(label)})" if shared[dataset, label] else "")
+        for dataset, label in table.index
+    ]
     figure = Figure(figsize=(max(8, 0.55 * len(table) * max(1, len(methods)) / 3), 5))
     axis = figure.subplots()
     width = 0.8 / max(1, len(methods))
     positions = np.arange(len(table))
     for i, method in enumerate(methods):
         axis.bar(positions + i * width, table[method].fillna(0).to_numpy(), width, label=method)
-    axis.set_xticks(positions + 0.4 - width / 2, table.index, rotation=75, ha="right", fontsize=8)
+    axis.set_xticks(positions + 0.4 - width / 2, tick_labels, rotation=75, ha="right", fontsize=8)
     axis.set_ylabel("mean Dice")
     axis.set_ylim(0, 1)
     if methods:  # an evaluation with nothing scored has no bars to name
