@@ -314,6 +314,22 @@ def test_a_class_missing_from_a_reference_is_refused(files, tmp_path) -> None:
     assert str(files["ref_a_label"]) in result.output
 
 
+def test_a_reference_class_of_a_few_voxels_is_warned_about(tmp_path, caplog) -> None:
+    """A structure that covers 2 voxels of the model's grid gives an embedding of a speck: say so."""
+    image, label = make_scan((2.0, 2.0, 2.0), (0.0, 0.0, 0.0), np.eye(3), size=(20, 20, 20))
+    array = sitk.GetArrayFromImage(label)
+    array[2, 2, 2:4] = 6  # two voxels, far from the blob of class 5
+    speck = sitk.GetImageFromArray(array)
+    speck.CopyInformation(label)
+    write_image(image, tmp_path / "ref.nii.gz")
+    write_image(speck, tmp_path / "ref_labels.nii.gz")
+    spec = segment_module.ReferenceSpec(tmp_path / "ref.nii.gz", tmp_path / "ref_labels.nii.gz")
+    with caplog.at_level("WARNING", logger="iris_pipelines.segment"):
+        segment_module.read_reference(spec, None, "CT", {"target_spacing": [2.0, 2.0, 2.0]})
+    assert f"{spec.label}: class 6 covers only 2 voxel(s) of the model's 2×2×2 mm grid" in caplog.text
+    assert "class 5" not in caplog.text
+
+
 def test_bundle_without_weights_and_unreachable_registry(files, tmp_path) -> None:
     broken = tmp_path / "broken_bundle"
     broken.mkdir()

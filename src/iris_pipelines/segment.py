@@ -36,6 +36,7 @@ from iris_pipelines.evaluation.embeddings import class_embeddings, embedding_ten
 from iris_pipelines.evaluation.evaluate import EvaluateParams
 from iris_pipelines.imaging import Geometry, InvalidInputError, read_image, write_image
 from iris_pipelines.imaging.io import file_suffix, require_scalar_volume, require_storable, write_text_atomic
+from iris_pipelines.imaging.resample import LABEL_MAX
 from iris_pipelines.inference.bundle import ModelBundle
 from iris_pipelines.inference.sliding_window import volume_predictor
 from iris_pipelines.inference.strategies import (
@@ -63,6 +64,8 @@ DEFAULT_ROI = 128  # the paper's window, when the bundle does not record its tra
 PREPROCESS_KEYS = ("target_spacing", "ct_window", "percentiles")
 GRID_TOLERANCE_MM = 1e-3  # as `iris validate` / ingest
 _IGNORE_LABEL = "ignore"  # nnU-Net v2's label for unannotated voxels
+# A reference class under a 2×2×2 block of the model's grid gives an embedding of a speck: warned about.
+TINY_REFERENCE_VOXELS = 8
 STEPS = ("reading", "embedding", "segmenting", "writing")
 
 StepCallback = Callable[[str], None]
@@ -371,7 +374,27 @@ def read_reference(
         raise InvalidInputError(str(spec.label), "empty_label", "the reference label has no foreground voxel")
     volume = prepare_image(image, modality, params, source=str(spec.image))
     canonical = prepare_label(label, volume, source=str(spec.label))
+    warn_tiny_classes(canonical, wanted or present, params["target_spacing"], spec.label)
     return Reference(spec, volume.array, canonical), present
+
+
+def warn_tiny_classes(
+    canonical: np.ndarray, classes: Sequence[int], spacing: Sequence[float], source: Path
+) -> list[int]:
+    """Warn about (and return) the classes that cover fewer than TINY_REFERENCE_VOXELS voxels of the model's
+    grid: their embedding pools a handful of voxels, so what the model finds for them is unreliable. A class
+    with no voxel left is an error later (``class_masks``), not a warning."""
+    counts = np.bincount(canonical.ravel(), minlength=LABEL_MAX + 1)
+    tiny = [int(c) for c in classes if 0 < counts[c] < TINY_REFERENCE_VOXELS]
+    grid = "×".join(f"{float(v):g}" for v in spacing)
+    for c in tiny:
+        logger.warning(
+            "%s: class %d covers only %d voxel(s) of the model's %s mm grid, so its embedding rests on a "
+            "speck and its segmentation is unreliable; use a reference in which it is larger, or a finer "
+            "--spacing if the model was trained at one",
+            source, c, counts[c], grid,
+        )  # fmt: skip
+    return tiny
 
 
 def reference_task(
