@@ -6,12 +6,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from blobs import blob_volume
 
 from iris_pipelines.inference import (
     ModelBundle,
     check_strategy,
     context_ensemble,
     crop_reference,
+    encode_class_windows,
     encode_reference,
     encode_references,
     frozen,
@@ -158,8 +160,7 @@ def test_retrieval_task_retrieves_the_reference_matching_the_query(tiny_model: I
         calls.append(task)
         return (query_masks * 2 - 1) * 10.0
 
-    own = crop_reference(query, query_masks, 20)
-    query_task = encode_reference(tiny_model, *own)
+    query_task = encode_class_windows(tiny_model, query, (query_masks[:, k : k + 1] for k in range(2)), 20)
     others = encode_references(tiny_model, [scans["a"], scans["b"]])
     pool = torch.cat([others[:1], query_task, others[1:]])  # the match sits in row 1
     result = retrieval_task(tiny_model, query, pool, top_k=1, initial_index=2, segment_fn=oracle, roi_size=20)
@@ -197,6 +198,23 @@ def test_retrieval_falls_back_to_the_pool_mean_for_an_empty_initial_mask(
     assert torch.equal(again.initial_indices, result.initial_indices)
 
 
+def test_retrieval_encodes_each_class_of_the_query_in_its_own_window(tiny_model: Iris) -> None:
+    """Initial masks farther apart than the window: each class is encoded around itself, as the pool's
+    references are, not from a single window that cuts one of them out."""
+    size = (16, 16, 64)
+    query, masks = blob_volume([((8, 8, 4), 3, 1.0), ((8, 8, 59), 3, -1.0)], size, seed=4)
+
+    def oracle(image: torch.Tensor, task: torch.Tensor) -> torch.Tensor:
+        return (masks * 2 - 1) * 10.0
+
+    own = encode_class_windows(tiny_model, query, (masks[:, k : k + 1] for k in range(2)), 32)
+    others = encode_references(tiny_model, [(torch.randn_like(query), masks)] * 2)
+    pool = torch.cat([others[:1], own, others[1:]])
+    result = retrieval_task(tiny_model, query, pool, top_k=1, initial_index=0, segment_fn=oracle, roi_size=32)
+    assert result.indices.tolist() == [[1], [1]] and not result.fallback.any()
+    torch.testing.assert_close(result.task, own, rtol=0, atol=1e-5)
+
+
 def test_retrieval_without_segment_fn_runs_the_model(tiny_model: Iris, scans: Scans) -> None:
     pool = encode_references(tiny_model, [scans["a"], scans["b"]])
     result = retrieval_task(tiny_model, scans["c"][0], pool, top_k=2, initial_index=0)
@@ -212,6 +230,7 @@ def test_tuning_lowers_its_loss_and_leaves_every_weight_bit_identical(scans: Sca
     torch.manual_seed(0)
     model = Iris(IrisConfig.tiny()).train()
     model.encoder.requires_grad_(False)  # a mixed state that must come back as it was
+    model.encoder.eval()
     before = {name: value.clone() for name, value in model.state_dict().items()}
     flags = {name: p.requires_grad for name, p in model.named_parameters()}
     image, masks = scans["a"]
@@ -228,7 +247,7 @@ def test_tuning_lowers_its_loss_and_leaves_every_weight_bit_identical(scans: Sca
         assert torch.equal(value, before[name]), f"{name} changed"
     assert {name: p.requires_grad for name, p in model.named_parameters()} == flags
     assert all(p.grad is None for p in model.parameters())
-    assert model.training
+    assert model.training and not model.encoder.training and model.task_encoder.training
 
 
 def test_tuning_leaves_the_slots_outside_its_class_mask_as_they_were(tiny_model: Iris, scans: Scans) -> None:

@@ -116,6 +116,21 @@ def test_reference_is_cut_around_its_classes_and_encoded(tiny_model: Iris) -> No
         class_masks(np.zeros((4, 4, 4), dtype=np.uint8), [0])
 
 
+def test_classes_farther_apart_than_a_window_are_each_encoded_in_their_own(tiny_model: Iris) -> None:
+    """Two structures 60 mm apart with a 20-voxel window: no single window holds both."""
+    grid = Geometry((60, 16, 16), (1.5, 1.5, 1.5), (0.0, 0.0, 0.0), (1, 0, 0, 0, 1, 0, 0, 0, 1))
+    labels = np.zeros((16, 16, 60), dtype=np.uint8)  # [z, y, x]
+    labels[5:10, 5:10, 2:7], labels[5:10, 5:10, 52:57] = 1, 2
+    label = grid.apply_to(sitk.GetImageFromArray(labels))
+    image = grid.apply_to(sitk.GetImageFromArray(np.where(labels > 0, 300.0, -800.0).astype(np.float32)))
+    with pytest.raises(ValueError, match=r"ref.mha: label value\(s\) \[2\] lie outside the 20-voxel window"):
+        reference_tensors(image, label, [1, 2], "CT", PARAMS, roi_size=20, source="ref.mha")
+    task = reference_task(tiny_model, image, label, [1, 2], "CT", PARAMS, roi_size=20)
+    for slot, value in enumerate((1, 2)):
+        alone = reference_task(tiny_model, image, label, [value], "CT", PARAMS, roi_size=20)
+        torch.testing.assert_close(task[:, slot], alone[:, 0], rtol=0, atol=0)
+
+
 def test_segment_volume_with_the_model_tiles_and_returns_the_scan_grid(tiny_model: Iris) -> None:
     image, label, _ = _scan("lps_flip")
     task = reference_task(tiny_model, image, label, [5], "CT", PARAMS, roi_size=24)

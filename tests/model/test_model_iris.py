@@ -27,6 +27,18 @@ def test_logits_have_the_full_odd_input_size(tiny_model: Iris, classes: int) -> 
     assert torch.isfinite(logits).all()
 
 
+def test_an_input_of_one_bottleneck_voxel_is_refused_with_its_size(tiny_model: Iris) -> None:
+    """At most 2**stages voxels on every axis pad to a single bottleneck voxel, which instance norm cannot
+    take; the error names the size, not torch's "when training" (the model is in eval mode)."""
+    small = tiny_model.config.size_divisor
+    with pytest.raises(ValueError, match=rf"an input of \({small}, {small}, 3\) voxels is too small"):
+        tiny_model.encode_task(torch.randn(1, 1, small, small, 3), torch.ones(1, 1, small, small, 3))
+    with pytest.raises(ValueError, match="too small for this network"):
+        tiny_model.encode_query(torch.randn(1, 1, 5, small, small))
+    with torch.no_grad():  # one axis longer than the divisor is enough
+        tiny_model.encode_query(torch.randn(1, 1, small + 1, small, small))
+
+
 def test_masks_are_padded_like_the_image(tiny_model: Iris) -> None:
     """An odd-sized reference must encode exactly as the same reference padded by hand."""
     shape = (17, 30, 20)

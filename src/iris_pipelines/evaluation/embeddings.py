@@ -10,7 +10,7 @@ the model (registry version and weights checksum).
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,7 +19,7 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from iris_pipelines.inference.strategies import crop_reference, encode_reference
+from iris_pipelines.inference.strategies import encode_class_windows
 from iris_pipelines.model import Iris
 from iris_pipelines.training.sampler import CaseRecord
 
@@ -79,15 +79,15 @@ def class_embeddings(
 
     Raises ``ValueError`` naming the class when the reference does not contain it.
     """
-    volume = as_tensor(image)
-    slots = []
-    for label_value in classes:
-        mask = torch.from_numpy(label == label_value)[None, None].float()
-        if not bool(mask.any()):
-            raise ValueError(f"the reference has no voxel of class {label_value}")
-        crop_image, crop_mask = crop_reference(volume, mask, roi_size)
-        slots.append(encode_reference(model, crop_image, crop_mask))
-    return torch.cat(slots, dim=1)
+
+    def masks() -> Iterator[Tensor]:
+        for label_value in classes:
+            mask = torch.from_numpy(label == label_value)[None, None].float()
+            if not bool(mask.any()):
+                raise ValueError(f"the reference has no voxel of class {label_value}")
+            yield mask
+
+    return encode_class_windows(model, as_tensor(image), masks(), roi_size)
 
 
 def reference_cases(

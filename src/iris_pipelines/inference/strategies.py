@@ -221,7 +221,8 @@ def mask_window(masks: Tensor, roi_size: int | Sequence[int]) -> tuple[slice, sl
     cut = [high - low > length for (low, high), length in zip(extents, roi, strict=True)]
     if any(cut):  # only then list the foreground voxels (millions for a large organ at full resolution)
         voxels = occupied.nonzero().float() + 0.5
-        nearest = voxels[((voxels - torch.tensor(centres)) ** 2).sum(dim=1).argmin()].tolist()
+        centre = torch.tensor(centres, device=voxels.device)
+        nearest = voxels[((voxels - centre) ** 2).sum(dim=1).argmin()].tolist()
         centres = [n if c else b for n, c, b in zip(nearest, cut, centres, strict=True)]
     window = []
     for size, length, centre in zip(spatial, roi, centres, strict=True):
@@ -239,10 +240,29 @@ def clamp_roi(roi_size: int | Sequence[int], spatial: Sequence[int]) -> tuple[in
 
 
 def crop_reference(image: Tensor, masks: Tensor, roi_size: int | Sequence[int]) -> tuple[Tensor, Tensor]:
-    """``image`` and ``masks`` cut to :func:`mask_window`; the whole volume when it fits in ``roi``."""
+    """``image`` and ``masks`` cut to :func:`mask_window`; the whole volume when it fits in ``roi``.
+
+    One window for all classes, as training's reference crop: a class farther than ``roi`` from the others
+    may be cut out (its mask then empty). :func:`encode_class_windows` gives each class its own window.
+    """
     _check_pair(image, masks, "reference")
     z, y, x = mask_window(masks, roi_size)
     return image[..., z, y, x], masks[..., z, y, x]
+
+
+def encode_class_windows(
+    model: Iris, image: Tensor, class_masks: Iterable[Tensor], roi_size: int | Sequence[int]
+) -> Tensor:
+    """T (1, K, m+1, C) of one reference, each class encoded from a window centred on that class.
+
+    How ``embed_tasks``, ``evaluate`` and ``iris segment`` encode a reference: every class keeps the
+    context training showed around it, however far apart the classes lie. ``class_masks`` yields one
+    (1, 1, D, H, W) mask per class, lazily if need be, so K full-size masks never coexist.
+    """
+    slots = [encode_reference(model, *crop_reference(image, mask, roi_size)) for mask in class_masks]
+    if not slots:
+        raise ValueError("encode_class_windows needs at least one class mask")
+    return torch.cat(slots, dim=1)
 
 
 # ---------------------------------------------------------------------------------------------- retrieval
@@ -347,7 +367,8 @@ def retrieval_task(
     1. Segment ``query`` with the embedding of a random pool reference (``initial_index`` fixes it;
        ``generator`` seeds the draw).
     2. Binarise each class at sigmoid > ``threshold`` and encode the query with its own initial masks,
-       cut to :func:`mask_window` of ``roi_size`` when given (as references are).
+       each class from its own :func:`mask_window` of ``roi_size`` when given (as the pool's references
+       are: :func:`encode_class_windows`).
     3. Per class, retrieve the ``top_k`` most cosine-similar pool embeddings (:func:`retrieve_references`).
     4. Return their per-class mean; the caller segments the query again with ``result.task``.
 
@@ -389,11 +410,14 @@ def retrieval_task(
         empty_indices = torch.full((pool.shape[1], k), -1, dtype=torch.long, device=device)
         empty_scores = torch.full((pool.shape[1], k), float("-inf"), device=device)
         return RetrievalResult(full_pool, empty_indices, empty_scores, initial, fallback)
-    image_crop, mask_crop = query, masks
-    if roi_size is not None:
-        image_crop, mask_crop = crop_reference(query, masks, roi_size)
-    # Classes are encoded independently by the task encoder, so empty slots do not disturb the others.
-    query_task = model.encode_task(image_crop, mask_crop)
+    if roi_size is None:
+        # Classes are encoded independently by the task encoder, so empty slots do not disturb the others.
+        query_task = model.encode_task(query, masks)
+    else:  # each class from its own window, as the pool's references were encoded
+        found = (~fallback).nonzero().flatten().tolist()
+        encoded = encode_class_windows(model, query, (masks[:, k : k + 1] for k in found), roi_size)
+        query_task = encoded.new_zeros((1, masks.shape[1], *encoded.shape[2:]))
+        query_task[:, found] = encoded  # the empty slots fall back to the whole pool below
     task, indices, scores = retrieve_references(query_task, pool, top_k, valid, tokens)
     task = torch.where(fallback[None, :, None, None], full_pool, task)
     indices = indices.masked_fill(fallback[:, None], -1)
@@ -416,7 +440,7 @@ class TuningResult:
 def frozen(model: Iris):
     """Model in eval mode with no parameter requiring grad; both restored on exit, even on error."""
     flags = [(parameter, parameter.requires_grad) for parameter in model.parameters()]
-    was_training = model.training
+    modes = [(module, module.training) for module in model.modules()]
     try:
         for parameter, _ in flags:
             parameter.requires_grad_(False)
@@ -425,7 +449,8 @@ def frozen(model: Iris):
     finally:
         for parameter, flag in flags:
             parameter.requires_grad_(flag)
-        model.train(was_training)
+        for module, training in modes:  # each module's own mode: they need not all match the root's
+            module.training = training
 
 
 def tune_task_embedding(

@@ -30,7 +30,13 @@ from iris_pipelines.collection.preprocessing import (
 )
 from iris_pipelines.imaging.geometry import Geometry
 from iris_pipelines.imaging.resample import LABEL_MAX, resample_to_geometry
-from iris_pipelines.inference.strategies import crop_reference, encode_reference, logit_cut, logits_to_labels
+from iris_pipelines.inference.strategies import (
+    crop_reference,
+    encode_class_windows,
+    encode_reference,
+    logit_cut,
+    logits_to_labels,
+)
 from iris_pipelines.model import Iris
 
 VolumePredictor = Callable[[Tensor], Tensor]
@@ -125,12 +131,14 @@ def reference_tensors(
     roi_size: int | Sequence[int] | None = 128,
     source: str = "reference",
 ) -> tuple[Tensor, Tensor]:
-    """Raw reference scan + label map → (image (1, 1, d, h, w), masks (1, K, d, h, w)) ready to encode.
+    """Raw reference scan + label map → (image (1, 1, d, h, w), masks (1, K, d, h, w)) ready to encode
+    (or to tune on).
 
-    With ``roi_size`` the pair is cut to a window centred on the union bounding box of the requested
+    With ``roi_size`` the pair is cut to one window centred on the union bounding box of the requested
     classes (:func:`~iris_pipelines.inference.strategies.crop_reference`), or kept whole when the volume
     fits in it: the task encoder then sees the structures with the amount of context it was trained on.
-    ``None`` keeps the whole volume.
+    Classes too far apart for one window are refused with their names; :func:`reference_task` encodes
+    each class in its own window instead. ``None`` keeps the whole volume.
     """
     volume = prepare_image(image, modality, params, source=source)
     label_array = prepare_label(label, volume, source=source)
@@ -138,7 +146,14 @@ def reference_tensors(
     tensor = volume.tensor()
     if roi_size is None:
         return tensor, masks
-    return crop_reference(tensor, masks, roi_size)
+    cropped_image, cropped_masks = crop_reference(tensor, masks, roi_size)
+    cut = [int(v) for v, m in zip(labels, cropped_masks[0], strict=True) if not bool(m.any())]
+    if cut:
+        raise ValueError(
+            f"{source}: label value(s) {cut} lie outside the {roi_size}-voxel window around the other "
+            "classes; encode each class in its own window (reference_task) or pass roi_size=None"
+        )
+    return cropped_image, cropped_masks
 
 
 def reference_task(
@@ -152,11 +167,15 @@ def reference_task(
     roi_size: int | Sequence[int] | None = 128,
     source: str = "reference",
 ) -> Tensor:
-    """T (1, K, m+1, C) of a raw reference (:func:`reference_tensors` then ``encode_reference``)."""
+    """T (1, K, m+1, C) of a raw reference, each class encoded from a window centred on it (as
+    ``embed_tasks``, ``evaluate`` and ``iris segment`` do); ``roi_size=None`` encodes the whole volume."""
     ref_image, ref_masks = reference_tensors(
-        image, label, labels, modality, params, roi_size=roi_size, source=source
+        image, label, labels, modality, params, roi_size=None, source=source
     )
-    return encode_reference(model, ref_image, ref_masks)
+    if roi_size is None:
+        return encode_reference(model, ref_image, ref_masks)
+    one_per_class = (ref_masks[:, k : k + 1] for k in range(ref_masks.shape[1]))
+    return encode_class_windows(model, ref_image, one_per_class, roi_size)
 
 
 @dataclass(frozen=True)

@@ -90,7 +90,15 @@ class Iris(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def _pad_image(self, image: Tensor) -> tuple[Tensor, list[int]]:
-        pad = _padding(tuple(image.shape[2:]), self.config.size_divisor)
+        divisor = self.config.size_divisor
+        if all(size <= divisor for size in image.shape[2:]):
+            # Padded to one bottleneck voxel, which instance norm cannot normalise (torch's error blames
+            # "training" even in eval mode).
+            raise ValueError(
+                f"an input of {tuple(image.shape[2:])} voxels is too small for this network: at least one "
+                f"axis must exceed {divisor} voxels (2**stages) so its bottleneck holds more than one voxel"
+            )
+        pad = _padding(tuple(image.shape[2:]), divisor)
         if not any(pad):
             return image, pad
         return F.pad(image, pad, mode=self.config.pad_mode), pad
