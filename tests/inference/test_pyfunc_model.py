@@ -70,5 +70,31 @@ def test_bad_requests_are_explained() -> None:
         pyfunc.predict(None, {k: v for k, v in request.items() if k != "reference_mask"})
     with pytest.raises(ValueError, match="absent from reference_mask"):
         pyfunc.predict(None, {**request, "classes": [2]})
-    with pytest.raises(ValueError, match="must be a 3-D array"):
+    with pytest.raises(ValueError, match="must be a non-empty 3-D array"):
         pyfunc.predict(None, {**request, "query": request["query"][0]})
+    with pytest.raises(ValueError, match="must be a non-empty 3-D array"):
+        pyfunc.predict(None, {**request, "query": np.zeros((0, 16, 20), np.float32)})
+    nan_query = request["query"].copy()
+    nan_query[3, 4, 5] = np.nan  # made every voxel background, even at threshold 0
+    with pytest.raises(ValueError, match=r"query has 1 NaN or infinite voxel\(s\)"):
+        pyfunc.predict(None, {**request, "query": nan_query})
+    soft = request["reference_mask"] * 0.6  # label 3 became 1 by truncation
+    with pytest.raises(ValueError, match="reference_mask must hold whole-number label values"):
+        pyfunc.predict(None, {**request, "reference_mask": soft})
+    with pytest.raises(ValueError, match="must be whole label values"):
+        pyfunc.predict(None, {**request, "classes": [1.5]})
+
+
+def test_flipped_views_and_boolean_masks_are_accepted() -> None:
+    from iris_pipelines.inference.pyfunc_model import segment_one_shot
+
+    torch.manual_seed(0)
+    model = Iris(IrisConfig.tiny()).eval()
+    request = _request()
+    flipped = {key: value[::-1] for key, value in request.items()}  # torch refuses negative strides
+    labels = segment_one_shot(model, **flipped, threshold=0.0)
+    assert labels.shape == request["query"].shape and set(np.unique(labels)) <= {1, 3}
+    binary = segment_one_shot(
+        model, request["query"], request["reference_image"], request["reference_mask"] > 0
+    )
+    assert set(np.unique(binary)) <= {0, 1}

@@ -49,11 +49,34 @@ def _as_request(model_input: Any) -> dict[str, Any]:
     return request
 
 
-def _volume(name: str, value: Any, dtype: Any) -> np.ndarray:
-    array = np.asarray(value, dtype=dtype)
-    if array.ndim != 3:
-        raise ValueError(f"{name} must be a 3-D array [z, y, x], got shape {array.shape}")
-    return array
+def _volume(name: str, value: Any) -> np.ndarray:
+    """A non-empty 3-D array with finite values, contiguous (torch refuses flipped numpy views)."""
+    array = np.asarray(value)
+    if array.ndim != 3 or 0 in array.shape:
+        raise ValueError(f"{name} must be a non-empty 3-D array [z, y, x], got shape {array.shape}")
+    if array.dtype.kind not in "biuf":  # bool, integers, floats
+        raise ValueError(f"{name} must hold real numbers, got dtype {array.dtype}")
+    if not np.isfinite(array).all():
+        bad = int(array.size - np.count_nonzero(np.isfinite(array)))
+        raise ValueError(f"{name} has {bad} NaN or infinite voxel(s)")
+    return np.ascontiguousarray(array)
+
+
+def _image(name: str, value: Any) -> np.ndarray:
+    return _volume(name, value).astype(np.float32, copy=False)
+
+
+def _label_map(name: str, value: Any) -> np.ndarray:
+    """Whole-number label values: 2.6 or a soft 0.6 is refused, not truncated to another class."""
+    array = _volume(name, value)
+    fractions = array[array != np.rint(array)] if np.issubdtype(array.dtype, np.floating) else array[:0]
+    if fractions.size:
+        raise ValueError(
+            f"{name} must hold whole-number label values, got {fractions.size} such as {fractions[0]}"
+        )
+    if array.min() < 0:
+        raise ValueError(f"{name} has negative label values (min {array.min()})")
+    return array.astype(np.int64, copy=False)
 
 
 def _classes(reference_mask: np.ndarray, classes: Sequence[int] | None) -> list[int]:
@@ -63,6 +86,8 @@ def _classes(reference_mask: np.ndarray, classes: Sequence[int] | None) -> list[
         if not found:
             raise ValueError("reference_mask has no foreground label; nothing to segment")
         return found
+    if any(float(c) != int(float(c)) for c in classes):
+        raise ValueError(f"classes {list(classes)} must be whole label values")
     wanted = [int(c) for c in classes]
     absent = sorted(set(wanted) - {int(v) for v in np.unique(reference_mask)})
     if 0 in wanted or absent:
@@ -83,9 +108,9 @@ def segment_one_shot(
     threshold: float = 0.5,
 ) -> np.ndarray:
     """Label map on the query's grid: the argmax class among those with sigmoid ≥ threshold, else 0."""
-    query = _volume("query", query, np.float32)
-    reference_image = _volume("reference_image", reference_image, np.float32)
-    reference_mask = _volume("reference_mask", reference_mask, np.int64)
+    query = _image("query", query)
+    reference_image = _image("reference_image", reference_image)
+    reference_mask = _label_map("reference_mask", reference_mask)
     if reference_mask.shape != reference_image.shape:
         raise ValueError(
             f"reference_mask {reference_mask.shape} must match reference_image {reference_image.shape}"

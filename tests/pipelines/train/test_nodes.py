@@ -13,17 +13,20 @@ from kedro.framework.hooks.manager import _create_hook_manager
 from kedro.io import DataCatalog
 from kedro.pipeline import Pipeline, node
 from kedro.runner import SequentialRunner
+from mlflow_support import temporary_mlflow_store
 from project_copy import PROJECT_ROOT
 
 from iris_pipelines.hooks import InputVersionHooks, resolved_load_version
 from iris_pipelines.inference.bundle import ModelBundle
 from iris_pipelines.model import IrisConfig
 from iris_pipelines.pipelines.train.nodes import (
+    MlflowMetricStream,
     build_model_config,
     checkpoint_dir,
     final_validation,
     history_frame,
     metric_record,
+    mlflow_name,
     parameter_layout,
     registry_tags,
     split_train_params,
@@ -97,6 +100,18 @@ def test_metric_names() -> None:
     assert step == 5 and values["train/loss"] == 0.5 and values["train/samples_per_s"] == 2.0
     assert metric_record({"step": 10, "dataset": "alpha", "dice": 0.7}) == ({"val/dice/alpha": 0.7}, 10)
     assert metric_record({"step": 1, "loss": float("nan"), "note": "x"}) == ({}, 1)
+
+
+def test_dataset_names_mlflow_would_refuse_are_logged_under_safe_keys(tmp_path: Path) -> None:
+    """Ingest accepts any dataset name; MLflow refuses "(", "+", ":" … and would stop training at its
+    first validation."""
+    assert mlflow_name("liver (CT)+kidney") == "liver _CT__kidney" and mlflow_name("AbdomenCT") == "AbdomenCT"
+    assert mlflow_name("..") == "_.." and mlflow_name("a/b:c") == "a_b_c"
+    with temporary_mlflow_store(tmp_path), mlflow.start_run() as run:
+        MlflowMetricStream()({"step": 3, "dataset": "liver (CT)+kidney", "dice": 0.5})
+        mlflow.set_tag(f"val_dice.{mlflow_name('amos:btcv/..')}", "0.5")
+        history = mlflow.MlflowClient().get_metric_history(run.info.run_id, "val/dice/liver _CT__kidney")
+        assert [(m.step, m.value) for m in history] == [(3, 0.5)]
 
 
 def test_history_table_and_final_validation() -> None:

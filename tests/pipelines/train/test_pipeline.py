@@ -197,6 +197,39 @@ def test_real_tiny_run_registers_a_reproducible_model(mlflow_store: Path, tmp_pa
         {"query": image, "reference_image": image, "reference_mask": label}, params={"threshold": 0.0}
     )
     assert everything.min() > 0
+    _loads_without_the_project(registered["model_uri"], mlflow.get_tracking_uri(), tmp_path)
 
     history = catalog.load("training_history")
     assert set(history["phase"]) == {"train", "val"} and history["step"].max() == 2
+
+
+_OUTSIDE_THE_PROJECT = """
+import sys
+# As in `mlflow models serve` or a colleague's environment: iris_pipelines is not installed.
+sys.path = [p for p in sys.path if not (p.endswith("/src") or "__editable__" in p)]
+sys.meta_path = [f for f in sys.meta_path if "editable" not in type(f).__module__.lower()]
+import mlflow, numpy as np
+mlflow.set_tracking_uri(sys.argv[2])
+model = mlflow.pyfunc.load_model(sys.argv[1])
+import iris_pipelines
+assert "/code/iris_pipelines/" in iris_pipelines.__file__, iris_pipelines.__file__
+mask = np.zeros((20, 20, 20), np.uint8)
+mask[3:8, 3:8, 3:8] = 2
+print(model.predict({"query": np.ones((20, 20, 20), np.float32), "reference_image": np.ones((20, 20, 20),
+      np.float32), "reference_mask": mask}).shape)
+"""
+
+
+def _loads_without_the_project(model_uri: str, tracking_uri: str, tmp_path: Path) -> None:
+    """The registered version carries its own code: it loads and predicts where iris_pipelines is absent."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "outside.py"
+    script.write_text(_OUTSIDE_THE_PROJECT)
+    done = subprocess.run(
+        [sys.executable, str(script), model_uri, tracking_uri], check=False, capture_output=True, text=True,
+        cwd=tmp_path, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().endswith("(20, 20, 20)")

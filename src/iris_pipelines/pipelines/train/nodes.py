@@ -12,6 +12,8 @@ import hashlib
 import json
 import logging
 import math
+import re
+import shutil
 import tempfile
 import warnings
 from collections.abc import Mapping
@@ -30,7 +32,8 @@ logger = logging.getLogger(__name__)
 # Keys of params:train that steer the node, not the train loop (TrainConfig rejects unknown keys).
 NODE_KEYS = ("launcher", "launcher_options", "checkpoint_root", "registry_name")
 PROVENANCE_KEYS = ("git_commit", "git_dirty", "lockfile_sha256", "kedro_env")
-PYFUNC_SOURCE = Path(__file__).resolve().parents[2] / "inference" / "pyfunc_model.py"
+PACKAGE_DIR = Path(__file__).resolve().parents[2]
+PYFUNC_SOURCE = PACKAGE_DIR / "inference" / "pyfunc_model.py"
 
 
 def build_model_config(params_model: dict[str, Any]) -> dict[str, Any]:
@@ -97,6 +100,14 @@ def checkpoint_dir(
     return Path(root) / hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
+def mlflow_name(dataset: str) -> str:
+    """A dataset name as one part of an MLflow metric or tag key, which allows only letters, digits and
+    ``_-. ``: ``liver (CT)`` → ``liver _CT_``. Ingest accepts any name, and MLflow's refusal would stop
+    training at its first validation."""
+    part = re.sub(r"[^\w.\- ]", "_", str(dataset))
+    return part if part.strip(".") else f"_{part}"  # "." or ".." would read as a path
+
+
 def metric_record(metrics: dict[str, Any]) -> tuple[dict[str, float], int | None]:
     """One launcher metrics dict → MLflow metric names and the step.
 
@@ -107,7 +118,7 @@ def metric_record(metrics: dict[str, Any]) -> tuple[dict[str, float], int | None
     step = metrics.get("step")
     step = int(step) if step is not None else None
     if "dataset" in metrics and "dice" in metrics:
-        values = {f"val/dice/{metrics['dataset']}": metrics["dice"]}
+        values = {f"val/dice/{mlflow_name(metrics['dataset'])}": metrics["dice"]}
     else:
         values = {
             key if "/" in key else f"train/{key}": value for key, value in metrics.items() if key != "step"
@@ -266,7 +277,7 @@ def registry_tags(
     tags["world_size"] = str(bundle.metadata.get("world_size", ""))
     tags["weights_sha256"] = bundle.weights_checksum
     for dataset, dice in bundle.metadata.get("final_validation", {}).items():
-        tags[f"val_dice.{dataset}"] = f"{dice:.6f}"
+        tags[f"val_dice.{mlflow_name(dataset)}"] = f"{dice:.6f}"
     return tags
 
 
@@ -275,6 +286,14 @@ def _pip_requirements() -> list[str]:
     from importlib.metadata import version
 
     return [f"{name}=={version(name).split('+')[0]}" for name in ("mlflow", "torch", "safetensors", "numpy")]
+
+
+def _package_code(scratch: Path) -> Path:
+    """A clean copy of this package for the pyfunc's ``code_paths``: the model's code imports
+    ``iris_pipelines``, which ``mlflow models serve`` or a colleague's environment does not have."""
+    target = scratch / "code" / PACKAGE_DIR.name
+    shutil.copytree(PACKAGE_DIR, target, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    return target
 
 
 def register_model(
@@ -309,6 +328,7 @@ def register_model(
                 name="iris",
                 python_model=str(PYFUNC_SOURCE),
                 artifacts={"bundle": str(bundle_dir)},
+                code_paths=[str(_package_code(Path(scratch)))],
                 registered_model_name=name,
                 pip_requirements=_pip_requirements(),
                 # Without a signature MLflow drops predict's params (``threshold``) with only a warning.
