@@ -7,7 +7,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
-PROJECT_FILES = ("conf", "src", "pyproject.toml", "requirements.lock", ".telemetry")
+PROJECT_FILES = ("conf", "src", "pyproject.toml", "requirements.lock", ".telemetry", ".gitignore")
 
 
 def copy_project(root: Path, names: Iterable[str] = PROJECT_FILES) -> Path:

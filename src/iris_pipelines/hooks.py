@@ -37,8 +37,10 @@ def git_state(project_path: Path) -> dict[str, str]:
     commit = git("rev-parse", "HEAD")
     if commit is None:
         return {"git_commit": "unknown", "git_dirty": "unknown"}
-    dirty = git("status", "--porcelain", "--untracked-files=no")
-    return {"git_commit": commit, "git_dirty": str(bool(dirty)).lower()}
+    # Untracked files count: a new source file never committed changes what runs. Data, the venv and the
+    # MLflow store are git-ignored. A status that fails or times out (a slow NFS) is not "clean".
+    changes = git("status", "--porcelain")
+    return {"git_commit": commit, "git_dirty": "unknown" if changes is None else str(bool(changes)).lower()}
 
 
 def file_sha256(path: Path) -> str:

@@ -1,10 +1,26 @@
 """Kedro project settings."""
 
+import os
+
 from kedro.config import OmegaConfigLoader
 
 from iris_pipelines.hooks import InputVersionHooks, ProvenanceHooks
 
 HOOKS = (ProvenanceHooks(), InputVersionHooks())
+
+
+def required_env(name: str) -> str:
+    """``${required_env:NAME}``: the variable's value, or a message that says what to export. Without it,
+    kedro-mlflow would fall back to ./mlruns, which MLflow refuses with an unrelated "maintenance mode"
+    error (Kedro allows ``oc.env`` in credentials only)."""
+    value = os.environ.get(name, "").strip()
+    if not value:
+        raise ValueError(
+            f"the environment variable {name} is not set, and this Kedro env needs it "
+            f"(e.g. export {name}=http://mlflow.example.org:5000; see slurm/README.md)"
+        )
+    return value
+
 
 CONFIG_LOADER_CLASS = OmegaConfigLoader
 CONFIG_LOADER_ARGS = {
@@ -15,4 +31,5 @@ CONFIG_LOADER_ARGS = {
     "config_patterns": {
         "mlflow": ["mlflow*", "mlflow*/**", "**/mlflow*"],
     },
+    "custom_resolvers": {"required_env": required_env},
 }

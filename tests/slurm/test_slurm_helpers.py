@@ -5,17 +5,21 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import shutil
 import signal
+import types
 from pathlib import Path
 
 import pytest
 import yaml
 from training_synthetic import fast_train_config, tiny_model_config
 
+import iris_pipelines.launch.slurm as slurm_launcher
 from iris_pipelines.launch.slurm import (
     MetricsTail,
     SlurmJobError,
+    _Interrupt,
     _memory_per_node,
     _StopFlag,
     _Watcher,
@@ -153,3 +157,109 @@ def test_hpcc_local_is_hpcc_shrunk(tmp_path):
     )
     assert sorted(p.name for p in env.iterdir()) == sorted(p.name for p in (conf / "hpcc").iterdir())
     json.dumps(local)  # plain data: no OmegaConf leftovers
+
+
+class _FakeJob:
+    """A submitted job that runs on and on: one metrics record, no result."""
+
+    job_id = "4711"
+
+    def __init__(self, folder: Path) -> None:
+        self.paths = types.SimpleNamespace(folder=folder)
+        (folder / slurm_launcher.METRICS_FILE).write_text(json.dumps({"step": 1, "loss": 1.0}) + "\n")
+
+    def task(self, rank: int) -> types.SimpleNamespace:
+        folder = self.paths.folder
+        return types.SimpleNamespace(
+            paths=types.SimpleNamespace(
+                result_pickle=folder / f"4711_{rank}_result.pkl", stderr=folder / f"4711_{rank}_log.err"
+            )
+        )
+
+
+@pytest.fixture
+def running_job(monkeypatch, tmp_path):
+    """run_slurm against a fake submitit and an sbatch on PATH; returns the ids scancel was called with."""
+    import submitit
+
+    class Executor:
+        def __init__(self, folder: Path) -> None:
+            self.folder = folder
+
+        def update_parameters(self, **parameters) -> None:
+            self.parameters = parameters
+
+        def submit(self, _call) -> _FakeJob:
+            return _FakeJob(self.folder)
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "sbatch").write_text("#!/bin/sh\n")
+    (bin_dir / "sbatch").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setattr(submitit, "SlurmExecutor", Executor)
+    monkeypatch.setattr(slurm_launcher, "job_state", lambda job_id: "RUNNING")
+    cancelled: list[str] = []
+    monkeypatch.setattr(slurm_launcher, "cancel_job", cancelled.append)
+    return cancelled
+
+
+def _watch(tmp_path: Path, on_metrics, **options) -> None:
+    run_slurm(
+        folder=tmp_path / "jobs", tasks_per_node=2, train_config=fast_train_config(steps=4),
+        checkpoint_dir=tmp_path / "checkpoints", model_config={}, episode_index={},
+        preprocessed_manifest=None, on_metrics=on_metrics, poll_s=0.05, **options,
+    )  # fmt: skip
+
+
+def _interrupt_on_first_record(record) -> None:
+    if "tags" not in record:
+        raise KeyboardInterrupt
+
+
+def test_an_error_while_watching_cancels_the_job_and_names_it(running_job, tmp_path):
+    """Nobody would collect the result of a job left running, and a rerun would train a second one into
+    the same checkpoints."""
+
+    def broken(record):
+        if "tags" not in record:
+            raise RuntimeError("a bug in a metrics callback")
+
+    with pytest.raises(RuntimeError, match="a bug in a metrics callback") as caught:
+        _watch(tmp_path, broken)
+    assert running_job == ["4711"]
+    assert any("SLURM job 4711 was cancelled" in note for note in caught.value.__notes__)
+
+
+def test_ctrl_c_cancels_the_job_and_fails_the_run_instead_of_ending_it(running_job, tmp_path):
+    """A KeyboardInterrupt would skip Kedro's pipeline-error hooks, and MLflow would mark the run FINISHED."""
+    with pytest.raises(SlurmJobError, match="Ctrl-C: cancelled SLURM job 4711; its checkpoints stay in"):
+        _watch(tmp_path, _interrupt_on_first_record)
+    assert running_job == ["4711"]
+
+
+def test_the_job_folder_exists_before_submission_and_srun_gets_the_cpus(running_job, tmp_path, monkeypatch):
+    """A job that starts before its log folder exists fails with no log; srun of Slurm 22.05-23.02 does not
+    read SLURM_CPUS_PER_TASK."""
+    import submitit
+
+    seen = {}
+    original = submitit.SlurmExecutor
+
+    class Recording(original):
+        def submit(self, call):
+            seen["exists"], seen["srun_args"] = self.folder.is_dir(), self.parameters["srun_args"]
+            return super().submit(call)
+
+    monkeypatch.setattr(submitit, "SlurmExecutor", Recording)
+    with pytest.raises(SlurmJobError):
+        _watch(tmp_path, _interrupt_on_first_record, cpus_per_task=6)
+    assert seen == {"exists": True, "srun_args": ["--kill-on-bad-exit=1", "--cpus-per-task=6"]}
+
+
+@pytest.mark.parametrize("number", [signal.SIGTERM, signal.SIGHUP])
+def test_sigterm_and_a_closed_terminal_count_as_ctrl_c(number):
+    with pytest.raises(KeyboardInterrupt), _Interrupt() as interrupt:
+        os.kill(os.getpid(), number)
+    assert interrupt.cause == signal.Signals(number).name
+    assert signal.getsignal(number) is not interrupt._terminate  # the previous handler is back

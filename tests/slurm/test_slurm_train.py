@@ -77,11 +77,11 @@ def _jobs_dir(root: Path) -> Path:
 
 
 def _new_job(root: Path, before: set[str], process: subprocess.Popen, timeout: float = 120) -> Path:
-    """The job folder the running `kedro run` submitted (named ``<job id>-<random>``)."""
+    """The job folder the running `kedro run` submitted (named ``<time>-<random>``)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         jobs = _jobs_dir(root)
-        new = [p for p in jobs.glob("*") if p.is_dir() and p.name not in before]  # not submitit's links
+        new = [p for p in jobs.glob("*") if p.is_dir() and p.name not in before]
         if new:
             return new[0]
         assert process.poll() is None, f"kedro run ended before submitting:\n{_output(process)}"
@@ -125,8 +125,15 @@ def _output(process: subprocess.Popen, timeout: float = 600) -> str:
     return out
 
 
-def _job_id(job: Path) -> str:
-    return job.name.split("-")[0]
+def _job_id(job: Path, timeout: float = 60) -> str:
+    """From the submission script submitit names after the job (the folder exists before sbatch runs)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        scripts = list(job.glob("*_submission.sh"))
+        if scripts:
+            return scripts[0].name.split("_")[0]
+        time.sleep(0.2)
+    raise AssertionError(f"no submission script in {job}")
 
 
 def _scontrol(job_id: str) -> str:

@@ -5,7 +5,7 @@ How it works (slurm/README.md has the user's view):
 - **Submission.** submitit's ``SlurmExecutor`` writes an sbatch script that runs one ``srun`` task per
   rank (one per GPU), with ``--kill-on-bad-exit`` so a crashed rank ends the whole job instead of leaving
   the others blocked in a collective. The pickled call, per-rank logs and the metrics file live in the job
-  folder ``<folder>/<job id>-<random>/`` on the shared filesystem. A Kedro process that itself runs in
+  folder ``<folder>/<date>T<time>-<random>/`` on the shared filesystem. A Kedro process that itself runs in
   an allocation (``salloc``, an sbatch'd driver) submits without that allocation's ``SLURM_*`` variables.
 - **Ranks.** Every task reads its rank, world size and local rank from SLURM (``SLURM_PROCID``,
   ``SLURM_NTASKS``, ``SLURM_LOCALID``; submitit's ``TorchDistributedEnvironment`` also takes the first
@@ -24,7 +24,7 @@ How it works (slurm/README.md has the user's view):
 - **Waiting.** The Kedro process polls the job with ``scontrol``/``sacct`` (submitit's watcher relies on
   sacct alone and, without accounting, never sees a cancelled job end), keeps waiting through requeues,
   raises :class:`SlurmJobError` naming the job, its state, the failing rank's traceback and log tail, and
-  cancels the job on Ctrl-C or SIGTERM.
+  cancels the job on Ctrl-C, SIGTERM, SIGHUP or any other error that stops the watching.
 """
 
 from __future__ import annotations
@@ -381,25 +381,28 @@ def _wait(job: Any, ntasks: int, watcher: _Watcher, poll_s: float, lost_after_s:
 
 
 class _Interrupt:
-    """While waiting, SIGTERM counts as Ctrl-C: `scancel` of a batch job running `kedro run`
-    (slurm/kedro_run.sbatch) or `kill` of the Kedro process then also cancels the training job."""
+    """While waiting, SIGTERM and SIGHUP count as Ctrl-C: `scancel` of a batch job running `kedro run`
+    (slurm/kedro_run.sbatch), `kill` of the Kedro process, or the SSH session that ran it closing then
+    also cancels the training job, which would otherwise train on with nobody collecting its result."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGHUP)
 
     def __init__(self) -> None:
         self.cause = "Ctrl-C"
-        self.previous: Any = None
+        self.previous: dict[int, Any] = {}
 
-    def _terminate(self, _signum: int, _frame: Any) -> None:
-        self.cause = "SIGTERM"
+    def _terminate(self, signum: int, _frame: Any) -> None:
+        self.cause = signal.Signals(signum).name
         raise KeyboardInterrupt
 
     def __enter__(self) -> _Interrupt:
         if threading.current_thread() is threading.main_thread():  # signal handlers live there only
-            self.previous = signal.signal(signal.SIGTERM, self._terminate)
+            self.previous = {number: signal.signal(number, self._terminate) for number in self.SIGNALS}
         return self
 
     def __exit__(self, *_exc: object) -> None:
-        if self.previous is not None:
-            signal.signal(signal.SIGTERM, self.previous)
+        for number, handler in self.previous.items():
+            signal.signal(number, handler)
 
 
 def _memory_per_node(mem_per_task: str | None, tasks_per_node: int) -> str | None:
@@ -498,11 +501,16 @@ def run_slurm(
     config = TrainConfig.from_dict(run_training_kwargs["train_config"])  # a bad config fails before queueing
     if config.batch_size % world_size:
         raise ValueError(f"batch_size {config.batch_size} is not divisible by the {world_size} SLURM ranks")
-    run_training_kwargs["checkpoint_dir"] = str(Path(run_training_kwargs["checkpoint_dir"]).resolve())
+    # absolute(), not resolve(): compute nodes may mount the shared filesystem under the configured path
+    # but not under the login node's real one behind its symlinks.
+    run_training_kwargs["checkpoint_dir"] = str(Path(run_training_kwargs["checkpoint_dir"]).absolute())
 
-    # <job id>-<random>: job ids repeat (a reinstalled cluster, a wrapped counter), and a folder holding
-    # an older job's result files would pass for this job's.
-    executor = submitit.SlurmExecutor(folder=Path(folder).resolve() / f"%j-{uuid.uuid4().hex[:8]}")
+    # A new folder per submission (job ids repeat: a reinstalled cluster, a wrapped counter, and a folder
+    # holding an older job's result files would pass for this job's), named without the job id so that
+    # it exists before sbatch: a job that starts before a "%j" folder is made fails with no log at all.
+    job_folder = Path(folder).absolute() / f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}"
+    job_folder.mkdir(parents=True)
+    executor = submitit.SlurmExecutor(folder=job_folder)
     parameters: dict[str, Any] = {
         "job_name": job_name,
         "partition": partition,
@@ -519,7 +527,9 @@ def run_slurm(
         "setup": list(setup),
         # --requeue: allowed even where the site's JobRequeue=0; --kill-on-bad-exit: see module docstring.
         "additional_parameters": {"requeue": True, **(additional_parameters or {})},
-        "srun_args": ["--kill-on-bad-exit=1"],
+        # --cpus-per-task again for srun: Slurm 22.05-23.02 srun no longer reads SLURM_CPUS_PER_TASK, and
+        # with CPU binding each rank (and its data-loader workers) would then get a single core.
+        "srun_args": ["--kill-on-bad-exit=1", f"--cpus-per-task={cpus_per_task}"],
     }
     executor.update_parameters(**{k: v for k, v in parameters.items() if v is not None})
     with _outside_the_current_allocation():
@@ -531,29 +541,40 @@ def run_slurm(
         tasks_per_node,
         job.paths.folder,
     )
-    if on_metrics is not None:
-        on_metrics(
-            {
-                "tags": {
-                    "slurm_job_id": str(job.job_id),
-                    "slurm_job_folder": str(job.paths.folder),
-                    "world_size": str(world_size),
-                }
-            }
-        )
     watcher = _Watcher(str(job.job_id), config.steps, on_metrics)
     interrupt = _Interrupt()
     try:
         with interrupt:
+            if on_metrics is not None:
+                on_metrics(
+                    {
+                        "tags": {
+                            "slurm_job_id": str(job.job_id),
+                            "slurm_job_folder": str(job.paths.folder),
+                            "world_size": str(world_size),
+                        }
+                    }
+                )
             return _wait(job, world_size, watcher, poll_s, lost_after_s)
-    except KeyboardInterrupt:
+    except SlurmJobError:
+        raise  # the job failed, ended or was lost: nothing left to cancel
+    except BaseException as error:
+        # Whatever stops the watching (Ctrl-C, SIGTERM, SIGHUP, a bug, an MLflow or filesystem error) must
+        # not leave the job training on: nobody would collect its result, and a rerun would train a
+        # second job into the same checkpoint folder.
         cancel_job(job.job_id)
-        message = (
-            f"{interrupt.cause}: cancelled SLURM job {job.job_id}; its checkpoints stay in "
-            f"{run_training_kwargs['checkpoint_dir']}, so the next run resumes from them"
+        resume = f"its checkpoints stay in {run_training_kwargs['checkpoint_dir']}, so the next run resumes"
+        if isinstance(error, KeyboardInterrupt):
+            message = f"{interrupt.cause}: cancelled SLURM job {job.job_id}; {resume}"
+            logger.error(message)
+            with contextlib.suppress(OSError):  # also when logging is not configured; SIGHUP: no terminal
+                print(message, file=sys.stderr, flush=True)
+            # An Exception, not the interrupt: Kedro then runs its pipeline-error hooks, and kedro-mlflow
+            # ends the MLflow run as FAILED instead of leaving it FINISHED.
+            raise SlurmJobError(message) from None
+        error.add_note(
+            f"SLURM job {job.job_id} was cancelled because the Kedro process stopped watching it; {resume}"
         )
-        logger.error(message)
-        print(message, file=sys.stderr, flush=True)  # also when logging is not configured
         raise
     finally:
         watcher.close()

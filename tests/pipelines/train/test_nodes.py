@@ -114,6 +114,37 @@ def test_dataset_names_mlflow_would_refuse_are_logged_under_safe_keys(tmp_path: 
         assert [(m.step, m.value) for m in history] == [(3, 0.5)]
 
 
+def test_an_mlflow_outage_does_not_stop_training_and_replay_fills_the_gap(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    real_log_metrics, real_set_tags = mlflow.log_metrics, mlflow.set_tags
+    down = True
+
+    def flaky(real):
+        def call(*args, **kwargs):
+            if down:
+                raise ConnectionError("tracking server: max retries exceeded")
+            return real(*args, **kwargs)
+
+        return call
+
+    monkeypatch.setattr(mlflow, "log_metrics", flaky(real_log_metrics))
+    monkeypatch.setattr(mlflow, "set_tags", flaky(real_set_tags))
+    records = [{"step": step, "loss": 1.0 / step} for step in (1, 2, 3)]
+    with temporary_mlflow_store(tmp_path), mlflow.start_run() as run:
+        stream = MlflowMetricStream()
+        stream({"tags": {"slurm_job_id": "4711"}})
+        stream(records[0])  # the outage: warned about, training goes on
+        down = False
+        stream(records[1])
+        stream.replay(records)  # training ended: what MLflow missed is sent again, nothing twice
+        history = mlflow.MlflowClient().get_metric_history(run.info.run_id, "train/loss")
+        tags = mlflow.MlflowClient().get_run(run.info.run_id).data.tags
+    assert sorted(m.step for m in history) == [1, 2, 3]
+    assert tags["slurm_job_id"] == "4711"
+    assert "MLflow did not take the training metrics (1 failure(s) so far)" in caplog.text
+
+
 def test_history_table_and_final_validation() -> None:
     history = [{"step": s, "loss": 1.0 / s} for s in (1, 2)]
     validation = [{"step": 1, "dataset": "a", "dice": 0.1}, {"step": 2, "dataset": "a", "dice": 0.4}]

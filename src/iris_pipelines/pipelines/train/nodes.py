@@ -16,7 +16,7 @@ import re
 import shutil
 import tempfile
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -137,22 +137,47 @@ class MlflowMetricStream:
     A run resumed from a checkpoint streams only the steps after it; :meth:`replay` then logs the
     restored records the stream never saw, so every MLflow run shows the whole curve. A launcher may also
     send ``{"tags": {...}}`` (the SLURM launcher: job id, job folder, world size), set as run tags.
+
+    Best effort while training runs: a tracking server that is briefly unreachable must not stop days of
+    training (or, under SLURM, leave the job running with nobody watching it). A record MLflow did not
+    take is warned about and sent again by :meth:`replay` when training ends.
     """
 
     def __init__(self) -> None:
         self.seen: set[tuple[str, ...]] = set()
+        self.unsent_tags: dict[str, str] = {}
+        self.failures = 0
+
+    def _send(self, call: Callable[[], Any]) -> bool:
+        """Whether MLflow took it (or there is no run to send it to)."""
+        if mlflow.active_run() is None:
+            return True
+        try:
+            call()
+        except Exception as error:  # noqa: BLE001 - MlflowException, connection errors, …
+            self.failures += 1
+            if self.failures == 1 or self.failures % 100 == 0:
+                logger.warning(
+                    "MLflow did not take the training metrics (%d failure(s) so far): %s; training goes on, "
+                    "and the records are sent again when it ends",
+                    self.failures, " ".join(str(error).split())[:300],
+                )  # fmt: skip
+            return False
+        return True
 
     def __call__(self, metrics: dict[str, Any]) -> None:
         if "tags" in metrics:
-            if mlflow.active_run() is not None:
-                mlflow.set_tags({key: str(value) for key, value in metrics["tags"].items()})
+            self.unsent_tags.update({key: str(value) for key, value in metrics["tags"].items()})
+            if self._send(lambda: mlflow.set_tags(self.unsent_tags)):
+                self.unsent_tags.clear()
             return
         values, step = metric_record(metrics)
-        self.seen.update((name, str(step)) for name in values)
-        if values and mlflow.active_run() is not None:
-            mlflow.log_metrics(values, step=step)
+        if values and self._send(lambda: mlflow.log_metrics(values, step=step)):
+            self.seen.update((name, str(step)) for name in values)
 
     def replay(self, records: list[dict[str, Any]]) -> None:
+        if self.unsent_tags:
+            self({"tags": {}})
         for record in records:
             values, step = metric_record(record)
             if values and not all((name, str(step)) in self.seen for name in values):
