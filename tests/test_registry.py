@@ -35,3 +35,29 @@ def test_an_unreachable_artifact_store_is_one_reported_line_read_once() -> None:
     assert version.problems == [
         "artifacts of run eval-run: Connection refused: s3://bucket/eval-run/artifacts/config"
     ]
+
+
+def test_each_version_loads_its_own_bundle_when_one_run_registered_twice(tmp_path) -> None:
+    """kedro-mlflow may reuse a run (``run.id`` in mlflow.yml): its ``model_bundle`` artifact then holds
+    the last registration only, while each version's logged model holds its own."""
+    import mlflow
+    import pandas as pd
+    import torch
+    from mlflow_support import temporary_mlflow_store
+
+    from iris_pipelines import registry
+    from iris_pipelines.inference.bundle import ModelBundle
+    from iris_pipelines.model import Iris, IrisConfig
+    from iris_pipelines.pipelines.train.nodes import register_model
+
+    with temporary_mlflow_store(tmp_path) as uri, mlflow.start_run():
+        uris = []
+        for seed in (0, 1):
+            torch.manual_seed(seed)
+            bundle = ModelBundle.from_model(
+                Iris(IrisConfig.tiny()), metadata={"weights_checksum": [f"w{seed}"]}
+            )
+            entry = register_model(bundle, {"checksum": "c"}, pd.DataFrame({"cache_key": ["k"]}), {})
+            uris.append(entry["model_uri"])
+        loaded = [registry.resolve(model_uri, uri).load_bundle().weights_checksum for model_uri in uris]
+    assert loaded == ["w0", "w1"]

@@ -26,7 +26,9 @@ PARAMETERS_ARTIFACT = "config/parameters.json"  # ... and all resolved parameter
 EVALUATION_RUN_TAG = "evaluation_run_id"
 EVAL_TAG_PREFIX = "eval."  # ... and its mean Dice as eval.<group>.<method>.dice
 EVALUATION_PARAMETERS_ARTIFACT = "config/evaluation_parameters.json"
-PYFUNC_BUNDLE = "artifacts/bundle"  # where mlflow.pyfunc keeps the "bundle" artifact in the model
+# mlflow.pyfunc copies the "bundle" artifact under artifacts/<its folder name>; register_model saves the
+# bundle in a folder named BUNDLE_ARTIFACT.
+PYFUNC_BUNDLE = f"artifacts/{BUNDLE_ARTIFACT}"
 
 _MODEL_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:/(?P<version>\d+)|@(?P<alias>[\w.-]+))$")
 
@@ -194,14 +196,13 @@ class RegisteredModel:
         return self._evaluation_parameters
 
     def download_bundle(self, destination: str | os.PathLike[str]) -> Path:
-        """The version's bundle directory under ``destination``: the run's ``model_bundle`` artifact, or
-        the ``artifacts/bundle`` directory of the registered pyfunc model."""
+        """The version's bundle directory under ``destination``: the ``artifacts/bundle`` directory of its
+        own logged pyfunc model, else (versions logged without one) its run's ``model_bundle`` artifact.
+
+        The logged model comes first because it belongs to this version alone, while a run that
+        registered twice (kedro-mlflow reusing a run) holds only the last ``model_bundle``.
+        """
         tried = []
-        if self.run_id is not None:
-            try:
-                return Path(self.client.download_artifacts(self.run_id, BUNDLE_ARTIFACT, str(destination)))
-            except Exception as error:  # noqa: BLE001
-                tried.append(f"run {self.run_id} artifact {BUNDLE_ARTIFACT!r}: {_one_line(error)}")
         if self.model_id:
             try:
                 from mlflow.artifacts import download_artifacts
@@ -216,6 +217,11 @@ class RegisteredModel:
                 )
             except Exception as error:  # noqa: BLE001
                 tried.append(f"logged model {self.model_id} {PYFUNC_BUNDLE!r}: {_one_line(error)}")
+        if self.run_id is not None:
+            try:
+                return Path(self.client.download_artifacts(self.run_id, BUNDLE_ARTIFACT, str(destination)))
+            except Exception as error:  # noqa: BLE001
+                tried.append(f"run {self.run_id} artifact {BUNDLE_ARTIFACT!r}: {_one_line(error)}")
         raise RegistryError(
             f"{self.uri}: no model bundle could be downloaded ({'; '.join(tried) or 'no run'})"
         )
@@ -224,9 +230,26 @@ class RegisteredModel:
         with tempfile.TemporaryDirectory(prefix="iris-bundle-") as scratch:
             directory = self.download_bundle(scratch)
             try:
-                return ModelBundle.load(directory)
+                bundle = ModelBundle.load(directory)
             except BundleError as error:
                 raise RegistryError(f"{self.uri}: the registered bundle is unusable: {error}") from error
+        recorded = self.tags.get("weights_sha256")
+        if recorded and bundle.weights_checksum and bundle.weights_checksum != recorded:
+            raise RegistryError(
+                f"{self.uri}: the downloaded bundle holds weights {bundle.weights_checksum[:12]}…, but the "
+                f"version was registered with {recorded[:12]}…"
+            )
+        return bundle
+
+
+def _logged_model_id(version: Any) -> str | None:
+    """The logged model behind a version: ``model_id``, or (MLflow 3.17 leaves that empty for models
+    logged with ``name=``) the id in its source URI ``models:/m-…``."""
+    model_id = getattr(version, "model_id", None)
+    if model_id:
+        return str(model_id)
+    match = re.fullmatch(r"models:/(m-[0-9a-f]+)", str(getattr(version, "source", "") or ""))
+    return match.group(1) if match else None
 
 
 def resolve(uri: str, tracking: str) -> RegisteredModel:
@@ -255,7 +278,7 @@ def resolve(uri: str, tracking: str) -> RegisteredModel:
         tags=dict(version.tags or {}),
         run_id=version.run_id or None,
         run=None,
-        model_id=getattr(version, "model_id", None) or None,
+        model_id=_logged_model_id(version),
         client=client,
     )
     if record.run_id is not None:

@@ -25,6 +25,7 @@ from iris_pipelines.pipelines.train.nodes import (
     checkpoint_dir,
     final_validation,
     history_frame,
+    input_checksums,
     metric_record,
     mlflow_name,
     parameter_layout,
@@ -234,3 +235,19 @@ def test_the_registry_entry_carries_the_weights_checksum() -> None:
     run = SimpleNamespace(data=SimpleNamespace(tags=provenance), info=SimpleNamespace(run_id="r1"))
     tags = registry_tags(run, bundle, {"checksum": "e"}, pd.DataFrame({"cache_key": ["k"]}))
     assert tags["weights_sha256"] == "abc123"
+
+
+def test_an_index_edited_after_it_was_written_is_tagged_by_its_content(caplog) -> None:
+    """Moving a test subject into train by hand leaves the old ``checksum`` field: the run must not be
+    tagged (nor resume checkpoints) as the index it was before."""
+    from iris_pipelines.collection.episodes import index_checksum
+
+    index = {"cases": [{"case_id": "a", "split": "test"}], "episodes": []}
+    index["checksum"] = index_checksum(index)
+    manifest = pd.DataFrame({"cache_key": ["k"]})
+    written = input_checksums(index, manifest)["episode_index_checksum"]
+    assert written == index["checksum"] and not caplog.text
+    index["cases"][0]["split"] = "train"
+    edited = input_checksums(index, manifest)["episode_index_checksum"]
+    assert edited == index_checksum(index) != written
+    assert "it was edited after the episodes pipeline wrote it" in caplog.text

@@ -23,9 +23,11 @@ from typing import Any
 import mlflow
 import pandas as pd
 
+from iris_pipelines.collection.episodes import index_checksum
 from iris_pipelines.hooks import INPUT_VERSION_TAG_PREFIX, LOCK_FILE, provenance_tags
 from iris_pipelines.inference.bundle import ModelBundle
 from iris_pipelines.inference.pyfunc_model import SIGNATURE
+from iris_pipelines.registry import BUNDLE_ARTIFACT
 
 logger = logging.getLogger(__name__)
 
@@ -216,7 +218,7 @@ def train_iris(
     model_config = build_model_config(params_model)
     node, train_config = split_train_params(params_train)
     launcher = node.get("launcher", "in_process")
-    checksum = str(episode_index.get("checksum", ""))
+    checksum = episode_index_checksum(episode_index)
     root = node.get("checkpoint_root", "data/06_models/checkpoints")
     ckpt = checkpoint_dir(
         root,
@@ -267,10 +269,25 @@ def manifest_checksum(preprocessed_manifest: pd.DataFrame) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()
 
 
+def episode_index_checksum(episode_index: Mapping[str, Any]) -> str:
+    """The checksum of the index's content, recomputed: an index edited by hand (a subject moved into
+    train) keeps its old ``checksum`` field, which would tag the run with, and resume the checkpoints of,
+    the index it was before."""
+    checksum = index_checksum(episode_index)
+    recorded = str(episode_index.get("checksum", ""))
+    if recorded and recorded != checksum:
+        logger.warning(
+            "episode_index: its content hashes to %s…, not to the %s… it records; it was edited after the "
+            "episodes pipeline wrote it, and the content's checksum is used",
+            checksum[:12], recorded[:12],
+        )  # fmt: skip
+    return checksum
+
+
 def input_checksums(episode_index: Mapping[str, Any], preprocessed_manifest: pd.DataFrame) -> dict[str, str]:
     """The checksum tags of a run's inputs, as the model version and an evaluation run record them."""
     return {
-        "episode_index_checksum": str(episode_index.get("checksum", "")),
+        "episode_index_checksum": episode_index_checksum(episode_index),
         "preprocessed_manifest_checksum": manifest_checksum(preprocessed_manifest),
     }
 
@@ -336,8 +353,8 @@ def register_model(
     run = mlflow.get_run(run.info.run_id)
     name = parameters.get("train", {}).get("registry_name", "iris")
     with tempfile.TemporaryDirectory(prefix="iris-register-") as scratch:
-        bundle_dir = iris_model.save(Path(scratch) / "model_bundle")
-        mlflow.log_artifacts(str(bundle_dir), artifact_path="model_bundle")
+        bundle_dir = iris_model.save(Path(scratch) / BUNDLE_ARTIFACT)  # the folder name is the pyfunc's path
+        mlflow.log_artifacts(str(bundle_dir), artifact_path=BUNDLE_ARTIFACT)
         config_file = Path(scratch) / "parameters.json"
         config_file.write_text(json.dumps(parameters, indent=2, sort_keys=True, default=str))
         mlflow.log_artifact(str(config_file), artifact_path="config")
