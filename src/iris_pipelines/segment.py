@@ -60,7 +60,6 @@ REFERENCE_STRATEGIES = ("one_shot", "ensemble", "tuning")
 EMBEDDING_STRATEGIES = ("one_shot", "ensemble", "memory_bank")
 STRATEGY_CHOICES = ("one_shot", "ensemble", "tuning", "memory_bank")
 DEFAULT_SPACING = (3.0, 3.0, 3.0)
-DEFAULT_ROI = 128  # the paper's window, when the bundle does not record its training crop
 PREPROCESS_KEYS = ("target_spacing", "ct_window", "percentiles")
 GRID_TOLERANCE_MM = 1e-3  # as `iris validate` / ingest
 _IGNORE_LABEL = "ignore"  # nnU-Net v2's label for unannotated voxels
@@ -318,15 +317,6 @@ def preprocess_params(
     return params, source
 
 
-def default_roi(bundle: ModelBundle) -> tuple[int, int, int]:
-    """The training crop recorded in the bundle (the context the network learned from), else 128³."""
-    crop = (bundle.metadata or {}).get("train_config", {}).get("crop_size")
-    if crop is None:
-        return (DEFAULT_ROI,) * 3
-    values = [int(v) for v in (crop if isinstance(crop, list | tuple) else [crop])]
-    return tuple(values * 3 if len(values) == 1 else values)  # type: ignore[return-value]
-
-
 # ----------------------------------------------------------------------------------------- references
 
 
@@ -577,7 +567,7 @@ def prepare_task(
     request.check()
     device = resolve_device(request.device)
     params, params_source = preprocess_params(spacing, bundle, recorded_parameters, project_dir or Path.cwd())
-    roi = tuple(request.roi_size) if request.roi_size else default_roi(bundle)
+    roi = tuple(request.roi_size) if request.roi_size else bundle.inference_window()
     model = bundle.build_model().to(device)
     references: list[Reference] = []
     table = read_embeddings(request.embeddings) if request.embeddings is not None else None

@@ -65,6 +65,7 @@ def test_bad_requests_are_explained() -> None:
 
     pyfunc = IrisPyfuncModel()
     pyfunc.model = Iris(IrisConfig.tiny()).eval()
+    pyfunc.bundle = ModelBundle.from_model(pyfunc.model)
     request = _request()
     with pytest.raises(ValueError, match="lacks \\['reference_mask'\\]"):
         pyfunc.predict(None, {k: v for k, v in request.items() if k != "reference_mask"})
@@ -98,3 +99,29 @@ def test_flipped_views_and_boolean_masks_are_accepted() -> None:
         model, request["query"], request["reference_image"], request["reference_mask"] > 0
     )
     assert set(np.unique(binary)) <= {0, 1}
+
+
+def test_a_query_larger_than_the_training_crop_is_segmented_in_windows(monkeypatch) -> None:
+    """As evaluate and iris segment: classes encoded around themselves, the query window by window."""
+    from iris_pipelines.inference import sliding_window
+    from iris_pipelines.inference.pyfunc_model import segment_one_shot
+
+    torch.manual_seed(0)
+    model = Iris(IrisConfig.tiny()).eval()
+    windows = []
+    real_predictor = sliding_window.window_predictor
+
+    def counting(model, task):
+        predict = real_predictor(model, task)
+
+        def window(volume):
+            windows.append(tuple(volume.shape[2:]))
+            return predict(volume)
+
+        return window
+
+    monkeypatch.setattr(sliding_window, "window_predictor", counting)
+    request = _request((20, 40, 40))
+    labels = segment_one_shot(model, **request, threshold=0.0, window=(20, 24, 24))
+    assert labels.shape == (20, 40, 40) and set(np.unique(labels)) <= {1, 3}
+    assert len(windows) > 1 and set(windows) == {(20, 24, 24)}

@@ -32,6 +32,7 @@ from iris_pipelines.model import Iris, IrisConfig
 FORMAT = "iris-model-bundle"
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "weights.safetensors"
+DEFAULT_WINDOW = 128  # the paper's window, when the bundle does not record its training crop
 CONFIG_FILE = "config.json"
 
 
@@ -88,6 +89,15 @@ class ModelBundle:
         row and the registry entry carry; empty for a bundle not made by training."""
         checksums = self.metadata.get("weights_checksum") or [""]
         return str(checksums[0])
+
+    def inference_window(self) -> tuple[int, int, int]:
+        """The window to encode references and segment queries in: the training crop recorded in the
+        metadata (the context the network learned from), else DEFAULT_WINDOW³."""
+        crop = (self.metadata or {}).get("train_config", {}).get("crop_size")
+        if crop is None:
+            return (DEFAULT_WINDOW,) * 3
+        values = [int(v) for v in (crop if isinstance(crop, list | tuple) else [crop])]
+        return tuple(values * 3 if len(values) == 1 else values)  # type: ignore[return-value]
 
     def config_document(self, weights_sha256: str) -> dict[str, Any]:
         """The JSON written next to the weights; the checksum lets ``load`` detect a swapped file."""

@@ -20,6 +20,7 @@ from mlflow.pyfunc import PythonModel, PythonModelContext
 from mlflow.types import ParamSchema, ParamSpec
 
 from iris_pipelines.inference.bundle import ModelBundle
+from iris_pipelines.inference.strategies import encode_class_windows
 from iris_pipelines.model import Iris
 
 _REQUIRED = ("query", "reference_image", "reference_mask")
@@ -106,8 +107,14 @@ def segment_one_shot(
     reference_mask: np.ndarray,
     classes: Sequence[int] | None = None,
     threshold: float = 0.5,
+    window: Sequence[int] | None = None,
 ) -> np.ndarray:
-    """Label map on the query's grid: the argmax class among those with sigmoid ≥ threshold, else 0."""
+    """Label map on the query's grid: the argmax class among those with sigmoid ≥ threshold, else 0.
+
+    With ``window`` (the bundle's training crop) this is the protocol ``evaluate`` scores and ``iris
+    segment`` runs: each class encoded from a window centred on it, the query segmented in overlapping
+    windows. Without it, both whole volumes go through the network at once.
+    """
     query = _image("query", query)
     reference_image = _image("reference_image", reference_image)
     reference_mask = _label_map("reference_mask", reference_mask)
@@ -118,11 +125,19 @@ def segment_one_shot(
     labels = _classes(reference_mask, classes)
     device = next(model.parameters()).device
     ref = torch.from_numpy(reference_image)[None, None].to(device)
-    masks = torch.stack([torch.from_numpy(reference_mask == c) for c in labels])[None].to(device)
-    task = model.encode_task(ref, masks.float())
-    probs = torch.sigmoid(model.segment(torch.from_numpy(query)[None, None].to(device), task))[0]
+    one_per_class = (torch.from_numpy(reference_mask == c)[None, None].float().to(device) for c in labels)
+    volume = torch.from_numpy(query)[None, None].to(device)
+    if window is None:
+        task = model.encode_task(ref, torch.cat(list(one_per_class), dim=1))
+        logits = model.segment(volume, task)
+    else:
+        from iris_pipelines.inference.sliding_window import sliding_window_segment  # MONAI, not at import
+
+        task = encode_class_windows(model, ref, one_per_class, window)
+        logits = sliding_window_segment(model, volume, task, roi_size=window)
+    probs = torch.sigmoid(logits.float())[0]
     best_prob, best = probs.max(dim=0)
-    values = torch.tensor(labels, dtype=torch.int32, device=device)[best]
+    values = torch.tensor(labels, dtype=torch.int32, device=best.device)[best]
     return torch.where(best_prob >= threshold, values, torch.zeros_like(values)).cpu().numpy()
 
 
@@ -135,8 +150,10 @@ with warnings.catch_warnings(record=True):
         """One-shot Iris segmentation:
         ``predict({"query", "reference_image", "reference_mask"[, "classes"]})``.
 
-        Arrays are on the preprocessed grid (as the ``preprocessed_manifest`` arrays); any size works, the
-        network pads internally. ``params={"threshold": 0.5}`` sets the foreground probability cut.
+        Arrays are on the preprocessed grid (as the ``preprocessed_manifest`` arrays), of any size: each
+        class is encoded from a window of the training crop's size centred on it, and the query is
+        segmented in overlapping windows of that size, as ``evaluate`` and ``iris segment`` do.
+        ``params={"threshold": 0.5}`` sets the foreground probability cut.
         """
 
         def load_context(self, context: PythonModelContext) -> None:
@@ -154,6 +171,7 @@ with warnings.catch_warnings(record=True):
                 request["reference_mask"],
                 classes=None if classes is None else list(np.asarray(classes).ravel()),
                 threshold=float((params or {}).get("threshold", 0.5)),
+                window=self.bundle.inference_window(),
             )
 
 

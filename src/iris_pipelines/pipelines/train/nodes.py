@@ -324,10 +324,12 @@ def registry_tags(
 
 
 def _pip_requirements() -> list[str]:
-    """Pinned from the running environment: mlflow's own inference re-runs the model in a subprocess."""
+    """Pinned from the running environment: mlflow's own inference re-runs the model in a subprocess.
+    MONAI runs the sliding window over the query."""
     from importlib.metadata import version
 
-    return [f"{name}=={version(name).split('+')[0]}" for name in ("mlflow", "torch", "safetensors", "numpy")]
+    names = ("mlflow", "torch", "safetensors", "numpy", "monai")
+    return [f"{name}=={version(name).split('+')[0]}" for name in names]
 
 
 def _package_code(scratch: Path) -> Path:
