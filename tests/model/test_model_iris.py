@@ -177,6 +177,8 @@ def test_memory_bank_ema() -> None:
     assert model.memory_bank_embedding(torch.tensor([2])).shape == (1, 1, *shape)
     with pytest.raises(KeyError, match=r"\[0\]"):
         model.memory_bank_embedding(torch.tensor([0, 2]))
+    with pytest.raises(KeyError, match=r"class ids \[-2, 4\] are outside the memory bank's 0..3"):
+        model.memory_bank_embedding(torch.tensor([-2, 2, 4]))  # -2 would have read slot 2
     assert "memory_bank" in model.state_dict()
 
 

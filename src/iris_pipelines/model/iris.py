@@ -206,6 +206,11 @@ class Iris(nn.Module):
     def memory_bank_embedding(self, class_ids: Tensor) -> Tensor:
         """T (1, K, m+1, C) for seen classes picked by global id, for reference-free segmentation."""
         class_ids = class_ids.reshape(-1).to(self.memory_bank.device)
+        outside = class_ids[(class_ids < 0) | (class_ids >= self.memory_bank.shape[0])]
+        if outside.numel():  # a negative id would silently index from the end of the bank
+            raise KeyError(
+                f"class ids {outside.tolist()} are outside the memory bank's 0..{len(self.memory_bank) - 1}"
+            )
         missing = class_ids[~self.bank_initialized[class_ids]]
         if missing.numel():
             raise KeyError(f"memory bank has no embedding yet for class ids {missing.tolist()}")
