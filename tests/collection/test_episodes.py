@@ -11,6 +11,7 @@ import yaml
 
 from iris_pipelines.collection.episodes import (
     EpisodeParams,
+    _draw_references,
     build_episode_index,
     index_checksum,
     split_counts,
@@ -166,3 +167,43 @@ def test_params_from_the_conf_file():
 def test_duplicate_cases_are_refused(manifest):
     with pytest.raises(ValueError, match="duplicate"):
         build_episode_index(pd.concat([manifest, manifest.iloc[:1]]), {})
+
+
+def test_first_reference_shows_the_most_query_classes():
+    """With no reference showing every query class, the first (one-shot) reference was drawn at random,
+    possibly one showing none of them: evaluation then scored none of the classes it lacked."""
+    labels = {"1": "liver", "2": "spleen", "3": "kidney"}
+    query = pd.Series(
+        {"case_id": "q", "subject_id": "sq", "labels": labels, "class_voxels": dict.fromkeys(labels, 5)}
+    )
+    shown = {"shows_1_2": ("1", "2"), "shows_3": ("3",), "shows_none": (), "shows_1": ("1",)}
+    pool = pd.DataFrame(
+        [
+            {
+                "case_id": case_id,
+                "subject_id": f"s{number}",
+                "labels": labels,
+                "class_voxels": {label: 5 if label in present else 0 for label in labels},
+            }
+            for number, (case_id, present) in enumerate(shown.items())
+        ]
+    )
+    orders = {tuple(_draw_references(query, pool, [1, 2, 3], 4, seed)) for seed in range(40)}
+    # Ties (one class each) stay in the seeded random order.
+    assert orders == {
+        ("shows_1_2", "shows_3", "shows_1", "shows_none"),
+        ("shows_1_2", "shows_1", "shows_3", "shows_none"),
+    }
+
+
+def test_a_label_named_differently_in_two_cases_is_refused(manifest):
+    """Classes are keyed by dataset and value, so "liver" in one case and "spleen" in another would merge."""
+    renamed = manifest.copy()
+    first_abdomen = renamed.index[renamed["case_id"] == "abdomen-03-1"][0]
+    renamed.loc[first_abdomen, "labels"] = json.dumps({"1": "kidney", "2": "spleen"})
+    with pytest.raises(
+        ValueError,
+        match="dataset 'abdomen' names label 1 'liver' in case 'abdomen-00-0' but 'kidney' in case "
+        "'abdomen-03-1'",
+    ):
+        build_episode_index(renamed, {})

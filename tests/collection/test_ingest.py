@@ -297,6 +297,42 @@ def test_one_scan_listed_twice_is_kept_once(tmp_path: Path) -> None:
     )
 
 
+def test_csv_cases_that_name_a_label_differently_are_rejected(tmp_path: Path) -> None:
+    """A `labels` column names the labels per case; label 1 = liver in one case and spleen in another was
+    accepted, and the episode index merged the two into one class. The first declaration stands."""
+    root = tmp_path / "hospital"
+    declared = {"a": {"1": "liver", "2": "tumour"}, "b": {"1": "spleen"}, "c": {"1": "liver"}}
+    rows = []
+    for index, (case_id, labels) in enumerate(declared.items()):
+        write(image_volume(seed=index), root / f"{case_id}.nii.gz")
+        write(label_volume(values=tuple(map(int, labels))), root / f"{case_id}_seg.nii.gz")
+        rows.append(
+            {
+                "case_id": case_id,
+                "image": f"{case_id}.nii.gz",
+                "label": f"{case_id}_seg.nii.gz",
+                "labels": json.dumps(labels),
+            }
+        )
+    csv_path = write_csv(root, rows, labels=None)
+    source = {"name": "hospital", "layout": "csv", "path": str(csv_path), "modality": "CT"}
+    manifest, report = ingest_sources([source])
+    assert list(manifest["case_id"]) == ["a", "c"]
+    assert report.to_dict("records") == [
+        {
+            "dataset": "hospital",
+            "case_id": "b",
+            "path": f"{csv_path}:3",
+            "reason": "label 1 is 'spleen' here but 'liver' in case 'a' of dataset 'hospital'; a label value "
+            "must name the same class in every case of a dataset: fix the `labels` cell, or make a "
+            "separate dataset of the cases that number their classes differently",
+            "check": "inconsistent_labels",
+        }
+    ]
+    with pytest.raises(InvalidInputError, match=r"manifest\.csv:3: label 1 is 'spleen' here but 'liver'"):
+        ingest_sources([source], strict=True)
+
+
 def test_no_sources_give_empty_tables() -> None:
     manifest, report = ingest_sources([])
     assert manifest.empty and report.empty

@@ -193,6 +193,39 @@ def test_dicom_writer_leaves_the_process_locale_alone(tmp_path: Path, make_image
         locale.setlocale(locale.LC_ALL, saved)
 
 
+def _uids(series: Path) -> list[tuple[str, str, str]]:
+    """(study, series, instance) UID of each slice file, in file order."""
+    reader = sitk.ImageFileReader()
+    uids = []
+    for path in sorted(series.iterdir()):
+        reader.SetFileName(str(path))
+        reader.ReadImageInformation()
+        uids.append(tuple(reader.GetMetaData(tag).strip() for tag in ("0020|000d", "0020|000e", "0008|0018")))
+    return uids
+
+
+def test_dicom_series_with_a_uid_seed_is_byte_identical(tmp_path: Path, make_image) -> None:
+    """Phantom series got random UIDs and the time of writing, so the same seed gave other checksums."""
+    image = make_image(size=(6, 5, 3))
+    for name in ("first", "again"):
+        write_dicom_series(image, tmp_path / name, uid_seed="seed 7/TrunkCT/trunk_000")
+    write_dicom_series(image, tmp_path / "other", uid_seed="seed 8/TrunkCT/trunk_000")
+    assert file_sha256(tmp_path / "first") == file_sha256(tmp_path / "again")
+    first, other = _uids(tmp_path / "first"), _uids(tmp_path / "other")
+    assert {study for study, _, _ in first} != {study for study, _, _ in other}
+    assert len({instance for _, _, instance in first}) == 3, "every slice needs its own instance UID"
+    assert all(len(uid) <= 64 and uid.replace(".", "").isdigit() for row in first + other for uid in row)
+
+
+def test_dicom_series_without_a_uid_seed_gets_unique_uids(tmp_path: Path, make_image) -> None:
+    image = make_image(size=(6, 5, 3))
+    write_dicom_series(image, tmp_path / "first")
+    write_dicom_series(image, tmp_path / "second")
+    first, second = _uids(tmp_path / "first"), _uids(tmp_path / "second")
+    assert len({(study, series) for study, series, _ in first}) == 1, "one study and series per call"
+    assert not {uid for row in first for uid in row} & {uid for row in second for uid in row}
+
+
 def test_dicom_directory_with_two_series_reads_the_largest(tmp_path: Path, make_image, caplog) -> None:
     write_dicom_series(make_image(size=(6, 5, 3)), tmp_path / "small")
     write_dicom_series(make_image(size=(6, 5, 4)), tmp_path / "large")

@@ -6,6 +6,9 @@ import csv
 import dataclasses
 import hashlib
 import json
+import os
+import subprocess
+import sys
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +20,15 @@ import SimpleITK as sitk
 
 from iris_pipelines.imaging.io import read_image
 from iris_pipelines.phantoms import DatasetSpec, default_specs, generate_collection, render_case
-from iris_pipelines.phantoms.collection import STAMP_NAME
+from iris_pipelines.phantoms.anatomy import PATHOLOGY, build_subject
+from iris_pipelines.phantoms.collection import (
+    _STREAM_ANATOMY,
+    STAMP_NAME,
+    case_rng,
+    label_values,
+    scan_geometry,
+)
+from iris_pipelines.phantoms.raster import paint
 
 Collection = tuple[Path, list[dict[str, Any]]]
 SPECS = {spec.name: spec for spec in default_specs()}
@@ -110,6 +121,26 @@ def test_spec_validation_names_the_problem() -> None:
         dataclasses.replace(spec, dicom_cases=1)
     with pytest.raises(ValueError, match="no acquisition"):
         dataclasses.replace(spec, acquisitions=("T2",))
+
+
+def test_spec_validation_refuses_what_generation_cannot_honour() -> None:
+    """These specs were accepted and then failed deep in generation, or wrote something else than asked:
+    a PET series rounded to int16 and tagged CT, a division by zero for no acquisitions, files outside the
+    dataset's folder."""
+    trunk, pet = SPECS["TrunkCT"], SPECS["LesionPET"]
+    with pytest.raises(
+        ValueError, match="'LesionCSV'.*written as CT, so a PET dataset cannot have dicom_cases"
+    ):
+        dataclasses.replace(pet, name="LesionCSV", layout="csv", dicom_cases=1)
+    with pytest.raises(ValueError, match="'float32' storage cannot have dicom_cases"):
+        dataclasses.replace(trunk, storage="float32")
+    with pytest.raises(ValueError, match="acquisitions must name at least one"):
+        dataclasses.replace(trunk, acquisitions=())
+    with pytest.raises(ValueError, match="case_prefix '../escape' must be a plain name"):
+        dataclasses.replace(trunk, case_prefix="../escape")
+    with pytest.raises(ValueError, match=r"in_plane_mm \(-1.0, -2.0\) must be a range of positive"):
+        dataclasses.replace(trunk, in_plane_mm=(-1.0, -2.0))
+    assert dataclasses.replace(trunk, storage="uint16").dicom_cases == 2
 
 
 def test_sources_point_at_valid_layouts(collection: Collection) -> None:
@@ -248,34 +279,86 @@ def test_any_case_renders_alone(collection: Collection) -> None:
     np.testing.assert_array_equal(sitk.GetArrayFromImage(image), stored)
 
 
+@pytest.mark.parametrize("subject", [6, 7])
+def test_tumours_relabel_only_their_own_organ(subject: int) -> None:
+    """AbdomenCT labels organs but not tumours, so its incidental tumours must leave the label map as it is.
+
+    Kidney tumours lay up to 77% outside the kidney and a liver tumour covered the IVC drawn through the
+    liver, so spleen, IVC and spine voxels became kidney_left or liver (subjects 6 and 7 at seed 0).
+    """
+    spec = SPECS["AbdomenCT"]
+    frame, structures = build_subject(case_rng(0, spec, subject, _STREAM_ANATOMY), spec.classes)
+    assert any(structure.name in PATHOLOGY for structure in structures)
+    geometry = scan_geometry(spec, frame, case_rng(0, spec, subject, 1), size_scale=0.5)
+    healthy = [structure for structure in structures if structure.name not in PATHOLOGY]
+    labels = label_values(structures, spec.classes)[paint(structures, geometry, frame)[0]]
+    healthy_labels = label_values(healthy, spec.classes)[paint(healthy, geometry, frame)[0]]
+    changed = labels != healthy_labels
+    relabelled = Counter(
+        (spec.classes[before - 1] if before else "unlabelled", spec.classes[after - 1])
+        for before, after in zip(healthy_labels[changed], labels[changed], strict=True)
+    )
+    assert not relabelled, f"tumours relabelled (before, after): voxels {dict(relabelled)}"
+
+
 def _fingerprints(root: Path) -> dict[str, str]:
-    """sha256 per file; DICOM series by pixels and geometry, since their UIDs are random by design."""
-    prints = {}
-    for path in sorted(root.rglob("*")):
-        relative = path.relative_to(root).as_posix()
-        if path.name == STAMP_NAME or path.suffix == ".dcm":
-            continue
-        if path.is_dir() and any(path.glob("*.dcm")):
-            image = read_image(path)
-            digest = hashlib.sha256(sitk.GetArrayViewFromImage(image).tobytes())
-            grid = [*image.GetOrigin(), *image.GetSpacing(), *image.GetDirection()]
-            digest.update(np.round(grid, 4).tobytes())
-            prints[relative] = digest.hexdigest()
-        elif path.is_file():
-            prints[relative] = hashlib.sha256(path.read_bytes()).hexdigest()
-    return prints
+    """sha256 per file, DICOM slices and the stamp (which records every checksum) included."""
+    return {
+        path.relative_to(root).as_posix(): hashlib.sha256(path.read_bytes()).hexdigest()
+        for path in sorted(root.rglob("*"))
+        if path.is_file()
+    }
 
 
 def test_generation_is_deterministic(tmp_path: Path) -> None:
+    """Byte for byte, DICOM series too: their UIDs were random, so each run had other checksums."""
     small = {"cases_per_dataset": 1, "size_scale": 0.4}
     generate_collection(tmp_path / "a", seed=7, **small)
     generate_collection(tmp_path / "b", seed=7, **small)
     generate_collection(tmp_path / "c", seed=8, **small)
     first, second, other = (_fingerprints(tmp_path / n) for n in "abc")
     assert first == second
-    assert any(k.startswith("TrunkCT/images/") and "." not in k.rsplit("/", 1)[1] for k in first)
+    assert any(k.startswith("TrunkCT/images/") and k.endswith(".dcm") for k in first)
     labels = [k for k in first if "labels" in k and not k.endswith(".json")]
     assert labels and all(first[k] != other.get(k) for k in labels)
+
+
+# Digests of an MR case (bias field) and a CT case (labels: shapes, rasterisation), printed by a subprocess.
+_RENDER_DIGESTS = """
+import hashlib, sys
+import SimpleITK as sitk
+from iris_pipelines.phantoms import default_specs, render_case
+for spec in default_specs():
+    if spec.name in sys.argv[1:]:
+        for volume in render_case(spec, seed=0, subject=0, size_scale=0.5):
+            print(spec.name, hashlib.sha256(sitk.GetArrayViewFromImage(volume).tobytes()).hexdigest())
+"""
+
+
+def _has_avx512() -> bool:
+    found = np.show_config(mode="dicts").get("SIMD Extensions", {}).get("found", [])
+    return bool({"X86_V4", "AVX512_SKX"} & set(found))
+
+
+@pytest.mark.skipif(not _has_avx512(), reason="comparing OpenBLAS's SkylakeX kernels needs an AVX-512 CPU")
+def test_phantoms_do_not_depend_on_the_blas_kernel() -> None:
+    """OpenBLAS picks its kernels by CPU (SkylakeX here, Haswell on an AVX2 node), and a float32 matrix
+    product in the MR bias field rounded differently with each: the same seed gave other MR images."""
+    outputs = []
+    for core in ("SkylakeX", "Haswell"):
+        env = {**os.environ, "OPENBLAS_CORETYPE": core, "OMP_NUM_THREADS": "1"}
+        run = subprocess.run(
+            [sys.executable, "-c", _RENDER_DIGESTS, "PelvisMR", "KidneyTumourCT"],
+            env=env,
+            check=False,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert run.returncode == 0, run.stderr
+        outputs.append(run.stdout)
+    assert len(outputs[0].splitlines()) == 4
+    assert outputs[0] == outputs[1]
 
 
 def test_second_call_reuses_and_changed_parameters_regenerate(collection: Collection, tmp_path: Path) -> None:
@@ -296,3 +379,16 @@ def test_second_call_reuses_and_changed_parameters_regenerate(collection: Collec
     missing.unlink()
     generate_collection(small, cases_per_dataset=2, size_scale=0.3, specs=specs)
     assert missing.is_file()
+
+
+def test_a_file_changed_in_place_regenerates(tmp_path: Path) -> None:
+    """The stamp compared sizes only, so a corrupted file of the same size was trusted forever."""
+    specs = [SPECS["PelvisMR"]]
+    generate_collection(tmp_path, cases_per_dataset=1, size_scale=0.3, specs=specs)
+    label = tmp_path / "Dataset005_PelvisMR" / "labelsTr" / "pelvis_000.nrrd"
+    written = label.read_bytes()
+    corrupted = bytearray(written)
+    corrupted[-40] ^= 0xFF
+    label.write_bytes(bytes(corrupted))
+    generate_collection(tmp_path, cases_per_dataset=1, size_scale=0.3, specs=specs)
+    assert label.read_bytes() == written

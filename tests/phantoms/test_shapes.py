@@ -128,3 +128,26 @@ def test_rasterised_anatomy_sits_at_the_same_world_place(direction: np.ndarray) 
     volume = organ.shape[0] * np.prod(spacing)
     assert volume == pytest.approx(4 / 3 * np.pi * 25 * 20 * 15 * 1.05**3, rel=0.03)
     assert (region == 2).sum() * np.prod(spacing) == pytest.approx(4 / 3 * np.pi * (6 * 1.05) ** 3, rel=0.15)
+
+
+def test_nested_structure_paints_only_over_its_parent() -> None:
+    """A lesion reaching past its organ, or into a structure drawn over the organ, stays inside the organ:
+    its parent's label would otherwise land on the neighbour in datasets that label only the organ."""
+    organ = Blob(np.zeros(3), np.full(3, 20.0))
+    neighbour = Blob(np.array([18.0, 0.0, 0.0]), np.full(3, 8.0))
+    lesion = Blob(np.array([14.0, 0.0, 0.0]), np.full(3, 12.0))
+    structures = [
+        Structure("organ", "liver", (organ,)),
+        Structure("neighbour", "gallbladder", (neighbour,)),
+        Structure("lesion", "liver_tumour", (lesion,), parent="organ"),
+    ]
+    geometry = Geometry((60, 40, 40), (1.0, 1.0, 1.0), (-20.0, -20.0, -20.0), tuple(np.eye(3).ravel()))
+    frame = SubjectFrame(1.0, np.eye(3), np.zeros(3))
+    region, _ = paint(structures, geometry, frame)
+    without_lesion, _ = paint(structures[:2], geometry, frame)
+    changed = region != without_lesion
+    assert changed.sum() > 1000
+    assert np.all(without_lesion[changed] == 1), "the lesion painted over something other than its organ"
+    assert np.all(region[changed] == 3)
+    with pytest.raises(ValueError, match="nests in 'organ'"):
+        paint(structures[1:], geometry, frame)

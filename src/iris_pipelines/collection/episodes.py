@@ -127,7 +127,25 @@ def _prepare(manifest: pd.DataFrame) -> pd.DataFrame:
         raise ValueError(f"datasets mix held-out and training cases: {sorted(mixed[mixed > 1].index)}")
     table["labels"] = table["labels"].map(_json_map)
     table["class_voxels"] = table["class_voxels"].map(_json_map)
-    return table.sort_values(["dataset", "case_id"], kind="stable").reset_index(drop=True)
+    table = table.sort_values(["dataset", "case_id"], kind="stable").reset_index(drop=True)
+    _require_one_name_per_label(table)
+    return table
+
+
+def _require_one_name_per_label(table: pd.DataFrame) -> None:
+    """Class tables and episodes know a class by its dataset and value, so a value named "liver" in one case
+    and "spleen" in another would become one class and pair liver queries with spleen references."""
+    for dataset, group in table.groupby("dataset", sort=True):
+        first: dict[str, tuple[str, str]] = {}
+        for case_id, labels in zip(group["case_id"], group["labels"], strict=True):
+            for value, name in labels.items():
+                first_name, first_case = first.setdefault(str(value), (str(name), case_id))
+                if str(name) != first_name:
+                    raise ValueError(
+                        f"preprocessed_manifest: dataset {dataset!r} names label {value} {first_name!r} in "
+                        f"case {first_case!r} but {str(name)!r} in case {case_id!r}; a label value must name "
+                        "one class in every case of a dataset (ingest rejects such cases: re-run it)"
+                    )
 
 
 def assign_splits(table: pd.DataFrame, params: EpisodeParams) -> pd.Series:
@@ -182,14 +200,18 @@ def _present_classes(case: pd.Series) -> list[int]:
 def _draw_references(
     query: pd.Series, pool: pd.DataFrame, classes: list[int], k: int, seed: int
 ) -> list[str]:
-    """k distinct cases of other subjects, seeded; those containing every query class come first so a
-    reference can show each class whenever the pool allows it."""
+    """k distinct cases of other subjects, seeded, those showing more of the query's classes first.
+
+    The first reference is the one-shot reference, and evaluation scores only the classes it shows: a
+    random pick could show none of them when no case shows them all. Ties keep the seeded random order.
+    """
     candidates = pool[pool["subject_id"] != query["subject_id"]]
     order = np.random.default_rng(seed).permutation(len(candidates))
     shuffled = [candidates.iloc[i] for i in order]
-    covering = [c for c in shuffled if set(classes) <= set(_present_classes(c))]
-    others = [c for c in shuffled if not set(classes) <= set(_present_classes(c))]
-    return [str(c["case_id"]) for c in (covering + others)[:k]]
+    wanted = set(classes)
+    # sorted() is stable, so cases showing as many query classes stay in the seeded order.
+    ranked = sorted(shuffled, key=lambda case: -len(wanted & set(_present_classes(case))))
+    return [str(case["case_id"]) for case in ranked[:k]]
 
 
 def build_episodes(table: pd.DataFrame, params: EpisodeParams) -> list[dict[str, Any]]:

@@ -484,27 +484,67 @@ def _discover_csv(source: _Source) -> tuple[list[CaseRef], list[Problem]]:
     base = csv_path.parent
     refs: list[CaseRef] = []
     problems: list[Problem] = []
+    first_names = _FirstLabelNames(source.name)
     for line, row in enumerate(rows, start=2):
         where = f"{csv_path}:{line}"
         case_id = row["case_id"]
         try:
             if not case_id or not row["image"] or not row["label"]:
                 raise InvalidInputError(where, "malformed_csv", "the row needs case_id, image and label")
-            refs.append(
-                _make_ref(
-                    source,
-                    case_id,
-                    image=(base / row["image"]).resolve(),
-                    label=(base / row["label"]).resolve(),
-                    labels=_csv_row_labels(row, default_labels, where),
-                    modality=source.modality,
-                    subject_id=row.get("subject_id") or None,
-                    listed_in=f" listed in {where}",
-                )
+            labels = _csv_row_labels(row, default_labels, where)
+            first_names.require_same(labels, case_id, where)
+            ref = _make_ref(
+                source,
+                case_id,
+                image=(base / row["image"]).resolve(),
+                label=(base / row["label"]).resolve(),
+                labels=labels,
+                modality=source.modality,
+                subject_id=row.get("subject_id") or None,
+                listed_in=f" listed in {where}",
             )
         except InvalidInputError as err:
             problems.append(Problem(source.name, case_id, err.path, err.check, err.reason))
+            continue
+        first_names.record(labels, case_id)
+        refs.append(ref)
     return refs, problems
+
+
+class _FirstLabelNames:
+    """The name each label value has in the first accepted case that declares it, per dataset.
+
+    A ``labels`` column lets every case name its labels; downstream a class is its dataset and value, so a
+    value named "liver" in one case and "spleen" in another would silently merge two classes. As with a
+    duplicate case, the first declaration stands and a later case that contradicts it is rejected.
+    """
+
+    def __init__(self, dataset: str) -> None:
+        self.dataset = dataset
+        self.first: dict[int, tuple[str, str]] = {}
+
+    def require_same(self, labels: Mapping[int, str], case_id: str, where: str) -> None:
+        conflicts = [
+            (value, name, *self.first[value])
+            for value, name in sorted(labels.items())
+            if value in self.first and self.first[value][0] != name
+        ]
+        if conflicts:
+            listed = "; ".join(
+                f"label {value} is {name!r} here but {first_name!r} in case {first_case!r}"
+                for value, name, first_name, first_case in conflicts
+            )
+            raise InvalidInputError(
+                where,
+                "inconsistent_labels",
+                f"{listed} of dataset {self.dataset!r}; a label value must name the same class in every "
+                "case of a dataset: fix the `labels` cell, or make a separate dataset of the cases that "
+                "number their classes differently",
+            )
+
+    def record(self, labels: Mapping[int, str], case_id: str) -> None:
+        for value, name in labels.items():
+            self.first.setdefault(value, (name, case_id))
 
 
 _DISCOVERERS: dict[str, Callable[[_Source], tuple[list[CaseRef], list[Problem]]]] = {

@@ -7,6 +7,7 @@ record a reject instead of surfacing an ITK traceback.
 from __future__ import annotations
 
 import contextlib
+import datetime
 import gzip
 import hashlib
 import locale
@@ -46,6 +47,7 @@ _GZIP_MAGIC = b"\x1f\x8b"
 _CHUNK = 1 << 20
 _CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 _UID_ROOT = "1.2.826.0.1.3680043.8.498"  # pydicom's registered root, for generated example UIDs
+_SEEDED_SERIES_TIME = datetime.datetime(2000, 1, 1)
 _MAX_REASON_CHARS = 300
 _HEADER_LIMIT = 1 << 20  # a header is a few hundred bytes; a LIST of one file per slice can be far longer
 _METAIMAGE_LOCAL = ("LOCAL", "Local", "local")  # the spellings MetaIO accepts for voxels after the header
@@ -612,8 +614,18 @@ def _decimal_string(value: float) -> str:
     raise ValueError(f"{value} cannot be written as a DICOM decimal string")
 
 
-def _new_uid() -> str:
-    return f"{_UID_ROOT}.{uuid.uuid4().int % 10**30}"
+def _new_uid(uid_seed: str | None, *role: object) -> str:
+    """A UID under our root: random, or derived from ``uid_seed`` and the UID's role when a seed is given.
+
+    The derived form (as pydicom's ``generate_uid(entropy_srcs=…)``) makes a seeded series byte-identical
+    on every run; the 30 decimal digits (~100 bits) keep it within DICOM's 64 characters.
+    """
+    if uid_seed is None:
+        number = uuid.uuid4().int
+    else:
+        digest = hashlib.sha256("\x1f".join(map(str, (uid_seed, *role))).encode()).digest()
+        number = int.from_bytes(digest, "big")
+    return f"{_UID_ROOT}.{number % 10**30}"
 
 
 def _to_int16(image: sitk.Image) -> sitk.Image:
@@ -641,11 +653,18 @@ def _process_locale_kept() -> Iterator[None]:
 
 
 @_process_locale_kept()
-def write_dicom_series(image: sitk.Image, directory: str | os.PathLike[str]) -> None:
+def write_dicom_series(
+    image: sitk.Image, directory: str | os.PathLike[str], *, uid_seed: str | None = None
+) -> None:
     """Write a 3-D scalar volume as a CT series (int16, one file per slice) that reads back to the same grid.
 
     DICOM stacks slices along row × column, so only right-handed directions (det > 0) can be stored
     without reordering the index axes; others are refused rather than silently changed.
+
+    The study, series and instance UIDs are random, as a real series needs UIDs no other series has.
+    Generated data that must be reproducible byte for byte passes ``uid_seed`` instead: a string naming
+    the series (e.g. generator seed, dataset and case), from which every UID is derived, so the same seed
+    writes the same files and different seeds write different UIDs.
     """
     if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
         raise ValueError("write_dicom_series needs a 3-D scalar image")
@@ -671,14 +690,19 @@ def write_dicom_series(image: sitk.Image, directory: str | os.PathLike[str]) -> 
     volume = _to_int16(image)
     spacing = image.GetSpacing()
     orientation = "\\".join(_decimal_string(v) for v in (*direction[:, 0], *direction[:, 1]))
+    # GDCM stamps each slice with the time it is written unless the study date and time are set: set once
+    # here so all slices agree, and fixed for a seeded series, which must not depend on when it was written.
+    written = _SEEDED_SERIES_TIME if uid_seed is not None else datetime.datetime.now()
     series_tags = {
         "0008|0016": _CT_IMAGE_STORAGE,
+        "0008|0020": written.strftime("%Y%m%d"),
+        "0008|0030": written.strftime("%H%M%S"),
         "0008|0060": "CT",
         "0008|0008": "DERIVED\\SECONDARY\\AXIAL",
         "0010|0010": "Phantom^Iris",
         "0010|0020": "IRIS0001",
-        "0020|000d": _new_uid(),
-        "0020|000e": _new_uid(),
+        "0020|000d": _new_uid(uid_seed, "study"),
+        "0020|000e": _new_uid(uid_seed, "series"),
         "0020|0011": "1",
         "0020|0037": orientation,
         "0028|0030": f"{_decimal_string(spacing[1])}\\{_decimal_string(spacing[0])}",
@@ -697,7 +721,7 @@ def write_dicom_series(image: sitk.Image, directory: str | os.PathLike[str]) -> 
             slice_image = volume[:, :, k]
             for tag, value in series_tags.items():
                 slice_image.SetMetaData(tag, value)
-            slice_image.SetMetaData("0008|0018", _new_uid())
+            slice_image.SetMetaData("0008|0018", _new_uid(uid_seed, "instance", k))
             slice_image.SetMetaData("0020|0013", str(k + 1))
             slice_image.SetMetaData("0020|0032", "\\".join(_decimal_string(v) for v in position))
             slice_image.SetMetaData("0020|1041", _decimal_string(float(np.dot(position, direction[:, 2]))))

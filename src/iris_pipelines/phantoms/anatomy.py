@@ -247,7 +247,8 @@ def _bones(rng: np.random.Generator) -> list[Structure]:
 def _pathology(
     rng: np.random.Generator, wanted: set[str], organs: dict[str, Shape], pancreas: Tube
 ) -> list[Structure]:
-    """Tumours nested in their organs, painted last so their label overrides the organ's."""
+    """Tumours in their organs, painted last and only over their organ's voxels (see :func:`.raster.paint`),
+    so their label overrides the organ's and never a neighbour's."""
     structures: list[Structure] = []
     for concept in PATHOLOGY:
         present = concept in wanted or rng.uniform() < INCIDENTAL_RATE

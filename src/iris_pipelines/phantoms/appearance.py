@@ -17,7 +17,7 @@ import numpy as np
 from scipy.ndimage import gaussian_filter
 
 from iris_pipelines.imaging.geometry import Geometry
-from iris_pipelines.phantoms.raster import Structure, block_points, index_to_patient
+from iris_pipelines.phantoms.raster import Structure, index_to_patient
 
 # Hounsfield units per tissue in the native, arterial and portal-venous phases.
 CT_HU: dict[str, tuple[float, float, float]] = {
@@ -202,13 +202,23 @@ def _blur(image: np.ndarray, sigma_voxels: float) -> np.ndarray:
 def _bias_field(geometry: Geometry, rng: np.random.Generator) -> np.ndarray:
     """Smooth multiplicative field (±20–40%) over world space, as receive-coil sensitivity produces."""
     matrix, offset = index_to_patient(geometry)
-    world = block_points(matrix, offset, (0, 0, 0), geometry.size)
-    log_gain = np.zeros(world.shape[1:], dtype=np.float32)
+    i, j, k = (np.arange(n, dtype=np.float64) for n in geometry.size)
+    log_gain = np.zeros(tuple(reversed(geometry.size)), dtype=np.float64)
     for _ in range(3):
         direction = rng.normal(size=3)
-        wave = (direction / np.linalg.norm(direction) * 2 * np.pi / rng.uniform(250.0, 500.0)).astype(
-            np.float32
+        wave = direction / np.sqrt(np.sum(direction * direction)) * 2 * np.pi / rng.uniform(250.0, 500.0)
+        amplitude = rng.uniform(0.08, 0.15) * rng.choice([-1.0, 1.0])
+        # The phase wave · world, with world = offset + matrix @ (i, j, k), summed term by term in float64.
+        # A BLAS product rounds as the OpenBLAS kernel picked for the CPU does, so a float32 tensordot gave
+        # other MR images for the same seed on another machine. Elementwise arithmetic never calls BLAS,
+        # and in float64 a last-bit difference between CPUs' cos or exp almost never survives the cast to
+        # float32.
+        per_step = [sum(wave[c] * matrix[c, axis] for c in range(3)) for axis in range(3)]
+        start = sum(wave[c] * offset[c] for c in range(3)) + rng.uniform(0, 2 * np.pi)
+        phase = (
+            (start + per_step[2] * k)[:, None, None]
+            + (per_step[1] * j)[None, :, None]
+            + (per_step[0] * i)[None, None, :]
         )
-        amplitude = np.float32(rng.uniform(0.08, 0.15) * rng.choice([-1.0, 1.0]))
-        log_gain += amplitude * np.cos(np.tensordot(wave, world, 1) + np.float32(rng.uniform(0, 2 * np.pi)))
-    return np.exp(log_gain)
+        log_gain += amplitude * np.cos(phase)
+    return np.exp(log_gain).astype(np.float32)

@@ -36,9 +36,9 @@ class Structure:
     """One labelled-or-not piece of anatomy.
 
     ``name`` is the class concept (``liver``, ``kidney_left`` …) a dataset may label; ``tissue`` picks its
-    appearance; ``parent`` is the organ a nested lesion belongs to, so a dataset that labels the organ but
-    not the lesion labels the lesion as the organ (as real annotations do); ``cortex_mm`` gives bone a
-    bright rim of that depth.
+    appearance; ``parent`` is the organ a nested lesion belongs to: the lesion is painted only over that
+    organ, and a dataset that labels the organ but not the lesion labels the lesion as the organ (as real
+    annotations do); ``cortex_mm`` gives bone a bright rim of that depth.
     """
 
     name: str
@@ -90,17 +90,36 @@ def _index_block(
     return (int(first[0]), int(first[1]), int(first[2])), (int(last[0]), int(last[1]), int(last[2]))
 
 
+def _parent_numbers(structures: list[Structure]) -> dict[int, list[int]]:
+    """Structure-map values of each nested structure's parent (every earlier structure of that name)."""
+    parents: dict[int, list[int]] = {}
+    for number, structure in enumerate(structures, start=1):
+        if structure.parent is None:
+            continue
+        earlier = [n for n, s in enumerate(structures[: number - 1], start=1) if s.name == structure.parent]
+        if not earlier:
+            raise ValueError(
+                f"structure {number} ({structure.name!r}) nests in {structure.parent!r}, but no structure "
+                f"of that name is painted before it"
+            )
+        parents[number] = earlier
+    return parents
+
+
 def paint(
     structures: list[Structure], geometry: Geometry, frame: SubjectFrame
 ) -> tuple[np.ndarray, np.ndarray]:
     """Structure map and cortex mask, both ``[z, y, x]``.
 
     The map holds ``1 + index`` of the last structure (in list order) covering each voxel centre and 0 for
-    air, so later structures override earlier ones: that order is how lesions sit inside organs and
-    vessels run through them.
+    air, so later structures override earlier ones: that order is how vessels run through organs. A
+    structure with a ``parent`` overrides only the voxels its parent holds at that point: a lesion whose
+    shape reaches past its organ, or into the gallbladder or a vessel drawn over the organ, would
+    otherwise give those voxels the organ's label in every dataset that labels the lesion as its organ.
     """
     if len(structures) > 254:
         raise ValueError(f"{len(structures)} structures do not fit a uint8 structure map")
+    parents = _parent_numbers(structures)
     shape = tuple(reversed(geometry.size))
     region = np.zeros(shape, dtype=np.uint8)
     cortex = np.zeros(shape, dtype=bool)
@@ -116,6 +135,8 @@ def paint(
             points = block_points(matrix, offset, lo, hi)
             distance = part.field(points.reshape(3, -1)).reshape(points.shape[1:]) * np.float32(frame.scale)
             inside = distance < 0
+            if number in parents:
+                inside &= np.isin(region[window], parents[number])
             region[window][inside] = number
             cortex[window][inside] = (distance > -structure.cortex_mm)[inside]
     return region, cortex

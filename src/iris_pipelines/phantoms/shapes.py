@@ -53,9 +53,23 @@ def _unbounded() -> tuple[np.ndarray, np.ndarray]:
     return np.full(3, -UNBOUNDED_MM), np.full(3, UNBOUNDED_MM)
 
 
+def _weighted_rows(weights: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """``Σ_c weights[c] · rows[c]`` over float32 rows ``(C, N)``, as plain elementwise float32 arithmetic.
+
+    A matrix product would call BLAS, whose rounding depends on the kernel OpenBLAS picks for the CPU
+    (Haswell, SkylakeX, …), so the same seed could rasterise differently on another machine. Each
+    elementwise multiply and add is rounded exactly as IEEE prescribes on every CPU.
+    """
+    result = np.float32(weights[0]) * rows[0]
+    for weight, row in zip(weights[1:], rows[1:], strict=True):
+        result += np.float32(weight) * row
+    return result
+
+
 def _local(points: np.ndarray, centre: np.ndarray, rot: np.ndarray) -> np.ndarray:
     """Express points in a frame whose axes are the columns of ``rot``, centred on ``centre``."""
-    return rot.T.astype(np.float32) @ (points - centre.astype(np.float32)[:, None])
+    shifted = points - centre.astype(np.float32)[:, None]
+    return np.stack([_weighted_rows(rot[:, axis], shifted) for axis in range(3)])
 
 
 @dataclass(frozen=True)
@@ -83,10 +97,11 @@ class RadialWaves:
 
     def radius(self, directions: np.ndarray) -> np.ndarray:
         result = np.ones(directions.shape[1], dtype=np.float32)
-        angles = self.vectors.astype(np.float32) @ directions
-        angles += self.phases.astype(np.float32)[:, None]
-        np.cos(angles, out=angles)
-        result += self.amplitudes.astype(np.float32) @ angles
+        for vector, amplitude, phase in zip(self.vectors, self.amplitudes, self.phases, strict=True):
+            angle = _weighted_rows(vector, directions)
+            angle += np.float32(phase)
+            np.cos(angle, out=angle)
+            result += np.float32(amplitude) * angle
         return result
 
 
@@ -183,8 +198,8 @@ class HalfSpace:
         return lo, hi
 
     def field(self, points: np.ndarray) -> np.ndarray:
-        unit = (self.normal / np.linalg.norm(self.normal)).astype(np.float32)
-        return unit @ points - np.float32(unit @ self.origin)
+        unit = self.normal / np.sqrt(np.sum(self.normal * self.normal))  # np.linalg.norm would call BLAS
+        return _weighted_rows(unit, points) - np.float32(np.sum(unit * self.origin))
 
 
 @dataclass
