@@ -7,6 +7,7 @@ from iris_pipelines.training.checkpoint import (
     latest_checkpoint,
     list_checkpoints,
     load_checkpoint,
+    load_latest_checkpoint,
     restore_rng_state,
     save_checkpoint,
 )
@@ -51,3 +52,24 @@ def test_a_checkpoint_from_more_gpus_resumes_on_fewer(monkeypatch):
     )
     restore_rng_state(state)
     assert [device for _, device in restored] == [0] and torch.equal(restored[0][0], two_gpus[0])
+
+
+def test_an_unreadable_newest_checkpoint_falls_back_to_the_one_before(tmp_path, caplog):
+    """Otherwise every requeue of the job fails on the same file while a good one sits beside it."""
+    save_checkpoint(tmp_path, 2, {"w": torch.ones(3)})
+    newest = save_checkpoint(tmp_path, 4, {"w": torch.ones(3)})
+    newest.write_bytes(newest.read_bytes()[:50])
+    path, payload = load_latest_checkpoint(tmp_path)
+    assert path.name == "step_00000002.pt" and payload["step"] == 2
+    assert "step_00000004.pt" in caplog.text and "trying the checkpoint before it" in caplog.text
+    path.write_bytes(b"junk")
+    with pytest.raises(RuntimeError, match=r"no checkpoint in .* can be read .*step_00000004.*step_00000002"):
+        load_latest_checkpoint(tmp_path)
+    assert load_latest_checkpoint(tmp_path / "none") is None
+
+
+def test_temporary_files_of_killed_writes_are_removed(tmp_path):
+    """A paper-size leftover is ~0.8 GB, and a job requeued many times would pile them up."""
+    (tmp_path / ".step_00000004.pt.98d8f6.tmp").write_bytes(b"killed mid-write")
+    save_checkpoint(tmp_path, 6, {"w": torch.ones(2)})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_00000006.pt"]

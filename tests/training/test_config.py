@@ -25,8 +25,26 @@ def test_unknown_key_is_named():
         {"dice_weight": 0.0, "bce_weight": 0.0},
         {"flip_prob": 1.5},
         {"optimizer": "sgd"},
+        {"steps": 4.5},
+        {"lr": "fast"},
+        {"lr": 0.0},
+        {"grad_clip": 0.0},  # would zero every gradient
+        {"grad_clip": -1.0},  # would ascend the loss
+        {"seed": -1},
     ],
 )
 def test_invalid_values_fail_early(bad):
     with pytest.raises(ValueError, match="invalid TrainConfig"):
         TrainConfig.from_dict(bad)
+
+
+def test_yaml_spellings_of_numbers_are_read_as_meant(caplog):
+    """YAML reads steps: 8e4 as a float, lr: 2e-3 (no dot) as a string; a cube's crop is one number."""
+    config = TrainConfig.from_dict({"steps": 8e4, "lr": "2e-3", "crop_size": 128, "grad_clip": None})
+    assert (config.steps, config.lr, config.crop_size, config.grad_clip) == (80000, 0.002, (128,) * 3, None)
+    assert isinstance(config.steps, int) and not caplog.text
+
+
+def test_a_warm_up_as_long_as_the_run_is_warned_about(caplog):
+    TrainConfig(steps=1000, warmup_steps=2000)
+    assert "warmup_steps 2000 >= steps 1000" in caplog.text

@@ -5,7 +5,8 @@ from training_synthetic import fast_train_config, saved_case_rows, tiny_model_co
 
 from iris_pipelines.launch import launch_training
 from iris_pipelines.training import TrainConfig, latest_checkpoint, lr_factor, run_training, weights_checksum
-from iris_pipelines.training.loop import resolve_device, validate, validation_episodes
+from iris_pipelines.training.checkpoint import list_checkpoints
+from iris_pipelines.training.loop import TrainingDiverged, resolve_device, validate, validation_episodes
 from iris_pipelines.training.sampler import case_records
 
 
@@ -182,3 +183,19 @@ def test_task_augmentation_recipe_trains_and_logs_the_exclusive_term(collection,
         assert record["loss"] == pytest.approx(
             record["dice_loss"] + record["ce_loss"] + 0.5 * record["exclusive_loss"], rel=1e-5
         )
+
+
+def test_a_diverging_run_stops_before_its_weights_replace_the_good_checkpoints(collection, tmp_path):
+    """Pruning keeps two checkpoints: NaN weights saved twice would leave nothing to resume from."""
+    with pytest.raises(
+        TrainingDiverged, match="training diverged: the (loss is nan|weights hold NaN)"
+    ) as caught:
+        _run(collection, tmp_path, "diverged", lr=1e8, checkpoint_every=1, steps=6)
+    assert "lower train.lr" in str(caught.value)
+    saved = [torch.load(path, weights_only=False) for path in list_checkpoints(tmp_path / "diverged")]
+    assert all(torch.isfinite(v).all() for ckpt in saved for v in ckpt["model"].values())
+
+
+def test_clipping_can_be_turned_off(collection, tmp_path):
+    result = _run(collection, tmp_path, "unclipped", grad_clip=None, steps=2)
+    assert result.final_step == 2 and all(np.isfinite(h["loss"]) for h in result.history)

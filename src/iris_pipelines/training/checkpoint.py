@@ -8,6 +8,7 @@ is acceptable here; the exported model is safetensors + JSON and never goes thro
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 import re
@@ -18,8 +19,11 @@ from typing import Any
 import numpy as np
 import torch
 
+logger = logging.getLogger(__name__)
+
 KEEP_LAST = 2  # older checkpoints are deleted: a paper-size one (weights + Lamb state) is ~0.8 GB
-_NAME = re.compile(r"^step_(\d{8})\.pt$")
+_PREFIX = "step_"
+_NAME = re.compile(rf"^{_PREFIX}(\d{{8}})\.pt$")
 
 
 def checkpoint_path(directory: str | Path, step: int) -> Path:
@@ -66,6 +70,10 @@ def save_checkpoint(directory: str | Path, step: int, payload: dict[str, Any]) -
         raise
     for old in list_checkpoints(directory)[:-KEEP_LAST]:
         old.unlink(missing_ok=True)
+    # A write killed by a time limit or a node failure leaves its temporary file (~0.8 GB at paper size);
+    # only this process writes here, so every other one is such a leftover.
+    for stale in directory.glob(f".{_PREFIX}*.tmp"):
+        stale.unlink(missing_ok=True)
     return target
 
 
@@ -80,6 +88,29 @@ def list_checkpoints(directory: str | Path) -> list[Path]:
 def latest_checkpoint(directory: str | Path) -> Path | None:
     found = list_checkpoints(directory)
     return found[-1] if found else None
+
+
+def load_latest_checkpoint(directory: str | Path) -> tuple[Path, dict[str, Any]] | None:
+    """The newest checkpoint that can be read, with its path; None when there is none.
+
+    A newest file that cannot be read (a filesystem fault, a disk filled mid-write on a system without
+    atomic rename) is skipped with a warning, so a requeued job resumes from the one before instead of
+    failing on it at every restart. Fails, naming every file, only when none can be read.
+    """
+    found = list_checkpoints(directory)
+    errors = []
+    for path in reversed(found):
+        try:
+            return path, load_checkpoint(path)
+        except RuntimeError as error:
+            logger.warning("%s; trying the checkpoint before it", error)
+            errors.append(str(error))
+    if errors:
+        raise RuntimeError(
+            f"no checkpoint in {directory} can be read ({'; '.join(errors)}); move the folder away to "
+            "start afresh"
+        )
+    return None
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:

@@ -2,12 +2,37 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import logging
+from dataclasses import dataclass, fields
 from typing import Any
 
 from iris_pipelines.model.config import config_from_dict, config_to_dict
 
 _PRECISIONS = ("auto", "bf16", "fp32")
+_COUNTS = ("steps", "batch_size", "max_classes", "val_every", "checkpoint_every", "log_every", "seed",
+           "num_workers", "warmup_steps")  # fmt: skip
+logger = logging.getLogger(__name__)
+
+
+def _real(value: Any, name: str, problems: list[str]) -> Any:
+    """``value`` as a float, a numeric string included; noted in ``problems`` otherwise."""
+    try:
+        if isinstance(value, bool):
+            raise ValueError
+        return float(value)
+    except (TypeError, ValueError):
+        problems.append(f"{name} must be a number, got {value!r}")
+        return value
+
+
+def _whole(value: Any, name: str, problems: list[str]) -> Any:
+    """``value`` as an int when it is a whole number (8e4 → 80000); noted in ``problems`` otherwise."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or value != int(value):
+        problems.append(f"{name} must be a whole number, got {value!r}")
+        return value
+    return int(value)
+
+
 OPTIMIZERS = ("lamb", "adamw")
 
 
@@ -33,7 +58,7 @@ class TrainConfig:
     weight_decay: float = 1e-5
     warmup_steps: int = 20
     final_lr_fraction: float = 0.05
-    grad_clip: float = 1.0
+    grad_clip: float | None = 1.0  # max global gradient norm; null turns clipping off
     max_classes: int = 4
     class_drop_prob: float = 0.3
     reference_mask_perturbation: float = 0.5
@@ -45,6 +70,8 @@ class TrainConfig:
     precision: str = "auto"
     device: str = "auto"
     memory_bank_momentum: float = 0.999
+    # Flips, rotation/scale and intensity changes of query and reference, and the reference mask's
+    # perturbation (reference_mask_perturbation): false turns every one of them off.
     augment: bool = True
     compile: bool = False
     # nnU-Net forces a third of its patches onto foreground; small structures on a coarse CPU grid fill
@@ -72,11 +99,27 @@ class TrainConfig:
     auto_mask_prob: float = 0.0
 
     def __post_init__(self) -> None:
-        crop = tuple(int(v) for v in self.crop_size)
-        object.__setattr__(self, "crop_size", crop)
         problems = []
-        if len(crop) != 3 or min(crop) < 1:
-            problems.append(f"crop_size must be 3 positive ints, got {self.crop_size}")
+        # YAML reads 8e4 as a float and a cube as one int: counts must be whole numbers, and fail here,
+        # not deep in the loop after the job waited in a queue.
+        crop = self.crop_size if isinstance(self.crop_size, list | tuple) else [self.crop_size] * 3
+        object.__setattr__(self, "crop_size", tuple(_whole(v, "crop_size", problems) for v in crop))
+        for name in _COUNTS:
+            object.__setattr__(self, name, _whole(getattr(self, name), name, problems))
+        for item in fields(self):  # YAML 1.1 reads 2e-3 (no dot) as a string
+            value = getattr(self, item.name)
+            if item.type in ("float", "float | None") and not (value is None and "None" in item.type):
+                object.__setattr__(self, item.name, _real(value, item.name, problems))
+        if problems:  # the range checks below need numbers
+            raise ValueError("invalid TrainConfig: " + "; ".join(problems))
+        if len(self.crop_size) != 3 or min(self.crop_size) < 1:
+            problems.append(f"crop_size must be 3 positive ints (or one for a cube), got {self.crop_size}")
+        if self.seed < 0:
+            problems.append(f"seed must be >= 0, got {self.seed}")
+        if not self.lr > 0:
+            problems.append(f"lr must be > 0, got {self.lr}")
+        if self.grad_clip is not None and not self.grad_clip > 0:
+            problems.append(f"grad_clip must be > 0 (null turns clipping off), got {self.grad_clip}")
         for name in ("steps", "batch_size", "max_classes", "val_every", "checkpoint_every", "log_every"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -108,6 +151,12 @@ class TrainConfig:
             problems.append(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
         if problems:
             raise ValueError("invalid TrainConfig: " + "; ".join(problems))
+        if self.warmup_steps >= self.steps:
+            logger.warning(
+                "warmup_steps %d >= steps %d: the learning rate never reaches lr %g nor decays to its final "
+                "fraction; shorten the warm-up with the run",
+                self.warmup_steps, self.steps, self.lr,
+            )  # fmt: skip
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-safe dict (the crop tuple becomes a list)."""

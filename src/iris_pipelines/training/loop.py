@@ -35,8 +35,7 @@ from iris_pipelines.model import Iris, IrisConfig, dice_score, segmentation_loss
 from .augment import AugmentParams
 from .checkpoint import (
     capture_rng_state,
-    latest_checkpoint,
-    load_checkpoint,
+    load_latest_checkpoint,
     restore_rng_state,
     save_checkpoint,
 )
@@ -71,6 +70,11 @@ class TrainResult:
     world_size: int
     final_step: int
     weights_checksum: list[str] = field(default_factory=list)
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss or the weights stopped being finite: training stops before such weights are written
+    over the good checkpoints (pruning keeps only the last two) or registered."""
 
 
 class TrainingInterrupted(Exception):
@@ -267,10 +271,10 @@ class _State:
 def _resume(
     checkpoint_dir: Path, model: Iris, optimizer, scheduler, config: TrainConfig, device: torch.device
 ) -> _State:
-    path = latest_checkpoint(checkpoint_dir)
-    if path is None:
+    found = load_latest_checkpoint(checkpoint_dir)
+    if found is None:
         return _State()
-    ckpt = load_checkpoint(path)
+    path, ckpt = found
     if ckpt.get("train_config") != config.to_dict():
         logger.warning("resuming %s written with a different train config; continuing with the new one", path)
     try:
@@ -308,6 +312,18 @@ def _global_mean(values: list[float], world_size: int, device: torch.device) -> 
         dist.all_reduce(tensor)
         tensor /= world_size
     return tensor.tolist()
+
+
+def _finite(model: nn.Module) -> bool:
+    return all(bool(torch.isfinite(p).all()) for p in model.parameters())
+
+
+def _diverged(what: str, checkpoint_dir: Path) -> TrainingDiverged:
+    return TrainingDiverged(
+        f"training diverged: {what}. Nothing of it was saved: the checkpoints in {checkpoint_dir} stop "
+        "before it, and a rerun resumes from the last one; lower train.lr or train.grad_clip, or look for "
+        "extreme intensities in the data, before rerunning"
+    )
 
 
 def _any_rank(flag: bool, world_size: int, device: torch.device) -> bool:
@@ -397,7 +413,8 @@ def run_training(
         )
         optimizer.zero_grad(set_to_none=True)
         terms.total.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+        if config.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
         optimizer.step()
         scheduler.step()
         update_memory_bank(
@@ -412,6 +429,8 @@ def run_training(
                 [terms.exclusive] if terms.exclusive is not None else []
             )
             loss, dice_loss, ce_loss, *exclusive = _global_mean([t.item() for t in parts], world_size, device)
+            if not np.isfinite(loss):  # the same mean on every rank, so all of them stop here
+                raise _diverged(f"the loss is {loss} at step {step} (lr {lr:.3g})", checkpoint_dir)
             elapsed = time.perf_counter() - window_start
             record = {
                 "step": step,
@@ -432,6 +451,8 @@ def run_training(
                 emit(record)
         stop = stop_requested is not None and not last and _any_rank(stop_requested(), world_size, device)
         if step % config.checkpoint_every == 0 or last or stop:
+            if _any_rank(not _finite(model), world_size, device):
+                raise _diverged(f"the weights hold NaN or infinite values after step {step}", checkpoint_dir)
             if is_main:
                 save_checkpoint(
                     checkpoint_dir,
@@ -474,4 +495,11 @@ def run_training(
     )
 
 
-__all__ = ["TrainResult", "TrainingInterrupted", "lr_factor", "run_training", "weights_checksum"]
+__all__ = [
+    "TrainResult",
+    "TrainingDiverged",
+    "TrainingInterrupted",
+    "lr_factor",
+    "run_training",
+    "weights_checksum",
+]
