@@ -47,3 +47,15 @@ def test_a_status_that_fails_is_unknown_not_clean(checkout: Path, monkeypatch: p
     monkeypatch.setattr(hooks.subprocess, "run", slow_status)
     (checkout / "nodes.py").write_text("x = 2\n")
     assert hooks.git_state(checkout)["git_dirty"] == "unknown"
+
+
+def test_a_run_started_in_a_subfolder_works_from_the_project_root(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Relative paths in parameters and mlflow.yml would otherwise follow the subfolder."""
+    from types import SimpleNamespace
+
+    (tmp_path / "notebooks").mkdir()
+    monkeypatch.chdir(tmp_path / "notebooks")
+    hooks.ProjectRootHooks().after_context_created(SimpleNamespace(project_path=tmp_path))
+    assert Path.cwd().resolve() == tmp_path.resolve()

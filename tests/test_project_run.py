@@ -76,13 +76,13 @@ def project_copy(tmp_path_factory) -> Path:
     return root
 
 
-def kedro_run(root: Path, *args: str) -> subprocess.CompletedProcess:
+def kedro_run(root: Path, *args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
     # The project's own conf/base/mlflow.yml decides where runs and models go, not a caller's MLFLOW_*.
     env = {key: value for key, value in os.environ.items() if not key.startswith("MLFLOW_")}
     env["KEDRO_DISABLE_TELEMETRY"] = "1"
     result = subprocess.run(
         [KEDRO, "run", *args],
-        cwd=root,
+        cwd=cwd or root,
         env=env,
         capture_output=True,
         encoding="utf-8",
@@ -113,7 +113,8 @@ def mlflow_runs(root: Path) -> list:
 def data_project(project_copy: Path) -> Path:
     """The copy after `kedro run --pipeline=ingest|preprocess|episodes`, one command each."""
     kedro_run(project_copy, "--pipeline=ingest", f"--params={SMALL_PHANTOMS}")
-    kedro_run(project_copy, "--pipeline=preprocess")
+    # From a subfolder, as from a notebook's: it must still read and write the project's data and store.
+    kedro_run(project_copy, "--pipeline=preprocess", cwd=project_copy / "data")
     kedro_run(project_copy, "--pipeline=episodes")
     return project_copy
 
@@ -141,7 +142,9 @@ def test_data_pipelines_run_one_after_another(data_project: Path):
     )
     assert len(preprocessed) == len(manifest)
     assert all(Path(p).exists() for p in preprocessed["image_array"])
-    assert all(Path(p).is_relative_to(project_copy) for p in preprocessed["image_array"])
+    volumes = project_copy / "data/05_model_input/volumes"
+    assert all(Path(p).is_relative_to(volumes) for p in preprocessed["image_array"])
+    assert not (project_copy / "data/mlflow.db").exists() and not (project_copy / "data/data").exists()
 
     index = json.loads(latest_version(project_copy / "data/05_model_input/episode_index.json").read_text())
     assert {case["split"] for case in index["cases"]} >= {"train", "val", "test"}

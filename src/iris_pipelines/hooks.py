@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -78,6 +79,24 @@ class ProvenanceHooks:
             tags["git_commit"][:12],
             tags["git_dirty"],
         )
+
+
+class ProjectRootHooks:
+    """Runs the project from its root, wherever ``kedro run`` was started.
+
+    Kedro finds the project from a subfolder and anchors the catalog's paths at its root, but relative
+    paths in parameters (``preprocess.output_dir``, ``train.checkpoint_root``, ``phantoms.root``) and
+    mlflow.yml's ``sqlite:///mlflow.db`` follow the current folder: a run from ``notebooks/`` wrote its
+    volumes, checkpoints and a second MLflow store there, and missed the caches and checkpoints.
+    ``tryfirst``: before kedro-mlflow's own ``after_context_created`` opens the tracking store.
+    """
+
+    @hook_impl(tryfirst=True)
+    def after_context_created(self, context: Any) -> None:
+        root = Path(context.project_path).resolve()
+        if Path.cwd().resolve() != root:
+            logger.warning("Running from the project root %s (started in %s)", root, Path.cwd())
+            os.chdir(root)
 
 
 INPUT_VERSION_TAG_PREFIX = "input_version."

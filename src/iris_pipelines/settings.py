@@ -4,9 +4,9 @@ import os
 
 from kedro.config import OmegaConfigLoader
 
-from iris_pipelines.hooks import InputVersionHooks, ProvenanceHooks
+from iris_pipelines.hooks import InputVersionHooks, ProjectRootHooks, ProvenanceHooks
 
-HOOKS = (ProvenanceHooks(), InputVersionHooks())
+HOOKS = (ProjectRootHooks(), ProvenanceHooks(), InputVersionHooks())
 
 
 def required_env(name: str) -> str:

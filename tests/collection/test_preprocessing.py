@@ -270,6 +270,54 @@ def test_an_input_edited_after_ingest_is_rejected_not_cached(manifest, processed
         np.testing.assert_array_equal(np.load(result.loc[0, column]), np.load(expected[column]))
 
 
+def test_an_input_edited_after_it_was_cached_is_caught_on_the_cache_hit(manifest, tmp_path):
+    """Correcting a label file and re-running preprocess alone must not serve the arrays of the old file."""
+    row = manifest.iloc[0].to_dict()
+    label = tmp_path / "label.nii.gz"
+    shutil.copy(row["label_path"], label)
+    row["label_path"] = str(label)
+    output_dir = tmp_path / "volumes"
+    first, _ = preprocess_cases(pd.DataFrame([row]), _params(output_dir))
+    assert len(first) == 1
+    volume = sitk.ReadImage(str(label))
+    sitk.WriteImage(sitk.Cast(volume, sitk.sitkUInt8) * 0, str(label))  # every class erased
+    result, report = preprocess_cases(pd.DataFrame([row]), _params(output_dir))
+    assert result.empty and list(report["check"]) == ["stale_manifest"]
+
+
+def test_a_cached_case_missing_a_file_is_rebuilt(manifest, tmp_path):
+    """An interrupted copy of the cache (or a file deleted by hand) repairs itself on the next run."""
+    rows = manifest.iloc[:1]
+    output_dir = tmp_path / "volumes"
+    first, _ = preprocess_cases(rows, _params(output_dir))
+    image = Path(first.loc[0, "image_array"])
+    expected = np.load(image)
+    image.unlink()
+    again, report = preprocess_cases(rows, _params(output_dir))
+    assert report.empty
+    np.testing.assert_array_equal(np.load(again.loc[0, "image_array"]), expected)
+    (image.parent / "meta.json").unlink()
+    third, report = preprocess_cases(rows, _params(output_dir))
+    assert report.empty and (image.parent / "meta.json").is_file()
+    assert not [p for p in output_dir.rglob(".*")]  # nothing broken left beside it
+
+
+def test_renaming_a_class_reuses_the_cached_arrays(manifest, tmp_path):
+    row = manifest.iloc[0].to_dict()
+    renamed = {
+        **row,
+        "labels": json.dumps({k: f"{v} (fixed typo)" for k, v in json.loads(row["labels"]).items()}),
+    }
+    assert cache_key(row, _params(tmp_path)) == cache_key(renamed, _params(tmp_path))
+
+
+def test_one_number_is_an_isotropic_spacing():
+    """`--params="preprocess.target_spacing=3"`: Kedro's --params cannot pass a list."""
+    assert PreprocessParams(target_spacing=3).target_spacing == (3.0, 3.0, 3.0)
+    with pytest.raises(ValueError, match="preprocess.percentiles needs a list of numbers"):
+        PreprocessParams(percentiles=5)
+
+
 def test_out_of_range_labels_are_rejected(manifest, tmp_path):
     row = manifest.iloc[0].to_dict()
     label = sitk.ReadImage(row["label_path"], sitk.sitkInt16) * 200  # 400 does not fit uint8

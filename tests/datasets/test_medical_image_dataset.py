@@ -133,3 +133,32 @@ def test_describe(tmp_path: Path) -> None:
     assert described["save_args"] == {"compress": False}
     assert described["load_args"] == {"pixel_type": None}
     assert "ct.nii.gz" in str(dataset)
+
+
+def test_a_detached_header_over_http_brings_its_data_file(tmp_path: Path) -> None:
+    """fsspec keeps http(s) URLs whole: the header's folder must keep its "//"."""
+    import functools
+    import threading
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    image = sitk.GetImageFromArray(np.arange(24, dtype=np.float32).reshape(2, 3, 4))
+    image.SetSpacing((1.0, 2.0, 3.0))
+    sitk.WriteImage(image, str(tmp_path / "scan.mhd"), useCompression=True)
+
+    class Quiet(SimpleHTTPRequestHandler):
+        def log_message(self, *args) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(tmp_path)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        loaded = MedicalImageDataset(filepath=f"{base}/scan.mhd").load()
+        assert loaded.GetSpacing() == (1.0, 2.0, 3.0)
+        np.testing.assert_array_equal(sitk.GetArrayFromImage(loaded), sitk.GetArrayFromImage(image))
+        (tmp_path / "scan.zraw").unlink()
+        with pytest.raises(DatasetError, match=rf"\({re.escape(base)}/scan.zraw\)") as caught:
+            MedicalImageDataset(filepath=f"{base}/scan.mhd").load()
+        assert "http://http" not in str(caught.value)
+    finally:
+        server.shutdown()

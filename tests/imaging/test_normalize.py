@@ -102,3 +102,13 @@ def test_inside_must_fit_the_volume():
         normalize_in_place(volume, "CT", inside=np.ones((2, 2), dtype=bool))
     with pytest.raises(ValueError, match="selects no voxel"):
         normalize_in_place(volume, "CT", inside=np.zeros((2, 2, 2), dtype=bool))
+
+
+def test_a_nearly_empty_pet_keeps_its_lesion() -> None:
+    """Over 96 % of the voxels at one value put both percentiles there; clipping to them erased the
+    lesion and left a blank image beside its label."""
+    volume = np.zeros((20, 20, 20), dtype=np.float32)
+    volume[9:11, 9:11, 9:11] = 5000.0  # 8 hot voxels in an empty field of view
+    out = normalize_intensity(volume, "PET")
+    assert out[10, 10, 10] > 10 and np.ptp(out) > 0
+    assert np.allclose(out[0, 0, 0], out[19, 19, 19])  # the background stays one value

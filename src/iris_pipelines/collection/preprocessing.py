@@ -42,7 +42,9 @@ logger = logging.getLogger(__name__)
 # Bump whenever a code change alters the arrays or meta.json, so cached cases are rebuilt, not reused.
 # 2: normalisation statistics exclude the padding of oblique scans. 3: a case is only cached once its files
 # match the manifest's checksums; a version-2 entry may hold a file edited after ingest under the old key.
-PREPROCESS_VERSION = "3"
+# 4: MR/PET whose percentiles coincide (a nearly empty PET) keep their range instead of becoming zeros;
+# meta.json records the inputs' size and mtime; class names no longer enter the key.
+PREPROCESS_VERSION = "4"
 
 REPORT_COLUMNS = ["dataset", "case_id", "path", "check", "reason"]
 ADDED_COLUMNS = [
@@ -124,9 +126,21 @@ class PreprocessParams:
     scheduler: SchedulerParams = field(default_factory=SchedulerParams)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "target_spacing", tuple(float(v) for v in self.target_spacing))
-        object.__setattr__(self, "ct_window", tuple(float(v) for v in self.ct_window))
-        object.__setattr__(self, "percentiles", tuple(float(v) for v in self.percentiles))
+        # One number is an isotropic spacing (as `iris segment --spacing 3`); `--params` cannot pass lists.
+        spacing = (
+            self.target_spacing
+            if isinstance(self.target_spacing, list | tuple)
+            else [self.target_spacing] * 3
+        )
+        for name, values in (
+            ("target_spacing", spacing),
+            ("ct_window", self.ct_window),
+            ("percentiles", self.percentiles),
+        ):
+            try:
+                object.__setattr__(self, name, tuple(float(v) for v in values))
+            except (TypeError, ValueError):
+                raise ValueError(f"preprocess.{name} needs a list of numbers, got {values!r}") from None
         if len(self.target_spacing) != 3 or min(self.target_spacing) <= 0:
             raise ValueError(
                 f"preprocess.target_spacing needs 3 positive mm values, got {self.target_spacing}"
@@ -176,7 +190,8 @@ def cache_key(row: Mapping[str, Any], params: PreprocessParams) -> str:
         "image_sha256": row["image_sha256"],
         "label_sha256": row["label_sha256"],
         "modality": modality,
-        "labels": _declared_labels(row),
+        # The label values decide the arrays, their names do not: renaming a class must not recompute it.
+        "label_values": sorted(int(value) for value in _declared_labels(row)),
         "target_spacing": list(params.target_spacing),
         "normalisation": normalisation,
     }
@@ -270,11 +285,20 @@ def _require_unchanged_inputs(row: Mapping[str, Any]) -> None:
             )
 
 
+CASE_FILES = ("image.npy", "label.npy", "meta.json")
+
+
+def _complete(directory: Path) -> bool:
+    return all((directory / name).is_file() for name in CASE_FILES)
+
+
 def _write_case(directory: Path, image: np.ndarray, label: np.ndarray, meta: dict[str, Any]) -> None:
     """Fill a scratch directory beside the target and rename it into place in one ``os.replace``.
 
     A killed run leaves at most a hidden ``.<key>.tmp-*`` directory, never a case without its meta.json.
-    If another worker renamed the same case first, its (identical) result is kept.
+    If another worker renamed the same case first, its (identical) result is kept. A case directory that
+    lacks one of its files (an interrupted copy of the cache, a file deleted by hand) is moved aside and
+    replaced, so the cache repairs itself instead of failing on every run.
     """
     directory.parent.mkdir(parents=True, exist_ok=True)
     scratch = directory.parent / f".{directory.name}.tmp-{uuid.uuid4().hex}"
@@ -286,10 +310,26 @@ def _write_case(directory: Path, image: np.ndarray, label: np.ndarray, meta: dic
         try:
             os.replace(scratch, directory)
         except OSError:
-            if not (directory / "meta.json").exists():
-                raise
+            if _complete(directory):
+                return
+            broken = directory.parent / f".{directory.name}.broken-{uuid.uuid4().hex}"
+            os.replace(directory, broken)
+            shutil.rmtree(broken, ignore_errors=True)
+            os.replace(scratch, directory)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _input_stats(row: Mapping[str, Any]) -> dict[str, list[int]]:
+    """Size and modification time of the case's files: what a cache hit checks before trusting its key."""
+    stats = {}
+    for kind in ("image", "label"):
+        path = Path(str(row[f"{kind}_path"]))
+        # A DICOM series is a folder: its files' sizes and times, summed, stand for the series.
+        files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+        found = [p.stat() for p in files]
+        stats[kind] = [sum(s.st_size for s in found), max((s.st_mtime_ns for s in found), default=0)]
+    return stats
 
 
 def _meta(
@@ -331,16 +371,24 @@ def _preprocess(row: Mapping[str, Any], params: PreprocessParams) -> tuple[dict[
     """The manifest row and whether it came from the cache."""
     key = cache_key(row, params)
     directory = case_directory(Path(params.output_dir).absolute(), key)
-    meta_path = directory / "meta.json"
-    if meta_path.exists():
-        # Only unchanged inputs were ever cached under this key, so a hit needs no re-hash.
-        return _manifest_row(row, directory, json.loads(meta_path.read_text(encoding="utf-8"))), True
+    if _complete(directory):
+        meta = json.loads((directory / "meta.json").read_text(encoding="utf-8"))
+        # The key holds the checksums ingest recorded; a file edited since then must be caught here too
+        # (stale_manifest), and re-hashing every file on every run would cost as much as ingest. So the
+        # files' size and time are compared, and only a changed one is hashed.
+        if meta.get("inputs") != _input_stats(row):
+            _require_unchanged_inputs(row)
+        return _manifest_row(row, directory, meta), True
     _require_unchanged_inputs(row)
+    inputs = _input_stats(row)
     image, original, grid = _image_array(row, params)
     label = _label_array(row, grid)
     labels = sorted(int(k) for k in _declared_labels(row))
     voxels, bboxes = class_statistics(label, labels)
-    meta = _meta(key, params, original=original, grid=grid, voxels=voxels, bboxes=bboxes)
+    meta = {
+        **_meta(key, params, original=original, grid=grid, voxels=voxels, bboxes=bboxes),
+        "inputs": inputs,
+    }
     _write_case(directory, image, label, meta)
     return _manifest_row(row, directory, meta), False
 

@@ -134,17 +134,22 @@ class MedicalImageDataset(AbstractVersionedDataset[sitk.Image, sitk.Image]):
                     self._fs.put(str(item), f"{parent}/{item.name}")
         self._invalidate_cache()
 
+    def _uri(self, path: str) -> str:
+        """``path`` with its protocol, once: fsspec keeps http(s) URLs whole and strips other schemes."""
+        return path if "://" in path else f"{self._protocol}://{path}"
+
     def _get_data_files(self, load_path: str, local: Path) -> None:
         """Copy the voxel files a detached header (``.mhd``, ``.nhdr``) names next to its local copy, under
         the names it gives them (another stem, LIST or pattern slices, a subfolder)."""
         if not local.name.lower().endswith(_DETACHED_HEADERS):
             return
-        parent = PurePosixPath(load_path).parent
+        # Not PurePosixPath(...).parent: an http(s) path keeps its scheme, whose "//" it would collapse.
+        parent = load_path.rsplit("/", 1)[0]
         for name in detached_data_files(local):
             relative = PurePosixPath(name)
             if relative.is_absolute() or ".." in relative.parts:
                 raise InvalidInputError(
-                    f"{self._protocol}://{load_path}",
+                    self._uri(load_path),
                     "unsupported_format",
                     f"the header names the data file {name} outside its own folder, which cannot be "
                     "fetched from a remote filesystem; keep the data files beside or below the header",
@@ -154,10 +159,10 @@ class MedicalImageDataset(AbstractVersionedDataset[sitk.Image, sitk.Image]):
             found = next((c for c in (remote, f"{remote}.gz", f"{remote}.Z") if self._fs.exists(c)), None)
             if found is None:
                 raise InvalidInputError(
-                    f"{self._protocol}://{load_path}",
+                    self._uri(load_path),
                     "missing_file",
                     f"the data file {name} that the header names does not exist "
-                    f"({self._protocol}://{remote}); copy it next to the header or correct the header",
+                    f"({self._uri(remote)}); copy it next to the header or correct the header",
                 )
             target = local.parent / relative.parent / PurePosixPath(found).name
             target.parent.mkdir(parents=True, exist_ok=True)

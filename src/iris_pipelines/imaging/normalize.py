@@ -68,7 +68,12 @@ def normalize_in_place(
     if kind == "CT":
         low, high = ct_window
     else:
-        low, high = np.percentile(array if inside is None else array[inside], percentiles)
+        scanned = array if inside is None else array[inside]
+        low, high = np.percentile(scanned, percentiles)
+        if high <= low:
+            # Over 96 % of the voxels share one value (a PET of one small hot lesion in an empty field of
+            # view): clipping to the percentiles would flatten the lesion away, so keep the whole range.
+            low, high = scanned.min(), scanned.max()
     np.clip(array, np.float32(low), np.float32(high), out=array)
     mean, std = _mean_std(array.reshape(-1), None if inside is None else inside.reshape(-1))
     if std == 0:
