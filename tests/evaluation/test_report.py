@@ -103,13 +103,19 @@ def test_a_handful_of_episodes_has_no_interval(episodes: int) -> None:
     assert "eval/seen/one_shot/dice_gain_vs_paste_ci_low" not in headline  # MLflow gets finite values
 
 
-def test_classes_sharing_a_name_are_paired_by_label_value() -> None:
-    """Two labels named "kidney": each is compared with paste's score of itself, not of the other."""
+def _two_kidneys() -> pd.DataFrame:
+    """Paste and one-shot at 0.5 everywhere, except one-shot's 0.8 on label 3; labels 2 and 3 are both
+    named "kidney"."""
     paste, one_shot = _rows("paste", np.full(30, 0.5)), _rows("one_shot", np.full(30, 0.5))
     for table in (paste, one_shot):
         table["class_name"] = table["class_name"].replace({"b": "kidney", "c": "kidney"})
     one_shot.loc[one_shot["label"] == 3, "dice"] = 0.8
-    row = gain_over_baseline(pd.concat([paste, one_shot], ignore_index=True)).iloc[0]
+    return pd.concat([paste, one_shot], ignore_index=True)
+
+
+def test_classes_sharing_a_name_are_paired_by_label_value() -> None:
+    """Two labels named "kidney": each is compared with paste's score of itself, not of the other."""
+    row = gain_over_baseline(_two_kidneys()).iloc[0]
     assert (
         row.pairs == 30 and row.dice_gain == pytest.approx(0.1) and row.win_fraction == pytest.approx(1 / 3)
     )
@@ -133,11 +139,7 @@ def test_an_interval_does_not_depend_on_the_other_methods_compared() -> None:
 
 def test_class_bars_give_labels_that_share_a_name_a_bar_each() -> None:
     """Left and right "kidney" are two structures: one bar each, told apart by label value."""
-    paste, one_shot = _rows("paste", np.full(30, 0.5)), _rows("one_shot", np.full(30, 0.5))
-    for table in (paste, one_shot):
-        table["class_name"] = table["class_name"].replace({"b": "kidney", "c": "kidney"})
-    one_shot.loc[one_shot["label"] == 3, "dice"] = 0.8
-    axis = class_bars(pd.concat([paste, one_shot], ignore_index=True)).axes[0]
+    axis = class_bars(_two_kidneys()).axes[0]
     ticks = [tick.get_text() for tick in axis.get_xticklabels()]
     assert ticks == ["D/a", "D/kidney (2)", "D/kidney (3)"]
     one_shot_heights = [bar.get_height() for bar in axis.containers[0]]  # strategies first, then baselines
