@@ -16,7 +16,15 @@ def _kwargs(collection, tmp_path, **overrides):
 
 
 def test_two_gloo_ranks_keep_identical_weights(collection, tmp_path):
-    result = launch_training("local_ddp", nprocs=2, backend="gloo", **_kwargs(collection, tmp_path, steps=3))
+    streamed = []  # the launching process holds the MLflow run: rank 0's records must reach it
+    result = launch_training(
+        "local_ddp",
+        nprocs=2,
+        backend="gloo",
+        on_metrics=streamed.append,
+        **_kwargs(collection, tmp_path, steps=3),
+    )
+    assert [record["step"] for record in streamed if "loss" in record] == [1, 2, 3]
     assert result.world_size == 2 and result.final_step == 3
     assert len(result.weights_checksum) == 2
     assert result.weights_checksum[0] == result.weights_checksum[1]

@@ -3,6 +3,8 @@
 Sets up what torchrun would (MASTER_ADDR/PORT on a free port, RANK, WORLD_SIZE, LOCAL_RANK), so the
 train loop sees the same environment as under SLURM. Rank 0's result comes back through a file in a
 temporary directory (spawn has no return channel); every rank's failure is re-raised naming the rank.
+Rank 0's metrics come back through a queue while training runs, and the launching process hands them to
+``on_metrics``: it holds the MLflow run, which a spawned rank does not.
 """
 
 from __future__ import annotations
@@ -36,7 +38,13 @@ def default_backend() -> str:
 
 
 def _worker(
-    rank: int, world_size: int, backend: str, port: int, result_dir: str, kwargs: dict[str, Any]
+    rank: int,
+    world_size: int,
+    backend: str,
+    port: int,
+    result_dir: str,
+    kwargs: dict[str, Any],
+    metrics: Any | None,
 ) -> None:
     os.environ.update(
         MASTER_ADDR="127.0.0.1",
@@ -52,10 +60,11 @@ def _worker(
     else:
         # Ranks share the CPU: without this each one spawns a thread per core and they thrash.
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
+    on_metrics = metrics.put if metrics is not None else None
     try:
         dist.init_process_group(backend, rank=rank, world_size=world_size)
         try:
-            result = run_training(**kwargs, rank=rank, world_size=world_size)
+            result = run_training(**kwargs, on_metrics=on_metrics, rank=rank, world_size=world_size)
         finally:
             dist.destroy_process_group()
     except Exception as error:
@@ -76,14 +85,28 @@ def run_local_ddp(nprocs: int = 2, backend: str | None = None, **run_training_kw
     backend = backend or default_backend()
     if backend == "nccl" and torch.cuda.device_count() < nprocs:
         raise ValueError(f"nccl with {nprocs} ranks needs {nprocs} GPUs, found {torch.cuda.device_count()}")
+    on_metrics = run_training_kwargs.pop("on_metrics", None)
+    metrics = mp.get_context("spawn").SimpleQueue() if on_metrics is not None else None
     with tempfile.TemporaryDirectory(prefix="iris-ddp-") as result_dir:
         try:
-            mp.spawn(
+            ranks = mp.spawn(
                 _worker,
-                args=(nprocs, backend, free_port(), result_dir, run_training_kwargs),
+                args=(nprocs, backend, free_port(), result_dir, run_training_kwargs, metrics),
                 nprocs=nprocs,
-                join=True,
+                join=False,
             )
+            try:
+                while True:
+                    done = ranks.join(timeout=0.5)  # raises when a rank failed
+                    while metrics is not None and not metrics.empty():
+                        on_metrics(metrics.get())
+                    if done:
+                        break
+            except BaseException:
+                for process in ranks.processes:  # Ctrl-C or a failing callback: no rank trains on
+                    if process.is_alive():
+                        process.terminate()
+                raise
         except mp.ProcessRaisedException as error:
             raise RankFailedError(
                 f"local_ddp training failed on rank {error.error_index} of {nprocs}; its traceback:\n{error}"
