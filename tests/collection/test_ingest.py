@@ -72,6 +72,24 @@ def test_valid_case_gives_a_manifest_row(tmp_path: Path) -> None:
     assert row["image_path"] == str(ref.image_path)
 
 
+def test_a_ct_without_air_is_warned_about(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Stored values exported without the rescale intercept (HU + 1024) would pass every check and then be
+    clipped by the CT window into a nearly binary image."""
+    raw = sitk.GetArrayFromImage(image_volume()) + 1024.0
+    stored = sitk.GetImageFromArray(raw.astype(np.float32))
+    stored.CopyInformation(image_volume())
+    ref = _case(tmp_path, stored)
+    validate_case(ref, tolerance_mm=1e-3)
+    assert f"{ref.image_path}: a CT with no voxel below -200 HU" in caplog.text
+    caplog.clear()
+    with_air = sitk.GetArrayFromImage(image_volume())
+    with_air[0] = -1000.0
+    in_hu = sitk.GetImageFromArray(with_air)
+    in_hu.CopyInformation(image_volume())
+    validate_case(_case(tmp_path / "hu", in_hu), tolerance_mm=1e-3)
+    assert "no voxel below" not in caplog.text
+
+
 def test_truncated_gzip_is_unreadable(tmp_path: Path) -> None:
     ref = _case(tmp_path)
     data = ref.image_path.read_bytes()
@@ -242,7 +260,8 @@ def test_ingest_continues_past_bad_inputs(
     undeclared = report.set_index("check").loc["undeclared_label"]
     assert (undeclared["dataset"], undeclared["case_id"]) == ("liver", "liver_1")
     assert undeclared["path"].endswith("labelsTr/liver_1.nii.gz") and "7" in undeclared["reason"]
-    warnings = [record for record in caplog.records if record.levelno == logging.WARNING]
+    # One warning per rejected case (the synthetic CTs, which hold no air, add their own).
+    warnings = [record for record in caplog.records if record.getMessage().startswith("Rejected")]
     assert len(warnings) == 3 and any("liver_1.nii.gz" in record.getMessage() for record in warnings)
     # The catalog stores both tables; they must survive parquet and CSV unchanged.
     manifest.to_parquet(tmp_path / "m.parquet")

@@ -120,6 +120,23 @@ def _require_declared_foreground(present: np.ndarray, labels: Mapping[int, str],
         )
 
 
+# Air is -1000 HU and fat about -100: a CT scan with no voxel below this holds raw stored values.
+CT_AIR_CHECK_HU = -200.0
+
+
+def _warn_without_air(image: sitk.Image, path: Path) -> None:
+    """A CT whose values were exported without the DICOM rescale (stored value = HU + 1024) is clipped to
+    the CT window and normalised into a nearly binary image, and nothing fails: say so."""
+    extremes = sitk.MinimumMaximumImageFilter()
+    extremes.Execute(image)
+    if extremes.GetMinimum() > CT_AIR_CHECK_HU:
+        logger.warning(
+            "%s: a CT with no voxel below %g HU (values %g..%g); if these are stored values without the "
+            "rescale intercept (HU = value - 1024 for most scanners), convert them to Hounsfield units first",
+            path, CT_AIR_CHECK_HU, extremes.GetMinimum(), extremes.GetMaximum(),
+        )  # fmt: skip
+
+
 def validate_case(ref: CaseRef, *, tolerance_mm: float) -> dict[str, Any]:
     """Read the image and label once each, check them, and return the case's ``case_manifest`` row.
 
@@ -127,6 +144,8 @@ def validate_case(ref: CaseRef, *, tolerance_mm: float) -> dict[str, Any]:
     """
     image = read_image(ref.image_path)  # verifies NaN/Inf voxels too
     require_scalar_volume(image, ref.image_path)
+    if str(ref.modality).upper() == "CT":
+        _warn_without_air(image, ref.image_path)
     geometry = Geometry.from_image(image)
     del image  # the label is read next; do not hold two volumes
     label = read_image(ref.label_path)
