@@ -370,21 +370,19 @@ def read_reference(
 
 def warn_tiny_classes(
     canonical: np.ndarray, classes: Sequence[int], spacing: Sequence[float], source: Path
-) -> list[int]:
-    """Warn about (and return) the classes that cover fewer than TINY_REFERENCE_VOXELS voxels of the model's
-    grid: their embedding pools a handful of voxels, so what the model finds for them is unreliable. A class
-    with no voxel left is an error later (``class_masks``), not a warning."""
+) -> None:
+    """Warn about the classes that cover fewer than TINY_REFERENCE_VOXELS voxels of the model's grid: their
+    embedding pools a handful of voxels, so what the model finds for them is unreliable. A class with no
+    voxel left is an error later (``class_masks``), not a warning."""
     counts = np.bincount(canonical.ravel(), minlength=LABEL_MAX + 1)
-    tiny = [int(c) for c in classes if 0 < counts[c] < TINY_REFERENCE_VOXELS]
     grid = "×".join(f"{float(v):g}" for v in spacing)
-    for c in tiny:
+    for c in (int(c) for c in classes if 0 < counts[c] < TINY_REFERENCE_VOXELS):
         logger.warning(
             "%s: class %d covers only %d voxel(s) of the model's %s mm grid, so its embedding rests on a "
             "speck and its segmentation is unreliable; use a reference in which it is larger, or a finer "
             "--spacing if the model was trained at one",
             source, c, counts[c], grid,
         )  # fmt: skip
-    return tiny
 
 
 def reference_task(

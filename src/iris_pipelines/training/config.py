@@ -108,7 +108,7 @@ class TrainConfig:
             object.__setattr__(self, name, _whole(getattr(self, name), name, problems))
         for item in fields(self):  # YAML 1.1 reads 2e-3 (no dot) as a string
             value = getattr(self, item.name)
-            if item.type in ("float", "float | None") and not (value is None and "None" in item.type):
+            if item.type == "float" or (item.type == "float | None" and value is not None):
                 object.__setattr__(self, item.name, _real(value, item.name, problems))
         if problems:  # the range checks below need numbers
             raise ValueError("invalid TrainConfig: " + "; ".join(problems))

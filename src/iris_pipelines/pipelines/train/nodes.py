@@ -167,19 +167,21 @@ class MlflowMetricStream:
             return False
         return True
 
+    def _send_tags(self) -> None:
+        if self.unsent_tags and self._send(lambda: mlflow.set_tags(self.unsent_tags)):
+            self.unsent_tags.clear()
+
     def __call__(self, metrics: dict[str, Any]) -> None:
         if "tags" in metrics:
             self.unsent_tags.update({key: str(value) for key, value in metrics["tags"].items()})
-            if self._send(lambda: mlflow.set_tags(self.unsent_tags)):
-                self.unsent_tags.clear()
+            self._send_tags()
             return
         values, step = metric_record(metrics)
         if values and self._send(lambda: mlflow.log_metrics(values, step=step)):
             self.seen.update((name, str(step)) for name in values)
 
     def replay(self, records: list[dict[str, Any]]) -> None:
-        if self.unsent_tags:
-            self({"tags": {}})
+        self._send_tags()
         for record in records:
             values, step = metric_record(record)
             if values and not all((name, str(step)) in self.seen for name in values):
