@@ -174,7 +174,7 @@ def test_kedro_run_trains_through_sbatch_srun(slurm_project: Path):
     job_id = run.data.tags["slurm_job_id"]
     assert re.fullmatch(r"\d+", job_id), run.data.tags
     assert f"Submitted SLURM job {job_id}" in result.stdout + result.stderr
-    assert "JobState=COMPLETED" in _scontrol(job_id)
+    assert _settled_state(job_id) == "COMPLETED"  # `kedro run` returns on the result files, maybe before
     assert run.info.status == "FINISHED"
     assert run.data.tags["world_size"] == "2"
     assert run.data.tags["kedro_env"] == ENV
@@ -220,7 +220,8 @@ def test_preempted_job_checkpoints_requeues_and_resumes(slurm_project: Path):
     assert len(interrupted) == 1 and interrupted[0]["action"] == "requeue", events
     assert 3 <= interrupted[0]["step"] < steps
     assert [e["attempt"] for e in events if e["event"] == "started"] == [0, 1]
-    assert "Restarts=1" in _scontrol(_job_id(job)) and "JobState=COMPLETED" in _scontrol(_job_id(job))
+    assert _settled_state(_job_id(job)) == "COMPLETED"
+    assert "Restarts=1" in _scontrol(_job_id(job)), _scontrol(_job_id(job))
     assert f"requeued itself after a checkpoint at step {interrupted[0]['step']}" in output
 
     run = _run_of_job(slurm_project, _job_id(job))  # the waiting process kept its one MLflow run
