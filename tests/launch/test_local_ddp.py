@@ -1,3 +1,5 @@
+import os
+
 import pytest
 from training_synthetic import fast_train_config, tiny_model_config
 
@@ -37,3 +39,19 @@ def test_a_failing_rank_is_named(collection, tmp_path):
     kwargs["train_config"]["not_a_field"] = 1
     with pytest.raises(RankFailedError, match=r"rank \d.*unknown TrainConfig fields \['not_a_field'\]"):
         launch_training("local_ddp", nprocs=2, backend="gloo", **kwargs)
+
+
+def test_ranks_share_the_cores_this_process_may_use_not_the_whole_node():
+    """Under a SLURM or taskset allocation os.cpu_count() is every core of the node: ranks sized on it
+    oversubscribe the allocation."""
+    from iris_pipelines.launch.local_ddp import usable_cpus
+
+    if not hasattr(os, "sched_setaffinity"):
+        pytest.skip("no CPU affinity on this platform")
+    allowed = os.sched_getaffinity(0)
+    try:
+        os.sched_setaffinity(0, {min(allowed)})
+        assert usable_cpus() == 1
+    finally:
+        os.sched_setaffinity(0, allowed)
+    assert usable_cpus() == len(allowed)

@@ -1,18 +1,20 @@
 """Several ranks on this machine with ``torch.multiprocessing.spawn`` and DistributedDataParallel.
 
-Sets up what torchrun would (MASTER_ADDR/PORT on a free port, RANK, WORLD_SIZE, LOCAL_RANK), so the
-train loop sees the same environment as under SLURM. Rank 0's result comes back through a file in a
-temporary directory (spawn has no return channel); every rank's failure is re-raised naming the rank.
-Rank 0's metrics come back through a queue while training runs, and the launching process hands them to
-``on_metrics``: it holds the MLflow run, which a spawned rank does not.
+Sets up what torchrun would (MASTER_ADDR/PORT, RANK, WORLD_SIZE, LOCAL_RANK), so the train loop sees the
+same environment as under SLURM. Like torchrun, the launching process hosts the rendezvous store, on a
+port the OS picks while binding it: a port found free and bound later by rank 0 can be taken in between.
+Rank 0's result comes back through a file in a temporary directory (spawn has no return channel); every
+rank's failure is re-raised naming the rank. Rank 0's metrics come back through a queue while training
+runs, and the launching process hands them to ``on_metrics``: it holds the MLflow run, which a spawned
+rank does not.
 """
 
 from __future__ import annotations
 
 import os
-import socket
 import tempfile
 import traceback
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -27,10 +29,15 @@ class RankFailedError(RuntimeError):
     """A training rank raised; the message names the rank and carries its traceback."""
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+RENDEZVOUS_HOST = "127.0.0.1"
+RENDEZVOUS_TIMEOUT = timedelta(minutes=5)
+
+
+def usable_cpus() -> int:
+    """The cores this process may run on: a SLURM or taskset allocation, not every core of the node."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
 
 
 def default_backend() -> str:
@@ -47,7 +54,7 @@ def _worker(
     metrics: Any | None,
 ) -> None:
     os.environ.update(
-        MASTER_ADDR="127.0.0.1",
+        MASTER_ADDR=RENDEZVOUS_HOST,
         MASTER_PORT=str(port),
         RANK=str(rank),
         WORLD_SIZE=str(world_size),
@@ -59,10 +66,11 @@ def _worker(
         torch.cuda.set_device(rank % torch.cuda.device_count())
     else:
         # Ranks share the CPU: without this each one spawns a thread per core and they thrash.
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
+        torch.set_num_threads(max(1, usable_cpus() // world_size))
     on_metrics = metrics.put if metrics is not None else None
     try:
-        dist.init_process_group(backend, rank=rank, world_size=world_size)
+        store = dist.TCPStore(RENDEZVOUS_HOST, port, is_master=False, timeout=RENDEZVOUS_TIMEOUT)
+        dist.init_process_group(backend, store=store, rank=rank, world_size=world_size)
         try:
             result = run_training(**kwargs, on_metrics=on_metrics, rank=rank, world_size=world_size)
         finally:
@@ -87,11 +95,15 @@ def run_local_ddp(nprocs: int = 2, backend: str | None = None, **run_training_kw
         raise ValueError(f"nccl with {nprocs} ranks needs {nprocs} GPUs, found {torch.cuda.device_count()}")
     on_metrics = run_training_kwargs.pop("on_metrics", None)
     metrics = mp.get_context("spawn").SimpleQueue() if on_metrics is not None else None
+    # Port 0: the OS binds a free port in the same call, so no other process can take it first.
+    store = dist.TCPStore(
+        RENDEZVOUS_HOST, 0, is_master=True, wait_for_workers=False, timeout=RENDEZVOUS_TIMEOUT
+    )
     with tempfile.TemporaryDirectory(prefix="iris-ddp-") as result_dir:
         try:
             ranks = mp.spawn(
                 _worker,
-                args=(nprocs, backend, free_port(), result_dir, run_training_kwargs, metrics),
+                args=(nprocs, backend, store.port, result_dir, run_training_kwargs, metrics),
                 nprocs=nprocs,
                 join=False,
             )
