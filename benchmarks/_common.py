@@ -181,8 +181,9 @@ class _RssSampler:
 class PeakMemory:
     """Peak memory of a block, in MiB, with the name of what was measured.
 
-    CUDA: ``torch.cuda.max_memory_allocated`` (tensors only) and ``max_memory_reserved`` (the caching
-    allocator's pool, closer to what nvidia-smi shows), both reset at entry. CPU: the rise of the
+    CUDA: ``torch.cuda.max_memory_allocated`` (tensors only, weights and inputs included: absolute, not
+    the rise over entry) and ``max_memory_reserved`` (the caching allocator's pool, closer to what
+    nvidia-smi shows), both reset at entry. CPU: the rise of the
     process's RSS over its value at entry, sampled with psutil every 5 ms; without psutil the rise of
     ``getrusage().ru_maxrss``, a high-water mark that only shows growth beyond the process's earlier peak.
     CPU figures include allocator caching and are approximate.
@@ -198,7 +199,6 @@ class PeakMemory:
         if self.device.type == "cuda":
             synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
-            self._base = torch.cuda.memory_allocated(self.device)
             self.metric = "cuda_max_memory_allocated"
         else:
             try:
@@ -318,13 +318,39 @@ def report_header(
     }
 
 
-def write_json(path: Path | None, payload: dict[str, Any]) -> None:
+def write_json(path: Path | None, payload: dict[str, Any], quiet: bool = False) -> None:
+    """Write ``payload`` atomically: a step stopped mid-write (the device suite's time limit) leaves the
+    previous complete file, never a truncated one."""
     text = json.dumps(payload, indent=2, default=str)
     if path is None:
         return
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text + "\n")
-    print(f"wrote {path}")
+    partial = path.with_name(f".{path.name}.tmp")
+    partial.write_text(text + "\n")
+    os.replace(partial, path)
+    if not quiet:
+        print(f"wrote {path}")
+
+
+class IncrementalReport:
+    """A benchmark's JSON rewritten after every finished row with ``"partial": true``, so rows measured
+    before a time limit or a crash of a later row survive; :meth:`finish` writes the final payload."""
+
+    def __init__(self, path: Path | None, header: dict[str, Any]) -> None:
+        self.path, self.header = path, header
+
+    def update(self, **fields: Any) -> None:
+        write_json(self.path, {**self.header, **fields, "partial": True}, quiet=True)
+
+    def finish(self, **fields: Any) -> dict[str, Any]:
+        payload = {**self.header, **fields, "partial": False}
+        write_json(self.path, payload)
+        return payload
+
+
+def error_row(error: BaseException) -> dict[str, str]:
+    """What a row records when its measurement raised: the type and the start of the message."""
+    return {"error": f"{type(error).__name__}: {error}"[:300]}
 
 
 @contextlib.contextmanager

@@ -37,13 +37,13 @@ from torch.utils.data import DataLoader
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (  # noqa: E402
     ROOT,
+    IncrementalReport,
     fill_unset,
     print_table,
     report_header,
     resolve_device,
     set_fast_math,
     synchronize,
-    write_json,
 )
 
 DEFAULT_MANIFEST = ROOT / "data" / "05_model_input" / "preprocessed_manifest.parquet"
@@ -129,16 +129,21 @@ def build_sampler(manifest: pd.DataFrame, size: int, batch: int, classes: int, a
     )
 
 
-def gpu_step_rate(args, device: torch.device) -> tuple[float, str]:
+def gpu_step_rate(args, device: torch.device) -> tuple[float | None, str]:
     """Training steps/s of Iris at this batch and crop: given, from a train_step JSON, or measured now."""
     if args.step_rate:
         return args.step_rate, "--step-rate"
     if args.train_json:
-        payload = json.loads(Path(args.train_json).read_text())
-        for row in payload["results"]:
-            if row["model"] == "iris" and row["batch"] == args.batch and "step_ms" in row:
+        # The loader's rows are measured by now: a missing or failed training step leaves them without a
+        # ratio rather than losing them.
+        try:
+            payload = json.loads(Path(args.train_json).read_text())
+        except (OSError, json.JSONDecodeError) as error:
+            return None, f"no step rate: {args.train_json} unreadable ({error})"
+        for row in payload.get("results", []):
+            if row.get("model") == "iris" and row.get("batch") == args.batch and "step_ms" in row:
                 return 1e3 / row["step_ms"], f"{args.train_json} (iris, batch {args.batch})"
-        raise ValueError(f"{args.train_json} has no Iris result at batch {args.batch}")
+        return None, f"no step rate: {args.train_json} has no Iris result at batch {args.batch}"
     import train_step
 
     step_args = [
@@ -229,10 +234,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             manifest = read_manifest(manifest_path)
             source = f"{manifest_path} ({len(manifest)} cases)"
         sampler = build_sampler(manifest, args.size, args.batch, args.classes, args.augment)
+        header = report_header(
+            "dataloader", argv, device, args, manifest=str(args.manifest), train_json=str(args.train_json),
+            data=source,
+        )  # fmt: skip
+        report = IncrementalReport(args.json, header)
+        targets = {"over_step_rate_min_with_8_workers": 1.5}
         rows = []
         for workers in args.workers:
             rows.append(measure_loader(sampler_mod, sampler, workers, args, device))
             print_table(rows[-1:], list(rows[-1]))
+            report.update(results=rows, targets=targets)
 
     step_rate, step_source = (None, "skipped") if args.skip_step_rate else gpu_step_rate(args, device)
     for row in rows:
@@ -241,22 +253,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print_table(rows, ["workers", "batches_per_s", "episodes_per_s", "first_batch_s", "over_step_rate"])
     if step_rate:
         print(f"GPU step rate {step_rate:.3f} steps/s ({step_source}); target: >= 1.5x with 8 workers")
-    payload = {
-        **report_header(
-            "dataloader",
-            argv,
-            device,
-            args,
-            manifest=str(args.manifest),
-            train_json=str(args.train_json),
-            data=source,
-        ),
-        "results": rows,
-        "step_rate": {"steps_per_s": step_rate, "source": step_source},
-        "targets": {"over_step_rate_min_with_8_workers": 1.5},
-    }
-    write_json(args.json, payload)
-    return payload
+    else:
+        print(step_source)
+    return report.finish(
+        results=rows, step_rate={"steps_per_s": step_rate, "source": step_source}, targets=targets
+    )
 
 
 if __name__ == "__main__":

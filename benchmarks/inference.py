@@ -32,9 +32,11 @@ from torch import Tensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (  # noqa: E402
+    IncrementalReport,
     PeakMemory,
     add_common_args,
     autocast,
+    error_row,
     finish_args,
     free_memory,
     iris_config,
@@ -45,7 +47,6 @@ from _common import (  # noqa: E402
     summarise,
     time_calls,
     to_channels_last,
-    write_json,
 )
 
 from iris_pipelines.model import Iris, count_parameters  # noqa: E402
@@ -191,17 +192,38 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         stats = summarise(times)
         return {"seconds": stats["median_s"], "seconds_min": stats["min_s"], **memory.as_dict()}
 
+    slide, sliding_impl = sliding_window_fn() if not args.skip_sliding else (None, None)
+    header = report_header(
+        "inference",
+        argv,
+        device,
+        args,
+        params_m=count_parameters(model) / 1e6,
+        sliding_window_impl=sliding_impl,
+    )
+    report = IncrementalReport(args.json, header)
+    targets = {
+        "ten_queries_seconds_max": 0.5,
+        "ten_queries_peak_gb_max": 7.4,
+        "k_one_pass_over_single_class_max": 1.5,
+        "paper_ten_queries": {"seconds": 2.0, "peak_gb": 7.4},
+    }
     with torch.inference_mode(), autocast(device, args.precision):
         task = encode(ref, ref_masks)
     rows: list[dict[str, Any]] = []
 
-    def add(case: str, classes: int, result: dict[str, Any], **extra: Any) -> dict[str, Any]:
+    def add(case: str, classes: int, fn: Callable[[], Any], repeats: int | None = None,
+            warmup: int | None = None, **extra: Any) -> None:  # fmt: skip
+        try:
+            result = run(fn, repeats, warmup)
+        except Exception as error:  # a kernel that fails or runs out of memory here: keep the other cases
+            result = error_row(error)
         rows.append({"case": case, "classes": classes, **result, **extra})
         print_table(rows[-1:], list(rows[-1]))
-        return rows[-1]
+        report.update(results=rows, ratios=case_ratios(rows), targets=targets)
 
-    add("encode_task", k, run(lambda: encode(ref, ref_masks)))
-    add("one_shot_cached", k, run(lambda: segment(queries[0], task)))
+    add("encode_task", k, lambda: encode(ref, ref_masks))
+    add("one_shot_cached", k, lambda: segment(queries[0], task))
 
     def ten_queries() -> list[Tensor]:
         t = encode(ref, ref_masks)
@@ -211,19 +233,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             masks.append(segment(chunk, t) > 0)
         return masks
 
-    many = add(f"{args.queries}_queries", k, run(ten_queries), queries=args.queries, query_batch=args.batch)
-    single = add("single_class", 1, run(lambda: segment(queries[0], task[:, :1])))
-    one_pass = add("k_one_pass", k, run(lambda: segment(queries[0], task)))
+    add(f"{args.queries}_queries", k, ten_queries, queries=args.queries, query_batch=args.batch)
+    add("single_class", 1, lambda: segment(queries[0], task[:, :1]))
+    add("k_one_pass", k, lambda: segment(queries[0], task))
 
     def k_single_passes() -> None:
         for c in range(k):
             segment(queries[0], task[:, c : c + 1])
 
-    passes = add("k_single_passes", k, run(k_single_passes))
+    add("k_single_passes", k, k_single_passes)
 
-    sliding_impl = None
-    if not args.skip_sliding:
-        slide, sliding_impl = sliding_window_fn()
+    if slide is not None:
         scan = ct_volume(args.ct_shape, device)
         spacing_xyz = args.ct_spacing
         target = [round(n * s / args.target_spacing) for n, s in zip(args.ct_shape, spacing_xyz, strict=True)]
@@ -232,7 +252,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         def resample() -> Tensor:
             return F.interpolate(scan, size=target_zyx, mode="trilinear", align_corners=False)
 
-        add("resample", 0, run(resample, repeats=args.sw_repeats, warmup=0), shape_zyx=list(target_zyx))
+        add("resample", 0, resample, repeats=args.sw_repeats, warmup=0, shape_zyx=list(target_zyx))
         with torch.inference_mode():
             resampled = to_channels_last(resample(), cl)
         windows = math.prod(len(_starts(n, min(size, n), args.overlap)) for n in target_zyx)
@@ -243,45 +263,32 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         def sliding() -> Tensor:
             return slide(predictor, resampled, size, args.overlap, args.sw_batch)
 
-        add(
-            "sliding_window",
-            k,
-            run(sliding, repeats=args.sw_repeats, warmup=0),
-            windows=windows,
-            shape_zyx=list(target_zyx),
-            impl=sliding_impl,
-        )
+        add("sliding_window", k, sliding, repeats=args.sw_repeats, warmup=0, windows=windows,
+            shape_zyx=list(target_zyx), impl=sliding_impl)  # fmt: skip
 
-    ratios = {
-        "k_one_pass_over_single_class": one_pass["seconds"] / single["seconds"],
-        "k_single_passes_over_k_one_pass": passes["seconds"] / one_pass["seconds"],
-    }
-    targets = {
-        "ten_queries_seconds_max": 0.5,
-        "ten_queries_peak_gb_max": 7.4,
-        "k_one_pass_over_single_class_max": 1.5,
-        "paper_ten_queries": {"seconds": 2.0, "peak_gb": 7.4},
-    }
+    ratios = case_ratios(rows)
     print()
     print_table(rows, ["case", "classes", "seconds", "peak_memory_mib", "memory_metric"])
-    print(f"{args.queries} queries x {k} classes: {many['seconds']:.3f} s, {many['peak_memory_mib']:.0f} MiB")
+    many = next(row for row in rows if row["case"] == f"{args.queries}_queries")
+    if "seconds" in many:
+        peak = many["peak_memory_mib"]
+        print(f"{args.queries} queries x {k} classes: {many['seconds']:.3f} s, {peak:.0f} MiB")
     for key, value in ratios.items():
         print(f"{key}: {value:.3f}")
-    payload = {
-        **report_header(
-            "inference",
-            argv,
-            device,
-            args,
-            params_m=count_parameters(model) / 1e6,
-            sliding_window_impl=sliding_impl,
-        ),
-        "results": rows,
-        "ratios": ratios,
-        "targets": targets,
-    }
-    write_json(args.json, payload)
+    payload = report.finish(results=rows, ratios=ratios, targets=targets)
+    if all("error" in row for row in rows):
+        raise SystemExit(f"every case failed; the first: {rows[0]['error']}")
     return payload
+
+
+def case_ratios(rows: list[dict[str, Any]]) -> dict[str, float]:
+    """K classes in one pass against one class and against K one-class passes, where both cases ran."""
+    seconds = {row["case"]: row["seconds"] for row in rows if "seconds" in row}
+    pairs = {
+        "k_one_pass_over_single_class": ("k_one_pass", "single_class"),
+        "k_single_passes_over_k_one_pass": ("k_single_passes", "k_one_pass"),
+    }
+    return {key: seconds[a] / seconds[b] for key, (a, b) in pairs.items() if a in seconds and b in seconds}
 
 
 if __name__ == "__main__":

@@ -31,10 +31,12 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (  # noqa: E402
+    IncrementalReport,
     PeakMemory,
     add_common_args,
     autocast,
     count_flops,
+    error_row,
     finish_args,
     free_memory,
     iris_config,
@@ -45,7 +47,6 @@ from _common import (  # noqa: E402
     summarise,
     time_calls,
     to_channels_last,
-    write_json,
 )
 from plain_unet import NNUNET_3D_FULLRES_FEATURES, NNUNET_3D_FULLRES_STRIDES, PlainConvUNet  # noqa: E402
 
@@ -187,29 +188,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     set_fast_math(device)
     print(f"train_step: {vars(args)}", flush=True)
 
-    rows = []
-    for batch in args.batch:
-        for which in args.models:
-            try:
-                rows.append(measure(args, which, batch, device))
-                free_memory(device)
-            except torch.cuda.OutOfMemoryError as error:  # keep the other configurations
-                free_memory(device)
-                rows.append({"model": which, "batch": batch, "error": f"OOM: {error}"[:200]})
-            print_table(rows[-1:], list(rows[-1]))
-
-    ratios = {}
-    for batch in args.batch:
-        by_model = {r["model"]: r for r in rows if r["batch"] == batch and "tflops" in r}
-        if {"iris", "nnunet"} <= set(by_model):
-            ratios[f"tflops_iris_over_nnunet_b{batch}"] = (
-                by_model["iris"]["tflops"] / by_model["nnunet"]["tflops"]
-            )
-    print()
-    columns = ["model", "batch", "step_ms", "samples_per_s", "gflop_per_step", "tflops", "peak_memory_mib"]
-    print_table(rows, columns)
-    for key, value in ratios.items():
-        print(f"{key}: {value:.3f}  (target >= 1.0)")
     unet = (
         dict(QUICK_UNET)
         if args.quick
@@ -218,14 +196,42 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "strides": NNUNET_3D_FULLRES_STRIDES,
         }
     )
-    payload = {
-        **report_header("train_step", argv, device, args, nnunet=unet),
-        "results": rows,
-        "ratios": ratios,
-        "targets": {"tflops_iris_over_nnunet": 1.0},
-    }
-    write_json(args.json, payload)
+    report = IncrementalReport(args.json, report_header("train_step", argv, device, args, nnunet=unet))
+    targets = {"tflops_iris_over_nnunet": 1.0}
+    rows: list[dict[str, Any]] = []
+    for batch in args.batch:
+        for which in args.models:
+            try:
+                rows.append(measure(args, which, batch, device))
+            except Exception as error:  # OOM, or a kernel that fails on this GPU: keep the other rows
+                rows.append({"model": which, "batch": batch, **error_row(error)})
+            # Outside the except block: its traceback would keep the failed case's tensors alive.
+            free_memory(device)
+            print_table(rows[-1:], list(rows[-1]))
+            report.update(results=rows, ratios=tflops_ratios(rows), targets=targets)
+
+    ratios = tflops_ratios(rows)
+    print()
+    columns = ["model", "batch", "step_ms", "samples_per_s", "gflop_per_step", "tflops", "peak_memory_mib"]
+    print_table(rows, columns)
+    for key, value in ratios.items():
+        print(f"{key}: {value:.3f}  (target >= 1.0)")
+    payload = report.finish(results=rows, ratios=ratios, targets=targets)
+    if all("error" in row for row in rows):
+        raise SystemExit(f"every configuration failed; the first: {rows[0]['error']}")
     return payload
+
+
+def tflops_ratios(rows: list[dict[str, Any]]) -> dict[str, float]:
+    """Achieved TFLOP/s of Iris over nnU-Net's, per batch size where both rows succeeded."""
+    ratios = {}
+    for batch in dict.fromkeys(r["batch"] for r in rows):
+        by_model = {r["model"]: r for r in rows if r["batch"] == batch and "tflops" in r}
+        if {"iris", "nnunet"} <= set(by_model):
+            ratios[f"tflops_iris_over_nnunet_b{batch}"] = (
+                by_model["iris"]["tflops"] / by_model["nnunet"]["tflops"]
+            )
+    return ratios
 
 
 if __name__ == "__main__":

@@ -149,3 +149,56 @@ def test_torch_sliding_window_matches_monai():
         )
     assert ours.shape == theirs.shape
     torch.testing.assert_close(ours, theirs, atol=2e-3, rtol=1e-3)
+
+
+def test_a_configuration_that_raises_is_recorded_and_the_others_are_measured(tmp_path):
+    """A kernel that fails on the GPU (not only out of memory) costs its own row, not the step's others."""
+    out = tmp_path / "train_step.json"
+    code = (
+        "import sys; sys.path.insert(0, 'benchmarks'); import train_step\n"
+        "real = train_step.measure\n"
+        "def measure(args, which, batch, device):\n"
+        "    if which == 'nnunet':\n"
+        "        raise RuntimeError('CUDNN_STATUS_NOT_SUPPORTED')\n"
+        "    return real(args, which, batch, device)\n"
+        "train_step.measure = measure\n"
+        f"train_step.main(['--quick', '--repeats', '1', '--warmup', '0', '--json', {str(out)!r}])\n"
+        "def broken(*args):\n"
+        "    raise RuntimeError('no kernel')\n"
+        "train_step.measure = broken\n"
+        f"train_step.main(['--quick', '--json', {str(tmp_path / 'all_failed.json')!r}])\n"
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        check=False,
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert (
+        done.returncode == 1
+        and "every configuration failed; the first: RuntimeError: no kernel" in done.stderr
+    )
+    payload = json.loads(out.read_text())
+    rows = {r["model"]: r for r in payload["results"]}
+    assert rows["nnunet"] == {
+        "model": "nnunet",
+        "batch": 1,
+        "error": "RuntimeError: CUDNN_STATUS_NOT_SUPPORTED",
+    }
+    assert rows["iris"]["step_ms"] > 0
+    assert payload["ratios"] == {} and payload["partial"] is False
+    assert json.loads((tmp_path / "all_failed.json").read_text())["partial"] is False
+
+
+def test_the_loader_keeps_its_rows_when_the_training_step_left_no_rate(tmp_path):
+    """In the device suite the loader runs after the training step, which may have timed out or failed."""
+    missing = tmp_path / "train_step_eager.json"
+    payload = _run("dataloader", tmp_path, "--synthetic", "--train-json", str(missing))
+    assert [r["workers"] for r in payload["results"]] == [0, 2]
+    assert all(r["over_step_rate"] is None and r["batches_per_s"] > 0 for r in payload["results"])
+    assert payload["step_rate"] == {"steps_per_s": None, "source": f"no step rate: {missing} unreadable "
+                                    f"([Errno 2] No such file or directory: '{missing}')"}  # fmt: skip
