@@ -11,6 +11,7 @@ import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from types import SimpleNamespace
 
 import mlflow
 import numpy as np
@@ -28,7 +29,13 @@ from iris_pipelines.pipelines.embed_tasks import create_pipeline as embed_pipeli
 from iris_pipelines.pipelines.evaluate import create_pipeline as evaluate_pipeline
 from iris_pipelines.pipelines.train import create_pipeline as train_pipeline
 from iris_pipelines.registry import RegisteredModel
-from iris_pipelines.review import project_config, provenance
+from iris_pipelines.review import (
+    Comparison,
+    project_config,
+    provenance,
+    recorded_evaluation,
+    reproduced_value,
+)
 
 PROJECT = Path(__file__).parents[1]
 EPISODES_VERSION = "2026-01-01T00.00.00.000Z"
@@ -125,6 +132,26 @@ def test_reproduce_fails_on_a_tampered_metric(registered) -> None:
         client.set_model_version_tag("iris", "1", "eval.seen.one_shot.dice", original)
     assert result.exit_code == 1
     assert "NOT REPRODUCED: 1 of" in result.output and "(tag eval.seen.one_shot.dice)" in result.output
+
+
+@pytest.mark.parametrize("tolerance", [1e-6, 1e-7, 0.0])
+def test_tags_are_compared_at_the_precision_they_were_written_with(tolerance: float) -> None:
+    """Tags hold 6 decimals: compared with the full-precision recomputation, a bit-exact reproduction
+    failed every --tolerance below 5e-7."""
+    dice = 0.8123456789
+    record = SimpleNamespace(
+        tags={"eval.seen.one_shot.dice": f"{dice:.6f}"}, evaluation_metrics={"eval/seen/one_shot/dice": dice}
+    )
+    headline = {"eval/seen/one_shot/dice": dice}
+    compared = [
+        Comparison(name, value, reproduced_value(name, headline), tolerance)
+        for name, value in recorded_evaluation(record).items()
+    ]
+    assert [c.metric for c in compared] == ["tag eval.seen.one_shot.dice", "metric eval/seen/one_shot/dice"]
+    assert all(c.ok for c in compared), [(c.metric, c.difference) for c in compared]
+    tag = "tag eval.seen.one_shot.dice"
+    near_miss = {"eval/seen/one_shot/dice": dice + 2e-6}  # a difference in the tag's digits still fails
+    assert not Comparison(tag, float(f"{dice:.6f}"), reproduced_value(tag, near_miss), tolerance).ok
 
 
 def test_reproduce_is_not_attempted_when_the_recorded_data_version_is_gone(registered, tmp_path) -> None:

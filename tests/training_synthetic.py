@@ -13,6 +13,7 @@ import SimpleITK as sitk
 
 from iris_pipelines.collection.episodes import build_episode_index
 from iris_pipelines.imaging.geometry import Geometry
+from iris_pipelines.imaging.io import file_sha256
 
 # dataset -> (labels, held-out, subjects, cases per subject)
 DATASETS = {
@@ -102,6 +103,7 @@ def build_collection(root: Path, seed: int = 0) -> tuple[pd.DataFrame, dict[str,
                         "image_array": str(image_path),
                         "label_array": str(label_path),
                         "label_path": str(label_file),
+                        "label_sha256": file_sha256(label_file),
                         "preprocessed_geometry": grid.to_json(),
                         "original_geometry": grid.to_json(),
                     }

@@ -25,6 +25,7 @@ PARAMETERS_ARTIFACT = "config/parameters.json"  # ... and all resolved parameter
 # evaluate tags the version with the run that produced its eval.* tags, and logs the settings it used there
 EVALUATION_RUN_TAG = "evaluation_run_id"
 EVAL_TAG_PREFIX = "eval."  # ... and its mean Dice as eval.<group>.<method>.dice
+EVAL_TAG_DECIMALS = 6  # tag values are strings; a review compares a recomputation at this precision
 EVALUATION_PARAMETERS_ARTIFACT = "config/evaluation_parameters.json"
 # mlflow.pyfunc copies the "bundle" artifact under artifacts/<its folder name>; register_model saves the
 # bundle in a folder named BUNDLE_ARTIFACT.

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from iris_pipelines.hooks import INPUT_VERSION_TAG_PREFIX, LOCK_FILE, file_sha256
-from iris_pipelines.registry import EVAL_TAG_PREFIX, PARAMETERS_ARTIFACT, RegisteredModel
+from iris_pipelines.registry import EVAL_TAG_DECIMALS, EVAL_TAG_PREFIX, PARAMETERS_ARTIFACT, RegisteredModel
 
 INPUTS = ("episode_index", "preprocessed_manifest")
 CHECKSUM_TAGS = ("episode_index_checksum", "preprocessed_manifest_checksum")
@@ -185,7 +185,8 @@ def recorded_evaluation(record: RegisteredModel) -> dict[str, float]:
 
     Tags (``eval.seen.one_shot.dice``) are what the newest evaluate run put on the version; that run (the
     training run, or a later ``kedro run --pipelines=embed_tasks,evaluate``) logged the ``eval/…`` metrics.
-    Tag values are rounded to 6 decimals.
+    Tag values are rounded to ``EVAL_TAG_DECIMALS`` decimals; :func:`reproduced_value` rounds the
+    recomputation alike.
     """
     recorded: dict[str, float] = {}
     for key, value in record.tags.items():
@@ -203,6 +204,19 @@ def recorded_evaluation(record: RegisteredModel) -> dict[str, float]:
 def _headline_key(name: str) -> str:
     kind, key = name.split(" ", 1)
     return key.replace(".", "/") if kind == "tag" else key
+
+
+def reproduced_value(name: str, headline: Mapping[str, float]) -> float | None:
+    """The recomputed number for the recorded one ``name``, at the recorded precision.
+
+    A tag holds its value written with ``EVAL_TAG_DECIMALS`` decimals, so the recomputation is written the
+    same way before comparing: otherwise a bit-exact reproduction differs by up to half the last decimal
+    and fails any ``--tolerance`` below it.
+    """
+    value = headline.get(_headline_key(name))
+    if value is None or not name.startswith("tag "):
+        return value
+    return float(f"{value:.{EVAL_TAG_DECIMALS}f}")
 
 
 def _anchored(path: str, base: Path) -> str:
@@ -361,7 +375,7 @@ def reproduce(
     metrics = evaluate_strategies(bundle, registered, embeddings, index, manifest, params["evaluate"])
     headline = headline_metrics(summary_by_group(metrics), gain_over_baseline(metrics))
     for name, value in sorted(recorded.items()):
-        result.comparisons.append(Comparison(name, value, headline.get(_headline_key(name)), tolerance))
+        result.comparisons.append(Comparison(name, value, reproduced_value(name, headline), tolerance))
     return result
 
 

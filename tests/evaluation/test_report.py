@@ -10,17 +10,31 @@ from iris_pipelines.evaluation.report import (
     class_bars,
     gain_over_baseline,
     headline_metrics,
+    markdown_report,
+    summary_by_dataset,
     summary_by_group,
 )
+from iris_pipelines.imaging.metrics import mask_metrics
 
 
-def _rows(method: str, dice: np.ndarray, *, heldout: bool = False, episodes: int = 10) -> pd.DataFrame:
-    """``dice`` laid out as episodes × 3 classes, as evaluate writes them."""
-    episode = np.repeat([f"D/case_{i:03d}" for i in range(episodes)], 3)
+def _rows(
+    method: str,
+    dice: np.ndarray,
+    *,
+    heldout: bool = False,
+    episodes: int = 10,
+    scans_per_subject: int = 1,
+    dataset: str = "D",
+) -> pd.DataFrame:
+    """``dice`` laid out as episodes × 3 classes, as evaluate writes them; consecutive episodes are scans
+    of one subject, ``scans_per_subject`` each."""
+    episode = np.repeat([f"{dataset}/case_{i:03d}" for i in range(episodes)], 3)
+    subject = np.repeat([f"subj{i // scans_per_subject:02d}" for i in range(episodes)], 3)
     return pd.DataFrame(
         {
             "episode_id": episode,
-            "dataset": "D",
+            "dataset": dataset,
+            "subject_id": subject,
             "class_name": np.tile(["a", "b", "c"], episodes),
             "label": np.tile([1, 2, 3], episodes),
             "method": method,
@@ -42,7 +56,7 @@ def test_a_uniform_gain_has_a_tight_interval_above_zero() -> None:
     row = gains.set_index(["group", "method"]).loc[("seen", "one_shot")]
     assert row.dice_gain == pytest.approx(0.2)
     assert row.ci_low == pytest.approx(0.2) and row.ci_high == pytest.approx(0.2)
-    assert (row.pairs, row.episodes, row.win_fraction) == (30, 10, 1.0)
+    assert (row.pairs, row.episodes, row.subjects, row.win_fraction) == (30, 10, 10, 1.0)
     assert set(gains.group) == {"seen"}  # no held-out rows, no held-out comparison
 
 
@@ -65,7 +79,7 @@ def test_only_pairs_scored_by_both_methods_count() -> None:
     one_shot = one_shot.drop(index=[1, 2])
     gains = gain_over_baseline(pd.concat([paste, one_shot], ignore_index=True))
     row = gains.iloc[0]
-    assert (row.pairs, row.episodes) == (27, 9) and row.dice_gain == pytest.approx(0.2)
+    assert (row.pairs, row.episodes, row.subjects) == (27, 9, 9) and row.dice_gain == pytest.approx(0.2)
 
 
 def test_headline_metrics_carry_the_gain_and_its_interval() -> None:
@@ -84,7 +98,7 @@ def test_no_paste_rows_means_no_comparison() -> None:
 
 
 @pytest.mark.parametrize("episodes", [1, 4])
-def test_a_handful_of_episodes_has_no_interval(episodes: int) -> None:
+def test_a_handful_of_subjects_has_no_interval(episodes: int) -> None:
     """Resampling one episode returns it every time, and a few give little more: a zero true gain read as
     a clear win in 21 % of 2-episode draws. No interval must read as a win there."""
     metrics = pd.concat(
@@ -96,11 +110,55 @@ def test_a_handful_of_episodes_has_no_interval(episodes: int) -> None:
     )
     gains = gain_over_baseline(metrics)
     row = gains.iloc[0]
-    assert row.episodes == episodes and row.dice_gain == pytest.approx(0.3)
+    assert row.subjects == episodes and row.dice_gain == pytest.approx(0.3)
     assert np.isnan(row.ci_low) and np.isnan(row.ci_high)
     headline = headline_metrics(summary_by_group(metrics), gains)
     assert headline["eval/seen/one_shot/dice_gain_vs_paste"] == pytest.approx(0.3)
     assert "eval/seen/one_shot/dice_gain_vs_paste_ci_low" not in headline  # MLflow gets finite values
+
+
+def _gain_table(paste: np.ndarray, one_shot: np.ndarray, **layout) -> pd.DataFrame:
+    return pd.concat(
+        [_rows("paste", paste, **layout), _rows("one_shot", one_shot, **layout)], ignore_index=True
+    )
+
+
+def test_the_interval_resamples_subjects_not_their_correlated_episodes() -> None:
+    """Scans of one subject share its anatomy: resampling them as independent episodes read a zero true
+    gain as a clear win in 38 % of simulated tables. Three identical scans per subject must give exactly
+    the interval of one scan per subject, not a narrower one."""
+    rng = np.random.default_rng(2)
+    paste = rng.uniform(0.2, 0.8, 3 * 8)
+    one_shot = np.clip(paste + rng.normal(0.0, 0.2, 3 * 8), 0, 1)
+    tripled = [np.repeat(d.reshape(8, 1, 3), 3, axis=1).ravel() for d in (paste, one_shot)]
+    once = gain_over_baseline(_gain_table(paste, one_shot, episodes=8)).iloc[0]
+    per_scan = gain_over_baseline(_gain_table(*tripled, episodes=24, scans_per_subject=3)).iloc[0]
+    assert (per_scan.episodes, per_scan.subjects, once.subjects) == (24, 8, 8)
+    assert (per_scan.ci_low, per_scan.ci_high) == pytest.approx((once.ci_low, once.ci_high))
+    assert per_scan.dice_gain == pytest.approx(once.dice_gain)
+
+
+def test_the_interval_needs_enough_subjects_not_episodes() -> None:
+    many_scans = _gain_table(np.full(36, 0.2), np.full(36, 0.5), episodes=12, scans_per_subject=3)
+    row = gain_over_baseline(many_scans).iloc[0]
+    assert (row.episodes, row.subjects) == (12, 4) and np.isnan(row.ci_low)
+
+
+def test_subject_ids_are_told_apart_by_dataset() -> None:
+    """Two datasets' "subj00" are two people: six subjects, enough for an interval."""
+    rng = np.random.default_rng(4)
+    tables = [
+        _gain_table(paste, paste + 0.1, episodes=3, dataset=dataset)
+        for dataset, paste in (("A", rng.uniform(0.2, 0.6, 9)), ("B", rng.uniform(0.2, 0.6, 9)))
+    ]
+    row = gain_over_baseline(pd.concat(tables, ignore_index=True)).iloc[0]
+    assert (row.episodes, row.subjects) == (6, 6) and row.ci_low == pytest.approx(0.1)
+
+
+def test_a_table_without_subjects_is_refused() -> None:
+    metrics = _gain_table(np.full(30, 0.2), np.full(30, 0.5)).drop(columns="subject_id")
+    with pytest.raises(ValueError, match="no subject_id column.*re-run evaluate"):
+        gain_over_baseline(metrics)
 
 
 def _two_kidneys() -> pd.DataFrame:
@@ -149,3 +207,26 @@ def test_class_bars_give_labels_that_share_a_name_a_bar_each() -> None:
 def test_class_bars_of_an_empty_evaluation_draw_no_bars() -> None:
     empty = _rows("paste", np.zeros(0), episodes=0)
     assert class_bars(empty).axes[0].containers == []
+
+
+def test_hd95_goes_to_mlflow_with_the_number_of_rows_it_is_over() -> None:
+    """Empty predictions have no HD95, so a method that found nothing on 9 of 10 queries had the best
+    eval/…/hd95_mm, with no count beside it to say it was one row."""
+    truth = np.zeros((20, 20, 20), bool)
+    truth[5:15, 5:15, 5:15] = True
+    rows = []
+    for episode in range(10):
+        misses = truth if episode == 0 else np.zeros_like(truth)
+        for method, prediction in (("misses", misses), ("finds", np.roll(truth, 2, axis=2))):
+            scored = mask_metrics(prediction, truth, (3.0, 3.0, 3.0), 3.0).to_row()
+            rows.append(
+                {"episode_id": f"D/case_{episode}", "dataset": "D", "label": 1, "method": method,
+                 "heldout": False, "novel": False, "error": "", **scored}
+            )  # fmt: skip
+    metrics = pd.DataFrame(rows)
+    summary, gains = summary_by_group(metrics), gain_over_baseline(metrics)
+    headline = headline_metrics(summary, gains)
+    assert headline["eval/seen/misses/hd95_mm"] == 0.0 < headline["eval/seen/finds/hd95_mm"]
+    assert (headline["eval/seen/misses/hd95_n"], headline["eval/seen/finds/hd95_n"]) == (1, 10)
+    report = markdown_report(summary, summary_by_dataset(metrics), gains, {})
+    assert "HD95 is the mean over the rows where prediction and\ntruth are both non-empty" in report

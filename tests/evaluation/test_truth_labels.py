@@ -11,7 +11,7 @@ import SimpleITK as sitk
 from iris_pipelines.evaluation.evaluate import _load_episode
 from iris_pipelines.imaging.errors import InvalidInputError
 from iris_pipelines.imaging.geometry import Geometry
-from iris_pipelines.imaging.io import write_image
+from iris_pipelines.imaging.io import file_sha256, write_image
 from iris_pipelines.imaging.metrics import label_map_metrics
 from iris_pipelines.training.sampler import CaseRecord
 
@@ -33,6 +33,7 @@ def _episode(tmp_path: Path, truth: np.ndarray, reference_shows: tuple[int, ...]
         )  # fmt: skip
     row = {
         "label_path": str(label_file),
+        "label_sha256": file_sha256(label_file),
         "preprocessed_geometry": grid.to_dict(),
         "original_geometry": grid.to_dict(),
     }

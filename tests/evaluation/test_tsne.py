@@ -7,6 +7,11 @@ import os
 import subprocess
 import sys
 
+import numpy as np
+import pandas as pd
+
+from iris_pipelines.evaluation.tsne import tsne_html, tsne_png
+
 # In a subprocess: on such input scikit-learn's Barnes-Hut t-SNE ends the process with SIGSEGV.
 SCRIPT = """
 import json, logging, sys
@@ -44,3 +49,40 @@ def test_embeddings_of_one_direction_map_to_the_origin() -> None:
     for name, coordinates in zip(TABLES, json.loads(done.stdout), strict=True):
         assert coordinates == [[0.0, 0.0]] * len(TABLES[name]), name
     assert done.stderr.count("t-SNE is skipped") == len(TABLES)
+
+
+def _coordinates(classes: int) -> pd.DataFrame:
+    """A reference and a memory-bank point per class, in two datasets."""
+    names = [f"class{i:02d}" for i in range(classes)]
+    return pd.DataFrame(
+        {
+            "dataset": [f"D{i % 2}" for i in range(classes)] * 2,
+            "label": list(range(classes)) * 2,
+            "class_name": names * 2,
+            "source": ["reference"] * classes + ["memory_bank"] * classes,
+            "case_id": [f"k{i}" for i in range(classes)] + [""] * classes,
+            "heldout": False,
+            "novel": False,
+            "x": np.arange(2 * classes, dtype=float),
+            "y": np.zeros(2 * classes),
+        }
+    )
+
+
+def test_every_class_gets_its_own_colour_and_marker_past_twenty_classes() -> None:
+    """tab20 resampled to the 22 class names of the phantom collection drew classes in the same colour."""
+    coordinates = _coordinates(22)
+    by_class = tsne_png(coordinates).axes[0]
+    styles: dict[str, set] = {}
+    assert len(by_class.collections) == 2 * 22  # one scatter per class and source
+    for collection in by_class.collections:
+        x = collection.get_offsets()[0][0]
+        name = coordinates.class_name[coordinates.x == x].item()
+        marker = collection.get_paths()[0].vertices.round(6).tobytes()
+        styles.setdefault(name, set()).add((tuple(collection.get_facecolor()[0]), marker))
+    assert all(len(pair) == 1 for pair in styles.values())  # a class's bank point matches its references
+    assert len({next(iter(pair)) for pair in styles.values()}) == 22
+
+    html = tsne_html(coordinates)
+    colours = {trace.name.split(",")[0]: trace.marker.color for trace in html.data}
+    assert len(colours) == 22 and len(set(colours.values())) == 22

@@ -19,6 +19,7 @@ from iris_pipelines.inference import (
     frozen,
     logits_to_labels,
     mask_window,
+    memory_bank_gaps,
     memory_bank_task,
     retrieval_task,
     retrieve_references,
@@ -118,6 +119,21 @@ def test_memory_bank_errors_name_unknown_and_unseen_classes(
         memory_bank_task(model, {"x/1": 7}, ["x/1"])
     with pytest.raises(ValueError, match="has no memory bank"):
         memory_bank_task(tiny_model, class_ids, ["liver/1"])
+
+
+def test_memory_bank_gaps_name_each_class_the_bank_cannot_give(
+    banked_model: tuple[Iris, dict[str, int], torch.Tensor],
+) -> None:
+    """So evaluation can segment the classes the bank holds rather than lose all of them to one gap."""
+    model, class_ids, _ = banked_model
+    gaps = memory_bank_gaps(model, class_ids, ["liver/1", "kidney/2", "heart/4", "spleen/1"])
+    assert list(gaps) == ["kidney/2", "heart/4"]
+    assert (
+        gaps["kidney/2"] == "the memory bank holds no embedding for ['kidney/2']: they never appeared in a "
+        "training episode"
+    )
+    assert gaps["heart/4"].startswith("class(es) ['heart/4'] are not training classes")  # no KeyError quotes
+    assert memory_bank_gaps(model, class_ids, ["liver/1"]) == {}
 
 
 # --------------------------------------------------------------------------------------------- retrieval

@@ -3,8 +3,8 @@
 One row per (reference case, class): the flattened T of that class, encoded from a window centred on that
 class alone (each class gets the context it had in training, however far apart the classes lie). Rows
 of the memory bank carry ``source == "memory_bank"``. The table is what ``evaluate`` draws its retrieval
-pool from and what ``tsne`` maps, so it records where every vector came from: reference case, split and
-the model (registry version and weights checksum).
+pool from and what ``tsne`` maps, so it records where every vector came from: reference case, split, the
+model (registry version and weights checksum) and the settings that drew and encoded the references.
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ EMBEDDING_COLUMNS = (
     "model_uri",
     "model_version",
     "weights_sha256",
+    "embed_settings",
 )
 REFERENCE_SPLITS = {False: "train", True: "context"}  # seen datasets draw on train, held-out on context
 
@@ -129,12 +130,20 @@ def build_task_embeddings(
     heldout_of = _dataset_heldout(episode_index)
     rows: list[dict[str, Any]] = []
     tokens, dim = model.config.num_tokens, model.config.embed_dim
+    settings = {
+        "references_per_class": references_per_class,
+        "roi_size": [int(v) for v in roi_size],
+        "seed": seed,
+    }
     provenance = {
         "model_uri": model_info.model_uri,
         "model_version": model_info.model_version,
         "weights_sha256": model_info.weights_sha256,
         "tokens": tokens,
         "dim": dim,
+        # A later evaluation records these, not whatever params:embed_tasks says by then (JSON: parquet
+        # keeps a string column, where DataFrame.attrs may not survive every copy of the table).
+        "embed_settings": json.dumps(settings, sort_keys=True),
     }
     for dataset in sorted(episode_index["classes"]):
         heldout = heldout_of.get(dataset, False)
@@ -180,6 +189,15 @@ def build_task_embeddings(
                     }
                 )
     return pd.DataFrame(rows, columns=list(EMBEDDING_COLUMNS))
+
+
+def embedding_settings(table: pd.DataFrame) -> dict[str, Any] | None:
+    """The settings that made a task_embeddings table, or None when it does not record one set of them
+    (written before they were stored, or rows of several embed_tasks runs put together)."""
+    if "embed_settings" not in table.columns:
+        return None
+    recorded = table["embed_settings"].dropna().unique()
+    return json.loads(recorded[0]) if len(recorded) == 1 else None
 
 
 def embedding_tensor(row: Mapping[str, Any]) -> Tensor:

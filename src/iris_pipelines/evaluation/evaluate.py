@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from iris_pipelines.imaging.errors import InvalidInputError
 from iris_pipelines.imaging.geometry import Geometry
-from iris_pipelines.imaging.io import read_image
+from iris_pipelines.imaging.io import file_sha256, read_image
 from iris_pipelines.imaging.metrics import MaskMetrics, label_map_metrics, spacing_from_image
 from iris_pipelines.imaging.registration import (
     RegistrationConfig,
@@ -43,6 +43,7 @@ from iris_pipelines.inference.strategies import (
     TUNING_STEPS,
     context_ensemble,
     crop_reference,
+    memory_bank_gaps,
     memory_bank_task,
     retrieval_task,
     tune_task_embedding,
@@ -161,6 +162,23 @@ def _truth_labels(image: sitk.Image, path: str) -> np.ndarray:
         raise InvalidInputError(path, "non_integer_label", f"{exc}; then re-run ingest") from None
 
 
+def _require_label_as_preprocessed(path: str, recorded_sha256: str) -> None:
+    """Refuse a truth file whose bytes differ from the checksum the manifest recorded for it.
+
+    The episode's classes and the references' masks come from the file as ingest and preprocess saw it:
+    scoring an edited file against them would silently mix two versions of the truth.
+    """
+    on_disk = file_sha256(path)
+    if on_disk != recorded_sha256:
+        raise InvalidInputError(
+            path,
+            "stale_manifest",
+            f"the label file changed after preprocessing (sha256 {recorded_sha256[:12]} in the manifest, "
+            f"{on_disk[:12]} on disk): the preprocessed manifest is stale; re-run ingest, preprocess and "
+            "episodes",
+        )
+
+
 def _load_episode(
     episode: Mapping[str, Any],
     episode_index: Mapping[str, Any],
@@ -169,6 +187,9 @@ def _load_episode(
     heldout_of: Mapping[str, bool],
 ) -> _Episode:
     dataset = episode["dataset"]
+    absent = [case for case in (episode["query"], *episode["references"]) if (dataset, case) not in records]
+    if absent:
+        raise ValueError(f"case(s) {absent} of dataset {dataset} are not in the preprocessed manifest")
     query = records[(dataset, episode["query"])]
     references = [records[(dataset, case)] for case in episode["references"]]
     classes = [
@@ -182,7 +203,9 @@ def _load_episode(
         )  # fmt: skip
     table = episode_index["classes"][dataset]
     row = rows[(dataset, query.case_id)]
-    truth_image = read_image(row["label_path"], verify=False)
+    label_path = str(row["label_path"])
+    _require_label_as_preprocessed(label_path, str(row["label_sha256"]))
+    truth_image = read_image(label_path, verify=False)  # verify=False: the bytes are the ones ingest checked
     image, _ = load_arrays(query)
     return _Episode(
         info=episode,
@@ -196,7 +219,7 @@ def _load_episode(
         image=image,
         grid=_geometry(row["preprocessed_geometry"]),
         original=_geometry(row["original_geometry"]),
-        truth=_truth_labels(truth_image, str(row["label_path"])),
+        truth=_truth_labels(truth_image, label_path),
         spacing=spacing_from_image(truth_image),
     )
 
@@ -256,6 +279,11 @@ def _table_pool(embeddings: pd.DataFrame, episode: _Episode) -> tuple[Tensor, Te
     return pool, valid
 
 
+def _bank_key(episode: _Episode, label: int) -> str:
+    """The ``dataset/label`` key of a class in the model bundle's ``class_ids``."""
+    return f"{episode.query.dataset}/{label}"
+
+
 class _Runner:
     """One episode's predictions, strategy by strategy, each canonical-grid logits (1, K, D, H, W)."""
 
@@ -289,8 +317,14 @@ class _Runner:
             return self.segment(query, context_ensemble(pool[usable], valid[usable]))
 
         def memory_bank() -> Tensor:
-            keys = [f"{episode.query.dataset}/{c}" for c in classes]
-            return self.segment(query, memory_bank_task(self.model, self.class_ids, keys))
+            missing = self.unpredictable("memory_bank", episode)
+            banked = [c for c in classes if c not in missing]
+            # The classes the bank lacks stay empty (their rows carry the reason); the others are scored.
+            logits = label_map_logits(np.zeros(episode.image.shape, np.uint8), classes)
+            if banked:
+                task = memory_bank_task(self.model, self.class_ids, [_bank_key(episode, c) for c in banked])
+                logits[:, [classes.index(c) for c in banked]] = self.segment(query, task)
+            return logits
 
         def retrieval() -> Tensor:
             table_pool, table_valid = _table_pool(self.embeddings, episode)
@@ -347,21 +381,160 @@ class _Runner:
             "paste": paste,
             "registration": registration,
         }
-        wanted = [*p.strategies, *p.baselines]
-        if episode.heldout and "memory_bank" in wanted:
+        return {name: methods[name] for name in self.method_names(episode.heldout)}
+
+    def method_names(self, heldout: bool) -> list[str]:
+        """The strategies and baselines an episode is scored with."""
+        wanted = [*self.params.strategies, *self.params.baselines]
+        if heldout and "memory_bank" in wanted:
             wanted.remove("memory_bank")  # held-out classes were never trained: the bank has no row for them
-        return {name: methods[name] for name in wanted}
+        return wanted
+
+    def unpredictable(self, method: str, episode: _Episode) -> dict[int, str]:
+        """The episode's classes ``method`` cannot segment, each with the reason; they are left empty."""
+        if method != "memory_bank":
+            return {}
+        keys = {c: _bank_key(episode, c) for c in episode.classes}
+        gaps = memory_bank_gaps(self.model, self.class_ids, list(keys.values()))
+        return {c: gaps[key] for c, key in keys.items() if key in gaps}
 
     def _row(self, record: CaseRecord) -> Mapping[str, Any]:
         return self.rows_by_case[(record.dataset, record.case_id)]
 
 
 METRIC_COLUMNS = (
-    "episode_id", "dataset", "query", "references", "method", "kind", "class_name", "heldout", "novel",
-    "label", *(item.name for item in fields(MaskMetrics)), "seconds", "error", "model_uri", "model_version",
-    "weights_sha256",
+    "episode_id", "dataset", "query", "subject_id", "references", "method", "kind", "class_name", "heldout",
+    "novel", "label", *(item.name for item in fields(MaskMetrics)), "seconds", "error", "model_uri",
+    "model_version", "weights_sha256",
 )  # fmt: skip
-"""The columns of ``evaluation_metrics``, also when no episode could be scored."""
+"""The columns of ``evaluation_metrics``, also when no episode could be scored. ``subject_id`` is the
+query's subject: episodes of one subject are correlated, so the report's intervals resample subjects."""
+
+# What a bad episode raises: a missing, unreadable or edited file (InvalidInputError is a ValueError, a
+# missing .npy an OSError), a query or class absent from the manifest (KeyError), a tensor that cannot be
+# encoded (RuntimeError). The episode is recorded with the error and the others are still scored.
+EPISODE_FAILURES = (ValueError, KeyError, OSError, RuntimeError)
+
+
+class EvaluationError(RuntimeError):
+    """No episode could be scored: an empty report would read as a result, so the stage stops."""
+
+
+def failure_reason(failure: BaseException) -> str:
+    """The message of an exception; a KeyError's without the quotes ``str(KeyError)`` wraps it in."""
+    if isinstance(failure, KeyError) and failure.args:
+        return str(failure.args[0])
+    return str(failure)
+
+
+@dataclass(frozen=True)
+class _RowContext:
+    """What every metric row of one episode shares."""
+
+    info: Mapping[str, Any]
+    subject_id: str
+    heldout: bool
+    model_info: ModelInfo
+
+    def row(
+        self,
+        method: str,
+        label: int,
+        class_name: str,
+        novel: bool,
+        metrics: Mapping[str, Any],
+        seconds: float,
+        error: str,
+    ) -> dict[str, Any]:
+        return {
+            "episode_id": self.info["episode_id"],
+            "dataset": self.info["dataset"],
+            "query": self.info["query"],
+            "subject_id": self.subject_id,
+            "references": ",".join(self.info["references"]),
+            "method": method,
+            "kind": "baseline" if method in BASELINES else "iris",
+            "class_name": class_name,
+            "heldout": self.heldout,
+            "novel": novel,
+            "label": label,
+            **metrics,
+            "seconds": seconds,
+            "error": error,
+            "model_uri": self.model_info.model_uri,
+            "model_version": self.model_info.model_version,
+            "weights_sha256": self.model_info.weights_sha256,
+        }
+
+
+def _score_episode(
+    episode: _Episode, runner: _Runner, params: EvaluateParams, context: _RowContext
+) -> list[dict[str, Any]]:
+    """Metric rows of every method × class of one loaded episode.
+
+    A method that fails is recorded with its ``error`` and an empty prediction, so the table still shows
+    what a user would have got; anything else that fails propagates, to fail the whole episode.
+    """
+    tolerances = {c: params.tolerance(episode.class_names[c]) for c in episode.classes}
+    with torch.no_grad():
+        methods = runner.predictions(episode)
+    out = []
+    for name, predict in methods.items():
+        started, error = time.perf_counter(), ""
+        try:
+            # tuning needs gradients for T; everything else runs without autograd
+            with torch.no_grad() if name != "tuning" else contextlib.nullcontext():
+                prediction = predict()
+        except (RegistrationError, ValueError, KeyError) as failure:
+            error = failure_reason(failure)
+            logger.warning("episode %s, %s failed: %s", episode.info["episode_id"], name, error)
+            prediction = label_map_logits(np.zeros(episode.image.shape, np.uint8), episode.classes)
+        seconds = time.perf_counter() - started
+        unpredictable = {} if error else runner.unpredictable(name, episode)
+        for label, reason in unpredictable.items():
+            logger.warning(
+                "episode %s, %s cannot segment class %s: %s", episode.info["episode_id"], name, label, reason
+            )
+        restored = _to_original(prediction, episode, params.threshold)
+        scored = label_map_metrics(restored, episode.truth, episode.spacing, episode.classes, tolerances)
+        for row in scored:
+            label = int(row.pop("label"))
+            class_error = error or unpredictable.get(label, "")
+            out.append(
+                context.row(
+                    name, label, episode.class_names[label], episode.novel[label], row, seconds, class_error
+                )
+            )
+    return out
+
+
+def _failed_episode_rows(
+    info: Mapping[str, Any],
+    episode_index: Mapping[str, Any],
+    records: Mapping[tuple[str, str], CaseRecord],
+    methods: Sequence[str],
+    context: _RowContext,
+    error: str,
+) -> list[dict[str, Any]]:
+    """Rows of an episode that could not be scored: every method × class it would have had, metrics empty.
+
+    The classes are those the episode would have scored when its query and first reference are known, else
+    the classes it lists (a query missing from the manifest has no class table to consult).
+    """
+    dataset = info["dataset"]
+    query = records.get((dataset, info["query"]))
+    first = records.get((dataset, info["references"][0])) if info["references"] else None
+    listed = [int(c) for c in info["classes"]]
+    classes = [c for c in listed if c in query.bboxes and c in first.bboxes] if query and first else listed
+    table = episode_index.get("classes", {}).get(dataset, {})
+    unscored = dict.fromkeys(item.name for item in fields(MaskMetrics))
+    rows = []
+    for method in methods:
+        for label in classes:
+            entry = table.get(str(label), {})
+            name, novel = str(entry.get("name", label)), bool(entry.get("novel", False))
+            rows.append(context.row(method, label, name, novel, unscored, float("nan"), error))
+    return rows
 
 
 def evaluate_episodes(
@@ -377,7 +550,10 @@ def evaluate_episodes(
     """Metric rows (episode × strategy × class) for every fixed episode of ``params.splits``.
 
     A strategy that fails on an episode (e.g. registration that does not converge) is logged and recorded
-    with an ``error`` and an empty prediction, so the table still shows what a user would have got.
+    with an ``error`` and an empty prediction, so the table still shows what a user would have got. An
+    episode that cannot be scored at all (its label file missing, unreadable or edited since preprocessing,
+    its query absent from the manifest) is logged and recorded with the ``error`` on every method × class
+    row and empty metrics, and the other episodes are still scored; when none can be, the stage fails.
     ``embeddings`` (retrieval's pool) must come from the evaluated model: a table embedded by an earlier
     model is refused, not silently mixed into the new model's numbers.
     """
@@ -388,6 +564,11 @@ def evaluate_episodes(
             f"evaluated model's weights are {model_info.weights_sha256[:12]}: re-run embed_tasks with this "
             "model (kedro run --pipelines=embed_tasks,evaluate)"
         )
+    if "label_sha256" not in manifest.columns:
+        raise ValueError(
+            "preprocessed_manifest has no label_sha256 column, so the label files cannot be checked against "
+            "what was preprocessed; re-run preprocess"
+        )
     model.eval()
     rows_by_case = {(r["dataset"], r["case_id"]): r for r in manifest.to_dict("records")}
     subjects = {(c["dataset"], c["case_id"]): c["subject_id"] for c in episode_index["cases"]}
@@ -397,48 +578,33 @@ def evaluate_episodes(
     for episode in episodes:
         check_references(episode, subjects)
     out: list[dict[str, Any]] = []
+    failed: dict[str, str] = {}  # episode id → why it could not be scored
+    scored_episodes = 0
     for info in tqdm(episodes, desc="evaluate", unit="episode"):
-        episode = _load_episode(info, episode_index, records, rows_by_case, heldout_of)
-        if not episode.classes:
-            logger.warning(
-                "episode %s: no class in both query and first reference; skipped", info["episode_id"]
-            )
-            continue
-        tolerances = {c: params.tolerance(episode.class_names[c]) for c in episode.classes}
-        with torch.no_grad():
-            methods = runner.predictions(episode)
-        for name, predict in methods.items():
-            started, error = time.perf_counter(), ""
-            try:
-                # tuning needs gradients for T; everything else runs without autograd
-                with torch.no_grad() if name != "tuning" else contextlib.nullcontext():
-                    prediction = predict()
-            except (RegistrationError, ValueError, KeyError) as failure:
-                error = str(failure)
-                logger.warning("episode %s, %s failed: %s", info["episode_id"], name, error)
-                prediction = label_map_logits(np.zeros(episode.image.shape, np.uint8), episode.classes)
-            seconds = time.perf_counter() - started
-            restored = _to_original(prediction, episode, params.threshold)
-            scored = label_map_metrics(restored, episode.truth, episode.spacing, episode.classes, tolerances)
-            for row in scored:
-                label = int(row["label"])
-                out.append(
-                    {
-                        "episode_id": info["episode_id"],
-                        "dataset": episode.query.dataset,
-                        "query": episode.query.case_id,
-                        "references": ",".join(info["references"]),
-                        "method": name,
-                        "kind": "baseline" if name in BASELINES else "iris",
-                        "class_name": episode.class_names[label],
-                        "heldout": episode.heldout,
-                        "novel": episode.novel[label],
-                        **row,
-                        "seconds": seconds,
-                        "error": error,
-                        "model_uri": model_info.model_uri,
-                        "model_version": model_info.model_version,
-                        "weights_sha256": model_info.weights_sha256,
-                    }
+        heldout = bool(heldout_of.get(info["dataset"], False))
+        context = _RowContext(
+            info, str(subjects.get((info["dataset"], info["query"]), "")), heldout, model_info
+        )
+        try:
+            episode = _load_episode(info, episode_index, records, rows_by_case, heldout_of)
+            if not episode.classes:
+                logger.warning(
+                    "episode %s: no class in both query and first reference; skipped", info["episode_id"]
                 )
+                continue
+            out.extend(_score_episode(episode, runner, params, context))
+            scored_episodes += 1
+        except EPISODE_FAILURES as failure:
+            failed[info["episode_id"]] = reason = failure_reason(failure)
+            logger.warning(
+                "episode %s could not be scored, recorded with its error: %s", info["episode_id"], reason
+            )
+            methods = runner.method_names(heldout)
+            out.extend(_failed_episode_rows(info, episode_index, records, methods, context, reason))
+    if failed and not scored_episodes:
+        listed = "; ".join(f"{episode}: {reason}" for episode, reason in list(failed.items())[:5])
+        raise EvaluationError(
+            f"none of the {len(failed)} evaluated episode(s) could be scored ({listed}"
+            f"{'; …' if len(failed) > 5 else ''})"
+        )
     return pd.DataFrame(out, columns=list(METRIC_COLUMNS))

@@ -8,6 +8,7 @@ import matplotlib
 import numpy as np
 import pandas as pd
 import plotly.express as px
+from matplotlib.colors import to_hex
 from matplotlib.figure import Figure
 from plotly.graph_objects import Figure as PlotlyFigure
 from sklearn.manifold import TSNE
@@ -15,6 +16,18 @@ from sklearn.manifold import TSNE
 logger = logging.getLogger(__name__)
 
 COORDINATE_COLUMNS = ("dataset", "label", "class_name", "source", "case_id", "heldout", "novel", "x", "y")
+# tab20's colours are the most distinguishable set of 20: its ten hues first, then their light shades, so a
+# few values get ten different hues. Past 20 values the marker changes too, so every (colour, marker) pair
+# is one class; resampling the map instead repeated colours past 20 (the default phantom collection has 22
+# class names).
+_TAB20 = [to_hex(c) for c in matplotlib.colormaps["tab20"].colors]
+PNG_COLOURS = (*_TAB20[0::2], *_TAB20[1::2])
+PNG_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "h")
+# Plotly's symbols show the dataset, so the interactive map tells classes apart by colour alone: 60.
+HTML_COLOURS = (
+    *PNG_COLOURS,
+    *(to_hex(c) for name in ("tab20b", "tab20c") for c in matplotlib.colormaps[name].colors),
+)
 
 
 def tsne_coordinates(embeddings: pd.DataFrame, *, perplexity: float = 30.0, seed: int = 0) -> pd.DataFrame:
@@ -52,25 +65,37 @@ def tsne_coordinates(embeddings: pd.DataFrame, *, perplexity: float = 30.0, seed
     return table.reset_index(drop=True)
 
 
+def png_styles(count: int) -> list[tuple[str, str]]:
+    """A (colour, marker) pair for each of ``count`` values, all different up to 160 values."""
+    if count > len(PNG_COLOURS) * len(PNG_MARKERS):
+        logger.warning("%d values in the t-SNE plot: past %d, colour and marker pairs repeat", count,
+                       len(PNG_COLOURS) * len(PNG_MARKERS))  # fmt: skip
+    return [
+        (PNG_COLOURS[i % len(PNG_COLOURS)], PNG_MARKERS[(i // len(PNG_COLOURS)) % len(PNG_MARKERS)])
+        for i in range(count)
+    ]
+
+
 def tsne_png(coordinates: pd.DataFrame) -> Figure:
     """Two panels: coloured by class concept (shared names across datasets) and by dataset."""
     figure = Figure(figsize=(14, 6))  # pyplot-free: no backend, no global state
     axes = figure.subplots(1, 2)
-    markers = {"reference": "o", "memory_bank": "*"}
     for axis, key in zip(axes, ("class_name", "dataset"), strict=True):
         values = sorted(coordinates[key].astype(str).unique())
-        colours = matplotlib.colormaps["tab20"].resampled(max(1, len(values)))
-        for i, value in enumerate(values):
-            for source, marker in markers.items():
+        for value, (colour, marker) in zip(values, png_styles(len(values)), strict=True):
+            for source in ("reference", "memory_bank"):
                 rows = coordinates[
                     (coordinates[key].astype(str) == value) & (coordinates["source"] == source)
                 ]
-                if not rows.empty:
-                    axis.scatter(
-                        rows["x"], rows["y"], s=70 if marker == "*" else 25, marker=marker,
-                        color=colours(i), label=value if source == "reference" else None,
-                    )  # fmt: skip
-        axis.set_title(f"task embeddings by {key.replace('_', ' ')} (★ = memory bank)")
+                if rows.empty:
+                    continue
+                bank = source == "memory_bank"  # the class's own marker, larger and edged in black
+                axis.scatter(
+                    rows["x"], rows["y"], s=80 if bank else 25, marker=marker, color=colour,
+                    edgecolors="black" if bank else "face", linewidths=1.2 if bank else 0,
+                    label=None if bank else value,
+                )  # fmt: skip
+        axis.set_title(f"task embeddings by {key.replace('_', ' ')} (large, black-edged = memory bank)")
         axis.legend(fontsize=7, ncols=2, loc="best", markerscale=0.8)
         axis.set_xticks([])
         axis.set_yticks([])
@@ -90,6 +115,7 @@ def tsne_html(coordinates: pd.DataFrame) -> PlotlyFigure:
         x="x",
         y="y",
         color="class_name",
+        color_discrete_sequence=HTML_COLOURS,
         symbol="dataset",
         hover_data={
             "dataset": True,

@@ -195,6 +195,21 @@ def memory_bank_task(model: Iris, class_ids: Mapping[str, int], keys: Sequence[s
     return model.memory_bank_embedding(torch.tensor(slots, dtype=torch.long)).clone()
 
 
+def memory_bank_gaps(model: Iris, class_ids: Mapping[str, int], keys: Sequence[str]) -> dict[str, str]:
+    """The ``keys`` the memory bank has no embedding for, each with :func:`memory_bank_task`'s reason.
+
+    So a caller can segment the classes the bank holds and report the others one by one, instead of losing
+    every class of a scan to one class that never appeared in training.
+    """
+    gaps = {}
+    for key in keys:
+        try:
+            memory_bank_task(model, class_ids, [key])
+        except KeyError as error:
+            gaps[key] = str(error.args[0])  # str(KeyError) would wrap the message in quotes
+    return gaps
+
+
 # ------------------------------------------------------------------------------------ reference windowing
 
 

@@ -16,7 +16,7 @@ from kedro.io import DataCatalog, MemoryDataset
 from kedro.runner import SequentialRunner
 from mlflow_support import temporary_mlflow_store
 
-from iris_pipelines.evaluation.report import MIN_INTERVAL_EPISODES
+from iris_pipelines.evaluation.report import MIN_INTERVAL_SUBJECTS
 from iris_pipelines.pipelines.embed_tasks import create_pipeline as embed_pipeline
 from iris_pipelines.pipelines.evaluate import create_pipeline as evaluate_pipeline
 from iris_pipelines.pipelines.tsne import create_pipeline as tsne_pipeline
@@ -139,9 +139,9 @@ def test_mlflow_gets_headline_numbers_plots_and_version_tags(run) -> None:
     seen = pairs[~pairs.heldout]
     gain = data.metrics["eval/seen/one_shot/dice_gain_vs_paste"]
     assert gain == pytest.approx((seen.dice - seen.dice_paste).mean())
-    # 3 seen episodes: too few for an interval (tests/evaluation/test_report.py has enough), so none is
-    # logged rather than a misleading one.
-    assert seen.episode_id.nunique() < MIN_INTERVAL_EPISODES
+    # 3 seen query subjects: too few for an interval (tests/evaluation/test_report.py has enough), so none
+    # is logged rather than a misleading one.
+    assert len(seen[["dataset", "subject_id"]].drop_duplicates()) < MIN_INTERVAL_SUBJECTS
     assert "eval/seen/one_shot/dice_gain_vs_paste_ci_low" not in data.metrics
     artifacts = {f.path for f in client.list_artifacts(run_id, "evaluation")}
     assert {

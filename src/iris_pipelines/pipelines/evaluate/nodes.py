@@ -9,7 +9,7 @@ import mlflow
 import pandas as pd
 from matplotlib.figure import Figure
 
-from iris_pipelines.evaluation import EvaluateParams, evaluate_episodes
+from iris_pipelines.evaluation import EvaluateParams, embedding_settings, evaluate_episodes
 from iris_pipelines.evaluation.report import (
     class_bars,
     dice_boxplot,
@@ -23,7 +23,12 @@ from iris_pipelines.evaluation.report import (
 from iris_pipelines.inference.bundle import ModelBundle
 from iris_pipelines.pipelines.embed_tasks.nodes import model_info
 from iris_pipelines.pipelines.train.nodes import input_checksums
-from iris_pipelines.registry import EVAL_TAG_PREFIX, EVALUATION_PARAMETERS_ARTIFACT, EVALUATION_RUN_TAG
+from iris_pipelines.registry import (
+    EVAL_TAG_DECIMALS,
+    EVAL_TAG_PREFIX,
+    EVALUATION_PARAMETERS_ARTIFACT,
+    EVALUATION_RUN_TAG,
+)
 from iris_pipelines.training.sampler import case_records
 
 logger = logging.getLogger(__name__)
@@ -53,15 +58,29 @@ def evaluate_strategies(
 def record_evaluation_inputs(
     episode_index: dict[str, Any],
     preprocessed_manifest: pd.DataFrame,
-    embed_tasks_params: dict[str, Any],
+    task_embeddings: pd.DataFrame,
     evaluate_params: dict[str, Any],
 ) -> None:
     """Log what this evaluation ran on to the active MLflow run, so ``iris review --reproduce`` can repeat
     an evaluation run apart from training: the settings of both steps, and the checksums of the inputs
-    (the run's ``input_version.*`` tags name their versions)."""
+    (the run's ``input_version.*`` tags name their versions).
+
+    The embed_tasks settings are those stored in ``task_embeddings``: an evaluate-only run reads a table an
+    earlier embed_tasks run made, perhaps with other ``params:embed_tasks`` than the current ones.
+    """
     if mlflow.active_run() is None:
         return
-    settings = {"embed_tasks": embed_tasks_params, "evaluate": evaluate_params}
+    settings: dict[str, Any] = {"evaluate": evaluate_params}
+    made_with = embedding_settings(task_embeddings)
+    if made_with is None:
+        logger.warning(
+            "task_embeddings do not record the embed_tasks settings that made them (a table written before "
+            "they were stored, or rows of several runs): the evaluation is logged without them, and iris "
+            "review --reproduce will re-embed with the project's params:embed_tasks; re-run embed_tasks to "
+            "record them"
+        )
+    else:
+        settings["embed_tasks"] = made_with
     mlflow.log_dict(settings, EVALUATION_PARAMETERS_ARTIFACT)
     mlflow.set_tags(input_checksums(episode_index, preprocessed_manifest))
 
@@ -79,7 +98,11 @@ def _tag_model_version(registered_model: dict[str, Any] | None, metrics: dict[st
     run = mlflow.active_run()
     if run is not None:  # which run evaluated: its settings, inputs and metrics, for reviews
         client.set_model_version_tag(name, str(version), EVALUATION_RUN_TAG, run.info.run_id)
-    tags = {key.replace("/", "."): f"{value:.6f}" for key, value in metrics.items() if key.endswith("/dice")}
+    tags = {
+        key.replace("/", "."): f"{value:.{EVAL_TAG_DECIMALS}f}"
+        for key, value in metrics.items()
+        if key.endswith("/dice")
+    }
     existing = client.get_model_version(name, str(version)).tags or {}
     for key in existing:
         if key.startswith(EVAL_TAG_PREFIX) and key not in tags:
@@ -107,7 +130,7 @@ def report_evaluation(
         logger.info("Mean Dice per group and method:\n%s", dice_pivot(by_group, "group").round(3).to_string())
     if not gains.empty:
         table = gains.round(3).to_string(index=False)
-        logger.info("Dice gain over paste (95 %% CI over episodes):\n%s", table)
+        logger.info("Dice gain over paste (95 %% CI over query subjects):\n%s", table)
     if mlflow.active_run() is not None:
         headline = headline_metrics(by_group, gains)
         mlflow.log_metrics(headline)

@@ -35,7 +35,7 @@ def create_pipeline(**kwargs) -> Pipeline:
             ),
             Node(
                 func=record_evaluation_inputs,
-                inputs=["episode_index", "preprocessed_manifest", "params:embed_tasks", "params:evaluate"],
+                inputs=["episode_index", "preprocessed_manifest", "task_embeddings", "params:evaluate"],
                 outputs=None,
                 name="record_evaluation_inputs",
             ),
