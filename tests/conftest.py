@@ -6,6 +6,10 @@ import pytest
 
 # Kedro's telemetry would try the network on every CLI call; CI and users' tests must not.
 os.environ.setdefault("KEDRO_DISABLE_TELEMETRY", "1")
+# A CI shell's FORCE_COLOR makes rich colour numbers and paths in the CLI's output and Kedro's logs, which
+# the tests read as text (this process and every `kedro`/`iris` it starts inherit the cleaned environment).
+for _colour_setting in ("FORCE_COLOR", "TTY_COMPATIBLE", "TTY_INTERACTIVE"):
+    os.environ.pop(_colour_setting, None)
 
 
 @pytest.fixture(scope="session")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -25,6 +26,8 @@ def temporary_mlflow_store(root: Path) -> Iterator[str]:
         mlflow.set_tracking_uri(uri)
         mlflow.set_registry_uri(uri)
         experiment = mlflow.create_experiment("test", artifact_location=(root / "artifacts").as_uri())
+        # set_experiment exports MLFLOW_EXPERIMENT_ID, an experiment of this store only: owned here too.
+        patch.setitem(os.environ, "MLFLOW_EXPERIMENT_ID", experiment)
         mlflow.set_experiment(experiment_id=experiment)
         try:
             yield uri

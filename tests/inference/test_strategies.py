@@ -48,11 +48,12 @@ def test_ensemble_of_identical_references_equals_one_shot(tiny_model: Iris, scan
     assert pool.shape == (3, *one_shot.shape[1:])
     torch.testing.assert_close(ensembled, one_shot, rtol=0, atol=1e-6)
     # The mean of three equal float32 vectors can differ from the vector in its last bit, and the network
-    # amplifies that with the logits' magnitude (one voxel of 27648 was 1.2e-5 off at |logit| 6.3 in CI),
-    # so the logits are compared relative to their size.
+    # amplifies that with the logits' magnitude (one voxel of 27648 was 1.2e-5 off at |logit| 6.3 in CI;
+    # an AVX2 CPU with 2 threads used 92 % of a 1e-5 tolerance), so the logits get the tolerance the model
+    # tests give kernel differences.
     with torch.no_grad():
         torch.testing.assert_close(
-            tiny_model.segment(query, ensembled), tiny_model.segment(query, one_shot), rtol=1e-5, atol=1e-5
+            tiny_model.segment(query, ensembled), tiny_model.segment(query, one_shot), rtol=1e-4, atol=1e-4
         )
 
 

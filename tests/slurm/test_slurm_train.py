@@ -107,12 +107,17 @@ def _wait_for(job: Path, predicate, process: subprocess.Popen, timeout: float = 
     raise AssertionError(f"timed out; records so far: {_records(job)}")
 
 
+def _without_mlflow(environ) -> dict[str, str]:
+    return {key: value for key, value in environ.items() if not key.startswith("MLFLOW_")}
+
+
 def _start_kedro(root: Path, *args: str, **env: str) -> subprocess.Popen:
     return subprocess.Popen(
         [KEDRO, "run", *args],
         cwd=root,
-        # COLUMNS: rich would wrap the log lines the tests look for
-        env={**os.environ, "KEDRO_DISABLE_TELEMETRY": "1", "COLUMNS": "300", **env},
+        # COLUMNS: rich would wrap the log lines the tests look for. No MLFLOW_*: the project's own
+        # conf decides where runs and models go (as in kedro_run), not a caller's registry URI.
+        env={**_without_mlflow(os.environ), "KEDRO_DISABLE_TELEMETRY": "1", "COLUMNS": "300", **env},
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         encoding="utf-8",
