@@ -4,6 +4,9 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
+# A registry or mirror that drops a connection on a fresh CI clone should cost a retry, not the run.
+PIP_INSTALL := $(BIN)/python -m pip install --quiet --retries 10 --timeout 60
+APT_GET := DEBIAN_FRONTEND=noninteractive apt-get -o Acquire::Retries=5
 export KEDRO_DISABLE_TELEMETRY := 1
 export PYTHONDONTWRITEBYTECODE := 1
 # CI may start with no locale; progress bars and Kedro's rich logs print UTF-8.
@@ -14,12 +17,12 @@ export PYTHONUTF8 := 1
 
 $(VENV)/.installed: requirements.lock pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(PIP_INSTALL) --upgrade pip
 	# torch first and alone: the pinned version resolves to the local CPU wheel here and to the CUDA
 	# build on a GPU machine; installed later it would drag in several GB of CUDA packages.
-	$(BIN)/python -m pip install --quiet torch==2.13.0
-	$(BIN)/python -m pip install --quiet -r requirements.lock
-	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e .
+	$(PIP_INSTALL) torch==2.13.0
+	$(PIP_INSTALL) -r requirements.lock
+	$(PIP_INSTALL) --no-deps --no-build-isolation -e .
 	touch $@
 
 install: $(VENV)/.installed
@@ -35,8 +38,8 @@ system-packages:
 	if [ -n "$$missing" ]; then \
 		echo "installing system packages: $$missing"; \
 		sudo=$$([ "$$(id -u)" -eq 0 ] || echo sudo); \
-		DEBIAN_FRONTEND=noninteractive $$sudo apt-get update -qq && \
-		DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -qq $$missing >/dev/null; \
+		$$sudo $(APT_GET) update -qq && \
+		$$sudo $(APT_GET) install -y -qq $$missing >/dev/null; \
 	fi
 
 test: install system-packages
