@@ -16,6 +16,7 @@ from types import SimpleNamespace
 import mlflow
 import numpy as np
 import pytest
+import torch
 from click.testing import CliRunner
 from kedro.framework.hooks.manager import _create_hook_manager
 from kedro.io import DataCatalog, MemoryDataset
@@ -310,3 +311,25 @@ def test_segment_downloads_the_registered_bundle(registered, tmp_path) -> None:
     assert result.exit_code == 0, result.output
     sidecar = json.loads((tmp_path / "out.json").read_text())
     assert sidecar["model"] == "models:/iris/1" and sidecar["roi_size"] == [32, 32, 32]  # the training crop
+
+
+@pytest.mark.skipif(
+    torch.cuda.is_available(), reason="a machine without a GPU reproducing a GPU's evaluation"
+)
+def test_a_gpu_evaluation_is_reproduced_on_the_cpu_with_a_note():
+    from types import SimpleNamespace
+
+    from iris_pipelines.review import _reproduce_on_this_machine
+
+    params = {"embed_tasks": {"device": "cuda"}, "evaluate": {"device": "cuda:0", "overlap": 0.5}}
+    record = SimpleNamespace(evaluated_separately=False, run_tags={"evaluation_device": "cuda:0"})
+    notes = _reproduce_on_this_machine(params, record)
+    assert params == {"embed_tasks": {"device": "cpu"}, "evaluate": {"device": "cpu", "overlap": 0.5}}
+    assert notes == [
+        "params:embed_tasks asked for cuda, which this machine lacks: reproducing on the CPU",
+        "params:evaluate asked for cuda:0, which this machine lacks: reproducing on the CPU",
+        "the evaluation ran on cuda:0 and is reproduced on cpu: expect differences in the last bits; judge "
+        "them with a looser --tolerance",
+    ]
+    same = {"embed_tasks": {}, "evaluate": {"device": "auto"}}
+    assert _reproduce_on_this_machine(same, SimpleNamespace(evaluated_separately=False, run_tags={})) == []

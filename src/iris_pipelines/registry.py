@@ -24,6 +24,8 @@ BUNDLE_ARTIFACT = "model_bundle"  # register_model logs the bundle directory und
 PARAMETERS_ARTIFACT = "config/parameters.json"  # ... and all resolved parameters here
 # evaluate tags the version with the run that produced its eval.* tags, and logs the settings it used there
 EVALUATION_RUN_TAG = "evaluation_run_id"
+# Where evaluate ran (cpu, cuda:0): a GPU's numbers differ from a CPU's in the last bits.
+EVALUATION_DEVICE_TAG = "evaluation_device"
 EVAL_TAG_PREFIX = "eval."  # ... and its mean Dice as eval.<group>.<method>.dice
 EVAL_TAG_DECIMALS = 6  # tag values are strings; a review compares a recomputation at this precision
 EVALUATION_PARAMETERS_ARTIFACT = "config/evaluation_parameters.json"

@@ -19,7 +19,13 @@ from pathlib import Path
 from typing import Any
 
 from iris_pipelines.hooks import INPUT_VERSION_TAG_PREFIX, LOCK_FILE, file_sha256
-from iris_pipelines.registry import EVAL_TAG_DECIMALS, EVAL_TAG_PREFIX, PARAMETERS_ARTIFACT, RegisteredModel
+from iris_pipelines.registry import (
+    EVAL_TAG_DECIMALS,
+    EVAL_TAG_PREFIX,
+    EVALUATION_DEVICE_TAG,
+    PARAMETERS_ARTIFACT,
+    RegisteredModel,
+)
 
 INPUTS = ("episode_index", "preprocessed_manifest")
 CHECKSUM_TAGS = ("episode_index_checksum", "preprocessed_manifest_checksum")
@@ -256,6 +262,32 @@ def read_project_config(project_dir: Path, env: str | None, data_root: str | Non
         ) from None
 
 
+def _reproduce_on_this_machine(params: dict[str, Any], record: RegisteredModel) -> list[str]:
+    """Run embed_tasks and evaluate where this machine can, and say when that is not where the recorded
+    evaluation ran: a GPU's numbers differ from a CPU's in the last bits, beyond a tight --tolerance."""
+    import torch
+
+    from iris_pipelines.inference.device import resolve_device
+
+    notes = []
+    for section in ("embed_tasks", "evaluate"):
+        wanted = str(params[section].get("device", "cpu"))
+        if wanted.startswith("cuda") and not torch.cuda.is_available():
+            params[section] = {**params[section], "device": "cpu"}
+            notes.append(
+                f"params:{section} asked for {wanted}, which this machine lacks: reproducing on the CPU"
+            )
+    tags = record.evaluation_run_tags if record.evaluated_separately else record.run_tags
+    recorded = tags.get(EVALUATION_DEVICE_TAG)
+    here = resolve_device(str(params["evaluate"].get("device", "cpu")))
+    if recorded and torch.device(recorded).type != here.type:
+        notes.append(
+            f"the evaluation ran on {recorded} and is reproduced on {here}: expect differences in the last "
+            "bits; judge them with a looser --tolerance"
+        )
+    return notes
+
+
 def evaluated_inputs(record: RegisteredModel) -> tuple[dict[str, str], str]:
     """Tags naming the data versions (and checksums) the recorded evaluation ran on, and their source.
 
@@ -355,6 +387,7 @@ def reproduce(
             )
     if not any(tags.get(key) for key in CHECKSUM_TAGS):
         result.notes.append(f"{source} recorded no input checksums; the loaded versions are not verified")
+    result.notes.extend(_reproduce_on_this_machine(params, record))
     if result.errors:
         return result
     step("loading the registered model")

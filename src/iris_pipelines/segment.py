@@ -38,6 +38,7 @@ from iris_pipelines.imaging import Geometry, InvalidInputError, read_image, writ
 from iris_pipelines.imaging.io import file_suffix, require_scalar_volume, require_storable, write_text_atomic
 from iris_pipelines.imaging.resample import LABEL_MAX
 from iris_pipelines.inference.bundle import ModelBundle
+from iris_pipelines.inference.device import resolve_device as inference_device
 from iris_pipelines.inference.sliding_window import volume_predictor
 from iris_pipelines.inference.strategies import (
     context_ensemble,
@@ -184,16 +185,11 @@ def refuse_overwrites(written: Sequence[Path], protected: Mapping[Path, str]) ->
 
 
 def resolve_device(name: str) -> torch.device:
-    """``auto`` → the first CUDA device when present, else the CPU; otherwise what torch understands."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """``--device``: ``auto`` → the first CUDA device when present, else the CPU (see inference.device)."""
     try:
-        device = torch.device(name)
-    except RuntimeError as error:
-        raise SegmentError(f"--device {name!r}: {error}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SegmentError(f"--device {name}: no CUDA device is available; use --device cpu or auto")
-    return device
+        return inference_device(name)
+    except ValueError as error:
+        raise SegmentError(f"--{error}") from None
 
 
 def _stem_and_suffix(path: Path) -> tuple[str, str]:

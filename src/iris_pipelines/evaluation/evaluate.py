@@ -36,6 +36,7 @@ from iris_pipelines.imaging.registration import (
     registration_baseline,
 )
 from iris_pipelines.imaging.resample import as_label
+from iris_pipelines.inference.device import resolve_device
 from iris_pipelines.inference.sliding_window import sliding_window_segment
 from iris_pipelines.inference.strategies import (
     STRATEGIES,
@@ -81,6 +82,9 @@ class EvaluateParams:
     class_tolerance_mm: dict[str, float] = field(default_factory=dict)
     registration: dict[str, Any] = field(default_factory=dict)  # RegistrationConfig fields
     splits: tuple[str, ...] = ("test",)
+    # auto: the GPU when there is one. The results then differ from a CPU run's in the last bits, which
+    # `iris review --reproduce` reports; conf/base keeps cpu so make run reproduces byte for byte.
+    device: str = "cpu"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "strategies", tuple(self.strategies))
@@ -98,6 +102,7 @@ class EvaluateParams:
         if self.retrieval_top_k < 1 or self.tuning_steps < 0:
             raise ValueError("retrieval_top_k must be >= 1 and tuning_steps >= 0")
         RegistrationConfig(**self.registration)  # fail at start-up, not after an hour of inference
+        resolve_device(self.device)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> EvaluateParams:

@@ -17,6 +17,7 @@ from kedro.runner import SequentialRunner
 from mlflow_support import temporary_mlflow_store
 
 from iris_pipelines.evaluation.report import MIN_INTERVAL_SUBJECTS
+from iris_pipelines.inference.device import resolve_device
 from iris_pipelines.pipelines.embed_tasks import create_pipeline as embed_pipeline
 from iris_pipelines.pipelines.evaluate import create_pipeline as evaluate_pipeline
 from iris_pipelines.pipelines.tsne import create_pipeline as tsne_pipeline
@@ -25,8 +26,10 @@ STRATEGIES = ["one_shot", "ensemble", "memory_bank", "retrieval", "tuning"]
 BASELINES = ["paste", "registration"]
 PROJECT = Path(__file__).parents[3]
 PARAMS = {
-    "embed_tasks": {"references_per_class": 2, "roi_size": [32, 32, 32], "seed": 0},
+    # auto, as conf/hpcc: the GPU where there is one, else the CPU
+    "embed_tasks": {"references_per_class": 2, "roi_size": [32, 32, 32], "seed": 0, "device": "auto"},
     "evaluate": {
+        "device": "auto",
         "strategies": STRATEGIES,
         "baselines": BASELINES,
         "roi_size": [32, 32, 32],
@@ -152,6 +155,7 @@ def test_mlflow_gets_headline_numbers_plots_and_version_tags(run) -> None:
     assert {f.path for f in client.list_artifacts(run_id, "tsne")} == {"tsne/tsne.png", "tsne/tsne.html"}
     tags = client.get_model_version("iris", registered["version"]).tags
     assert float(tags["eval.seen.one_shot.dice"]) == pytest.approx(one_shot, abs=1e-6)
+    assert data.tags["evaluation_device"] == str(resolve_device("auto"))  # where the numbers were made
 
 
 def test_tsne_maps_every_embedding_with_hover_details(run) -> None:

@@ -10,6 +10,7 @@ import pandas as pd
 
 from iris_pipelines.evaluation import ModelInfo, build_task_embeddings, embedding_summary
 from iris_pipelines.inference.bundle import ModelBundle
+from iris_pipelines.inference.device import resolve_device
 from iris_pipelines.training.sampler import case_records
 
 logger = logging.getLogger(__name__)
@@ -42,7 +43,10 @@ def embed_tasks(
     params: dict[str, Any],
 ) -> pd.DataFrame:
     """``task_embeddings``: reference embeddings per dataset × class plus the memory-bank rows."""
-    model = iris_model.build_model()
+    # cpu unless set (auto: the GPU when there is one; conf/hpcc does), as evaluate.
+    device = resolve_device(str(params.get("device", "cpu")))
+    logger.info("Embedding tasks on %s", device)
+    model = iris_model.build_model().to(device)
     table = build_task_embeddings(
         model,
         iris_model.class_ids,

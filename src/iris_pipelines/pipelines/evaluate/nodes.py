@@ -21,11 +21,13 @@ from iris_pipelines.evaluation.report import (
     summary_by_group,
 )
 from iris_pipelines.inference.bundle import ModelBundle
+from iris_pipelines.inference.device import resolve_device
 from iris_pipelines.pipelines.embed_tasks.nodes import model_info
 from iris_pipelines.pipelines.train.nodes import input_checksums
 from iris_pipelines.registry import (
     EVAL_TAG_DECIMALS,
     EVAL_TAG_PREFIX,
+    EVALUATION_DEVICE_TAG,
     EVALUATION_PARAMETERS_ARTIFACT,
     EVALUATION_RUN_TAG,
 )
@@ -43,14 +45,19 @@ def evaluate_strategies(
     params: dict[str, Any],
 ) -> pd.DataFrame:
     """``evaluation_metrics``: one row per test episode × method × class, on the original grids."""
+    settings = EvaluateParams.from_dict(params)
+    device = resolve_device(settings.device)
+    logger.info("Evaluating on %s", device)
+    if mlflow.active_run() is not None:
+        mlflow.set_tag(EVALUATION_DEVICE_TAG, str(device))
     return evaluate_episodes(
-        iris_model.build_model(),
+        iris_model.build_model().to(device),
         iris_model.class_ids,
         episode_index,
         preprocessed_manifest,
         case_records(preprocessed_manifest),
         task_embeddings,
-        EvaluateParams.from_dict(params),
+        settings,
         model_info(iris_model, registered_model),
     )
 

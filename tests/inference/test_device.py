@@ -1,0 +1,23 @@
+"""Where embed_tasks, evaluate and `iris segment` run: one spelling, refused early when it cannot be."""
+
+import pytest
+import torch
+
+from iris_pipelines.evaluation import EvaluateParams
+from iris_pipelines.inference.device import resolve_device
+
+
+def test_auto_picks_the_gpu_when_there_is_one_else_the_cpu():
+    assert resolve_device("auto") == torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    assert resolve_device("cpu") == torch.device("cpu")
+
+
+def test_a_device_torch_does_not_know_is_named():
+    with pytest.raises(ValueError, match=r"device 'gpu0': .*"):
+        resolve_device("gpu0")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="asks for CUDA on a machine without it")
+def test_cuda_without_a_gpu_fails_when_the_settings_are_read_not_after_loading_scans():
+    with pytest.raises(ValueError, match=r"device 'cuda': no CUDA device is available; use cpu or auto"):
+        EvaluateParams(device="cuda")
