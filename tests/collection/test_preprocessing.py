@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -444,3 +446,24 @@ def test_an_oblique_scan_gets_the_intensities_of_an_axis_aligned_one():
             assert array.size > 1.8 * 40**3  # the canonical box really is padded
     # Linear interpolation of the tilted grid leaves ~3 %; counting the padding gave 4.9 against 2.6.
     assert organ["oblique"] == pytest.approx(organ["aligned"], rel=0.05)
+
+
+def test_the_slurm_scheduler_leaves_ctrl_c_to_python():
+    """dask-jobqueue replaces the Ctrl-C handler with sys.exit() on import: an interrupted `kedro run`
+    then exited 0 with its MLflow run FINISHED. Neither loading the pipelines nor making a SLURM cluster
+    class may change the handler."""
+    code = (
+        "import signal\n"
+        "from kedro.framework.project import configure_project\n"
+        "configure_project('iris_pipelines')\n"
+        "from iris_pipelines.pipeline_registry import register_pipelines\n"
+        "register_pipelines()\n"
+        "assert signal.getsignal(signal.SIGINT) is signal.default_int_handler, 'pipelines'\n"
+        "from iris_pipelines.collection.preprocessing import _slurm_cluster_class\n"
+        "assert _slurm_cluster_class().__name__ == 'SLURMCluster'\n"
+        "assert signal.getsignal(signal.SIGINT) is signal.default_int_handler, 'cluster class'\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert done.returncode == 0, done.stderr[-2000:]

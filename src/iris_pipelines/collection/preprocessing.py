@@ -17,6 +17,8 @@ import json
 import logging
 import os
 import shutil
+import signal
+import threading
 import uuid
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, fields
@@ -26,7 +28,6 @@ from typing import Any, NamedTuple
 import numpy as np
 import pandas as pd
 import SimpleITK as sitk
-from dask_jobqueue import SLURMCluster
 from distributed import Client, LocalCluster, SpecCluster, as_completed
 from tqdm.auto import tqdm
 
@@ -425,6 +426,18 @@ def run_case(row: Mapping[str, Any], params: PreprocessParams, itk_threads: int 
         return CaseOutcome(None, _failure(row, str(row["image_path"]), "preprocess_failed", reason))
 
 
+def _slurm_cluster_class() -> type[SpecCluster]:
+    """dask-jobqueue's SLURMCluster, imported only where it is used and without its side effect: on import
+    it replaces Python's Ctrl-C handler with ``sys.exit()`` (dask_jobqueue/runner.py), which made an
+    interrupted `kedro run` exit with status 0 and its MLflow run FINISHED."""
+    handler = signal.getsignal(signal.SIGINT)
+    from dask_jobqueue import SLURMCluster
+
+    if threading.current_thread() is threading.main_thread():  # where handlers live (and were replaced)
+        signal.signal(signal.SIGINT, handler)
+    return SLURMCluster
+
+
 def build_cluster(scheduler: SchedulerParams) -> SpecCluster:
     """The dask cluster for ``local`` or ``slurm``; SLURM jobs are only submitted when it is scaled."""
     if scheduler.kind == "local":
@@ -436,7 +449,7 @@ def build_cluster(scheduler: SchedulerParams) -> SpecCluster:
             dashboard_address=None,
         )
     if scheduler.kind == "slurm":
-        return SLURMCluster(
+        return _slurm_cluster_class()(
             queue=scheduler.queue,
             account=scheduler.account,
             cores=scheduler.cores,
