@@ -59,3 +59,70 @@ def test_a_run_started_in_a_subfolder_works_from_the_project_root(
     monkeypatch.chdir(tmp_path / "notebooks")
     hooks.ProjectRootHooks().after_context_created(SimpleNamespace(project_path=tmp_path))
     assert Path.cwd().resolve() == tmp_path.resolve()
+
+
+@pytest.fixture
+def mlflow_store(tmp_path: Path):
+    import mlflow
+    from mlflow_support import temporary_mlflow_store
+
+    with temporary_mlflow_store(tmp_path):
+        yield mlflow.MlflowClient()
+
+
+def test_an_interrupted_pipeline_leaves_its_run_killed_not_finished(mlflow_store) -> None:
+    """Ctrl-C skips Kedro's on_pipeline_error: the exit handler ends the still-open run KILLED."""
+    import mlflow
+
+    outcome = hooks.InterruptedRunHooks()
+    run = mlflow.start_run()  # what kedro-mlflow opens before the project's trylast hook
+    outcome.before_pipeline_run()
+    mlflow.start_run(run_id=run.info.run_id, nested=True)  # and pushes again for the running node
+    outcome.end_interrupted_run()  # what atexit calls when KeyboardInterrupt ends the process
+    assert mlflow.active_run() is None
+    assert mlflow_store.get_run(run.info.run_id).info.status == "KILLED"
+
+
+def test_a_run_left_open_in_a_notebook_is_killed_when_the_next_session_starts(mlflow_store) -> None:
+    import mlflow
+
+    outcome = hooks.InterruptedRunHooks()
+    interrupted = mlflow.start_run()
+    outcome.before_pipeline_run()
+    outcome.after_context_created()  # the next KedroSession in the same process
+    assert mlflow.active_run() is None
+    assert mlflow_store.get_run(interrupted.info.run_id).info.status == "KILLED"
+
+
+def test_a_finished_or_failed_pipeline_and_a_callers_own_run_are_left_alone(mlflow_store) -> None:
+    import mlflow
+
+    outcome = hooks.InterruptedRunHooks()
+    with mlflow.start_run() as own:  # a caller's run, e.g. wrapping session.run in a script
+        outcome.before_pipeline_run()
+        outcome.after_pipeline_run()
+        outcome.after_context_created()
+        outcome.end_interrupted_run()
+        assert mlflow.active_run().info.run_id == own.info.run_id
+        outcome.before_pipeline_run()
+        outcome.on_pipeline_error()
+        outcome.end_interrupted_run()
+        assert mlflow.active_run().info.run_id == own.info.run_id
+    assert mlflow_store.get_run(own.info.run_id).info.status == "FINISHED"
+
+
+def test_sigterm_exits_through_python_while_a_pipeline_runs(mlflow_store) -> None:
+    """scancel and SLURM time limits send SIGTERM: it must unwind (exit handlers run), status 128 + 15."""
+    import signal
+
+    import mlflow
+
+    outcome = hooks.InterruptedRunHooks()
+    before = signal.getsignal(signal.SIGTERM)
+    with mlflow.start_run():
+        outcome.before_pipeline_run()
+        with pytest.raises(SystemExit) as exited:
+            signal.raise_signal(signal.SIGTERM)
+        assert exited.value.code == 128 + signal.SIGTERM
+        outcome.after_pipeline_run()
+    assert signal.getsignal(signal.SIGTERM) is before

@@ -11,8 +11,10 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import nbformat
@@ -256,3 +258,34 @@ def test_quickstart_notebook_executes(trained_project: Path, monkeypatch: pytest
     summary = _tagged(nb, "summary")[0]
     assert any("text/html" in o.get("data", {}) for o in summary.outputs)
     assert all(method in _text(summary) for method in METHODS)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("signum", "status"), [(signal.SIGTERM, 128 + signal.SIGTERM), (signal.SIGINT, 1)])
+def test_an_interrupted_run_exits_nonzero_and_leaves_its_mlflow_run_killed(
+    trained_project: Path, signum: int, status: int
+):
+    """SIGTERM is what scancel and a SLURM time limit send, SIGINT is Ctrl-C: neither may leave the run
+    RUNNING for ever or FINISHED, nor exit 0 (dask-jobqueue's import once turned Ctrl-C into exit 0)."""
+    before = {run.info.run_id for run in mlflow_runs(trained_project)}
+    env = {key: value for key, value in os.environ.items() if not key.startswith("MLFLOW_")}
+    process = subprocess.Popen(
+        [KEDRO, "run", "--pipeline=train", f"--env={TINY_ENV}", "--params=train.steps=100000,train.seed=7"],
+        cwd=trained_project,
+        env={**env, "KEDRO_DISABLE_TELEMETRY": "1"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        encoding="utf-8",
+        errors="replace",
+    )
+    client = MlflowClient(tracking_uri=f"sqlite:///{trained_project / 'mlflow.db'}")
+    deadline = time.monotonic() + 300
+    run = None
+    while run is None or "train/loss" not in client.get_run(run.info.run_id).data.metrics:  # inside the node
+        assert process.poll() is None and time.monotonic() < deadline, process.communicate()[0][-3000:]
+        time.sleep(0.5)
+        run = next((r for r in mlflow_runs(trained_project) if r.info.run_id not in before), None)
+    process.send_signal(signum)
+    output, _ = process.communicate(timeout=120)
+    assert process.returncode == status, output[-3000:]
+    assert client.get_run(run.info.run_id).info.status == "KILLED", output[-3000:]

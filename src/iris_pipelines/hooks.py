@@ -8,10 +8,13 @@ A node sees loaded data, never the dataset or its version, but a reproducibility
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import logging
 import os
+import signal
 import subprocess
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -79,6 +82,70 @@ class ProvenanceHooks:
             tags["git_commit"][:12],
             tags["git_dirty"],
         )
+
+
+class InterruptedRunHooks:
+    """An interrupted `kedro run` leaves its MLflow run KILLED, not FINISHED and not RUNNING for ever.
+
+    Kedro reports a failing node through ``on_pipeline_error`` (kedro-mlflow then ends the run FAILED),
+    but Ctrl-C (KeyboardInterrupt) and SIGTERM (``scancel``, a SLURM time limit, ``kill``) are not
+    exceptions Kedro catches: MLflow's exit handler closed a Ctrl-C'd run as FINISHED, and SIGTERM killed
+    the process with its run still RUNNING. While a pipeline runs, SIGTERM and SIGHUP exit through Python
+    (status 128 + signal) and an exit handler ends the open run as KILLED. A run left open by an interrupted
+    pipeline in a process that goes on (a notebook) is ended KILLED when the next session starts, rather
+    than kedro-mlflow taking the next pipeline's records into it.
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+
+    def __init__(self) -> None:
+        self.open_run_id: str | None = None
+        self.previous: dict[int, Any] = {}
+        atexit.register(self.end_interrupted_run)  # after MLflow's own: atexit runs it before MLflow's
+
+    def end_interrupted_run(self) -> None:
+        # kedro-mlflow pushes the run once more for each running node (its before_node_run): pop every
+        # copy, or MLflow's own exit handler finds one left and ends the run FINISHED after all.
+        announced = False
+        while self.open_run_id is not None and (active := mlflow.active_run()) is not None:
+            if active.info.run_id != self.open_run_id:
+                break  # a caller's own run below ours stays theirs
+            if not announced:
+                logger.warning("kedro run was interrupted: MLflow run %s ends KILLED", self.open_run_id)
+                announced = True
+            mlflow.end_run("KILLED")
+        self.open_run_id = None
+
+    @hook_impl(tryfirst=True)
+    def after_context_created(self) -> None:
+        self.end_interrupted_run()
+
+    @hook_impl(trylast=True)  # after kedro-mlflow's, which opens the run
+    def before_pipeline_run(self) -> None:
+        active = mlflow.active_run()
+        if active is None:
+            return
+        self.open_run_id = active.info.run_id
+        if threading.current_thread() is threading.main_thread():  # where signal handlers live
+            self.previous = {number: signal.signal(number, _exit_on_signal) for number in self.SIGNALS}
+
+    @hook_impl
+    def after_pipeline_run(self) -> None:
+        self._pipeline_ended()
+
+    @hook_impl
+    def on_pipeline_error(self) -> None:
+        self._pipeline_ended()
+
+    def _pipeline_ended(self) -> None:
+        self.open_run_id = None
+        for number, handler in self.previous.items():
+            signal.signal(number, handler)
+        self.previous = {}
+
+
+def _exit_on_signal(signum: int, _frame: Any) -> None:
+    raise SystemExit(128 + signum)
 
 
 class ProjectRootHooks:

@@ -4,9 +4,9 @@ import os
 
 from kedro.config import OmegaConfigLoader
 
-from iris_pipelines.hooks import InputVersionHooks, ProjectRootHooks, ProvenanceHooks
+from iris_pipelines.hooks import InputVersionHooks, InterruptedRunHooks, ProjectRootHooks, ProvenanceHooks
 
-HOOKS = (ProjectRootHooks(), ProvenanceHooks(), InputVersionHooks())
+HOOKS = (ProjectRootHooks(), ProvenanceHooks(), InputVersionHooks(), InterruptedRunHooks())
 
 
 def required_env(name: str) -> str:
