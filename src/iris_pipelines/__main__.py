@@ -3,7 +3,7 @@
 import sys
 from pathlib import Path
 
-from kedro.framework.cli.utils import find_run_command
+from kedro.framework.cli.project import run
 from kedro.framework.project import configure_project
 
 
@@ -12,7 +12,8 @@ def main(*args, **kwargs):
     configure_project(package_name)
     interactive = hasattr(sys, "ps1")
     kwargs["standalone_mode"] = not interactive
-    run = find_run_command(package_name)
+    # Kedro's own `run` command: find_run_command would take iris_pipelines.cli (the `iris` tool's) for a
+    # project CLI and look for a `run` there.
     return run(*args, **kwargs)
 
 

@@ -394,6 +394,8 @@ def test_params_from_the_conf_files(tmp_path):
     assert hpcc.output_dir == f"{data_root}/05_model_input/volumes"
     assert hpcc.target_spacing == (1.5, 1.5, 1.5) and hpcc.scheduler.kind == "slurm"
     assert hpcc.ct_window == PreprocessParams().ct_window and hpcc.scheduler.cores == 8
+    # dask-jobqueue's default would write each worker's slurm-<id>.out into the project folder
+    assert hpcc.scheduler.log_directory == f"{data_root}/logs/dask"
     with pytest.raises(ValueError, match="target_spacng"):
         PreprocessParams.from_dict({"target_spacng": [1, 1, 1]})
     with pytest.raises(ValueError, match="kind"):
