@@ -23,7 +23,8 @@ $(VENV)/.installed: requirements.lock pyproject.toml
 	$(PIP_INSTALL) torch==2.13.0
 	$(PIP_INSTALL) -r requirements.lock
 	$(PIP_INSTALL) --no-deps --no-build-isolation -e .
-	touch $@
+	# What the environment was installed from: every run records it beside the checkout's lock hash.
+	sha256sum requirements.lock | cut -d' ' -f1 > $@
 
 install: $(VENV)/.installed
 

@@ -126,3 +126,28 @@ def test_sigterm_exits_through_python_while_a_pipeline_runs(mlflow_store) -> Non
         assert exited.value.code == 128 + signal.SIGTERM
         outcome.after_pipeline_run()
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_the_lock_an_environment_was_installed_from_is_read_from_its_marker(tmp_path: Path) -> None:
+    assert hooks.installed_lock_sha256(tmp_path) == "unknown"  # not made by make install
+    (tmp_path / ".installed").write_text("")  # made before the hash was recorded
+    assert hooks.installed_lock_sha256(tmp_path) == "unknown"
+    (tmp_path / ".installed").write_text("ab" * 32 + "\n")
+    assert hooks.installed_lock_sha256(tmp_path) == "ab" * 32
+
+
+def test_a_lock_changed_since_install_is_tagged_and_warned_about(
+    checkout: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """After a `git pull` that changes requirements.lock, the packages are still the old lock's."""
+    (checkout / "requirements.lock").write_text("torch==2.13.0\n")
+    venv = tmp_path / "venv"
+    venv.mkdir()
+    (venv / ".installed").write_text(hooks.file_sha256(checkout / "requirements.lock"))
+    monkeypatch.setattr(hooks.sys, "prefix", str(venv))
+    tags = hooks.provenance_tags(checkout, env=None)
+    assert tags["installed_lock_sha256"] == tags["lockfile_sha256"] and not caplog.text
+    (checkout / "requirements.lock").write_text("torch==2.14.0\n")
+    tags = hooks.provenance_tags(checkout, env=None)
+    assert tags["installed_lock_sha256"] != tags["lockfile_sha256"]
+    assert "was installed from another requirements.lock than the checkout's" in caplog.text

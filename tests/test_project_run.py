@@ -25,6 +25,8 @@ from mlflow.tracking import MlflowClient
 from nbclient import NotebookClient
 from project_copy import copy_project
 
+from iris_pipelines.hooks import installed_lock_sha256
+
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 KEDRO = str(Path(sys.executable).with_name("kedro"))
 # Four cases per dataset: the smallest collection whose train split has two subjects per dataset
@@ -161,6 +163,8 @@ def test_data_pipelines_run_one_after_another(data_project: Path):
     assert ingest_run.data.tags["git_dirty"] == "false"
     assert ingest_run.data.tags["kedro_env"] == "local"
     assert len(ingest_run.data.tags["lockfile_sha256"]) == 64
+    # the lock this environment was installed from (make install records it; "unknown" otherwise)
+    assert ingest_run.data.tags["installed_lock_sha256"] == installed_lock_sha256()
     assert runs[1].data.params["preprocess.target_spacing"]
     client = MlflowClient(tracking_uri=f"sqlite:///{project_copy / 'mlflow.db'}")
     artifacts = [a.path for a in client.list_artifacts(ingest_run.info.run_id, "environment")]

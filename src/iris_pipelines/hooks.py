@@ -12,8 +12,10 @@ import atexit
 import hashlib
 import logging
 import os
+import re
 import signal
 import subprocess
+import sys
 import threading
 from pathlib import Path
 from typing import Any
@@ -24,6 +26,10 @@ from kedro.framework.hooks import hook_impl
 logger = logging.getLogger(__name__)
 
 LOCK_FILE = "requirements.lock"
+# `make install` writes the sha256 of the lock file it installed into the environment's folder: the lock on
+# disk says what a checkout asks for, this says what the running packages came from (a `git pull` that
+# changes the lock does not reinstall anything by itself).
+INSTALLED_MARKER = ".installed"
 
 
 def git_state(project_path: Path) -> dict[str, str]:
@@ -51,11 +57,30 @@ def file_sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def installed_lock_sha256(prefix: Path | None = None) -> str:
+    """The sha256 of the lock file this Python environment was installed from; ``unknown`` for one that
+    `make install` did not make (or made before it recorded the hash)."""
+    marker = Path(sys.prefix if prefix is None else prefix) / INSTALLED_MARKER
+    try:
+        recorded = marker.read_text(encoding="utf-8").strip()
+    except OSError:
+        return "unknown"
+    return recorded if re.fullmatch(r"[0-9a-f]{64}", recorded) else "unknown"
+
+
 def provenance_tags(project_path: Path, env: str | None) -> dict[str, str]:
     tags = git_state(project_path)
     tags["kedro_env"] = env or "local"
     lock = project_path / LOCK_FILE
     tags["lockfile_sha256"] = file_sha256(lock) if lock.exists() else "missing"
+    tags["installed_lock_sha256"] = installed_lock_sha256()
+    if tags["installed_lock_sha256"] not in ("unknown", tags["lockfile_sha256"]):
+        logger.warning(
+            "This environment (%s) was installed from another %s than the checkout's: the run records "
+            "both hashes; run `make install` to install what the checkout pins",
+            sys.prefix,
+            LOCK_FILE,
+        )
     return tags
 
 

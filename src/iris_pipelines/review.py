@@ -89,6 +89,7 @@ def provenance(
         ("git commit", tag("git_commit")),
         ("git dirty", tag("git_dirty")),
         ("lock file sha256", tag("lockfile_sha256")),
+        ("installed from lock sha256", tag("installed_lock_sha256")),
         (
             "lock file",
             lock_status(tags.get("lockfile_sha256") or run_tags.get("lockfile_sha256"), project_dir),

@@ -33,7 +33,7 @@ logger = logging.getLogger(__name__)
 
 # Keys of params:train that steer the node, not the train loop (TrainConfig rejects unknown keys).
 NODE_KEYS = ("launcher", "launcher_options", "checkpoint_root", "registry_name")
-PROVENANCE_KEYS = ("git_commit", "git_dirty", "lockfile_sha256", "kedro_env")
+PROVENANCE_KEYS = ("git_commit", "git_dirty", "lockfile_sha256", "installed_lock_sha256", "kedro_env")
 PACKAGE_DIR = Path(__file__).resolve().parents[2]
 PYFUNC_SOURCE = PACKAGE_DIR / "inference" / "pyfunc_model.py"
 
