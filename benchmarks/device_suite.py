@@ -98,9 +98,15 @@ def _command(step: Step, work: Path, quick: bool) -> list[str]:
 def _run_step(command: list[str], log: Path, limit_s: float) -> tuple[int | None, bool]:
     """Exit status (None when killed) and whether the limit was hit; the step's whole process group dies."""
     with log.open("w") as sink:
-        process = subprocess.Popen(
-            command, cwd=HERE.parent, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True
-        )
+        # A suite started in the background has SIGINT ignored, and an ignored signal stays ignored in
+        # its steps: the SIGINT that stops a step must make it unwind. A caught one is reset on exec.
+        ignored = signal.signal(signal.SIGINT, signal.default_int_handler)
+        try:
+            process = subprocess.Popen(
+                command, cwd=HERE.parent, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True
+            )
+        finally:
+            signal.signal(signal.SIGINT, ignored)
         try:
             return process.wait(timeout=limit_s), False
         except subprocess.TimeoutExpired:

@@ -23,6 +23,7 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 from nbclient import NotebookClient
+from processes import interruptible_children
 from project_copy import copy_project
 
 from iris_pipelines.hooks import installed_lock_sha256
@@ -264,6 +265,9 @@ def test_quickstart_notebook_executes(trained_project: Path, monkeypatch: pytest
     assert all(method in _text(summary) for method in METHODS)
 
 
+LONG_TRAINING = "train.steps=100000,train.seed=7"  # far longer than the test waits
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(("signum", "status"), [(signal.SIGTERM, 128 + signal.SIGTERM), (signal.SIGINT, 1)])
 def test_an_interrupted_run_exits_nonzero_and_leaves_its_mlflow_run_killed(
@@ -273,15 +277,16 @@ def test_an_interrupted_run_exits_nonzero_and_leaves_its_mlflow_run_killed(
     RUNNING for ever or FINISHED, nor exit 0 (dask-jobqueue's import once turned Ctrl-C into exit 0)."""
     before = {run.info.run_id for run in mlflow_runs(trained_project)}
     env = {key: value for key, value in os.environ.items() if not key.startswith("MLFLOW_")}
-    process = subprocess.Popen(
-        [KEDRO, "run", "--pipeline=train", f"--env={TINY_ENV}", "--params=train.steps=100000,train.seed=7"],
-        cwd=trained_project,
-        env={**env, "KEDRO_DISABLE_TELEMETRY": "1"},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        encoding="utf-8",
-        errors="replace",
-    )
+    with interruptible_children():
+        process = subprocess.Popen(
+            [KEDRO, "run", "--pipeline=train", f"--env={TINY_ENV}", f"--params={LONG_TRAINING}"],
+            cwd=trained_project,
+            env={**env, "KEDRO_DISABLE_TELEMETRY": "1"},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            encoding="utf-8",
+            errors="replace",
+        )
     client = MlflowClient(tracking_uri=f"sqlite:///{trained_project / 'mlflow.db'}")
     deadline = time.monotonic() + 300
     run = None

@@ -14,6 +14,7 @@ import pytest
 import SimpleITK as sitk
 import yaml
 from kedro.config import OmegaConfigLoader
+from processes import interruptible_children
 from scipy.spatial.transform import Rotation
 
 from iris_pipelines.collection import preprocessing
@@ -456,6 +457,7 @@ def test_the_slurm_scheduler_leaves_ctrl_c_to_python():
     class may change the handler."""
     code = (
         "import signal\n"
+        "assert signal.getsignal(signal.SIGINT) is signal.default_int_handler, 'at start'\n"
         "from kedro.framework.project import configure_project\n"
         "configure_project('iris_pipelines')\n"
         "from iris_pipelines.pipeline_registry import register_pipelines\n"
@@ -465,7 +467,8 @@ def test_the_slurm_scheduler_leaves_ctrl_c_to_python():
         "assert _slurm_cluster_class().__name__ == 'SLURMCluster'\n"
         "assert signal.getsignal(signal.SIGINT) is signal.default_int_handler, 'cluster class'\n"
     )
-    done = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False
-    )
+    with interruptible_children():  # Python installs its Ctrl-C handler only where SIGINT is not ignored
+        done = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False
+        )
     assert done.returncode == 0, done.stderr[-2000:]

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
+from processes import interruptible_children
 from test_project_run import KEDRO, kedro_run, latest_version, mlflow_runs, project_copy  # noqa: F401
 from training_synthetic import build_collection
 
@@ -112,17 +113,18 @@ def _without_mlflow(environ) -> dict[str, str]:
 
 
 def _start_kedro(root: Path, *args: str, **env: str) -> subprocess.Popen:
-    return subprocess.Popen(
-        [KEDRO, "run", *args],
-        cwd=root,
-        # COLUMNS: rich would wrap the log lines the tests look for. No MLFLOW_*: the project's own
-        # conf decides where runs and models go (as in kedro_run), not a caller's registry URI.
-        env={**_without_mlflow(os.environ), "KEDRO_DISABLE_TELEMETRY": "1", "COLUMNS": "300", **env},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        encoding="utf-8",
-        errors="replace",
-    )
+    with interruptible_children():  # the Ctrl-C test's SIGINT must reach it
+        return subprocess.Popen(
+            [KEDRO, "run", *args],
+            cwd=root,
+            # COLUMNS: rich would wrap the log lines the tests look for. No MLFLOW_*: the project's own
+            # conf decides where runs and models go (as in kedro_run), not a caller's registry URI.
+            env={**_without_mlflow(os.environ), "KEDRO_DISABLE_TELEMETRY": "1", "COLUMNS": "300", **env},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            encoding="utf-8",
+            errors="replace",
+        )
 
 
 def _output(process: subprocess.Popen, timeout: float = 600) -> str:
