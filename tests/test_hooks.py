@@ -151,3 +151,21 @@ def test_a_lock_changed_since_install_is_tagged_and_warned_about(
     tags = hooks.provenance_tags(checkout, env=None)
     assert tags["installed_lock_sha256"] != tags["lockfile_sha256"]
     assert "was installed from another requirements.lock than the checkout's" in caplog.text
+
+
+def test_a_run_under_nohup_survives_the_terminal_closing(mlflow_store) -> None:
+    import signal
+
+    import mlflow
+
+    outcome = hooks.InterruptedRunHooks()
+    previous = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        with mlflow.start_run():
+            outcome.before_pipeline_run()
+            assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN  # nohup's choice stands
+            assert signal.getsignal(signal.SIGTERM) is hooks._exit_on_signal
+            outcome.after_pipeline_run()
+        assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGHUP, previous)

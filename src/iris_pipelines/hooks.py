@@ -16,12 +16,13 @@ import re
 import signal
 import subprocess
 import sys
-import threading
 from pathlib import Path
 from typing import Any
 
 import mlflow
 from kedro.framework.hooks import hook_impl
+
+from iris_pipelines.signals import install_handlers, restore_handlers
 
 logger = logging.getLogger(__name__)
 
@@ -116,7 +117,8 @@ class InterruptedRunHooks:
     but Ctrl-C (KeyboardInterrupt) and SIGTERM (``scancel``, a SLURM time limit, ``kill``) are not
     exceptions Kedro catches: MLflow's exit handler closed a Ctrl-C'd run as FINISHED, and SIGTERM killed
     the process with its run still RUNNING. While a pipeline runs, SIGTERM and SIGHUP exit through Python
-    (status 128 + signal) and an exit handler ends the open run as KILLED. A run left open by an interrupted
+    (status 128 + signal; not a signal the user ignores, as `nohup` does SIGHUP) and an exit handler ends
+    the open run as KILLED. A run left open by an interrupted
     pipeline in a process that goes on (a notebook) is ended KILLED when the next session starts, rather
     than kedro-mlflow taking the next pipeline's records into it.
     """
@@ -151,8 +153,7 @@ class InterruptedRunHooks:
         if active is None:
             return
         self.open_run_id = active.info.run_id
-        if threading.current_thread() is threading.main_thread():  # where signal handlers live
-            self.previous = {number: signal.signal(number, _exit_on_signal) for number in self.SIGNALS}
+        self.previous = install_handlers(self.SIGNALS, _exit_on_signal)
 
     @hook_impl
     def after_pipeline_run(self) -> None:
@@ -164,8 +165,7 @@ class InterruptedRunHooks:
 
     def _pipeline_ended(self) -> None:
         self.open_run_id = None
-        for number, handler in self.previous.items():
-            signal.signal(number, handler)
+        restore_handlers(self.previous)
         self.previous = {}
 
 

@@ -263,3 +263,15 @@ def test_sigterm_and_a_closed_terminal_count_as_ctrl_c(number):
         os.kill(os.getpid(), number)
     assert interrupt.cause == signal.Signals(number).name
     assert signal.getsignal(number) is not interrupt._terminate  # the previous handler is back
+
+
+def test_under_nohup_logging_out_does_not_cancel_the_job():
+    """nohup ignores SIGHUP so that `kedro run` outlives the terminal: waiting must not undo that."""
+    previous = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        with _Interrupt() as interrupt:
+            assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+            assert signal.getsignal(signal.SIGTERM) == interrupt._terminate
+        assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGHUP, previous)

@@ -39,13 +39,13 @@ import shutil
 import signal
 import subprocess
 import sys
-import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from iris_pipelines.signals import install_handlers, restore_handlers
 from iris_pipelines.training import TrainConfig, TrainResult, run_training
 from iris_pipelines.training.loop import TrainingInterrupted
 
@@ -383,7 +383,8 @@ def _wait(job: Any, ntasks: int, watcher: _Watcher, poll_s: float, lost_after_s:
 class _Interrupt:
     """While waiting, SIGTERM and SIGHUP count as Ctrl-C: `scancel` of a batch job running `kedro run`
     (slurm/kedro_run.sbatch), `kill` of the Kedro process, or the SSH session that ran it closing then
-    also cancels the training job, which would otherwise train on with nobody collecting its result."""
+    also cancels the training job, which would otherwise train on with nobody collecting its result. A
+    signal the user ignores stays ignored: under `nohup` logging out must not cancel the job."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGHUP)
 
@@ -396,13 +397,11 @@ class _Interrupt:
         raise KeyboardInterrupt
 
     def __enter__(self) -> _Interrupt:
-        if threading.current_thread() is threading.main_thread():  # signal handlers live there only
-            self.previous = {number: signal.signal(number, self._terminate) for number in self.SIGNALS}
+        self.previous = install_handlers(self.SIGNALS, self._terminate)
         return self
 
     def __exit__(self, *_exc: object) -> None:
-        for number, handler in self.previous.items():
-            signal.signal(number, handler)
+        restore_handlers(self.previous)
 
 
 def _memory_per_node(mem_per_task: str | None, tasks_per_node: int) -> str | None:
