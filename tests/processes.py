@@ -6,18 +6,37 @@ import signal
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+SIMULATED = (signal.SIGINT, signal.SIGTERM)  # Ctrl-C; scancel and SLURM time limits
+
+
+def _caught(*_: object) -> None:
+    raise AssertionError("a signal meant for a child reached the test process")
+
 
 @contextmanager
 def interruptible_children() -> Iterator[None]:
-    """Processes started inside get Ctrl-C's default disposition, as from a terminal.
+    """Processes started inside get SIGINT's and SIGTERM's default dispositions, as from a terminal.
 
     A shell that starts the test suite in the background (``make test &``, some CI runners) leaves SIGINT
     ignored, and an ignored signal stays ignored across exec: a SIGINT sent to simulate Ctrl-C would then
     do nothing. A caught one is reset to the default on exec, so catching it here while the child starts
     is enough (signal handlers are set from the main thread, where tests run).
     """
-    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    previous = {number: signal.signal(number, _caught) for number in SIMULATED}
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+
+
+@contextmanager
+def catching(*numbers: int) -> Iterator[None]:
+    """These signals are caught (not ignored) in this process while inside, as in a terminal session, so
+    a handler that leaves ignored signals alone (``iris_pipelines.signals``) installs its own."""
+    previous = {number: signal.signal(number, _caught) for number in numbers}
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)

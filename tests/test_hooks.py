@@ -6,6 +6,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from processes import catching
 
 from iris_pipelines import hooks
 
@@ -118,14 +119,14 @@ def test_sigterm_exits_through_python_while_a_pipeline_runs(mlflow_store) -> Non
     import mlflow
 
     outcome = hooks.InterruptedRunHooks()
-    before = signal.getsignal(signal.SIGTERM)
-    with mlflow.start_run():
+    with catching(signal.SIGTERM), mlflow.start_run():
+        before = signal.getsignal(signal.SIGTERM)
         outcome.before_pipeline_run()
         with pytest.raises(SystemExit) as exited:
             signal.raise_signal(signal.SIGTERM)
         assert exited.value.code == 128 + signal.SIGTERM
         outcome.after_pipeline_run()
-    assert signal.getsignal(signal.SIGTERM) is before
+        assert signal.getsignal(signal.SIGTERM) is before
 
 
 def test_the_lock_an_environment_was_installed_from_is_read_from_its_marker(tmp_path: Path) -> None:
@@ -161,7 +162,7 @@ def test_a_run_under_nohup_survives_the_terminal_closing(mlflow_store) -> None:
     outcome = hooks.InterruptedRunHooks()
     previous = signal.signal(signal.SIGHUP, signal.SIG_IGN)
     try:
-        with mlflow.start_run():
+        with catching(signal.SIGTERM), mlflow.start_run():
             outcome.before_pipeline_run()
             assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN  # nohup's choice stands
             assert signal.getsignal(signal.SIGTERM) is hooks._exit_on_signal

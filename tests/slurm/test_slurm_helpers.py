@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from processes import catching
 from training_synthetic import fast_train_config, tiny_model_config
 
 import iris_pipelines.launch.slurm as slurm_launcher
@@ -259,17 +260,19 @@ def test_the_job_folder_exists_before_submission_and_srun_gets_the_cpus(running_
 
 @pytest.mark.parametrize("number", [signal.SIGTERM, signal.SIGHUP])
 def test_sigterm_and_a_closed_terminal_count_as_ctrl_c(number):
-    with pytest.raises(KeyboardInterrupt), _Interrupt() as interrupt:
-        os.kill(os.getpid(), number)
-    assert interrupt.cause == signal.Signals(number).name
-    assert signal.getsignal(number) is not interrupt._terminate  # the previous handler is back
+    with catching(number):  # as in a terminal session (a suite run under nohup ignores SIGHUP)
+        before = signal.getsignal(number)
+        with pytest.raises(KeyboardInterrupt), _Interrupt() as interrupt:
+            os.kill(os.getpid(), number)
+        assert interrupt.cause == signal.Signals(number).name
+        assert signal.getsignal(number) is before  # the previous handler is back
 
 
 def test_under_nohup_logging_out_does_not_cancel_the_job():
     """nohup ignores SIGHUP so that `kedro run` outlives the terminal: waiting must not undo that."""
     previous = signal.signal(signal.SIGHUP, signal.SIG_IGN)
     try:
-        with _Interrupt() as interrupt:
+        with catching(signal.SIGTERM), _Interrupt() as interrupt:
             assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
             assert signal.getsignal(signal.SIGTERM) == interrupt._terminate
         assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
