@@ -127,7 +127,7 @@ class ModelBundle:
             os.chmod(weights, scratch.stat().st_mode & 0o666)
             document = self.config_document(_sha256(weights))
             (scratch / CONFIG_FILE).write_text(json.dumps(document, indent=2, sort_keys=True) + "\n")
-            _replace_directory(scratch, target)
+            replace_directory(scratch, target)
         except BaseException:
             shutil.rmtree(scratch, ignore_errors=True)
             raise
@@ -190,8 +190,11 @@ def _read_config(path: Path) -> dict[str, Any]:
     return document
 
 
-def _replace_directory(source: Path, target: Path) -> None:
-    """``os.replace`` for directories: a non-empty target is moved aside first, then deleted."""
+def replace_directory(source: Path, target: Path) -> None:
+    """``os.replace`` for directories: a non-empty target is moved aside first, then deleted.
+
+    If the second rename fails the old directory is put back, so ``target`` always holds one whole copy.
+    """
     if not target.exists():
         os.replace(source, target)
         return
