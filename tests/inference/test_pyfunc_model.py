@@ -29,7 +29,7 @@ def _request(shape: tuple[int, int, int] = (12, 16, 20)) -> dict[str, np.ndarray
 
 
 def test_registered_pyfunc_segments_a_query(mlflow_store: str, tmp_path: Path) -> None:
-    from iris_pipelines.inference.pyfunc_model import SIGNATURE
+    from iris_pipelines.inference.pyfunc_model import MODEL_CONFIG, SIGNATURE
 
     torch.manual_seed(0)
     bundle_dir = ModelBundle.from_model(Iris(IrisConfig.tiny())).save(tmp_path / "bundle")
@@ -41,11 +41,19 @@ def test_registered_pyfunc_segments_a_query(mlflow_store: str, tmp_path: Path) -
             registered_model_name="iris",
             pip_requirements=["torch", "safetensors"],
             signature=SIGNATURE,
+            model_config=MODEL_CONFIG,
         )
-    model_dir = Path(mlflow.artifacts.download_artifacts(f"models:/iris/{info.registered_model_version}"))
+    uri = f"models:/iris/{info.registered_model_version}"
+    model_dir = Path(mlflow.artifacts.download_artifacts(uri))
     assert not list(model_dir.rglob("*.pkl")), "models from code must not pickle the model object"
 
-    model = mlflow.pyfunc.load_model(f"models:/iris/{info.registered_model_version}")
+    model = mlflow.pyfunc.load_model(uri)
+    expected = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")  # "auto"
+    assert next(model.unwrap_python_model().model.parameters()).device == expected
+    on_cpu = mlflow.pyfunc.load_model(uri, model_config={"device": "cpu"})
+    assert next(on_cpu.unwrap_python_model().model.parameters()).device == torch.device("cpu")
+    with pytest.raises(Exception, match="device 'no-such-device'"):
+        mlflow.pyfunc.load_model(uri, model_config={"device": "no-such-device"})
     request = _request()
     labels = model.predict(request)
     assert labels.shape == request["query"].shape

@@ -20,6 +20,7 @@ from mlflow.pyfunc import PythonModel, PythonModelContext
 from mlflow.types import ParamSchema, ParamSpec
 
 from iris_pipelines.inference.bundle import ModelBundle
+from iris_pipelines.inference.device import resolve_device
 from iris_pipelines.inference.strategies import encode_class_windows
 from iris_pipelines.model import Iris
 
@@ -28,6 +29,9 @@ _REQUIRED = ("query", "reference_image", "reference_mask")
 # Inputs are 3-D arrays of any size, which MLflow's column/tensor schemas cannot state with an optional
 # ``classes``; they are checked in ``predict``. The params schema is what lets ``threshold`` through.
 SIGNATURE = ModelSignature(inputs=None, params=ParamSchema([ParamSpec("threshold", "double", 0.5)]))
+# Logged with the model (its MLmodel file shows it); ``load_model(uri, model_config={"device": "cpu"})``
+# overrides it where the model is loaded.
+MODEL_CONFIG = {"device": "auto"}
 
 
 def _as_request(model_input: Any) -> dict[str, Any]:
@@ -153,12 +157,14 @@ with warnings.catch_warnings(record=True):
         Arrays are on the preprocessed grid (as the ``preprocessed_manifest`` arrays), of any size: each
         class is encoded from a window of the training crop's size centred on it, and the query is
         segmented in overlapping windows of that size, as ``evaluate`` and ``iris segment`` do.
-        ``params={"threshold": 0.5}`` sets the foreground probability cut.
+        ``params={"threshold": 0.5}`` sets the foreground probability cut. The network runs on
+        ``model_config["device"]``: ``auto`` (the first GPU, else the CPU), ``cpu``, ``cuda`` or ``cuda:N``.
         """
 
         def load_context(self, context: PythonModelContext) -> None:
+            device = resolve_device(str({**MODEL_CONFIG, **(context.model_config or {})}["device"]))
             self.bundle = ModelBundle.load(context.artifacts["bundle"])
-            self.model = self.bundle.build_model()
+            self.model = self.bundle.build_model().to(device)
 
         # No annotation on model_input: MLflow would try to derive an input schema from it.
         def predict(self, context: PythonModelContext, model_input, params: dict[str, Any] | None = None):

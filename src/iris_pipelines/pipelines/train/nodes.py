@@ -26,7 +26,7 @@ import pandas as pd
 from iris_pipelines.collection.episodes import index_checksum
 from iris_pipelines.hooks import INPUT_VERSION_TAG_PREFIX, LOCK_FILE, provenance_tags
 from iris_pipelines.inference.bundle import ModelBundle
-from iris_pipelines.inference.pyfunc_model import SIGNATURE
+from iris_pipelines.inference.pyfunc_model import MODEL_CONFIG, SIGNATURE
 from iris_pipelines.registry import BUNDLE_ARTIFACT
 
 logger = logging.getLogger(__name__)
@@ -379,6 +379,7 @@ def register_model(
                 pip_requirements=_pip_requirements(),
                 # Without a signature MLflow drops predict's params (``threshold``) with only a warning.
                 signature=SIGNATURE,
+                model_config=MODEL_CONFIG,
             )
     version = str(info.registered_model_version)
     client = mlflow.MlflowClient()
