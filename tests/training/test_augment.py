@@ -99,8 +99,8 @@ def test_boxed_mask_warp_equals_sampling_the_whole_crop():
         if trial >= 6:
             theta[0, :, 3] = 0.3 * (2 * torch.rand(3, generator=gen) - 1)
         grid = F.affine_grid(theta, [1, 1, *masks.shape[1:]], align_corners=False)
-        dense = F.grid_sample(masks[None], grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-        assert torch.equal(warp_masks(masks, grid, theta), (dense[0] > 0.5).float()), trial
+        dense = F.grid_sample(masks[None], grid, mode="nearest", padding_mode="zeros", align_corners=False)
+        assert torch.equal(warp_masks(masks, grid, theta), dense[0]), trial
 
 
 def test_boxed_perturbation_equals_the_whole_crop_version_draw_for_draw():
@@ -114,3 +114,30 @@ def test_boxed_perturbation_equals_the_whole_crop_version_draw_for_draw():
     a, b = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
     perturb_masks(masks, a, prob=0.7), dense_perturb_masks(masks, b, prob=0.7)
     assert torch.equal(torch.rand(4, generator=a), torch.rand(4, generator=b))
+
+
+def test_an_organ_cut_by_the_crop_face_is_not_stretched_past_its_mask():
+    """Where the warp reaches outside the crop, the image must not show organ where its mask says none."""
+    filled = torch.ones(1, 20, 20, 20)  # an organ that fills the crop and is cut by all six faces
+    params = AugmentParams(flip_prob=0.0, affine_prob=1.0, scale=(0.8, 0.85))  # zoom out: pulls in outside
+    for seed in range(4):
+        image, masks = spatial_augment(
+            filled.clone(), filled.clone(), torch.Generator().manual_seed(seed), params
+        )
+        assert masks.sum() < filled.sum(), (
+            "the warp must reach outside the crop for this test to mean anything"
+        )
+        assert image[masks == 0].max() < 0.5  # no organ where the mask says background
+        assert ((image > 0.5) != (masks > 0.5)).float().mean() < 0.01  # only the linear image's rim
+
+
+def test_a_one_voxel_thin_structure_keeps_its_voxels_under_the_warp():
+    """A vessel one voxel across: a linear warp thresholded at 0.5 erodes it, nearest does not."""
+    tube = torch.zeros(1, 24, 24, 24)
+    tube[0, 4:20, 12, 12] = 1
+    params = AugmentParams(flip_prob=0.0, affine_prob=1.0)
+    kept = []
+    for seed in range(12):
+        _, masks = spatial_augment(tube.clone(), tube.clone(), torch.Generator().manual_seed(seed), params)
+        kept.append(float(masks.sum() / tube.sum()))
+    assert min(kept) >= 0.6 and sum(kept) / len(kept) > 0.9, kept

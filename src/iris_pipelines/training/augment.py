@@ -64,7 +64,10 @@ def spatial_augment(
     flips: list[int] | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Flips and a small rotation/scale about the crop centre, applied identically to (1, D, H, W) image
-    and (K, D, H, W) masks. Masks are resampled linearly and re-thresholded at 0.5 so they stay binary.
+    and (K, D, H, W) masks. Masks are resampled by nearest neighbour, so they stay binary and a structure
+    one voxel thin keeps its voxels. Where the warp reaches past the crop, image and masks are both zero
+    (the normalised mean intensity, and background): a border-replicated image would stretch an organ cut
+    by the crop face into a band its masks call background.
     ``flips`` fixes the flipped axes (to flip a query and its reference alike); None draws them."""
     dims = flip_axes(gen, params) if flips is None else flips
     if dims:
@@ -78,7 +81,7 @@ def spatial_augment(
     theta[0, :, :3] = _rotation_matrix(angles) / scale  # sampling grid: output -> input coordinates
     size = (1, 1, *image.shape[1:])
     grid = F.affine_grid(theta, list(size), align_corners=False)
-    image = F.grid_sample(image[None], grid, mode="bilinear", padding_mode="border", align_corners=False)[0]
+    image = F.grid_sample(image[None], grid, mode="bilinear", padding_mode="zeros", align_corners=False)[0]
     return image, warp_masks(masks, grid, theta)
 
 
@@ -96,10 +99,10 @@ def mask_extent(masks: Tensor) -> tuple[list[int], list[int]] | None:
 
 
 def warp_masks(masks: Tensor, grid: Tensor, theta: Tensor) -> Tensor:
-    """``grid_sample(masks, grid) > 0.5`` (bilinear, zero padding) for the affine ``theta`` behind ``grid``.
+    """``grid_sample(masks, grid)`` (nearest, zero padding) for the affine ``theta`` behind ``grid``.
 
     Each mask is sampled only over the output box it can reach, which gives the same result bit for bit:
-    a bilinear sample is non-zero only within one voxel of the mask, the affine map sends the mask's box
+    a nearest sample is non-zero only within half a voxel of the mask, the affine map sends the mask's box
     (grown by that voxel) into the box of its corners' images, and grid_sample computes every output
     voxel on its own. A class covers a small part of a crop, and sampling all of it for every class was
     most of an episode's augmentation time at 128³ (benchmarks/augment.py).
@@ -110,10 +113,10 @@ def warp_masks(masks: Tensor, grid: Tensor, theta: Tensor) -> Tensor:
         if window is None:
             continue
         warped = F.grid_sample(
-            masks[None, k : k + 1].float(), grid[(slice(None), *window)], mode="bilinear",
+            masks[None, k : k + 1].float(), grid[(slice(None), *window)], mode="nearest",
             padding_mode="zeros", align_corners=False,
         )  # fmt: skip
-        out[k][window] = (warped[0, 0] > 0.5).to(masks.dtype)
+        out[k][window] = warped[0, 0].to(masks.dtype)
     return out
 
 
