@@ -191,7 +191,7 @@ def test_a_diverging_run_stops_before_its_weights_replace_the_good_checkpoints(c
         TrainingDiverged, match="training diverged: the (loss is nan|weights hold NaN)"
     ) as caught:
         _run(collection, tmp_path, "diverged", lr=1e8, checkpoint_every=1, steps=6)
-    assert "lower train.lr" in str(caught.value)
+    assert "Lower train.lr" in str(caught.value)
     saved = [torch.load(path, weights_only=False) for path in list_checkpoints(tmp_path / "diverged")]
     assert all(torch.isfinite(v).all() for ckpt in saved for v in ckpt["model"].values())
 
@@ -199,3 +199,34 @@ def test_a_diverging_run_stops_before_its_weights_replace_the_good_checkpoints(c
 def test_clipping_can_be_turned_off(collection, tmp_path):
     result = _run(collection, tmp_path, "unclipped", grad_clip=None, steps=2)
     assert result.final_step == 2 and all(np.isfinite(h["loss"]) for h in result.history)
+
+
+def test_a_resume_with_a_new_lr_and_weight_decay_uses_them(collection, tmp_path):
+    """The optimiser's saved state holds the old values; the warning promises the new ones."""
+
+    def crash_at_step_3(record):
+        if record.get("step") == 3 and "loss" in record:
+            raise Crash("simulated kill after step 3")
+
+    with pytest.raises(Crash):
+        _run(collection, tmp_path, on_metrics=crash_at_step_3, checkpoint_every=2, lr=5e-2, weight_decay=0.5)
+    resumed = _run(collection, tmp_path, checkpoint_every=2, lr=1e-3, weight_decay=1e-5)
+    new = TrainConfig.from_dict(fast_train_config(checkpoint_every=2, lr=1e-3, weight_decay=1e-5))
+    assert [h["step"] for h in resumed.history] == [1, 2, 3, 4]
+    for record in resumed.history[2:]:
+        assert record["lr"] == pytest.approx(1e-3 * lr_factor(record["step"] - 1, new))
+    saved = torch.load(latest_checkpoint(tmp_path / "ck"), weights_only=False)
+    assert {group["weight_decay"] for group in saved["optimizer"]["param_groups"]} == {1e-5}
+
+
+def test_a_checkpoint_is_not_resumed_on_another_number_of_ranks(collection, tmp_path):
+    from iris_pipelines.training import loop
+
+    _run(collection, tmp_path, steps=2, checkpoint_every=2)
+    assert torch.load(latest_checkpoint(tmp_path / "ck"), weights_only=False)["world_size"] == 1
+    config = TrainConfig.from_dict(fast_train_config(steps=2))
+    model = torch.nn.Linear(1, 1)  # refused before any state is loaded into it
+    optimizer = torch.optim.SGD(model.parameters(), lr=config.lr)
+    scheduler = loop.LambdaLR(optimizer, lambda index: 1.0)
+    with pytest.raises(RuntimeError, match=r"written by a run on 1 rank\(s\), this one has 2"):
+        loop._resume(tmp_path / "ck", model, optimizer, scheduler, config, torch.device("cpu"), world_size=2)

@@ -269,14 +269,27 @@ class _State:
 
 
 def _resume(
-    checkpoint_dir: Path, model: Iris, optimizer, scheduler, config: TrainConfig, device: torch.device
+    checkpoint_dir: Path,
+    model: Iris,
+    optimizer,
+    scheduler,
+    config: TrainConfig,
+    device: torch.device,
+    world_size: int,
 ) -> _State:
     found = load_latest_checkpoint(checkpoint_dir)
     if found is None:
         return _State()
     path, ckpt = found
-    if ckpt.get("train_config") != config.to_dict():
-        logger.warning("resuming %s written with a different train config; continuing with the new one", path)
+    # A rank's episodes depend on its rank and share of the batch, so the same steps on another number
+    # of ranks are other episodes: the result would match neither run. Checkpoints from before the
+    # world size was recorded are taken as they are.
+    written_by = ckpt.get("world_size", world_size)
+    if written_by != world_size:
+        raise RuntimeError(
+            f"checkpoint {path} was written by a run on {written_by} rank(s), this one has {world_size}: "
+            f"resume with {written_by}, or move {checkpoint_dir} away to start afresh"
+        )
     try:
         model.load_state_dict(ckpt["model"])
     except RuntimeError as error:
@@ -287,9 +300,24 @@ def _resume(
     model.to(device)
     optimizer.load_state_dict(ckpt["optimizer"])
     scheduler.load_state_dict(ckpt["scheduler"])
+    if ckpt.get("train_config") != config.to_dict():
+        # The optimiser's and scheduler's states carry the old lr and weight decay; without this a
+        # resumed run would keep them while the log says otherwise.
+        _apply_schedule(optimizer, scheduler, config)
+        logger.warning("resuming %s written with a different train config; continuing with the new one", path)
     restore_rng_state(ckpt["rng"])
     logger.info("resumed from %s at step %d", path, ckpt["step"])
     return _State(int(ckpt["sampler"]["step"]), list(ckpt["history"]), list(ckpt["validation"]))
+
+
+def _apply_schedule(optimizer, scheduler: LambdaLR, config: TrainConfig) -> None:
+    """Set ``config``'s lr and weight decay on restored optimiser and scheduler states, at their step."""
+    scheduler.base_lrs = [config.lr] * len(optimizer.param_groups)
+    for group in optimizer.param_groups:
+        group["initial_lr"] = config.lr
+        group["weight_decay"] = config.weight_decay
+        group["lr"] = config.lr * lr_factor(scheduler.last_epoch, config)
+    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
 
 
 def _loader(sampler: EpisodeSampler, config: TrainConfig, start: int, device: torch.device) -> Iterator:
@@ -321,8 +349,8 @@ def _finite(model: nn.Module) -> bool:
 def _diverged(what: str, checkpoint_dir: Path) -> TrainingDiverged:
     return TrainingDiverged(
         f"training diverged: {what}. Nothing of it was saved: the checkpoints in {checkpoint_dir} stop "
-        "before it, and a rerun resumes from the last one; lower train.lr or train.grad_clip, or look for "
-        "extreme intensities in the data, before rerunning"
+        "before it. Lower train.lr or train.grad_clip, or look for extreme intensities in the data, before "
+        "rerunning: kedro run trains a changed train config afresh in its own checkpoint folder"
     )
 
 
@@ -372,7 +400,7 @@ def run_training(
     model = Iris(iris_config).to(device)
     optimizer = make_optimizer(model, config)
     scheduler = LambdaLR(optimizer, lambda index: lr_factor(index, config))
-    state = _resume(checkpoint_dir, model, optimizer, scheduler, config, device)
+    state = _resume(checkpoint_dir, model, optimizer, scheduler, config, device, world_size)
     net: nn.Module = _EpisodeModel(model)
     if distributed:
         # Buffers are not broadcast: the memory bank is kept identical by all-gathered updates.
@@ -463,6 +491,7 @@ def run_training(
                         "scheduler": scheduler.state_dict(),
                         "rng": capture_rng_state(),
                         "sampler": {"step": step},
+                        "world_size": world_size,
                         "train_config": config.to_dict(),
                         "model_config": iris_config.to_dict(),
                         "class_ids": class_ids,
