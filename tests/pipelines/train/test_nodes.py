@@ -29,6 +29,7 @@ from iris_pipelines.pipelines.train.nodes import (
     metric_record,
     mlflow_name,
     parameter_layout,
+    recorded_preprocessing,
     registry_tags,
     split_train_params,
     train_iris,
@@ -67,6 +68,10 @@ def test_checkpoint_dir_is_keyed_by_the_recipe(tmp_path: Path) -> None:
     assert a != checkpoint_dir(tmp_path, {"m": 1}, {"steps": 3}, "abc", layout="other network")
     # Same cases, other intensities (a new normalisation or spacing): never resume the old network.
     assert a != checkpoint_dir(tmp_path, {"m": 1}, {"steps": 3}, "abc", volumes="renormalised")
+    # How many loader workers, and how often to log, validate and save, change no weight: a requeued job
+    # given fewer workers after running out of memory must resume, not start again from step 0.
+    rescheduled = {"steps": 3, "num_workers": 2, "log_every": 5, "val_every": 7, "checkpoint_every": 9}
+    assert a == checkpoint_dir(tmp_path, {"m": 1}, rescheduled, "abc")
 
 
 def test_train_node_keys_checkpoints_by_the_preprocessed_volumes(tmp_path: Path, monkeypatch) -> None:
@@ -86,6 +91,23 @@ def test_train_node_keys_checkpoints_by_the_preprocessed_volumes(tmp_path: Path,
         with pytest.raises(RuntimeError, match="stop after"):
             train_iris(index, manifest, {"size": "tiny"}, params)
     assert len(used) == 2 and used[0] != used[1] and used[0].parent == tmp_path
+
+
+def test_the_recorded_preprocessing_must_be_what_made_the_volumes() -> None:
+    from iris_pipelines.imaging.geometry import IDENTITY_DIRECTION, Geometry
+
+    grid = Geometry((4, 4, 4), (6.0, 6.0, 6.0), (0.0, 0.0, 0.0), IDENTITY_DIRECTION).to_json()
+    manifest = pd.DataFrame({"case_id": ["a"], "preprocessed_geometry": [grid]})
+    params = {"target_spacing": 6.0, "ct_window": [-990, 500], "percentiles": [2, 98], "workers": 2}
+    assert recorded_preprocessing(params, manifest) == {
+        "target_spacing": [6.0, 6.0, 6.0],
+        "ct_window": [-990, 500],
+        "percentiles": [2, 98],
+    }
+    with pytest.raises(
+        ValueError, match=r"target_spacing is \[3.0, 3.0, 3.0\] mm but .* at \[\[6.0, 6.0, 6.0\]\]"
+    ):
+        recorded_preprocessing({**params, "target_spacing": [3, 3, 3]}, manifest)
 
 
 def test_parameter_layout_follows_the_network_not_the_values() -> None:

@@ -143,7 +143,8 @@ def _catalog(tmp_path: Path, manifest: pd.DataFrame, index: dict, parameters: di
 
 def test_real_tiny_run_registers_a_reproducible_model(mlflow_store: Path, tmp_path: Path, collection) -> None:
     manifest, index = collection
-    parameters = {"model": {"size": "tiny"}, "train": _train_params(tmp_path)}
+    preprocess = {"target_spacing": 3.0, "ct_window": [-990, 500], "percentiles": [2, 98], "workers": 1}
+    parameters = {"model": {"size": "tiny"}, "train": _train_params(tmp_path), "preprocess": preprocess}
     catalog = _catalog(tmp_path, manifest, index, parameters)
     hook_manager = _create_hook_manager()
     hook_manager.register(InputVersionHooks())
@@ -163,6 +164,12 @@ def test_real_tiny_run_registers_a_reproducible_model(mlflow_store: Path, tmp_pa
         "model_bundle/weights.safetensors",
     }
     assert json.loads(json.dumps(registered)) == registered and registered["run_id"] == run.info.run_id
+    # iris segment prepares a scan from the bundle alone as the training volumes were prepared.
+    assert catalog.load("iris_model").metadata["preprocess"] == {
+        "target_spacing": [3.0, 3.0, 3.0],
+        "ct_window": [-990, 500],
+        "percentiles": [2, 98],
+    }
 
     version = client.get_model_version("iris", registered["version"])
     tags = version.tags

@@ -33,6 +33,10 @@ logger = logging.getLogger(__name__)
 
 # Keys of params:train that steer the node, not the train loop (TrainConfig rejects unknown keys).
 NODE_KEYS = ("launcher", "launcher_options", "checkpoint_root", "registry_name")
+# Keys of TrainConfig that change how often the loop logs, validates and saves, or how many processes load
+# episodes, but not a single weight (episodes are a function of seed, rank and step): left out of the
+# checkpoint folder's key, so lowering num_workers after a loader ran out of memory resumes the run.
+SCHEDULING_KEYS = ("num_workers", "log_every", "val_every", "checkpoint_every")
 PROVENANCE_KEYS = ("git_commit", "git_dirty", "lockfile_sha256", "installed_lock_sha256", "kedro_env")
 PACKAGE_DIR = Path(__file__).resolve().parents[2]
 PYFUNC_SOURCE = PACKAGE_DIR / "inference" / "pyfunc_model.py"
@@ -49,6 +53,41 @@ def build_model_config(params_model: dict[str, Any]) -> dict[str, Any]:
         raise ValueError(f"params:model.size must be one of {sorted(factories)}, got {size!r}")
     # from_dict names unknown fields (a typo in params:model) instead of a bare TypeError.
     return IrisConfig.from_dict({**factories[size]().to_dict(), **overrides}).to_dict()
+
+
+# What `iris segment` needs to prepare a scan as training did (iris_pipelines.segment.PREPROCESS_KEYS).
+RECORDED_PREPROCESS_KEYS = ("target_spacing", "ct_window", "percentiles")
+
+
+def recorded_preprocessing(
+    params_preprocess: Mapping[str, Any] | None, preprocessed_manifest: pd.DataFrame
+) -> dict[str, Any]:
+    """The preprocessing settings to record with the model, checked against the volumes it trains on.
+
+    A manifest loaded at an older version (``--load-versions``) can hold volumes preprocessed at another
+    spacing than ``params:preprocess`` says; the bundle would then record the wrong one, so that fails.
+    """
+    from iris_pipelines.imaging.geometry import Geometry
+
+    given = dict(params_preprocess or {})
+    recorded = {key: given[key] for key in RECORDED_PREPROCESS_KEYS if key in given}
+    if "target_spacing" not in recorded:
+        return recorded
+    spacing = recorded["target_spacing"]
+    spacing = [float(v) for v in (spacing if isinstance(spacing, list | tuple) else [spacing] * 3)]
+    recorded["target_spacing"] = spacing
+    if "preprocessed_geometry" in preprocessed_manifest:
+        found = {Geometry.from_json(text).spacing for text in preprocessed_manifest["preprocessed_geometry"]}
+        other = sorted(
+            s for s in found if not all(math.isclose(a, b) for a, b in zip(s, spacing, strict=True))
+        )
+        if other:
+            raise ValueError(
+                f"params:preprocess.target_spacing is {spacing} mm but the preprocessed_manifest holds "
+                f"volumes at {[list(s) for s in other]} mm (a manifest of another preprocess run?): rerun "
+                "`kedro run --pipeline=preprocess` or set params:preprocess to what made these volumes"
+            )
+    return recorded
 
 
 def split_train_params(params_train: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -84,6 +123,8 @@ def checkpoint_dir(
 ) -> Path:
     """Checkpoints keyed by what determines the run, so re-running the same recipe resumes, a new one
     (or a network whose ``layout`` changed with the code) starts afresh and leaves the old ones alone.
+    ``SCHEDULING_KEYS`` are left out: they change no weight. The number of ranks is not in the key, but
+    in each checkpoint, and a resume on another number is refused (``training.loop``).
 
     ``volumes`` identifies the preprocessed arrays (:func:`manifest_checksum`): the episode index names
     cases, not intensities, so without it a change of normalisation or spacing would resume a network
@@ -92,7 +133,7 @@ def checkpoint_dir(
     key = json.dumps(
         {
             "model": model_config,
-            "train": train_config,
+            "train": {key: value for key, value in train_config.items() if key not in SCHEDULING_KEYS},
             "episodes": episode_checksum,
             "layout": layout,
             "volumes": volumes,
@@ -212,10 +253,17 @@ def train_iris(
     preprocessed_manifest: pd.DataFrame,
     params_model: dict[str, Any],
     params_train: dict[str, Any],
+    params_preprocess: dict[str, Any] | None = None,
 ) -> tuple[ModelBundle, pd.DataFrame]:
-    """Train Iris through the configured launcher; returns the model bundle and the training history."""
+    """Train Iris through the configured launcher; returns the model bundle and the training history.
+
+    ``params_preprocess`` goes into the bundle's metadata, so ``iris segment`` prepares a new scan as
+    the training volumes were prepared, from the bundle alone.
+    """
     from iris_pipelines.inference.bundle import ModelBundle
     from iris_pipelines.launch import launch_training
+
+    preprocess = recorded_preprocessing(params_preprocess, preprocessed_manifest)
 
     model_config = build_model_config(params_model)
     node, train_config = split_train_params(params_train)
@@ -251,6 +299,7 @@ def train_iris(
         "episode_index_checksum": checksum,
         "weights_checksum": list(result.weights_checksum),
         "final_validation": final_validation(result.validation),
+        **({"preprocess": preprocess} if preprocess else {}),
     }
     bundle = ModelBundle(
         model_config=dict(result.model_config),

@@ -10,7 +10,13 @@ def create_pipeline(**kwargs) -> Pipeline:
         [
             Node(
                 func=train_iris,
-                inputs=["episode_index", "preprocessed_manifest", "params:model", "params:train"],
+                inputs=[
+                    "episode_index",
+                    "preprocessed_manifest",
+                    "params:model",
+                    "params:train",
+                    "params:preprocess",
+                ],
                 outputs=["iris_model", "training_history"],
                 name="train_iris",
             ),
