@@ -13,6 +13,7 @@ import pandas as pd
 import pytest
 import SimpleITK as sitk
 import torch
+import yaml
 from click.testing import CliRunner
 from scipy.spatial.transform import Rotation
 
@@ -566,9 +567,9 @@ def test_a_scan_too_small_for_the_network_is_skipped_and_the_batch_goes_on(
     files, tmp_path, one_torch_thread
 ) -> None:
     tiny = tmp_path / "tiny.nii.gz"
-    image, _ = make_scan(
-        (1.0, 1.0, 1.0), _centred_origin((1.0,) * 3, np.eye(3), (6, 5, 4)), np.eye(3), (6, 5, 4)
-    )
+    # At the blob's edge, so that it holds air as any CT does.
+    image, _ = make_scan((1.0, 1.0, 1.0), tuple(CENTRE + [2.0, 2.0, 3.0]), np.eye(3), (6, 5, 4))
+    assert sitk.GetArrayViewFromImage(image).min() < -200
     write_image(image, tiny)
     out = tmp_path / "labels"
     result = invoke(
@@ -637,3 +638,156 @@ def test_output_names_that_clash_are_refused_before_any_work(files, tmp_path, mo
     assert result.exit_code == 2, result.output
     assert expected in " ".join(result.output.split()) and "Traceback" not in result.output
     assert not (tmp_path / "out").exists()
+
+
+def _stored_values(path: Path, tmp_path: Path, name: str) -> Path:
+    """The CT at ``path`` as exported without the DICOM rescale: stored value = HU + 1024, so no air."""
+    image = read_image(path)
+    raw = sitk.Cast(image, sitk.sitkFloat32) + 1024.0
+    raw.CopyInformation(image)
+    write_image(raw, tmp_path / name)
+    return tmp_path / name
+
+
+def test_a_ct_scan_or_reference_without_air_is_refused(files, tmp_path, monkeypatch) -> None:
+    """An MR scan, or a CT in stored values, was clipped to the CT window and segmented badly in silence."""
+
+    def no_inference(*args, **kwargs):
+        raise AssertionError("segmented a scan that is not in Hounsfield units")
+
+    monkeypatch.setattr(segment_module, "make_predictor", no_inference)
+    raw = _stored_values(files["query"], tmp_path, "raw.nii.gz")
+    raw_reference = _stored_values(files["ref_a"], tmp_path, "raw_ref.mha")
+    for image, reference in ((raw, files["ref_a"]), (files["query"], raw_reference)):
+        result = invoke(
+            "--image", image, "--reference", f"{reference}:{files['ref_a_label']}",
+            "--model", files["bundle"], "--out", tmp_path / "o.nii.gz", *SPACING,
+        )  # fmt: skip
+        assert result.exit_code == 2, result.output
+        message = " ".join(result.output.split())
+        refused = raw if image == raw else raw_reference
+        assert f"{refused}: no voxel lies below -200 HU (values 224..1324;" in message
+        assert "does not look like a CT in Hounsfield units" in message
+        assert "pass --modality MR or --modality PET" in message and "Traceback" not in message
+        assert not (tmp_path / "o.nii.gz").exists()
+
+
+def test_a_scan_without_air_is_skipped_in_a_batch_and_fine_as_mr(files, tmp_path, monkeypatch) -> None:
+    _known_prediction(files, monkeypatch, files["query"])
+    raw = _stored_values(files["query"], tmp_path, "raw.nii.gz")
+    out = tmp_path / "labels"
+    common = ["--image", files["query"], "--image", raw, *_reference(files), "--model", files["bundle"]]
+    result = invoke(*common, "--out", out, *SPACING)
+    assert result.exit_code == 1, result.output
+    summary = pd.read_csv(out / "segmentations.csv", keep_default_na=False)
+    assert summary["status"].tolist() == ["ok", "failed"]
+    assert summary["reason"][1].startswith(f"{raw}: no voxel lies below -200 HU")
+    result = invoke(*common, "--modality", "MR", "--out", tmp_path / "mr", *SPACING)
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "mr" / "raw.json").read_text())["modality"] == "MR"
+
+
+def test_the_nnunet_ignore_label_is_never_a_class(files, tmp_path, monkeypatch, caplog) -> None:
+    """A reference whose unannotated voxels carry dataset.json's "ignore" value (9): it was segmented as a
+    class named class_9."""
+    _known_prediction(files, monkeypatch, files["query"])
+    label = read_image(files["ref_a_label"])
+    values = sitk.GetArrayFromImage(label)
+    values[:, :, :3] = 9  # a strip nobody annotated, away from the blob
+    partial = sitk.GetImageFromArray(values)
+    partial.CopyInformation(label)
+    write_image(partial, tmp_path / "partial_labels.mha")
+    dataset = tmp_path / "dataset.json"
+    dataset.write_text(json.dumps({"labels": {"background": 0, "liver": 5, "ignore": 9}}))
+    common = [
+        "--image", files["query"], "--reference", f"{files['ref_a']}:{tmp_path / 'partial_labels.mha'}",
+        "--labels", dataset, "--model", files["bundle"], "--strategy", "one_shot", *SPACING,
+    ]  # fmt: skip
+    with caplog.at_level("INFO", logger="iris_pipelines.segment"):
+        result = invoke(*common, "--out", tmp_path / "o.nii.gz")
+    assert result.exit_code == 0, result.output
+    sidecar = json.loads((tmp_path / "o.json").read_text())
+    assert [(c["label"], c["name"]) for c in sidecar["classes"]] == [(5, "liver")]
+    assert f"{dataset}: value 9 is nnU-Net's 'ignore' label for unannotated voxels" in caplog.text
+    result = invoke(*common, "--classes", "5,9", "--out", tmp_path / "p.nii.gz")
+    assert result.exit_code == 2, result.output
+    assert f"--classes lists 9, which {dataset} names 'ignore'" in " ".join(result.output.split())
+    assert not (tmp_path / "p.nii.gz").exists()
+
+
+def test_a_rerun_replaces_the_outputs_and_leaves_no_stale_probabilities(
+    files, tmp_path, monkeypatch, caplog
+) -> None:
+    """A second run without --save-probabilities left the first run's probabilities beside a label map whose
+    sidecar says there are none."""
+    _known_prediction(files, monkeypatch, files["query"])
+    out = tmp_path / "labels.nii.gz"
+    common = ["--image", files["query"], *_reference(files), "--model", files["bundle"], "--out", out]
+    assert invoke(*common, "--strategy", "one_shot", "--save-probabilities", *SPACING).exit_code == 0
+    assert (tmp_path / "labels_probabilities.nii.gz").is_file()
+    with caplog.at_level("INFO", logger="iris_pipelines.segment"):
+        result = invoke(*common, "--strategy", "one_shot", *SPACING)
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["labels.json", "labels.nii.gz"]
+    assert json.loads((tmp_path / "labels.json").read_text())["probabilities"] is None
+    replaced = [
+        r.getMessage() for r in caplog.records if "replacing what an earlier run wrote" in r.getMessage()
+    ]
+    assert replaced == [
+        f"replacing what an earlier run wrote: {out}, {tmp_path / 'labels.json'}, "
+        f"{tmp_path / 'labels_probabilities.nii.gz'} (removed: no probabilities now)"
+    ]
+
+
+def test_a_scan_that_fails_on_a_rerun_keeps_no_earlier_label_map(files, tmp_path, monkeypatch) -> None:
+    """Re-running a batch after a scan broke left its earlier label map and sidecar beside a "failed" row."""
+    _known_prediction(files, monkeypatch, files["query"])
+    scans = [tmp_path / "a.nii.gz", tmp_path / "b.nii.gz"]
+    for scan in scans:
+        shutil.copy(files["query"], scan)
+    out = tmp_path / "labels"
+    common = ["--image", scans[0], "--image", scans[1], *_reference(files), "--model", files["bundle"]]
+    assert invoke(*common, "--out", out, "--strategy", "one_shot", *SPACING).exit_code == 0
+    scans[1].write_bytes(scans[1].read_bytes()[:300])  # an interrupted re-export
+    result = invoke(*common, "--out", out, "--strategy", "one_shot", *SPACING)
+    assert result.exit_code == 1, result.output
+    assert sorted(p.name for p in out.iterdir()) == ["a.json", "a.nii.gz", "segmentations.csv"]
+    summary = pd.read_csv(out / "segmentations.csv", keep_default_na=False)
+    assert summary["status"].tolist() == ["ok", "failed"]
+    assert summary["reason"][1].endswith("; removed b.nii.gz, b.json left by an earlier run")
+
+
+def test_a_spacing_the_model_does_not_record_is_warned_about(tmp_path, caplog) -> None:
+    """A bundle that records no preprocessing was resampled at the guessed 3 mm without a word."""
+    from iris_pipelines.inference.bundle import ModelBundle
+    from iris_pipelines.segment import preprocess_params
+
+    bare, project = ModelBundle({}, {}), Path(__file__).parents[1]
+    tagged = ModelBundle({}, {}, metadata={"preprocess": {"target_spacing": [6.0, 6.0, 6.0]}})
+    recorded = {"preprocess": {"target_spacing": [1.5, 1.5, 2.0]}}
+    with caplog.at_level("WARNING", logger="iris_pipelines.segment"):
+        preprocess_params(None, bare, None, tmp_path)
+        preprocess_params(None, bare, None, project)
+        preprocess_params(None, tagged, None, tmp_path)
+        preprocess_params(None, bare, recorded, tmp_path)
+        preprocess_params([2.0], bare, None, tmp_path)
+    spacing = yaml.safe_load((project / "conf/base/parameters_preprocess.yml").read_text())["preprocess"]
+    grid = "×".join(f"{float(v):g}" for v in spacing["target_spacing"])
+    assert [r.getMessage() for r in caplog.records] == [
+        "preprocessing from default 3 mm (the model records none): resampling to 3×3×3 mm; if the model was "
+        "trained at another spacing, pass that with --spacing",
+        f"preprocessing from {project / 'conf/base/parameters_preprocess.yml'} (the model records none): "
+        f"resampling to {grid} mm; if the model was trained at another spacing, pass that with --spacing",
+    ]
+
+
+def test_help_shows_the_defaults_and_what_each_option_does() -> None:
+    from iris_pipelines.segment import SegmentRequest
+
+    result = invoke("--help")
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())
+    assert f"Adam steps of --strategy tuning. [default: {SegmentRequest.tuning_steps}]" in text
+    assert f"Learning rate of --strategy tuning. [default: {SegmentRequest.tuning_lr}]" in text
+    assert "sliding windows overlap" in text and "that a voxel's most likely class must pass" in text
+    assert "else 3 mm" in text and "Outputs of an earlier run there are replaced" in text

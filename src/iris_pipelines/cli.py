@@ -180,6 +180,29 @@ def phantoms(root: Path, seed: int, cases_per_dataset: int, size_scale: float) -
     console.print(table)
 
 
+class _LibraryDefault(click.Option):
+    """An option whose default is computed when used (``_segment_default``): --help shows the value, where
+    click would show "(dynamic)"."""
+
+    def get_help_extra(self, ctx: click.Context) -> dict:
+        extra = dict(super().get_help_extra(ctx))
+        if callable(self.default):
+            extra["default"] = str(self.default())
+        return extra
+
+
+def _segment_default(name: str) -> Callable[[], object]:
+    """``SegmentRequest``'s default for ``name``, read when needed: the segment module imports torch, too
+    slow to load for every ``iris`` command."""
+
+    def default() -> object:
+        from iris_pipelines.segment import SegmentRequest
+
+        return getattr(SegmentRequest, name)
+
+    return default
+
+
 def _tracking_uri_option(fallback: str):
     return click.option(
         "--tracking-uri",
@@ -248,25 +271,56 @@ def _project_option(help_text: str):
     "labels_file",
     type=click.Path(path_type=Path),
     default=None,
-    help="Class names: a JSON {value: name} or an MSD/nnU-Net dataset.json.",
+    help='Class names: a JSON {value: name} or an MSD/nnU-Net dataset.json (whose "ignore" label, for '
+    "unannotated voxels, is never segmented).",
 )
 @click.option(
     "--modality",
     type=click.Choice(["CT", "MR", "PET"], case_sensitive=False),
     default="CT",
     show_default=True,
+    help="How the scans and references are normalised, as in training. A CT must be in Hounsfield units: "
+    "one with no air (an MR or PET scan, or stored values) is refused.",
 )
 @click.option(
     "--spacing",
     type=str,
     default=None,
-    help="Target spacing in mm (1.5 or 1.5,1.5,3); default: what the model was trained with.",
+    help="Target spacing in mm (1.5 or 1.5,1.5,3). Default: the spacing the model bundle or its registered "
+    "run records, else the one in --project's conf/base/parameters_preprocess.yml, else 3 mm; the last two "
+    "are guesses, warned about: give the model's training spacing here.",
 )
 @click.option("--roi", type=str, default=None, help="Window in voxels (default: the training crop).")
-@click.option("--overlap", type=float, default=0.5, show_default=True)
-@click.option("--threshold", type=float, default=0.5, show_default=True)
-@click.option("--tuning-steps", type=int, default=None, help="Adam steps of --strategy tuning.")
-@click.option("--tuning-lr", type=float, default=None, help="Learning rate of --strategy tuning.")
+@click.option(
+    "--overlap",
+    type=float,
+    default=0.5,
+    show_default=True,
+    help="Fraction by which neighbouring sliding windows overlap, in [0, 1); more is smoother and slower.",
+)
+@click.option(
+    "--threshold",
+    type=float,
+    default=0.5,
+    show_default=True,
+    help="Probability, in (0, 1), that a voxel's most likely class must pass to be labelled.",
+)
+@click.option(
+    "--tuning-steps",
+    type=int,
+    cls=_LibraryDefault,
+    default=_segment_default("tuning_steps"),
+    show_default=True,
+    help="Adam steps of --strategy tuning.",
+)
+@click.option(
+    "--tuning-lr",
+    type=float,
+    cls=_LibraryDefault,
+    default=_segment_default("tuning_lr"),
+    show_default=True,
+    help="Learning rate of --strategy tuning.",
+)
 @click.option("--device", type=str, default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @_tracking_uri_option("sqlite:///mlflow.db here")
 @_project_option("Kedro project whose conf/base gives the default preprocessing.")
@@ -275,7 +329,8 @@ def _project_option(help_text: str):
     type=click.Path(path_type=Path),
     required=True,
     help="Label map to write (NIfTI, MHA or NRRD), or a directory for several scans; a JSON sidecar is "
-    "written next to each.",
+    "written next to each. Outputs of an earlier run there are replaced, and its <out stem>_probabilities "
+    "removed when this run does not save them; in a directory, a scan that fails has them removed.",
 )
 @click.option(
     "--out-suffix",
@@ -294,7 +349,7 @@ def _project_option(help_text: str):
 def segment(images: tuple[Path, ...], images_dir: Path | None, references: tuple[str, ...],
             embeddings: Path | None, dataset: str | None, model_ref: str, strategy: str, classes: str | None,
             labels_file: Path | None, modality: str, spacing: str | None, roi: str | None, overlap: float,
-            threshold: float, tuning_steps: int | None, tuning_lr: float | None, device: str,
+            threshold: float, tuning_steps: int, tuning_lr: float, device: str,
             tracking_uri: str | None, project_dir: Path, out: Path,
             out_suffix: str | None, save_probabilities: bool) -> None:  # fmt: skip
     """Segment scans in context: the classes shown by the references (or stored task embeddings).
@@ -332,13 +387,11 @@ def segment(images: tuple[Path, ...], images_dir: Path | None, references: tuple
             roi_size=None if roi_size is None else tuple(roi_size * 3 if len(roi_size) == 1 else roi_size),
             overlap=overlap,
             threshold=threshold,
+            tuning_steps=tuning_steps,
+            tuning_lr=tuning_lr,
             device=device,
             save_probabilities=save_probabilities,
         )
-        if tuning_steps is not None:
-            request.tuning_steps = tuning_steps
-        if tuning_lr is not None:
-            request.tuning_lr = tuning_lr
         request.check()
         if batch:
             _segment_scans(request, scans, out, out_suffix, model_ref, tracking_uri, project_dir, spacing_mm)
@@ -452,9 +505,7 @@ def _segment_scans(request: SegmentRequest, scans: list[Path], out_dir: Path, ou
     from iris_pipelines.segment import batch_outputs, segment_batch
 
     # name clashes fail before the model is fetched
-    batch_outputs(
-        scans, out_dir, out_suffix, probabilities=request.save_probabilities, inputs=request.inputs()
-    )
+    batch_outputs(scans, out_dir, out_suffix, inputs=request.inputs())
     with steps(len(scans) + 2) as step:
         step("loading model")
         bundle, record = registry.load_model_bundle(model_ref, registry.tracking_uri(tracking_uri))

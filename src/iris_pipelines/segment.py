@@ -30,7 +30,7 @@ import torch
 import yaml
 from torch import Tensor
 
-from iris_pipelines.collection.ingest import first_grid_difference, label_values
+from iris_pipelines.collection.ingest import CT_AIR_CHECK_HU, first_grid_difference, label_values
 from iris_pipelines.collection.layouts import parse_labels
 from iris_pipelines.evaluation.embeddings import class_embeddings, embedding_tensor
 from iris_pipelines.evaluation.evaluate import EvaluateParams
@@ -62,6 +62,9 @@ EMBEDDING_STRATEGIES = ("one_shot", "ensemble", "memory_bank")
 STRATEGY_CHOICES = ("one_shot", "ensemble", "tuning", "memory_bank")
 DEFAULT_SPACING = (3.0, 3.0, 3.0)
 PREPROCESS_KEYS = ("target_spacing", "ct_window", "percentiles")
+# Where preprocessing can come from the model itself; any other source is a guess, warned about.
+_BUNDLE_SOURCE = "model bundle metadata"
+_RUN_SOURCE = "registered run parameters"
 GRID_TOLERANCE_MM = 1e-3  # as `iris validate` / ingest
 _IGNORE_LABEL = "ignore"  # nnU-Net v2's label for unannotated voxels
 # A reference class under a 2×2×2 block of the model's grid gives an embedding of a speck: warned about.
@@ -164,9 +167,10 @@ class SegmentRequest:
         return paths + [path for path in (self.labels_file, self.embeddings) if path is not None]
 
 
-def written_files(out: Path, *, probabilities: bool) -> list[Path]:
-    """What segmenting one scan writes: the label map, its JSON sidecar and (asked for) probabilities."""
-    return [out, sidecar_path(out)] + ([probabilities_path(out)] if probabilities else [])
+def written_files(out: Path) -> list[Path]:
+    """What segmenting one scan writes or replaces: the label map, its JSON sidecar and its probabilities
+    (written when asked for, else removed, so that none from an earlier run outlives its label map)."""
+    return [out, sidecar_path(out), probabilities_path(out)]
 
 
 def protected_inputs(scans: Sequence[Path], others: Sequence[Path]) -> dict[Path, str]:
@@ -233,11 +237,31 @@ def read_class_names(path: Path) -> dict[int, str]:
             raise InvalidInputError(
                 str(path), "malformed_labels", "`classes` must list objects with a `label` and a `name`"
             ) from None
-    if isinstance(document, Mapping) and "labels" in document:
-        document = document["labels"]
+    document = _labels_section(document)
     if isinstance(document, Mapping) and _IGNORE_LABEL in document:
         document = {key: value for key, value in document.items() if key != _IGNORE_LABEL}
     return parse_labels(document, where=str(path))
+
+
+def _labels_section(document: Any) -> Any:
+    """The ``labels`` of a ``dataset.json``, or the document itself (a plain name table)."""
+    return document["labels"] if isinstance(document, Mapping) and "labels" in document else document
+
+
+def ignore_label(path: Path) -> int | None:
+    """The value that nnU-Net's ``"ignore"`` label gives unannotated voxels in a ``--labels`` file, if any:
+    such voxels belong to no class, so the value must never be segmented as one."""
+    document = _labels_section(_read_json(path))
+    if not isinstance(document, Mapping) or _IGNORE_LABEL not in document:
+        return None
+    value = document[_IGNORE_LABEL]
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise InvalidInputError(
+            str(path),
+            "malformed_labels",
+            f"label {_IGNORE_LABEL!r} has value {value!r}; use a non-negative integer",
+        )
+    return value
 
 
 def class_names(labels: Sequence[int], labels_file: Path | None, label_path: Path | None) -> dict[int, str]:
@@ -295,8 +319,8 @@ def preprocess_params(
         {"target_spacing": metadata["target_spacing"]} if "target_spacing" in metadata else None
     )
     candidates: list[tuple[str, Any]] = [
-        ("model bundle metadata", recorded_in_bundle),
-        ("registered run parameters", (recorded or {}).get("preprocess")),
+        (_BUNDLE_SOURCE, recorded_in_bundle),
+        (_RUN_SOURCE, (recorded or {}).get("preprocess")),
         (f"{project_dir / 'conf/base/parameters_preprocess.yml'}", project_preprocess(project_dir)),
     ]
     params: dict[str, Any] = {"target_spacing": list(DEFAULT_SPACING)}
@@ -307,6 +331,13 @@ def preprocess_params(
             source = name
             break
     params["target_spacing"] = list(_as_triple(params["target_spacing"], f"target_spacing from {source}"))
+    if spacing is None and source not in (_BUNDLE_SOURCE, _RUN_SOURCE):
+        # A model trained at another spacing sees structures at the wrong scale and segments them badly.
+        logger.warning(
+            "preprocessing from %s (the model records none): resampling to %s mm; if the model was trained "
+            "at another spacing, pass that with --spacing",
+            source, "×".join(f"{v:g}" for v in params["target_spacing"]),
+        )  # fmt: skip
     if spacing is not None:
         params["target_spacing"] = list(_as_triple(list(spacing), "--spacing"))
         source = f"--spacing (normalisation from {source})"
@@ -325,16 +356,41 @@ class Reference:
     label: np.ndarray
 
 
+def require_hounsfield(image: sitk.Image, path: Path, modality: str) -> None:
+    """Refuse a "CT" with no voxel below ingest's CT_AIR_CHECK_HU: an MR or PET scan, or a CT in stored values
+    (HU + 1024), clipped to the CT window becomes a nearly binary image that is segmented badly, silently."""
+    if modality != "CT":
+        return
+    extremes = sitk.MinimumMaximumImageFilter()
+    extremes.Execute(image)
+    if extremes.GetMinimum() > CT_AIR_CHECK_HU:
+        raise InvalidInputError(
+            str(path),
+            "not_hounsfield",
+            f"no voxel lies below {CT_AIR_CHECK_HU:g} HU (values {extremes.GetMinimum():g}.."
+            f"{extremes.GetMaximum():g}; air is -1000 HU), so it does not look like a CT in Hounsfield units "
+            "as --modality CT expects: for an MR or PET scan pass --modality MR or --modality PET; for a CT "
+            "stored without its rescale intercept (HU = value - 1024 for most scanners) convert it to "
+            "Hounsfield units first",
+        )
+
+
 def read_reference(
-    spec: ReferenceSpec, wanted: Sequence[int] | None, modality: str, params: Mapping[str, Any]
+    spec: ReferenceSpec,
+    wanted: Sequence[int] | None,
+    modality: str,
+    params: Mapping[str, Any],
+    ignored: int | None = None,
 ) -> tuple[Reference, list[int]]:
     """Read and check a reference pair; returns it on the canonical grid and its foreground values.
 
     The image and label must share a grid (a label on another grid is almost always the wrong file), and
-    the label must hold every ``wanted`` class, before and after resampling.
+    the label must hold every ``wanted`` class, before and after resampling. ``ignored`` (nnU-Net's
+    ``"ignore"`` label) marks unannotated voxels, never a foreground value.
     """
     image = read_image(spec.image)
     require_scalar_volume(image, spec.image, "reference image")
+    require_hounsfield(image, spec.image, modality)
     label = read_image(spec.label)
     require_scalar_volume(label, spec.label, "reference label")
     difference = first_grid_difference(
@@ -347,7 +403,8 @@ def read_reference(
             f"reference image {spec.image} and its label are on different grids: {difference}; "
             "resample the label onto the image grid",
         )
-    present = [int(v) for v in label_values(sitk.GetArrayViewFromImage(label), spec.label) if v != 0]
+    values = label_values(sitk.GetArrayViewFromImage(label), spec.label)
+    present = [int(v) for v in values if v not in (0, ignored)]
     missing = [c for c in (wanted or []) if c not in present]
     if missing:
         raise InvalidInputError(
@@ -559,17 +616,28 @@ def prepare_task(
     """Read the references (or stored embeddings) and encode the task: the work shared by all scans."""
     step = on_step or (lambda _: None)
     request.check()
+    labels = list(request.classes or [])
+    ignored = ignore_label(request.labels_file) if request.labels_file is not None else None
+    if ignored is not None and ignored in labels:
+        raise SegmentError(
+            f"--classes lists {ignored}, which {request.labels_file} names {_IGNORE_LABEL!r}: nnU-Net's "
+            "label for unannotated voxels, not a class; leave it out of --classes"
+        )
+    if ignored is not None and not labels:
+        logger.info(
+            "%s: value %d is nnU-Net's %r label for unannotated voxels: not segmented as a class",
+            request.labels_file, ignored, _IGNORE_LABEL,
+        )  # fmt: skip
     device = resolve_device(request.device)
     params, params_source = preprocess_params(spacing, bundle, recorded_parameters, project_dir or Path.cwd())
     roi = tuple(request.roi_size) if request.roi_size else bundle.inference_window()
     model = bundle.build_model().to(device)
     references: list[Reference] = []
     table = read_embeddings(request.embeddings) if request.embeddings is not None else None
-    labels = list(request.classes or [])
     if request.references:
         specs = request.references[:1] if request.strategy == "one_shot" else request.references
         for index, spec in enumerate(specs):
-            reference, present = read_reference(spec, labels or None, request.modality, params)
+            reference, present = read_reference(spec, labels or None, request.modality, params, ignored)
             if index == 0 and not labels:
                 labels = present  # every class the first reference shows; the others must show them too
             references.append(reference)
@@ -593,10 +661,12 @@ def prepare_task(
     return PreparedTask(model, task, labels, names, dataset, params, params_source, roi, device)  # type: ignore[arg-type]
 
 
-def read_scan(path: Path, out: Path) -> sitk.Image:
-    """The scan to segment, refused now if its label map could not be written to ``out`` (its own grid)."""
+def read_scan(path: Path, out: Path, modality: str) -> sitk.Image:
+    """The scan to segment, refused now if it does not fit ``modality`` or its label map could not be
+    written to ``out`` (its own grid)."""
     image = read_image(path)
     require_scalar_volume(image, path, "image")
+    require_hounsfield(image, path, modality)
     require_storable(image, out)
     return image
 
@@ -626,11 +696,22 @@ def segment_scan(
 
     step("writing")
     result = prediction.labels
-    probabilities = None
+    probabilities = None if prediction.probabilities is None else probabilities_path(out)
+    earlier = [path for path in written_files(out) if path.exists()]
+    if earlier:  # re-running into the same --out replaces its outputs, as documented
+        removed = probabilities_path(out) if probabilities is None else None
+        logger.info(
+            "replacing what an earlier run wrote: %s",
+            ", ".join(
+                f"{path} (removed: no probabilities now)" if path == removed else str(path)
+                for path in earlier
+            ),
+        )
     if prediction.probabilities is not None:
-        probabilities = probabilities_path(out)
         write_image(prediction.probabilities, probabilities)
-    write_image(result, out)  # last: a label map on disk means its probabilities are there too
+    else:  # an earlier run's must not sit beside this label map as if they were its own
+        probabilities_path(out).unlink(missing_ok=True)
+    write_image(result, out)  # last: a label map on disk means its probabilities, if any, are its own
     summary = {
         "image": str(image_path),
         "output": str(out),
@@ -676,12 +757,9 @@ def segment(
     request.check()
     if request.image is None or request.out is None:
         raise SegmentError("give the scan to segment and the label map to write (--image, --out)")
-    refuse_overwrites(
-        written_files(request.out, probabilities=request.save_probabilities),
-        protected_inputs([request.image], request.inputs()),
-    )
+    refuse_overwrites(written_files(request.out), protected_inputs([request.image], request.inputs()))
     step("reading")
-    image = read_scan(request.image, request.out)  # a bad scan fails before the references are read
+    image = read_scan(request.image, request.out, request.modality)  # fails before the references are read
     prepared = prepare_task(
         request, bundle, recorded_parameters=recorded_parameters, project_dir=project_dir, spacing=spacing,
         on_step=step,
@@ -731,16 +809,11 @@ def output_name(image: Path, suffix: str | None = None) -> str:
 
 
 def batch_outputs(
-    images: Sequence[Path],
-    out_dir: Path,
-    suffix: str | None = None,
-    *,
-    probabilities: bool = False,
-    inputs: Sequence[Path] = (),
+    images: Sequence[Path], out_dir: Path, suffix: str | None = None, *, inputs: Sequence[Path] = ()
 ) -> list[tuple[Path, Path]]:
-    """(scan, label map) pairs under ``out_dir``; refused before any work when a file written for one scan
-    (label map, JSON sidecar, probabilities) would overwrite a scan, another input (``inputs``: references,
-    class names, embeddings) or a file written for another scan."""
+    """(scan, label map) pairs under ``out_dir``; refused before any work when a file written or replaced
+    for one scan (label map, JSON sidecar, probabilities) would overwrite a scan, another input (``inputs``:
+    references, class names, embeddings) or a file written for another scan."""
     if suffix is not None and suffix not in OUTPUT_SUFFIXES:
         raise SegmentError(f"--out-suffix {suffix!r}: expected one of {list(OUTPUT_SUFFIXES)}")
     protected = protected_inputs(images, inputs)
@@ -748,7 +821,7 @@ def batch_outputs(
     writers: dict[Path, Path] = {}
     for image in images:
         out = out_dir / output_name(Path(image), suffix)
-        written = written_files(out, probabilities=probabilities)
+        written = written_files(out)
         refuse_overwrites(written, protected)
         for path in written:
             key = path.resolve()
@@ -784,6 +857,24 @@ def _summary_row(image: Path, out: Path, result: SegmentResult | None, reason: s
     return row
 
 
+def _remove_outputs(out: Path) -> str:
+    """Remove the outputs of a scan that failed, so no label map from an earlier run sits beside its "failed"
+    row looking like a result; returns what to add to the reason ("" when there were none)."""
+    removed, kept = [], []
+    for path in written_files(out):
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            continue
+        except OSError as error:
+            kept.append(f"{path.name} ({error.strerror})")
+            continue
+        removed.append(path.name)
+    notes = [f"removed {', '.join(removed)} left by an earlier run"] if removed else []
+    notes += [f"could not remove {', '.join(kept)} left by an earlier run"] if kept else []
+    return "".join(f"; {note}" for note in notes)
+
+
 def segment_batch(
     request: SegmentRequest,
     images: Sequence[Path],
@@ -800,13 +891,12 @@ def segment_batch(
     """``iris segment`` on many scans with one task, encoded once (the point of in-context segmentation).
 
     A scan that cannot be segmented (unreadable, NaN voxels, a grid its format cannot store, …) is logged,
-    listed with its reason in ``segmentations.csv`` in ``out_dir`` and skipped; the others go on. Problems
-    shared by all scans (references, model, options, output names) stop the batch before any scan.
+    listed with its reason in ``segmentations.csv`` in ``out_dir`` and skipped, its outputs from an earlier
+    run removed; the others go on. Problems shared by all scans (references, model, options, output names)
+    stop the batch before any scan.
     """
     request.check()
-    pairs = batch_outputs(
-        images, out_dir, out_suffix, probabilities=request.save_probabilities, inputs=request.inputs()
-    )
+    pairs = batch_outputs(images, out_dir, out_suffix, inputs=request.inputs())
     prepared = prepare_task(
         request, bundle, recorded_parameters=recorded_parameters, project_dir=project_dir, spacing=spacing
     )
@@ -820,11 +910,11 @@ def segment_batch(
             if on_scan is not None:
                 on_scan(image_path)
             try:
-                image = read_scan(image_path, out)
+                image = read_scan(image_path, out, request.modality)
                 result = segment_scan(request, prepared, image, image_path, out, model_uri=model_uri)
             # InvalidInputError and SegmentError are ValueErrors too, as is a scan too small to segment.
             except (OSError, ValueError) as error:
-                reason = " ".join(str(error).split())
+                reason = " ".join(str(error).split()) + _remove_outputs(out)
                 logger.warning("skipped %s", reason)
                 failures.append((image_path, reason))
                 rows.append(_summary_row(image_path, out, None, reason))

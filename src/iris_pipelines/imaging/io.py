@@ -10,6 +10,7 @@ import contextlib
 import datetime
 import gzip
 import hashlib
+import itertools
 import locale
 import logging
 import os
@@ -71,6 +72,11 @@ _FLOAT_PIXEL_IDS = frozenset(
 )
 _SLICE_STEP_MM = 0.01  # absolute tolerance on DICOM slice steps; the relative one is 1 % of the step
 _ORTHONORMAL_ATOL = 1e-4  # DᵀD against I: float32 NIfTI headers and 6-digit DICOM cosines stay well inside
+# How far a NIfTI qform may stray from its sform and still count as one placement: ITK's quaternion of an
+# oblique direction differs from the float32 sform by up to ~1e-5 per mm of voxel size, while 1e-3 mm and
+# 1e-4 per mm (a 0.006° turn) stay far below a voxel.
+_FORMS_ATOL_MM = 1e-3
+_FORMS_ATOL_MATRIX = 1e-4
 
 
 def file_suffix(path: str | os.PathLike[str]) -> str:
@@ -166,6 +172,42 @@ def _check_nifti(path: Path, payload_bytes: int) -> None:
                 f"{non_finite} of {stored.size} voxels are NaN or infinite (a NIfTI reader would silently "
                 "turn them into 0); fix or mask them before ingesting",
             )
+
+
+def _require_agreeing_forms(path: Path) -> None:
+    """Refuse a NIfTI whose qform and sform are both in use but place the voxels differently.
+
+    Tools disagree on which one wins: ITK takes the qform when the sform code is 2 or 4, nibabel, FSL and
+    most viewers take the sform. Whichever is read here, a mask written from the scan carries it in both,
+    so in the other tools the mask lies off its scan. Reads the header only.
+    """
+    try:
+        header = nibabel.load(path).header
+        qform, qform_code = header.get_qform(coded=True)
+        sform, sform_code = header.get_sform(coded=True)
+    except (ImageFileError, HeaderDataError, ValueError, OSError, EOFError):
+        return  # not parseable as NIfTI here: ITK's reader reports the problem, or reads its one usable form
+    if qform_code == 0 or sform_code == 0:
+        return
+    translation = np.abs(qform[:3, 3] - sform[:3, 3]).max()
+    # Per mm of voxel size, as direction cosines are compared: thick slices scale the round-off too.
+    voxel_mm = np.maximum(np.linalg.norm(sform[:3, :3], axis=0), np.finfo(float).tiny)
+    matrix = (np.abs(qform[:3, :3] - sform[:3, :3]) / voxel_mm).max()
+    if translation <= _FORMS_ATOL_MM and matrix <= _FORMS_ATOL_MATRIX:
+        return
+    size = (tuple(header.get_data_shape()[:3]) + (1, 1, 1))[:3]
+    corners = np.array([[*ijk, 1.0] for ijk in itertools.product(*((0, n - 1) for n in size))])
+    offset = float(np.linalg.norm(corners @ (qform - sform).T, axis=1).max())
+    raise InvalidInputError(
+        str(path),
+        "qform_sform_mismatch",
+        f"the qform (code {qform_code}) and the sform (code {sform_code}) place the voxels up to "
+        f"{offset:.4g} mm apart, and tools disagree on which to use (ITK reads the qform when the sform code "
+        "is 2 or 4, nibabel and FSL the sform), so a mask made from it would lie off the scan in some of "
+        "them; find out which is right and make the other agree or set its code to 0 (e.g. "
+        "`fslorient -copysform2qform`, or in nibabel img.set_qform(img.get_sform()) when the sform is right, "
+        "img.set_sform(img.get_qform()) when the qform is)",
+    )
 
 
 @dataclass(frozen=True)
@@ -428,8 +470,9 @@ def read_image(
     ``verify=False`` skips the integrity checks ITK does not do itself (complete gzip stream, voxel bytes
     of NIfTI and MetaImage, NaN and Inf voxels), which cost a second decompression or a pass over the
     voxels; only for files already verified, like the ingested cases that preprocessing reads.
-    A DICOM series must have evenly spaced slices, and a detached header (``.mhd``, ``.nhdr``) its data
-    files, whatever ``verify`` says: both checks read headers only.
+    A DICOM series must have evenly spaced slices, a detached header (``.mhd``, ``.nhdr``) its data files,
+    and a NIfTI with both a qform and an sform must have them agree, whatever ``verify`` says: these checks
+    read headers only.
     """
     source = Path(path)
     if not source.exists():
@@ -448,6 +491,8 @@ def read_image(
         header = _read_header(source, image_format)
         if header is not None:
             _require_data_files(source, header)
+        if image_format == "nifti":
+            _require_agreeing_forms(source)
         if verify:
             with source.open("rb") as handle:
                 gzipped = handle.read(2) == _GZIP_MAGIC
