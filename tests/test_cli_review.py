@@ -47,6 +47,7 @@ LATER_EPISODES_VERSION = "2026-02-01T00.00.00.000Z"
 def _parameters(root: Path) -> dict:
     return {
         "model": {"size": "tiny"},
+        "preprocess": {"target_spacing": [3.0, 3.0, 3.0]},  # the synthetic collection's grid
         "train": {
             "launcher": "in_process", "launcher_options": {}, "checkpoint_root": str(root / "checkpoints"),
             "registry_name": "iris", "steps": 2, "batch_size": 1, "crop_size": [32, 32, 32],

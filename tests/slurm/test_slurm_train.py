@@ -58,6 +58,8 @@ def slurm_project(project_copy: Path, slurm_cluster, tmp_path_factory) -> Path: 
     make_env.compose_env(conf)  # conf/hpcc_local, as documented for users
     overrides = tmp_path_factory.mktemp("overrides")
     (overrides / "parameters_train.yml").write_text(TEST_OVERRIDES)
+    # The spacing of build_collection's volumes, which train records in the bundle and checks.
+    (overrides / "parameters_preprocess.yml").write_text("preprocess:\n  target_spacing: [3.0, 3.0, 3.0]\n")
     make_env.compose_env(conf, name=ENV, source="hpcc_local", overrides=overrides)
 
     manifest, index = build_collection(tmp_path_factory.mktemp("volumes"))
