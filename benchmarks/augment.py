@@ -37,9 +37,9 @@ def dense_warp_masks(masks: torch.Tensor, grid: torch.Tensor, theta: torch.Tenso
     """Every class sampled over the whole crop (the implementation before the boxed one)."""
     del theta  # the grid alone defines the dense warp
     warped = F.grid_sample(
-        masks[None].float(), grid, mode="bilinear", padding_mode="zeros", align_corners=False
+        masks[None].float(), grid, mode="nearest", padding_mode="zeros", align_corners=False
     )
-    return (warped[0] > 0.5).to(masks.dtype)
+    return warped[0].to(masks.dtype)
 
 
 def dense_perturb_masks(masks: torch.Tensor, gen: torch.Generator, prob: float) -> torch.Tensor:
