@@ -51,3 +51,30 @@ def test_a_table_of_several_embedding_runs_has_no_settings() -> None:
     rows = pd.DataFrame({"embed_settings": ['{"seed": 0}', '{"seed": 1}']})
     assert embedding_settings(rows) is None
     assert embedding_settings(rows.iloc[:1]) == {"seed": 0}
+
+
+def test_a_model_is_not_scored_on_another_episode_index_unless_allowed(caplog) -> None:
+    """After new data, re-running episodes can move a training subject into the test split."""
+    import pytest
+    import torch
+
+    from iris_pipelines.collection.episodes import index_checksum
+    from iris_pipelines.inference.bundle import ModelBundle
+    from iris_pipelines.model import Iris, IrisConfig
+    from iris_pipelines.pipelines.evaluate.nodes import require_the_models_episode_index
+
+    trained_on = {"episodes": [{"query": "a"}], "cases": {"a": "train", "b": "test"}}
+    trained_on["checksum"] = index_checksum(trained_on)
+    reshuffled = {"episodes": [{"query": "b"}], "cases": {"a": "test", "b": "train"}}
+    reshuffled["checksum"] = index_checksum(reshuffled)
+    torch.manual_seed(0)
+    bundle = ModelBundle.from_model(
+        Iris(IrisConfig.tiny()), metadata={"episode_index_checksum": trained_on["checksum"]}
+    )
+
+    require_the_models_episode_index(bundle, trained_on)
+    with pytest.raises(ValueError, match="test split may hold subjects the model trained on"):
+        require_the_models_episode_index(bundle, reshuffled)
+    with caplog.at_level(logging.WARNING):
+        require_the_models_episode_index(bundle, reshuffled, allow_other=True)
+    assert "allowed by evaluate.allow_other_episode_index" in caplog.text

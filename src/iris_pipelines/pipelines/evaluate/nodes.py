@@ -23,7 +23,7 @@ from iris_pipelines.evaluation.report import (
 from iris_pipelines.inference.bundle import ModelBundle
 from iris_pipelines.inference.device import resolve_device
 from iris_pipelines.pipelines.embed_tasks.nodes import model_info
-from iris_pipelines.pipelines.train.nodes import input_checksums
+from iris_pipelines.pipelines.train.nodes import episode_index_checksum, input_checksums
 from iris_pipelines.registry import (
     EVAL_TAG_DECIMALS,
     EVAL_TAG_PREFIX,
@@ -46,6 +46,7 @@ def evaluate_strategies(
 ) -> pd.DataFrame:
     """``evaluation_metrics``: one row per test episode × method × class, on the original grids."""
     settings = EvaluateParams.from_dict(params)
+    require_the_models_episode_index(iris_model, episode_index, settings.allow_other_episode_index)
     device = resolve_device(settings.device)
     logger.info("Evaluating on %s", device)
     if mlflow.active_run() is not None:
@@ -60,6 +61,34 @@ def evaluate_strategies(
         settings,
         model_info(iris_model, registered_model),
     )
+
+
+def require_the_models_episode_index(
+    iris_model: ModelBundle, episode_index: dict[str, Any], allow_other: bool = False
+) -> None:
+    """Refuse to score a model on an episode index other than the one it was trained on.
+
+    Subjects are split per dataset, so a re-run of ingest → episodes after a subject was added or
+    rejected can move subjects the model trained on into the test split: its scores would include
+    memorised scans. ``allow_other`` (``evaluate.allow_other_episode_index``) turns that into a warning,
+    for an index that is meant to differ, e.g. one with a new held-out dataset.
+    """
+    trained_on = (iris_model.metadata or {}).get("episode_index_checksum")
+    if trained_on is None:  # a bundle that records no index (built outside the train pipeline)
+        return
+    current = episode_index_checksum(episode_index)
+    if current == trained_on:
+        return
+    message = (
+        f"the model was trained on episode index {str(trained_on)[:12]}…, this is {current[:12]}…: its test "
+        "split may hold subjects the model trained on. Evaluate on the model's index (its registered "
+        "version's input_version.episode_index tag names it: kedro run --pipeline=evaluate "
+        "--load-versions=episode_index:<version>), retrain on this one, or set "
+        "evaluate.allow_other_episode_index: true if the difference is meant"
+    )
+    if not allow_other:
+        raise ValueError(message)
+    logger.warning("%s (allowed by evaluate.allow_other_episode_index)", message)
 
 
 def record_evaluation_inputs(
