@@ -37,6 +37,12 @@ def label_volume(size: Sequence[int] = SIZE, *, values: Sequence[int] = (1, 2)) 
     return label
 
 
+def multi_modal_volume(modalities: int, size: Sequence[int] = SIZE, *, seed: int = 0) -> sitk.Image:
+    """A 4-D (x, y, z, modality) image as multi-modal MSD tasks store one, whose first volume is
+    ``image_volume(seed=seed)``."""
+    return sitk.JoinSeries([image_volume(size, seed=seed + 1000 * channel) for channel in range(modalities)])
+
+
 def write(image: sitk.Image, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     sitk.WriteImage(image, str(path), useCompression=path.name.endswith(".gz"))
@@ -49,16 +55,21 @@ def write_msd(
     *,
     labels: Mapping[str, str] | None = None,
     modality: str = "CT",
+    modalities: Sequence[str] = (),
 ) -> Path:
-    """An MSD task folder: imagesTr/labelsTr NIfTI plus dataset.json listing them (``./`` paths)."""
+    """An MSD task folder: imagesTr/labelsTr NIfTI plus dataset.json listing them (``./`` paths).
+
+    Several ``modalities`` make every image a 4-D :func:`multi_modal_volume`, as in Task01 BrainTumour.
+    """
     training = []
     for index, case_id in enumerate(case_ids):
-        write(image_volume(seed=index), root / "imagesTr" / f"{case_id}.nii.gz")
+        image = multi_modal_volume(len(modalities), seed=index) if modalities else image_volume(seed=index)
+        write(image, root / "imagesTr" / f"{case_id}.nii.gz")
         write(label_volume(), root / "labelsTr" / f"{case_id}.nii.gz")
         training.append({"image": f"./imagesTr/{case_id}.nii.gz", "label": f"./labelsTr/{case_id}.nii.gz"})
     meta = {
         "name": root.name,
-        "modality": {"0": modality},
+        "modality": {str(channel): name for channel, name in enumerate(modalities or [modality])},
         "labels": dict(labels or {"0": "background", "1": "liver", "2": "tumour"}),
         "numTraining": len(training),
         "training": training,

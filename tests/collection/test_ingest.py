@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import shutil
@@ -18,6 +19,7 @@ from builders import (
     SPACING,
     image_volume,
     label_volume,
+    multi_modal_volume,
     write,
     write_csv,
     write_dicom_case,
@@ -25,6 +27,7 @@ from builders import (
     write_nnunet,
 )
 
+from iris_pipelines.collection import ingest
 from iris_pipelines.collection.ingest import (
     MANIFEST_COLUMNS,
     REPORT_COLUMNS,
@@ -174,6 +177,20 @@ def test_4d_image_is_not_3d(tmp_path: Path) -> None:
     assert "4-D" in error.reason and "(8, 9, 10, 2)" in error.reason
 
 
+def test_a_multi_modal_msd_case_is_ingested_from_its_first_volume(tmp_path: Path) -> None:
+    """Task01 BrainTumour / Task05 Prostate store every modality of a case in one 4-D image."""
+    root = write_msd(tmp_path / "Task05_Prostate", ["p0", "p1"], modalities=("T2", "ADC"))
+    write(multi_modal_volume(3, seed=1), root / "imagesTr" / "p1.nii.gz")
+    manifest, report = ingest_sources([{"name": "prostate", "layout": "msd", "path": str(root)}])
+    row = manifest.set_index("case_id").loc["p0"]
+    assert row["modality"] == "MR" and list(row["size"]) == list(SIZE)  # the 3-D part of the 4-D grid
+    np.testing.assert_allclose(row["spacing"], SPACING, atol=1e-6)
+    np.testing.assert_allclose(row["origin"], ORIGIN, atol=1e-6)
+    assert list(row["direction"]) == [1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0]
+    assert list(report[["case_id", "check"]].itertuples(index=False, name=None)) == [("p1", "channel_count")]
+    assert "3 volumes" in report.loc[0, "reason"] and "2 modalities" in report.loc[0, "reason"]
+
+
 def test_empty_label(tmp_path: Path) -> None:
     ref = _case(tmp_path, label=label_volume(values=()))
     error = _rejection(ref)
@@ -268,6 +285,32 @@ def test_ingest_continues_past_bad_inputs(
     back = pd.read_parquet(tmp_path / "m.parquet")
     assert list(back.loc[4, "size"]) == list(SIZE) and back["heldout"].dtype == bool
     report.to_csv(tmp_path / "r.csv", index=False)
+
+
+def test_an_unreadable_file_rejects_its_case_and_the_rest_go_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A label the user may not read (a group-only file on a shared file system) is one reject, not a
+    PermissionError that stops the whole collection."""
+    root = write_msd(tmp_path / "Task", ["a", "b", "c"])
+    refused = root / "labelsTr" / "b.nii.gz"
+    read_image = ingest.read_image
+
+    def read_unless_refused(path: Path, **kwargs: object) -> sitk.Image:
+        if Path(path) == refused:
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return read_image(path, **kwargs)
+
+    monkeypatch.setattr(ingest, "read_image", read_unless_refused)
+    source = {"name": "t", "layout": "msd", "path": str(root)}
+    manifest, report = ingest_sources([source])
+    assert list(manifest["case_id"]) == ["a", "c"]
+    assert list(report[["case_id", "check", "path"]].itertuples(index=False, name=None)) == [
+        ("b", "unreadable", str(refused))
+    ]
+    assert "Permission denied" in report.loc[0, "reason"]
+    with pytest.raises(InvalidInputError, match=r"labelsTr/b\.nii\.gz: the file cannot be read"):
+        ingest_sources([source], strict=True)
 
 
 def test_strict_mode_raises_the_first_problem(collection: list[dict[str, object]]) -> None:

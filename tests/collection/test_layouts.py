@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -40,6 +42,43 @@ def test_msd_source_lists_training_cases(tmp_path: Path) -> None:
         label_path=root / "labelsTr" / "liver_0.nii.gz",
         labels={1: "liver", 2: "tumour"},
     )
+
+
+def test_msd_multi_modal_takes_channel_0_with_warning(tmp_path: Path) -> None:
+    root = write_msd(tmp_path / "Task01_BrainTumour", ["brats_0"], modalities=("FLAIR", "T1w", "t1gd", "T2w"))
+    refs, problems = discover_cases({"name": "brain", "layout": "msd", "path": str(root)})
+    problem = _only_problem(problems)
+    assert problem.warning and problem.check == "multichannel" and "channel 0 (FLAIR)" in problem.reason
+    assert (refs[0].modality, refs[0].image_channels) == ("MR", 4)
+
+
+def _permission_denied(method: Callable[..., object], refused: Path) -> Callable[..., object]:
+    def guarded(path: Path, *args: object, **kwargs: object) -> object:
+        if path == refused:
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return method(path, *args, **kwargs)
+
+    return guarded
+
+
+def test_files_the_user_may_not_read_are_reported_not_raised(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A label in a folder the user may not search rejects its case; an unreadable dataset.json its source."""
+    root = write_msd(tmp_path / "Task", ["a", "b"])
+    hidden = root / "labelsTr" / "b.nii.gz"
+    with monkeypatch.context() as patch:
+        patch.setattr(Path, "exists", _permission_denied(Path.exists, hidden))
+        refs, problems = discover_cases({"name": "t", "layout": "msd", "path": str(root)})
+    assert [ref.case_id for ref in refs] == ["a"]
+    problem = _only_problem(problems)
+    assert (problem.check, problem.case_id, problem.path) == ("unreadable", "b", str(hidden))
+    assert "Permission denied" in problem.reason
+    meta_path = root / "dataset.json"
+    monkeypatch.setattr(Path, "read_text", _permission_denied(Path.read_text, meta_path))
+    refs, problems = discover_cases({"name": "t", "layout": "msd", "path": str(root)})
+    problem = _only_problem(problems)
+    assert refs == [] and (problem.check, problem.case_id, problem.path) == ("unreadable", "", str(meta_path))
 
 
 def test_msd_modality_alias_and_subject_pattern(tmp_path: Path) -> None:
@@ -152,6 +191,18 @@ def test_nnunet_multichannel_takes_channel_0_with_warning(tmp_path: Path) -> Non
     problem = _only_problem(problems)
     assert problem.warning and problem.check == "multichannel" and "channel 0" in problem.reason
     assert refs[0].image_path.name == "a_0000.mha"
+
+
+def test_nnunet_v1_task_is_told_to_add_its_file_ending(tmp_path: Path) -> None:
+    """nnU-Net v1 dataset.json files have no `file_ending`: the error names the fix instead of guessing."""
+    root = write_nnunet(tmp_path / "Task002_Heart", ["la_003"], file_ending=".nii.gz")
+    meta = json.loads((root / "dataset.json").read_text())
+    del meta["file_ending"]
+    (root / "dataset.json").write_text(json.dumps(meta))
+    refs, problems = discover_cases({"name": "heart", "layout": "nnunet", "path": str(root)})
+    problem = _only_problem(problems)
+    assert refs == [] and problem.check == "malformed_json"
+    assert "nnU-Net v1" in problem.reason and '"file_ending": ".nii.gz"' in problem.reason
 
 
 def test_nnunet_without_channel_names_takes_the_modality_of_the_source(tmp_path: Path) -> None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import logging
+import os
 import shutil
 import subprocess
 import sys
@@ -286,6 +288,74 @@ def test_an_input_edited_after_it_was_cached_is_caught_on_the_cache_hit(manifest
     sitk.WriteImage(sitk.Cast(volume, sitk.sitkUInt8) * 0, str(label))  # every class erased
     result, report = preprocess_cases(pd.DataFrame([row]), _params(output_dir))
     assert result.empty and list(report["check"]) == ["stale_manifest"]
+
+
+def test_a_detached_data_file_edited_after_it_was_cached_is_caught_on_the_cache_hit(manifest, tmp_path):
+    """An .mhd header names the file its voxels are in: an edit to that file leaves the header as it was."""
+    row = manifest.iloc[0].to_dict()
+    label = tmp_path / "label.mhd"
+    sitk.WriteImage(sitk.ReadImage(row["label_path"]), str(label))  # the voxels go to label.raw
+    row = {**row, "label_path": str(label), "label_sha256": file_sha256(label)}
+    output_dir = tmp_path / "volumes"
+    first, _ = preprocess_cases(pd.DataFrame([row]), _params(output_dir))
+    assert len(first) == 1
+    data = tmp_path / "label.raw"
+    before = data.stat()
+    data.write_bytes(bytes(before.st_size))  # every class erased, the size kept
+    os.utime(data, ns=(before.st_atime_ns, before.st_mtime_ns + 10**9))
+    result, report = preprocess_cases(pd.DataFrame([row]), _params(output_dir))
+    assert result.empty and list(report["check"]) == ["stale_manifest"]
+
+
+def test_a_class_lost_in_resampling_is_reported_on_every_run(tmp_path, caplog, monkeypatch):
+    """A structure finer than the target spacing can vanish under nearest neighbour: the case is kept, and
+    the loss is logged and reported, by a cached run too."""
+    label = _label_volume()
+    label[TUMOUR] = 0
+    label[8, 11, 16] = 2  # one 2 mm voxel, between the 6 mm grid's samples
+    image = np.random.default_rng(0).normal(40, 300, SIZE[::-1]).astype(np.int16)
+    image_path, label_path = tmp_path / "img.nii.gz", tmp_path / "seg.nii.gz"
+    _write_volume(image, (2.0, 2.0, 2.0), IDENTITY, image_path)
+    _write_volume(label, (2.0, 2.0, 2.0), IDENTITY, label_path)
+    row = {
+        **make_case(tmp_path, "template", (2.0, 2.0, 2.0), IDENTITY, "CT"),
+        "case_id": "speck",
+        "image_path": str(image_path),
+        "label_path": str(label_path),
+        "image_sha256": file_sha256(image_path),
+        "label_sha256": file_sha256(label_path),
+    }
+    params = _params(tmp_path / "volumes", target_spacing=(6.0, 6.0, 6.0))
+    with caplog.at_level(logging.WARNING, logger=preprocessing.__name__):
+        result, report = preprocess_cases(pd.DataFrame([row]), params)
+    assert list(result["case_id"]) == ["speck"]
+    assert json.loads(result.loc[0, "class_voxels"])["2"] == 0
+    assert list(report.columns) == REPORT_COLUMNS
+    assert list(report[["case_id", "check", "path"]].itertuples(index=False, name=None)) == [
+        ("speck", "class_lost_in_resampling", str(label_path))
+    ]
+    assert "class 2 (tumour) has 1 voxel(s)" in report.loc[0, "reason"]
+    [warning] = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert "speck" in warning and "class 2 (tumour)" in warning and "6 × 6 × 6 mm" in warning
+    monkeypatch.setattr(preprocessing, "read_image", None)  # a cache hit reads no volume
+    again, cached_report = preprocess_cases(pd.DataFrame([row]), params)
+    pd.testing.assert_frame_equal(again, result)
+    pd.testing.assert_frame_equal(cached_report, report)
+
+
+def test_a_multi_modal_image_is_preprocessed_from_its_first_volume(manifest, tmp_path):
+    """Ingest accepts a 4-D multi-modal MSD image for its first volume, on the 3-D part of its grid."""
+    row = manifest.set_index("case_id", drop=False).loc["oblique"].to_dict()
+    scan = sitk.ReadImage(row["image_path"])
+    path = tmp_path / "t2_adc.nii.gz"
+    sitk.WriteImage(sitk.JoinSeries([scan, scan * 0 + 7]), str(path))
+    multi = preprocess_case(
+        {**row, "image_path": str(path), "image_sha256": file_sha256(path)}, _params(tmp_path)
+    )
+    single = preprocess_case(row, _params(tmp_path))
+    np.testing.assert_array_equal(np.load(multi["image_array"]), np.load(single["image_array"]))
+    for column in ("original_geometry", "preprocessed_geometry", "class_voxels"):
+        assert multi[column] == single[column]
 
 
 def test_a_cached_case_missing_a_file_is_rebuilt(manifest, tmp_path):

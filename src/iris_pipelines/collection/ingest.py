@@ -18,7 +18,7 @@ import pandas as pd
 import SimpleITK as sitk
 from tqdm import tqdm
 
-from iris_pipelines.collection.layouts import CaseRef, Problem, discover_cases
+from iris_pipelines.collection.layouts import CaseRef, Problem, discover_cases, unreadable
 from iris_pipelines.imaging.errors import InvalidInputError
 from iris_pipelines.imaging.geometry import Geometry
 from iris_pipelines.imaging.io import detect_format, file_sha256, read_image, require_scalar_volume
@@ -137,12 +137,39 @@ def _warn_without_air(image: sitk.Image, path: Path) -> None:
         )  # fmt: skip
 
 
+def first_volume(image: sitk.Image) -> sitk.Image:
+    """The first 3-D volume of a 4-D (x, y, z, channel) image, on the 3-D part of its grid, as a multi-modal
+    MSD image holds its first modality; any other image as it is."""
+    if image.GetDimension() != 4:
+        return image
+    size = list(image.GetSize())
+    return sitk.Extract(
+        image, [*size[:3], 0], [0, 0, 0, 0], sitk.ExtractImageFilter.DIRECTIONCOLLAPSETOSUBMATRIX
+    )
+
+
+def _channel_0(image: sitk.Image, ref: CaseRef) -> sitk.Image:
+    """Channel 0 of a multi-modal case, refusing a 4-D image that does not hold one volume per modality."""
+    if ref.image_channels == 1 or image.GetDimension() != 4:
+        return image
+    volumes = image.GetSize()[3]
+    if volumes != ref.image_channels:
+        raise InvalidInputError(
+            str(ref.image_path),
+            "channel_count",
+            f"the image holds {volumes} volumes along its 4th axis but its dataset.json declares "
+            f"{ref.image_channels} modalities; which one is channel 0 is unclear: fix the image or the "
+            "`modality` entry",
+        )
+    return first_volume(image)
+
+
 def validate_case(ref: CaseRef, *, tolerance_mm: float) -> dict[str, Any]:
     """Read the image and label once each, check them, and return the case's ``case_manifest`` row.
 
     Raises :class:`InvalidInputError` naming the offending file and the problem.
     """
-    image = read_image(ref.image_path)  # verifies NaN/Inf voxels too
+    image = _channel_0(read_image(ref.image_path), ref)  # verifies NaN/Inf voxels too
     require_scalar_volume(image, ref.image_path)
     if str(ref.modality).upper() == "CT":
         _warn_without_air(image, ref.image_path)
@@ -270,7 +297,8 @@ def ingest_sources(
     for ref in tqdm(refs, desc="Checking cases", unit="case"):
         try:
             row = validate_case(ref, tolerance_mm=tolerance_mm)
-        except InvalidInputError as err:
+        except (InvalidInputError, OSError) as exc:  # OSError: e.g. a file the user may not read
+            err = unreadable(exc, ref.image_path) if isinstance(exc, OSError) else exc
             _reject(
                 Problem(ref.dataset, ref.case_id, err.path, err.check, err.reason),
                 strict=strict,

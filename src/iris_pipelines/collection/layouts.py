@@ -61,6 +61,8 @@ class CaseRef:
     image_path: Path
     label_path: Path
     labels: dict[int, str]
+    # Modalities of a multi-modal MSD image, stacked along its 4th axis; only the first volume is ingested.
+    image_channels: int = 1
 
 
 @dataclass(frozen=True)
@@ -90,6 +92,20 @@ class _Source:
     modality: str | None
     heldout: bool
     subject_pattern: re.Pattern[str] | None
+
+
+def unreadable(error: OSError, where: str | Path) -> InvalidInputError:
+    """An OS error (no read permission, an I/O error on a network file system) as the reject of the file it
+    hit, or of ``where`` when it names none: one unreadable file must not stop a whole collection."""
+    advice = (
+        "make it (and its folders) readable for the user running ingest"
+        if isinstance(error, PermissionError)
+        else "check the file and its file system"
+    )
+    path = where if error.filename is None else error.filename
+    return InvalidInputError(
+        str(path), "unreadable", f"the file cannot be read ({error.strerror or error}); {advice}"
+    )
 
 
 def normalise_modality(value: object, *, where: str) -> str:
@@ -249,8 +265,11 @@ def _read_dataset_json(directory: Path) -> tuple[Path, dict[str, Any]]:
     return meta_path, meta
 
 
-def _channels(meta: Mapping[str, Any], key: str, meta_path: Path) -> dict[str, object]:
+def _channels(source: _Source, meta: Mapping[str, Any], key: str, meta_path: Path) -> dict[str, object]:
+    """dataset.json's channel names; optional (``{}`` when absent) if the source names the modality."""
     channels = meta.get(key)
+    if source.modality and not isinstance(channels, Mapping):
+        return {}
     if not isinstance(channels, Mapping) or "0" not in channels:
         raise InvalidInputError(
             str(meta_path),
@@ -258,6 +277,23 @@ def _channels(meta: Mapping[str, Any], key: str, meta_path: Path) -> dict[str, o
             f'dataset.json has no `{key}` entry for channel "0"; set `modality` in the source',
         )
     return dict(channels)
+
+
+def _channel_0_only(source: _Source, channels: Mapping[str, object], meta_path: Path) -> list[Problem]:
+    """One warning per dataset that declares several input channels: Iris reads one, channel 0."""
+    if len(channels) < 2:
+        return []
+    return [
+        Problem(
+            source.name,
+            "",
+            str(meta_path),
+            "multichannel",
+            f"{len(channels)} input channels {list(channels.values())}; Iris reads one, "
+            f"so only channel 0 ({channels['0']}) is ingested",
+            warning=True,
+        )
+    ]
 
 
 def _make_ref(
@@ -270,11 +306,16 @@ def _make_ref(
     modality: str,
     subject_id: str | None = None,
     listed_in: str = "",
+    image_channels: int = 1,
 ) -> CaseRef:
     """Build a case after checking that both files exist; ``listed_in`` names who pointed at them."""
-    if not image.exists():
+    try:
+        image_exists, label_exists = image.exists(), label.exists()
+    except OSError as exc:  # a folder on the way that the user may not search
+        raise unreadable(exc, image) from None
+    if not image_exists:
         raise InvalidInputError(str(image), "missing_file", f"the image{listed_in} does not exist")
-    if not label.exists():
+    if not label_exists:
         raise InvalidInputError(
             str(label),
             "missing_file",
@@ -290,14 +331,14 @@ def _make_ref(
         image_path=image,
         label_path=label,
         labels=labels,
+        image_channels=image_channels,
     )
 
 
 def _discover_msd(source: _Source) -> tuple[list[CaseRef], list[Problem]]:
     meta_path, meta = _read_dataset_json(source.path)
-    modality = source.modality or normalise_modality(
-        _channels(meta, "modality", meta_path)["0"], where=str(meta_path)
-    )
+    channels = _channels(source, meta, "modality", meta_path)
+    modality = source.modality or normalise_modality(channels["0"], where=str(meta_path))
     labels = parse_labels(meta.get("labels"), where=str(meta_path))
     training = meta.get("training")
     if not isinstance(training, list) or not training:
@@ -307,7 +348,8 @@ def _discover_msd(source: _Source) -> tuple[list[CaseRef], list[Problem]]:
             "dataset.json needs a non-empty `training` list of {image, label}",
         )
     refs: list[CaseRef] = []
-    problems: list[Problem] = []
+    # Multi-modal MSD tasks (BrainTumour, Prostate) stack their modalities in one 4-D image per case.
+    problems = _channel_0_only(source, channels, meta_path)
     for index, entry in enumerate(training):
         if not isinstance(entry, Mapping) or not entry.get("image") or not entry.get("label"):
             problems.append(
@@ -332,6 +374,7 @@ def _discover_msd(source: _Source) -> tuple[list[CaseRef], list[Problem]]:
                     labels=labels,
                     modality=modality,
                     listed_in=f" listed in {meta_path}",
+                    image_channels=max(len(channels), 1),
                 )
             )
         except InvalidInputError as err:
@@ -342,33 +385,16 @@ def _discover_msd(source: _Source) -> tuple[list[CaseRef], list[Problem]]:
 def _discover_nnunet(source: _Source) -> tuple[list[CaseRef], list[Problem]]:
     meta_path, meta = _read_dataset_json(source.path)
     channel_key = "channel_names" if "channel_names" in meta else "modality"
-    if source.modality and not isinstance(meta.get(channel_key), Mapping):
-        channels: dict[str, object] = {}  # the source names the modality: channel names are optional
-    else:
-        channels = _channels(meta, channel_key, meta_path)
+    channels = _channels(source, meta, channel_key, meta_path)
     modality = source.modality or normalise_modality(channels["0"], where=str(meta_path))
     labels = parse_labels(meta.get("labels"), where=str(meta_path))
+    images_dir = source.path / "imagesTr"
     file_ending = meta.get("file_ending")
     if not isinstance(file_ending, str) or not file_ending.startswith("."):
-        raise InvalidInputError(
-            str(meta_path), "malformed_json", 'dataset.json needs a `file_ending` such as ".nii.gz"'
-        )
-    images_dir = source.path / "imagesTr"
+        raise InvalidInputError(str(meta_path), "malformed_json", _file_ending_advice(meta, images_dir))
     if not images_dir.is_dir():
         raise InvalidInputError(str(images_dir), "missing_file", "the nnU-Net dataset has no imagesTr folder")
-    problems: list[Problem] = []
-    if len(channels) > 1:
-        problems.append(
-            Problem(
-                source.name,
-                "",
-                str(meta_path),
-                "multichannel",
-                f"{len(channels)} input channels {list(channels.values())}; Iris reads one, "
-                f"so only channel 0 ({channels['0']}) is ingested",
-                warning=True,
-            )
-        )
+    problems = _channel_0_only(source, channels, meta_path)
     suffix = "_0000" + file_ending
     labels_dir = source.path / "labelsTr"
     refs: list[CaseRef] = []
@@ -407,6 +433,32 @@ def _discover_nnunet(source: _Source) -> tuple[list[CaseRef], list[Problem]]:
     if not refs and not any(not problem.warning for problem in problems):
         raise InvalidInputError(str(images_dir), "no_cases", f"imagesTr holds no file ending in {suffix}")
     return refs, problems
+
+
+def _channel_0_ending(images_dir: Path) -> str | None:
+    """The image suffix of the first ``<case>_0000<suffix>`` file in imagesTr, if there is one."""
+    if not images_dir.is_dir():
+        return None
+    for image in sorted(images_dir.iterdir()):
+        for suffix in _IMAGE_SUFFIXES:
+            if image.name.endswith("_0000" + suffix):
+                return suffix
+    return None
+
+
+def _file_ending_advice(meta: Mapping[str, Any], images_dir: Path) -> str:
+    """Why a dataset.json without a usable ``file_ending`` is refused, naming the fix for an nnU-Net v1 task.
+
+    nnU-Net v1 had no ``file_ending`` (its images were all NIfTI); the ending is not guessed from the files,
+    since one stray file would then decide which cases a dataset has.
+    """
+    found = None if "file_ending" in meta else _channel_0_ending(images_dir)
+    if found is None:
+        return 'dataset.json needs a `file_ending` such as ".nii.gz"'
+    return (
+        f"dataset.json has no `file_ending`, and imagesTr holds images named <case>_0000{found}: this looks "
+        f'like an nnU-Net v1 task; add `"file_ending": "{found}"` to its dataset.json to ingest it'
+    )
 
 
 def _read_manifest_csv(csv_path: Path) -> tuple[list[str], list[dict[str, str]]]:
@@ -564,5 +616,6 @@ def discover_cases(source: Mapping[str, Any]) -> tuple[list[CaseRef], list[Probl
     try:
         parsed = _parse_source(source)
         return _DISCOVERERS[parsed.layout](parsed)
-    except InvalidInputError as err:
+    except (InvalidInputError, OSError) as exc:  # OSError: dataset.json, the manifest or a folder unreadable
+        err = unreadable(exc, str(source.get("path") or "")) if isinstance(exc, OSError) else exc
         return [], [Problem(name, "", err.path, err.check, err.reason)]

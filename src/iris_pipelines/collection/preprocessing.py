@@ -31,9 +31,10 @@ import SimpleITK as sitk
 from distributed import Client, LocalCluster, SpecCluster, as_completed
 from tqdm.auto import tqdm
 
+from iris_pipelines.collection.ingest import first_volume
 from iris_pipelines.imaging.errors import InvalidInputError
 from iris_pipelines.imaging.geometry import Geometry
-from iris_pipelines.imaging.io import file_sha256, read_image, require_finite
+from iris_pipelines.imaging.io import detached_data_files, file_sha256, read_image, require_finite
 from iris_pipelines.imaging.normalize import normalize_in_place
 from iris_pipelines.imaging.resample import canonical_geometry, field_of_view_mask, resample_to_geometry
 from iris_pipelines.imaging.stats import class_statistics
@@ -44,8 +45,10 @@ logger = logging.getLogger(__name__)
 # 2: normalisation statistics exclude the padding of oblique scans. 3: a case is only cached once its files
 # match the manifest's checksums; a version-2 entry may hold a file edited after ingest under the old key.
 # 4: MR/PET whose percentiles coincide (a nearly empty PET) keep their range instead of becoming zeros;
-# meta.json records the inputs' size and mtime; class names no longer enter the key.
-PREPROCESS_VERSION = "4"
+# meta.json records the inputs' size and mtime; class names no longer enter the key. 5: meta.json records the
+# classes resampling lost, for the report of every later (cached) run; the inputs' stats cover the data files
+# of a detached header (.mhd/.nhdr).
+PREPROCESS_VERSION = "5"
 
 REPORT_COLUMNS = ["dataset", "case_id", "path", "check", "reason"]
 ADDED_COLUMNS = [
@@ -165,11 +168,15 @@ class PreprocessParams:
 
 
 class CaseOutcome(NamedTuple):
-    """What one case produced: a manifest row, or a report row; ``cached`` when nothing was recomputed."""
+    """What one case produced: a manifest row, or a report row; ``cached`` when nothing was recomputed.
+
+    ``notes`` are report rows about a case that was kept all the same (a class lost in resampling).
+    """
 
     row: dict[str, Any] | None
     failure: dict[str, str] | None
     cached: bool = False
+    notes: tuple[dict[str, str], ...] = ()
 
 
 def _declared_labels(row: Mapping[str, Any]) -> dict[str, str]:
@@ -256,14 +263,21 @@ def _image_array(row: Mapping[str, Any], params: PreprocessParams) -> tuple[np.n
     path = str(row["image_path"])
     modality = _modality(row["modality"], path)  # before reading: a bad modality costs no I/O
     # _preprocess matched the file's bytes to ingest's checksum, so ingest's integrity checks still hold:
-    # skip the second decompression.
-    return canonical_image_array(read_image(path, verify=False), modality, params, source=path)
+    # skip the second decompression. The only 4-D images ingest accepts are multi-modal MSD ones, whose
+    # first volume it checked.
+    return canonical_image_array(first_volume(read_image(path, verify=False)), modality, params, source=path)
 
 
-def _label_array(row: Mapping[str, Any], grid: Geometry) -> np.ndarray:
-    """:func:`canonical_label_array` of a manifest row's label file."""
-    label_path = str(row["label_path"])
-    return canonical_label_array(read_image(label_path, verify=False), grid, source=label_path)
+def _lost_classes(source_label: sitk.Image, voxels: Mapping[int, int]) -> dict[int, int]:
+    """Voxels in the source label of each class that has none on the target grid: a structure finer than
+    the target spacing that nearest-neighbour resampling stepped over. Only a class already absent on the
+    grid (rarely any) costs a pass over the source."""
+    absent = [value for value, count in voxels.items() if count == 0]
+    if not absent:
+        return {}
+    values = sitk.GetArrayViewFromImage(source_label)
+    counts = {value: int(np.count_nonzero(values == value)) for value in absent}
+    return {value: count for value, count in counts.items() if count}
 
 
 def _require_unchanged_inputs(row: Mapping[str, Any]) -> None:
@@ -321,14 +335,21 @@ def _write_case(directory: Path, image: np.ndarray, label: np.ndarray, meta: dic
         shutil.rmtree(scratch, ignore_errors=True)
 
 
+def _input_files(path: Path) -> list[Path]:
+    """The files holding an input's bytes: a DICOM series folder's files, or a file with the data files its
+    detached header (.mhd, .nhdr) names, where an edit leaves the header itself untouched."""
+    if path.is_dir():
+        return sorted(p for p in path.rglob("*") if p.is_file())
+    return [path, *(path.parent / name for name in detached_data_files(path))]
+
+
 def _input_stats(row: Mapping[str, Any]) -> dict[str, list[int]]:
     """Size and modification time of the case's files: what a cache hit checks before trusting its key."""
     stats = {}
     for kind in ("image", "label"):
-        path = Path(str(row[f"{kind}_path"]))
-        # A DICOM series is a folder: its files' sizes and times, summed, stand for the series.
-        files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-        found = [p.stat() for p in files]
+        # Summed, they stand for the input. A missing data file only changes them: the checksum that a
+        # change triggers names it.
+        found = [p.stat() for p in _input_files(Path(str(row[f"{kind}_path"]))) if p.is_file()]
         stats[kind] = [sum(s.st_size for s in found), max((s.st_mtime_ns for s in found), default=0)]
     return stats
 
@@ -341,6 +362,7 @@ def _meta(
     grid: Geometry,
     voxels: Mapping[int, int],
     bboxes: Mapping[int, list[int] | None],
+    lost: Mapping[int, int],
 ) -> dict[str, Any]:
     return {
         "version": PREPROCESS_VERSION,
@@ -351,6 +373,7 @@ def _meta(
         "class_voxels": {str(k): int(v) for k, v in sorted(voxels.items())},
         # Absent classes have no box; they are left out so every stored box can be unpacked.
         "class_bboxes": {str(k): [int(i) for i in v] for k, v in sorted(bboxes.items()) if v is not None},
+        "lost_in_resampling": {str(k): int(v) for k, v in sorted(lost.items())},
     }
 
 
@@ -368,8 +391,32 @@ def _manifest_row(row: Mapping[str, Any], directory: Path, meta: Mapping[str, An
     }
 
 
-def _preprocess(row: Mapping[str, Any], params: PreprocessParams) -> tuple[dict[str, Any], bool]:
-    """The manifest row and whether it came from the cache."""
+def _lost_class_notes(row: Mapping[str, Any], meta: Mapping[str, Any]) -> tuple[dict[str, str], ...]:
+    """Report rows for the classes the label holds but resampling lost: no episode of this case has them."""
+    names = _declared_labels(row)
+    spacing = " × ".join(f"{s:g}" for s in meta["target_spacing"])
+    return tuple(
+        _report_row(
+            row,
+            str(row["label_path"]),
+            "class_lost_in_resampling",
+            f"class {value} ({names[value]}) has {count} voxel(s) in the label but none at the target "
+            f"spacing {spacing} mm; the case is kept without it: use a finer preprocess.target_spacing "
+            "if this structure matters",
+        )
+        for value, count in meta["lost_in_resampling"].items()
+    )
+
+
+def _outcome(
+    row: Mapping[str, Any], directory: Path, meta: Mapping[str, Any], *, cached: bool
+) -> CaseOutcome:
+    """A kept case's outcome, built only from meta.json so fresh and cached runs report the same."""
+    return CaseOutcome(_manifest_row(row, directory, meta), None, cached, _lost_class_notes(row, meta))
+
+
+def _preprocess(row: Mapping[str, Any], params: PreprocessParams) -> CaseOutcome:
+    """One case, from the cache when its key is there; raises for unusable input."""
     key = cache_key(row, params)
     directory = case_directory(Path(params.output_dir).absolute(), key)
     if _complete(directory):
@@ -379,19 +426,22 @@ def _preprocess(row: Mapping[str, Any], params: PreprocessParams) -> tuple[dict[
         # files' size and time are compared, and only a changed one is hashed.
         if meta.get("inputs") != _input_stats(row):
             _require_unchanged_inputs(row)
-        return _manifest_row(row, directory, meta), True
+        return _outcome(row, directory, meta, cached=True)
     _require_unchanged_inputs(row)
     inputs = _input_stats(row)
     image, original, grid = _image_array(row, params)
-    label = _label_array(row, grid)
-    labels = sorted(int(k) for k in _declared_labels(row))
-    voxels, bboxes = class_statistics(label, labels)
+    label_path = str(row["label_path"])
+    source_label = read_image(label_path, verify=False)  # kept: only it tells a lost class from an absent one
+    label = canonical_label_array(source_label, grid, source=label_path)
+    voxels, bboxes = class_statistics(label, sorted(int(k) for k in _declared_labels(row)))
+    lost = _lost_classes(source_label, voxels)
+    del source_label
     meta = {
-        **_meta(key, params, original=original, grid=grid, voxels=voxels, bboxes=bboxes),
+        **_meta(key, params, original=original, grid=grid, voxels=voxels, bboxes=bboxes, lost=lost),
         "inputs": inputs,
     }
     _write_case(directory, image, label, meta)
-    return _manifest_row(row, directory, meta), False
+    return _outcome(row, directory, meta, cached=False)
 
 
 def preprocess_case(row: Mapping[str, Any], params: PreprocessParams | Mapping[str, Any]) -> dict[str, Any]:
@@ -399,10 +449,10 @@ def preprocess_case(row: Mapping[str, Any], params: PreprocessParams | Mapping[s
 
     Raises :class:`InvalidInputError` for unusable input.
     """
-    return _preprocess(row, PreprocessParams.coerce(params))[0]
+    return _preprocess(row, PreprocessParams.coerce(params)).row
 
 
-def _failure(row: Mapping[str, Any], path: str, check: str, reason: str) -> dict[str, str]:
+def _report_row(row: Mapping[str, Any], path: str, check: str, reason: str) -> dict[str, str]:
     return {
         "dataset": str(row["dataset"]),
         "case_id": str(row["case_id"]),
@@ -417,13 +467,12 @@ def run_case(row: Mapping[str, Any], params: PreprocessParams, itk_threads: int 
     if itk_threads is not None:
         sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(itk_threads)
     try:
-        manifest_row, cached = _preprocess(row, params)
-        return CaseOutcome(manifest_row, None, cached)
+        return _preprocess(row, params)
     except InvalidInputError as exc:
-        return CaseOutcome(None, _failure(row, exc.path, exc.check, exc.reason))
+        return CaseOutcome(None, _report_row(row, exc.path, exc.check, exc.reason))
     except Exception as exc:  # a batch stage records every failure; strict mode turns it into an error
         reason = f"preprocessing failed with {type(exc).__name__}: {exc}"
-        return CaseOutcome(None, _failure(row, str(row["image_path"]), "preprocess_failed", reason))
+        return CaseOutcome(None, _report_row(row, str(row["image_path"]), "preprocess_failed", reason))
 
 
 def _slurm_cluster_class() -> type[SpecCluster]:
@@ -487,7 +536,8 @@ def _run_distributed(
                 if future.status == "error":
                     exc = future.exception()
                     reason = f"the dask worker failed ({type(exc).__name__}: {exc})"
-                    failure = _failure(rows[index], str(rows[index]["image_path"]), "worker_failed", reason)
+                    row = rows[index]
+                    failure = _report_row(row, str(row["image_path"]), "worker_failed", reason)
                     yield index, CaseOutcome(None, failure)
                 else:
                     yield index, future.result()
@@ -499,7 +549,8 @@ def preprocess_cases(
     """Preprocess every case_manifest row -> (preprocessed_manifest, preprocess_report).
 
     Rows keep the manifest's order. Failed cases are left out of the manifest and listed in the report;
-    with ``strict`` the first failure raises :class:`InvalidInputError` instead.
+    with ``strict`` the first failure raises :class:`InvalidInputError` instead. A kept case that lost a
+    class in resampling is listed too (``class_lost_in_resampling``), in strict mode as well.
     """
     params = PreprocessParams.coerce(params)
     rows = manifest.to_dict("records")
@@ -513,6 +564,8 @@ def preprocess_cases(
             logger.warning(
                 "preprocess rejected %s/%s: %s", failure["dataset"], failure["case_id"], failure["reason"]
             )
+        for note in outcome.notes:
+            logger.warning("preprocess kept %s/%s: %s", note["dataset"], note["case_id"], note["reason"])
         outcomes[index] = outcome
     ordered = [outcomes[i] for i in sorted(outcomes)]
     done = [o.row for o in ordered if o.row is not None]
@@ -520,4 +573,5 @@ def preprocess_cases(
     cached = sum(o.cached for o in ordered)
     logger.info("preprocessed %d cases (%d from cache), %d rejected", len(done), cached, len(failures))
     columns = list(manifest.columns) + [c for c in ADDED_COLUMNS if c not in manifest.columns]
-    return pd.DataFrame(done, columns=columns), pd.DataFrame(failures, columns=REPORT_COLUMNS)
+    report = [r for o in ordered for r in ([o.failure] if o.failure is not None else o.notes)]
+    return pd.DataFrame(done, columns=columns), pd.DataFrame(report, columns=REPORT_COLUMNS)
