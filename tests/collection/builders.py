@@ -79,6 +79,9 @@ def write_msd(
     return root
 
 
+NNUNET_SEEDS = 500
+
+
 def write_nnunet(
     root: Path,
     case_ids: Sequence[str],
@@ -91,7 +94,9 @@ def write_nnunet(
     channels = dict(channel_names or {"0": "T2"})
     for index, case_id in enumerate(case_ids):
         for channel in channels:
-            write(image_volume(seed=index), root / "imagesTr" / f"{case_id}_{int(channel):04d}{file_ending}")
+            # Seeds apart from write_msd's: ingest refuses one scan in two datasets, whatever the format.
+            scan = image_volume(seed=NNUNET_SEEDS + index)
+            write(scan, root / "imagesTr" / f"{case_id}_{int(channel):04d}{file_ending}")
         write(label_volume(), root / "labelsTr" / f"{case_id}{file_ending}")
     meta = {
         "channel_names": channels,

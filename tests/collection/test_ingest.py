@@ -355,8 +355,31 @@ def test_one_scan_listed_twice_is_kept_once(tmp_path: Path) -> None:
     assert list(zip(manifest["dataset"], manifest["case_id"], strict=True)) == [("t", "a"), ("t", "b")]
     assert list(report["check"]) == ["duplicate_image", "duplicate_image"]
     assert report["reason"][0].startswith(
-        f"the same scan (sha256) as case t/a ({root / 'imagesTr' / 'a.nii.gz'})"
+        f"the same scan (its voxel values) as case t/a ({root / 'imagesTr' / 'a.nii.gz'})"
     )
+
+
+def test_a_converted_copy_of_a_training_scan_in_a_held_out_dataset_is_refused(tmp_path: Path) -> None:
+    """Public sets circulate as MSD and nnU-Net conversions: other file bytes, the same voxels. A held-out
+    test scan that training saw would inflate every held-out figure."""
+    root = write_msd(tmp_path / "Task", ["a", "b"])
+    hospital = tmp_path / "hospital"
+    rows = []
+    for case in ("a", "b"):
+        scan = sitk.ReadImage(str(root / "imagesTr" / f"{case}.nii.gz"))
+        write(sitk.Cast(scan, sitk.sitkFloat64), hospital / f"{case}.nii")  # uncompressed, another type
+        write(sitk.ReadImage(str(root / "labelsTr" / f"{case}.nii.gz")), hospital / f"{case}_seg.nii")
+        rows.append({"case_id": case, "image": f"{case}.nii", "label": f"{case}_seg.nii"})
+    csv_path = write_csv(hospital, rows, labels={"1": "liver", "2": "tumour"})
+    manifest, report = ingest_sources(
+        [
+            {"name": "t", "layout": "msd", "path": str(root)},
+            {"name": "u", "layout": "csv", "path": str(csv_path), "modality": "CT", "heldout": True},
+        ]
+    )
+    assert list(manifest["dataset"]) == ["t", "t"]
+    assert list(report["check"]) == ["duplicate_image", "duplicate_image"]
+    assert manifest["voxel_sha256"].nunique() == 2
 
 
 def test_csv_cases_that_name_a_label_differently_are_rejected(tmp_path: Path) -> None:

@@ -7,6 +7,7 @@ and the label holds declared integer labels with some foreground. Everything els
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from collections.abc import Iterable, Mapping
@@ -44,6 +45,7 @@ MANIFEST_COLUMNS = (
     "labels",
     "image_sha256",
     "label_sha256",
+    "voxel_sha256",
 )
 REPORT_COLUMNS = ("dataset", "case_id", "path", "reason", "check")
 
@@ -174,6 +176,7 @@ def validate_case(ref: CaseRef, *, tolerance_mm: float) -> dict[str, Any]:
     if str(ref.modality).upper() == "CT":
         _warn_without_air(image, ref.image_path)
     geometry = Geometry.from_image(image)
+    voxels = voxel_sha256(image)
     del image  # the label is read next; do not hold two volumes
     label = read_image(ref.label_path)
     require_scalar_volume(label, ref.label_path, "label")
@@ -208,7 +211,22 @@ def validate_case(ref: CaseRef, *, tolerance_mm: float) -> dict[str, Any]:
         "labels": json.dumps({str(value): name for value, name in sorted(ref.labels.items())}),
         "image_sha256": file_sha256(ref.image_path),
         "label_sha256": file_sha256(ref.label_path),
+        "voxel_sha256": voxels,
     }
+
+
+def voxel_sha256(image: sitk.Image) -> str:
+    """sha256 of the scan's voxel values, whatever file format, compression or number type holds them.
+
+    Two files of one scan (an MSD copy and an nnU-Net conversion, ``.nii`` beside ``.nii.gz``, int16
+    beside float32) have different bytes, so ``image_sha256`` cannot tell they are one scan; the values
+    and the array's shape can. Hashed slice by slice as float64, so a CT needs no second copy in memory.
+    """
+    digest = hashlib.sha256(repr(image.GetSize()).encode())
+    values = sitk.GetArrayViewFromImage(image)
+    for plane in values:
+        digest.update(np.ascontiguousarray(plane, dtype=np.float64).tobytes())
+    return digest.hexdigest()
 
 
 def _drop_duplicate_cases(refs: list[CaseRef]) -> tuple[list[CaseRef], list[Problem]]:
@@ -305,17 +323,18 @@ def ingest_sources(
                 rejects=rejects,
             )
             continue
-        first = first_of_scan.setdefault(row["image_sha256"], row)
+        first = first_of_scan.setdefault(row["voxel_sha256"], row)
         if first is not row:
             # One scan under two case ids (or in two datasets) could be the reference of its own query,
             # or a held-out test scan the training saw: the split and subject checks would not know.
+            # Compared by voxel values: a converted copy of a public set has other file bytes.
             _reject(
                 Problem(
                     ref.dataset,
                     ref.case_id,
                     str(ref.image_path),
                     "duplicate_image",
-                    f"the same scan (sha256) as case {first['dataset']}/{first['case_id']} "
+                    f"the same scan (its voxel values) as case {first['dataset']}/{first['case_id']} "
                     f"({first['image_path']}); list each scan once",
                 ),
                 strict=strict,
