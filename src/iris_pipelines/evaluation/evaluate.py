@@ -85,9 +85,6 @@ class EvaluateParams:
     # auto: the GPU when there is one. The results then differ from a CPU run's in the last bits, which
     # `iris review --reproduce` reports; conf/base keeps cpu so make run reproduces byte for byte.
     device: str = "cpu"
-    # An episode index other than the model's may put its training subjects in the test split (the split
-    # of a dataset changes when a subject is added); evaluate refuses it unless this says it is meant.
-    allow_other_episode_index: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "strategies", tuple(self.strategies))

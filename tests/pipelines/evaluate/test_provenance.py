@@ -53,28 +53,39 @@ def test_a_table_of_several_embedding_runs_has_no_settings() -> None:
     assert embedding_settings(rows.iloc[:1]) == {"seed": 0}
 
 
-def test_a_model_is_not_scored_on_another_episode_index_unless_allowed(caplog) -> None:
+def test_a_model_is_not_scored_on_queries_of_its_training_subjects() -> None:
     """After new data, re-running episodes can move a training subject into the test split."""
     import pytest
     import torch
 
-    from iris_pipelines.collection.episodes import index_checksum
     from iris_pipelines.inference.bundle import ModelBundle
     from iris_pipelines.model import Iris, IrisConfig
-    from iris_pipelines.pipelines.evaluate.nodes import require_the_models_episode_index
+    from iris_pipelines.pipelines.evaluate.nodes import require_unseen_queries
+    from iris_pipelines.pipelines.train.nodes import train_subjects
 
-    trained_on = {"episodes": [{"query": "a"}], "cases": {"a": "train", "b": "test"}}
-    trained_on["checksum"] = index_checksum(trained_on)
-    reshuffled = {"episodes": [{"query": "b"}], "cases": {"a": "test", "b": "train"}}
-    reshuffled["checksum"] = index_checksum(reshuffled)
+    def index(splits: dict[str, str]) -> dict:
+        cases = [
+            {"dataset": "d", "case_id": f"{subject}_t1", "subject_id": subject, "split": split}
+            for subject, split in splits.items()
+        ]
+        episodes = [{"dataset": "d", "query": c["case_id"], "split": c["split"]} for c in cases]
+        return {"cases": cases, "episodes": episodes}
+
+    trained_on = index({"p1": "train", "p2": "train", "p3": "test"})
     torch.manual_seed(0)
     bundle = ModelBundle.from_model(
-        Iris(IrisConfig.tiny()), metadata={"episode_index_checksum": trained_on["checksum"]}
+        Iris(IrisConfig.tiny()), metadata={"train_subjects": train_subjects(trained_on)}
     )
+    assert bundle.metadata["train_subjects"] == ["d/p1", "d/p2"]
 
-    require_the_models_episode_index(bundle, trained_on)
-    with pytest.raises(ValueError, match="test split may hold subjects the model trained on"):
-        require_the_models_episode_index(bundle, reshuffled)
-    with caplog.at_level(logging.WARNING):
-        require_the_models_episode_index(bundle, reshuffled, allow_other=True)
-    assert "allowed by evaluate.allow_other_episode_index" in caplog.text
+    require_unseen_queries(bundle, trained_on, ["test"])
+    require_unseen_queries(bundle, trained_on, ["train", "test"])  # the train split, asked for on purpose
+    # A new index after a subject was added: p2 moved to test, a new subject p4 joined.
+    resplit = index({"p1": "train", "p2": "test", "p3": "test", "p4": "train"})
+    with pytest.raises(
+        ValueError, match=r"1 query subject\(s\) .* were training subjects of this model \(d/p2\)"
+    ):
+        require_unseen_queries(bundle, resplit, ["test"])
+    # An index that only adds a held-out dataset, or drops episodes, is fine.
+    require_unseen_queries(bundle, {**trained_on, "episodes": trained_on["episodes"][2:]}, ["test"])
+    require_unseen_queries(ModelBundle.from_model(Iris(IrisConfig.tiny())), resplit, ["test"])  # no record

@@ -164,6 +164,8 @@ def test_real_tiny_run_registers_a_reproducible_model(mlflow_store: Path, tmp_pa
         "model_bundle/weights.safetensors",
     }
     assert json.loads(json.dumps(registered)) == registered and registered["run_id"] == run.info.run_id
+    trained = {f"{c['dataset']}/{c['subject_id']}" for c in index["cases"] if c["split"] == "train"}
+    assert catalog.load("iris_model").metadata["train_subjects"] == sorted(trained)
     # iris segment prepares a scan from the bundle alone as the training volumes were prepared.
     assert catalog.load("iris_model").metadata["preprocess"] == {
         "target_spacing": [3.0, 3.0, 3.0],

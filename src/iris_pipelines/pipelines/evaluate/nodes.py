@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 import mlflow
@@ -23,7 +24,7 @@ from iris_pipelines.evaluation.report import (
 from iris_pipelines.inference.bundle import ModelBundle
 from iris_pipelines.inference.device import resolve_device
 from iris_pipelines.pipelines.embed_tasks.nodes import model_info
-from iris_pipelines.pipelines.train.nodes import episode_index_checksum, input_checksums
+from iris_pipelines.pipelines.train.nodes import input_checksums
 from iris_pipelines.registry import (
     EVAL_TAG_DECIMALS,
     EVAL_TAG_PREFIX,
@@ -46,7 +47,7 @@ def evaluate_strategies(
 ) -> pd.DataFrame:
     """``evaluation_metrics``: one row per test episode × method × class, on the original grids."""
     settings = EvaluateParams.from_dict(params)
-    require_the_models_episode_index(iris_model, episode_index, settings.allow_other_episode_index)
+    require_unseen_queries(iris_model, episode_index, settings.splits)
     device = resolve_device(settings.device)
     logger.info("Evaluating on %s", device)
     if mlflow.active_run() is not None:
@@ -63,32 +64,38 @@ def evaluate_strategies(
     )
 
 
-def require_the_models_episode_index(
-    iris_model: ModelBundle, episode_index: dict[str, Any], allow_other: bool = False
+def require_unseen_queries(
+    iris_model: ModelBundle, episode_index: dict[str, Any], splits: Sequence[str]
 ) -> None:
-    """Refuse to score a model on an episode index other than the one it was trained on.
+    """Refuse to score a model on query subjects it was trained on.
 
     Subjects are split per dataset, so a re-run of ingest → episodes after a subject was added or
-    rejected can move subjects the model trained on into the test split: its scores would include
-    memorised scans. ``allow_other`` (``evaluate.allow_other_episode_index``) turns that into a warning,
-    for an index that is meant to differ, e.g. one with a new held-out dataset.
+    rejected can move subjects the model trained on into the val or test split of the new index: its
+    scores would include memorised scans. The bundle lists its training subjects (``train_subjects``);
+    a bundle without the list (trained before it was recorded) is not checked. Asking for the ``train``
+    split itself is scoring on training subjects on purpose, and allowed.
     """
-    trained_on = (iris_model.metadata or {}).get("episode_index_checksum")
-    if trained_on is None:  # a bundle that records no index (built outside the train pipeline)
+    trained = set((iris_model.metadata or {}).get("train_subjects") or ())
+    if not trained:
         return
-    current = episode_index_checksum(episode_index)
-    if current == trained_on:
-        return
-    message = (
-        f"the model was trained on episode index {str(trained_on)[:12]}…, this is {current[:12]}…: its test "
-        "split may hold subjects the model trained on. Evaluate on the model's index (its registered "
-        "version's input_version.episode_index tag names it: kedro run --pipeline=evaluate "
-        "--load-versions=episode_index:<version>), retrain on this one, or set "
-        "evaluate.allow_other_episode_index: true if the difference is meant"
-    )
-    if not allow_other:
-        raise ValueError(message)
-    logger.warning("%s (allowed by evaluate.allow_other_episode_index)", message)
+    subject = {
+        (case["dataset"], case["case_id"]): f"{case['dataset']}/{case['subject_id']}"
+        for case in episode_index.get("cases", [])
+    }
+    queried = {
+        subject.get((episode["dataset"], episode["query"]), f"{episode['dataset']}/{episode['query']}")
+        for episode in episode_index.get("episodes", [])
+        if episode["split"] in splits and episode["split"] != "train"
+    }
+    seen = sorted(queried & trained)
+    if seen:
+        raise ValueError(
+            f"{len(seen)} query subject(s) of the evaluated episodes were training subjects of this model "
+            f"({', '.join(seen[:5])}{', …' if len(seen) > 5 else ''}): this episode index splits the "
+            "subjects differently from the one the model was trained on. Evaluate on the model's index "
+            "(its registered version's input_version.episode_index tag names it: kedro run "
+            "--pipeline=evaluate --load-versions=episode_index:<version>), or retrain on this one"
+        )
 
 
 def record_evaluation_inputs(

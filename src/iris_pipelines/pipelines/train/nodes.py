@@ -90,6 +90,12 @@ def recorded_preprocessing(
     return recorded
 
 
+def train_subjects(episode_index: Mapping[str, Any]) -> list[str]:
+    """``dataset/subject_id`` of every subject of the index's train split, sorted."""
+    cases = episode_index.get("cases", [])
+    return sorted({f"{case['dataset']}/{case['subject_id']}" for case in cases if case["split"] == "train"})
+
+
 def split_train_params(params_train: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     """(node options, TrainConfig dict): the launcher and paths stay out of the train loop's config."""
     node = {key: params_train[key] for key in NODE_KEYS if key in params_train}
@@ -297,6 +303,8 @@ def train_iris(
         "final_step": int(result.final_step),
         "train_config": train_config,
         "episode_index_checksum": checksum,
+        # evaluate refuses a query of these subjects: another index may split them into val or test.
+        "train_subjects": train_subjects(episode_index),
         "weights_checksum": list(result.weights_checksum),
         "final_validation": final_validation(result.validation),
         **({"preprocess": preprocess} if preprocess else {}),
