@@ -116,11 +116,11 @@ def mlflow_runs(root: Path) -> list:
 
 @pytest.fixture(scope="module")
 def data_project(project_copy: Path) -> Path:
-    """The copy after `kedro run --pipeline=ingest|preprocess|episodes`, one command each."""
-    kedro_run(project_copy, "--pipeline=ingest", f"--params={SMALL_PHANTOMS}")
+    """The copy after `kedro run --pipelines=ingest|preprocess|episodes`, one command each."""
+    kedro_run(project_copy, "--pipelines=ingest", f"--params={SMALL_PHANTOMS}")
     # From a subfolder, as from a notebook's: it must still read and write the project's data and store.
-    kedro_run(project_copy, "--pipeline=preprocess", cwd=project_copy / "data")
-    kedro_run(project_copy, "--pipeline=episodes")
+    kedro_run(project_copy, "--pipelines=preprocess", cwd=project_copy / "data")
+    kedro_run(project_copy, "--pipelines=episodes")
     return project_copy
 
 
@@ -131,7 +131,7 @@ def trained_project(data_project: Path) -> Path:
     Shared by the tests that need a finished project, such as the quick-start notebook's.
     """
     for pipeline in MODEL_PIPELINES:
-        kedro_run(data_project, f"--pipeline={pipeline}", f"--env={TINY_ENV}")
+        kedro_run(data_project, f"--pipelines={pipeline}", f"--env={TINY_ENV}")
     return data_project
 
 
@@ -279,7 +279,7 @@ def test_an_interrupted_run_exits_nonzero_and_leaves_its_mlflow_run_killed(
     env = {key: value for key, value in os.environ.items() if not key.startswith("MLFLOW_")}
     with interruptible_children():
         process = subprocess.Popen(
-            [KEDRO, "run", "--pipeline=train", f"--env={TINY_ENV}", f"--params={LONG_TRAINING}"],
+            [KEDRO, "run", "--pipelines=train", f"--env={TINY_ENV}", f"--params={LONG_TRAINING}"],
             cwd=trained_project,
             env={**env, "KEDRO_DISABLE_TELEMETRY": "1"},
             stdout=subprocess.PIPE,

@@ -9,7 +9,7 @@ PIPELINE_ORDER = ("ingest", "preprocess", "episodes", "train", "embed_tasks", "e
 
 
 def register_pipelines() -> dict[str, Pipeline]:
-    # Registry keys equal folder names: `kedro run --pipeline=X` imports only pipelines/X (Kedro >= 1.5).
+    # Registry keys equal folder names: `kedro run --pipelines=X` imports only pipelines/X (Kedro >= 1.5).
     try:
         pipelines = find_pipelines(raise_errors=True)
     except ImportError as exc:

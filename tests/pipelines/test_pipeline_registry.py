@@ -1,4 +1,4 @@
-"""register_pipelines under `kedro run --pipeline=<name>`'s filter: typos get Kedro's hint, broken
+"""register_pipelines under `kedro run --pipelines=<name>`'s filter: typos get Kedro's hint, broken
 pipeline folders their import error. In a subprocess: the filter is process-wide Kedro state."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""`kedro run --pipeline=train` through a real SLURM cluster (slurm/local-cluster), as a user runs it.
+"""`kedro run --pipelines=train` through a real SLURM cluster (slurm/local-cluster), as a user runs it.
 
 The env is conf/hpcc composed with slurm/local-cluster/hpcc_local (what `make_env.py` writes for users)
 and shrunk once more for the 2-core test machine: CPU, gloo, 2 tasks, the tiny model, a few steps. Each test
@@ -177,7 +177,7 @@ def _model_version(root: Path, run_id: str):
 def test_kedro_run_trains_through_sbatch_srun(slurm_project: Path):
     steps = 6
     result = kedro_run(
-        slurm_project, "--pipeline=train", f"--env={ENV}", _params(**{"train.steps": steps, "train.seed": 1})
+        slurm_project, "--pipelines=train", f"--env={ENV}", _params(**{"train.steps": steps, "train.seed": 1})
     )
     run = mlflow_runs(slurm_project)[-1]
     job_id = run.data.tags["slurm_job_id"]
@@ -213,7 +213,7 @@ def test_preempted_job_checkpoints_requeues_and_resumes(slurm_project: Path):
     before = {p.name for p in _jobs_dir(slurm_project).glob("*")}
     process = _start_kedro(
         slurm_project,
-        "--pipeline=train",
+        "--pipelines=train",
         f"--env={ENV}",
         _params(**{"train.steps": steps, "train.seed": seed}),
     )
@@ -248,7 +248,7 @@ def test_kedro_run_inside_an_allocation_submits_a_job_that_runs(slurm_project: P
                   "SLURM_CPUS_PER_TASK": "1", "SLURM_MEM_PER_CPU": "100"}  # fmt: skip
     process = _start_kedro(
         slurm_project,
-        "--pipeline=train",
+        "--pipelines=train",
         f"--env={ENV}",
         _params(**{"train.steps": 2, "train.seed": 5, "train.launcher_options.mem_per_task": "64M"}),
         **allocation,
@@ -265,7 +265,7 @@ def test_a_failing_rank_names_the_job_and_the_cause(slurm_project: Path):
     before = {p.name for p in _jobs_dir(slurm_project).glob("*")}
     process = _start_kedro(
         slurm_project,
-        "--pipeline=train",
+        "--pipelines=train",
         f"--env={ENV}",
         _params(**{"train.steps": 4, "train.seed": 3}),
         PYTHONPATH=str(HERE / "fault_injection"),
@@ -285,7 +285,7 @@ def test_a_failing_rank_names_the_job_and_the_cause(slurm_project: Path):
 def test_ctrl_c_cancels_the_job(slurm_project: Path):
     before = {p.name for p in _jobs_dir(slurm_project).glob("*")}
     process = _start_kedro(
-        slurm_project, "--pipeline=train", f"--env={ENV}", _params(**{"train.steps": 500, "train.seed": 4})
+        slurm_project, "--pipelines=train", f"--env={ENV}", _params(**{"train.steps": 500, "train.seed": 4})
     )
     job = _new_job(slurm_project, before, process)
     _wait_for(job, lambda records: any(r.get("event") == "started" for r in records), process)

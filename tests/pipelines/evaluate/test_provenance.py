@@ -21,7 +21,7 @@ MADE_WITH = {"references_per_class": 1, "roi_size": [32, 32, 32], "seed": 4}
 def test_an_evaluate_only_run_logs_the_settings_stored_in_task_embeddings(
     untrained_bundle, collection, tmp_path: Path, caplog
 ) -> None:
-    """`kedro run --pipeline=evaluate` logged the current params:embed_tasks, though an earlier embed_tasks
+    """`kedro run --pipelines=evaluate` logged the current params:embed_tasks, though an earlier embed_tasks
     run with other settings made the table: review --reproduce then re-embedded with the wrong ones."""
     manifest, index = collection
     table = build_task_embeddings(

@@ -1,4 +1,4 @@
-"""``kedro run --pipeline=embed_tasks``."""
+"""``kedro run --pipelines=embed_tasks``."""
 
 from .pipeline import create_pipeline
 

@@ -1,4 +1,4 @@
-"""``kedro run --pipeline=embed_tasks``: task embeddings per dataset × class from the trained model."""
+"""``kedro run --pipelines=embed_tasks``: task embeddings per dataset × class from the trained model."""
 
 from kedro.pipeline import Node, Pipeline
 

@@ -1,4 +1,4 @@
-"""``kedro run --pipeline=episodes``."""
+"""``kedro run --pipelines=episodes``."""
 
 from kedro.pipeline import Node, Pipeline
 

@@ -1,4 +1,4 @@
-"""``kedro run --pipeline=evaluate``."""
+"""``kedro run --pipelines=evaluate``."""
 
 from .pipeline import create_pipeline
 

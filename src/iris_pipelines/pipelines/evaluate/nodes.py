@@ -94,7 +94,7 @@ def require_unseen_queries(
             f"({', '.join(seen[:5])}{', …' if len(seen) > 5 else ''}): this episode index splits the "
             "subjects differently from the one the model was trained on. Evaluate on the model's index "
             "(its registered version's input_version.episode_index tag names it: kedro run "
-            "--pipeline=evaluate --load-versions=episode_index:<version>), or retrain on this one"
+            "--pipelines=evaluate --load-versions=episode_index:<version>), or retrain on this one"
         )
 
 

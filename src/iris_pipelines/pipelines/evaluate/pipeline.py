@@ -1,4 +1,4 @@
-"""``kedro run --pipeline=evaluate``: every inference strategy and both baselines on the test episodes."""
+"""``kedro run --pipelines=evaluate``: every inference strategy and both baselines on the test episodes."""
 
 from kedro.pipeline import Node, Pipeline
 

@@ -1,4 +1,4 @@
-"""``kedro run --pipeline=preprocess``."""
+"""``kedro run --pipelines=preprocess``."""
 
 from kedro.pipeline import Node, Pipeline
 

@@ -85,7 +85,7 @@ def recorded_preprocessing(
             raise ValueError(
                 f"params:preprocess.target_spacing is {spacing} mm but the preprocessed_manifest holds "
                 f"volumes at {[list(s) for s in other]} mm (a manifest of another preprocess run?): rerun "
-                "`kedro run --pipeline=preprocess` or set params:preprocess to what made these volumes"
+                "`kedro run --pipelines=preprocess` or set params:preprocess to what made these volumes"
             )
     return recorded
 

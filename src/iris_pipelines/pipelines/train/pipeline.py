@@ -1,4 +1,4 @@
-"""``kedro run --pipeline=train``: train Iris on the episode index, then register it in MLflow."""
+"""``kedro run --pipelines=train``: train Iris on the episode index, then register it in MLflow."""
 
 from kedro.pipeline import Node, Pipeline
 

@@ -1,4 +1,4 @@
-"""``kedro run --pipeline=tsne``."""
+"""``kedro run --pipelines=tsne``."""
 
 from .pipeline import create_pipeline
 

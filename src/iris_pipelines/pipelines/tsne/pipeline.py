@@ -1,4 +1,4 @@
-"""``kedro run --pipeline=tsne``: a 2-D map of the task embeddings by dataset and class."""
+"""``kedro run --pipelines=tsne``: a 2-D map of the task embeddings by dataset and class."""
 
 from kedro.pipeline import Node, Pipeline
 
