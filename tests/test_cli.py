@@ -34,6 +34,26 @@ def test_validate_names_the_broken_file_and_exits_1(tmp_path: Path):
     assert "unreadable" in result.output and "0 bytes" in result.output
 
 
+def test_validate_of_a_csv_manifest_asks_for_the_modality_option(tmp_path: Path):
+    """ingest's message speaks of the YAML config's `modality: CT`; the CLI user needs the option."""
+    (tmp_path / "manifest.csv").write_text("case_id,image,label\n")
+    result = CliRunner().invoke(main, ["validate", str(tmp_path), "--layout", "csv"])
+    assert result.exit_code == 2, result.output
+    assert "--modality CT|MR|PET" in result.output and "modality: CT" not in result.output
+
+
+def test_python_dash_m_outside_a_kedro_project_says_where_to_run_it(tmp_path: Path, monkeypatch, capsys):
+    """It once died ~270 lines later in an MLflow "filesystem tracking backend" error."""
+    from iris_pipelines.__main__ import main as run_project
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exited:
+        run_project([])
+    assert exited.value.code == 2
+    message = capsys.readouterr().err
+    assert message.count("\n") == 1 and "from the project root" in message and str(tmp_path) in message
+
+
 def test_phantoms_writes_the_collection(tmp_path: Path):
     result = CliRunner().invoke(
         main, ["phantoms", str(tmp_path / "p"), "--cases-per-dataset", "1", "--size-scale", "0.25"]

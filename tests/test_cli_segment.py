@@ -132,7 +132,9 @@ def test_tuning_refines_the_ensemble_on_the_references(files, tmp_path, one_torc
     )  # fmt: skip
     assert result.exit_code == 0, result.output
     assert Geometry.from_image(read_image(out)).same_grid(Geometry.from_image(read_image(files["query"])))
-    assert _check_sidecar(out, read_image(out))["strategy"] == "tuning"
+    sidecar = _check_sidecar(out, read_image(out))
+    assert sidecar["strategy"] == "tuning"
+    assert sidecar["tuning"] == {"steps": 2, "lr": segment_module.SegmentRequest.tuning_lr}
 
 
 def _known_prediction(files, monkeypatch, query: Path) -> None:
@@ -415,6 +417,92 @@ def test_class_names_from_a_sidecar_or_dataset_json(tmp_path, document) -> None:
     assert read_class_names(path) == {1: "liver", 3: "kidney"}
     assert sidecar_path(tmp_path / "a.b" / "labels.nii.gz") == tmp_path / "a.b" / "labels.json"
     assert sidecar_path(tmp_path / "labels.nrrd") == tmp_path / "labels.json"
+
+
+def _versions(folder: Path, source: Path, versions: list[str]) -> list[Path]:
+    """``folder`` as a versioned catalog entry holding ``source`` under each of ``versions``."""
+    copies = []
+    for version in versions:
+        target = folder / version / folder.name
+        target.parent.mkdir(parents=True)
+        (shutil.copytree if source.is_dir() else shutil.copy)(source, target)
+        copies.append(target)
+    return copies
+
+
+def test_a_versioned_model_folder_uses_its_newest_complete_version(files, tmp_path, monkeypatch) -> None:
+    """``--model data/06_models/iris_model``: the catalog's folder of versions, as --embeddings takes its."""
+    _known_prediction(files, monkeypatch, files["query"])
+    folder = tmp_path / "06_models" / "iris_model"
+    older, newer = _versions(
+        folder, files["bundle"], ["2026-01-01T00.00.00.000Z", "2026-02-01T00.00.00.000Z"]
+    )
+    (newer / "config.json").unlink()  # a save that failed midway is never the newest
+    out = tmp_path / "labels.nii.gz"
+    common = ["--image", files["query"], *_reference(files), "--strategy", "one_shot", *SPACING]
+    result = invoke(*common, "--model", folder, "--out", out)
+    assert result.exit_code == 0, result.output
+    sidecar = json.loads(sidecar_path(out).read_text())
+    assert sidecar["model"] == str(folder) and sidecar["model_path"] == str(older)
+    assert sidecar["weights_sha256"] == "f00d" and sidecar["model_registry"] is None
+    assert "2026-01-01T00.00.00.000Z" in "".join(result.output.split())  # rich wraps the title
+    shutil.rmtree(older)
+    result = invoke(*common, "--model", folder, "--out", out)
+    assert result.exit_code == 2
+    assert f"{folder}/<version>/iris_model/config.json" in "".join(result.output.split())
+
+
+def test_the_sidecar_traces_an_alias_to_its_registry_version(
+    files, embeddings, tmp_path, monkeypatch, untrained_bundle
+) -> None:
+    """``models:/iris@champion`` moves; the sidecar records the version it meant, the weights and the
+    embeddings file of a versioned --embeddings folder."""
+    from types import SimpleNamespace
+
+    from iris_pipelines import registry
+
+    class Registry:
+        def get_model_version_by_alias(self, name: str, alias: str) -> SimpleNamespace:
+            assert (name, alias) == ("iris", "champion")
+            return SimpleNamespace(version="4", tags={}, run_id=None, model_id=None, source="")
+
+    monkeypatch.setattr(registry, "_client", lambda uri: Registry())
+    monkeypatch.setattr(registry.RegisteredModel, "load_bundle", lambda self: untrained_bundle)
+    _known_prediction(files, monkeypatch, files["query"])
+    folder = tmp_path / "task_embeddings.parquet"
+    _, newest = _versions(folder, embeddings, ["2026-01-01T00.00.00.000Z", "2026-02-01T00.00.00.000Z"])
+    out = tmp_path / "labels.nii.gz"
+    result = invoke(
+        "--image", files["query"], "--embeddings", folder, "--dataset", "alpha", "--classes", "2",
+        "--model", "models:/iris@champion", "--out", out, *SPACING,
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    sidecar = json.loads(sidecar_path(out).read_text())
+    assert sidecar["model"] == "models:/iris@champion" and sidecar["model_path"] is None
+    assert sidecar["model_registry"] == {"name": "iris", "version": "4", "run_id": None}
+    assert sidecar["weights_sha256"] == untrained_bundle.weights_checksum == "f00d"
+    assert sidecar["embeddings"] == str(folder) and sidecar["embeddings_file"] == str(newest)
+    assert sidecar["tuning"] is None
+    assert "version 4 of iris" in " ".join(result.output.split())
+
+
+def test_the_memory_bank_names_its_classes_as_training_did(files, tmp_path, monkeypatch, untrained_bundle):
+    _known_prediction(files, monkeypatch, files["query"])
+    from iris_pipelines.inference.bundle import ModelBundle
+
+    metadata = {**untrained_bundle.metadata, "class_names": {"beta/1": "kidney"}}
+    named = ModelBundle(
+        untrained_bundle.model_config, untrained_bundle.state_dict, untrained_bundle.class_ids, metadata
+    ).save(tmp_path / "named")
+    out = tmp_path / "bank.nii.gz"
+    result = invoke(
+        "--image", files["query"], "--model", named, "--strategy", "memory_bank", "--dataset", "beta",
+        "--out", out, *SPACING,
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert [(c["label"], c["name"]) for c in json.loads(sidecar_path(out).read_text())["classes"]] == [
+        (1, "kidney")
+    ]
 
 
 def test_memory_bank_of_the_model_itself(files, tmp_path, one_torch_thread) -> None:

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
-from iris_pipelines.registry import EVALUATION_RUN_TAG, RegisteredModel
+import pytest
+
+from iris_pipelines import registry
+from iris_pipelines.registry import EVALUATION_RUN_TAG, RegisteredModel, RegistryError
 
 
 class _UnreachableArtifactStore:
@@ -61,3 +64,48 @@ def test_each_version_loads_its_own_bundle_when_one_run_registered_twice(tmp_pat
             uris.append(entry["model_uri"])
         loaded = [registry.resolve(model_uri, uri).load_bundle().weights_checksum for model_uri in uris]
     assert loaded == ["w0", "w1"]
+
+
+class _NotFound(Exception):
+    error_code = "RESOURCE_DOES_NOT_EXIST"
+
+
+class _Registry:
+    """A registry holding versions 1 and 2 of ``iris``, version 1 aliased ``champion``."""
+
+    def get_model_version(self, name: str, version: str) -> SimpleNamespace:
+        if name != "iris" or version not in ("1", "2"):
+            raise _NotFound(f"Model Version (name={name}, version={version}) not found")
+        return SimpleNamespace(version=version, tags={}, run_id=None, model_id=None, source="")
+
+    def get_registered_model(self, name: str) -> SimpleNamespace:
+        if name != "iris":
+            raise _NotFound(f"Registered Model with name={name} not found")
+        return SimpleNamespace(name=name, aliases={"champion": "1"})
+
+    def search_model_versions(self, filter_string: str) -> list[SimpleNamespace]:
+        listed = filter_string == "name = 'iris'"
+        return [SimpleNamespace(version=v) for v in ("2", "1")] if listed else []
+
+    def search_registered_models(self) -> list[SimpleNamespace]:
+        return [SimpleNamespace(name="iris")]
+
+
+@pytest.mark.parametrize(
+    ("uri", "expected"),
+    [
+        ("models:/iris/3", "(versions of 'iris': 1, 2; aliases: @champion = 1)"),
+        ("models:/irs/1", "(no registered model 'irs'; registered: iris)"),
+        ("models:/irs/latest", "models:/irs/latest: no registered model 'irs'; registered: iris"),
+    ],
+)
+def test_a_version_that_does_not_exist_lists_those_that_do(monkeypatch, uri: str, expected: str) -> None:
+    monkeypatch.setattr(registry, "_client", lambda tracking: _Registry())
+    with pytest.raises(RegistryError) as raised:
+        registry.resolve(uri, "sqlite:///mlflow.db")
+    assert expected in str(raised.value)
+
+
+def test_latest_is_the_highest_version(monkeypatch) -> None:
+    monkeypatch.setattr(registry, "_client", lambda tracking: _Registry())
+    assert registry.resolve("models:/iris/latest", "sqlite:///mlflow.db").version == "2"

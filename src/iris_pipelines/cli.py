@@ -92,7 +92,7 @@ def main() -> None:
     "--modality",
     type=str,
     default=None,
-    help="CT, MR or PET; read from dataset.json when omitted (MSD, nnU-Net).",
+    help="CT, MR or PET; read from dataset.json when omitted (MSD, nnU-Net); required for a CSV manifest.",
 )
 @click.option("--name", type=str, default=None, help="Dataset name (default: the folder name).")
 @click.option(
@@ -122,6 +122,11 @@ def validate(
     """
     from iris_pipelines.collection import ingest_sources
 
+    if layout == "csv" and modality is None:
+        # ingest's own message speaks of the YAML source config; here the option is what is missing.
+        raise click.UsageError(
+            "--layout csv needs --modality CT|MR|PET: a CSV manifest does not record the modality"
+        )
     source = {
         "name": name or path.resolve().name,
         "layout": layout,
@@ -250,14 +255,16 @@ def _project_option(help_text: str):
     "--embeddings",
     type=click.Path(path_type=Path),
     default=None,
-    help="A task_embeddings parquet (embed_tasks output) instead of reference images.",
+    help="A task_embeddings parquet (embed_tasks output) instead of reference images, or its versioned "
+    "catalog folder (data/07_model_output/task_embeddings.parquet: its newest version).",
 )
 @click.option("--dataset", type=str, default=None, help="Dataset of the stored embeddings / memory bank.")
 @click.option(
     "--model",
     "model_ref",
     required=True,
-    help="Registry URI (models:/iris/3, models:/iris@champion) or a local model bundle directory.",
+    help="Registry URI (models:/iris/3, models:/iris@champion, models:/iris/latest), a local model bundle "
+    "directory, or a versioned catalog folder of bundles (data/06_models/iris_model: its newest version).",
 )
 @click.option(
     "--strategy",
@@ -355,7 +362,8 @@ def segment(images: tuple[Path, ...], images_dir: Path | None, references: tuple
     """Segment scans in context: the classes shown by the references (or stored task embeddings).
 
     Each label map is written on its scan's own grid (size, spacing, origin, direction), with
-    `<out stem>.json` beside it: class names, label values, volumes in ml, model and strategy. With
+    `<out stem>.json` beside it: class names, label values, volumes in ml, strategy, and the model (the
+    registry version or bundle directory --model resolved to, and its weights checksum). With
     several scans (repeated --image, or --images DIR) the task is encoded once, --out is a directory, a
     scan that fails is reported and skipped, and `segmentations.csv` there lists every scan's outcome
     (exit 1 when any failed).
@@ -398,17 +406,18 @@ def segment(images: tuple[Path, ...], images_dir: Path | None, references: tuple
             return
         with steps(5) as step:
             step("loading model")
-            bundle, record = registry.load_model_bundle(model_ref, registry.tracking_uri(tracking_uri))
+            model = registry.load_model_bundle(model_ref, registry.tracking_uri(tracking_uri))
             result = run_segment(
                 request,
-                bundle,
+                model.bundle,
                 model_uri=model_ref,
-                recorded_parameters=record.parameters() if record is not None else None,
+                model_source=model.source(),
+                recorded_parameters=model.record.parameters() if model.record is not None else None,
                 project_dir=project_dir,
                 spacing=spacing_mm,
                 on_step=step,
             )
-    table = Table(title=f"{result.label_path} ({result.summary['strategy']}, {model_ref})")
+    table = Table(title=f"{result.label_path} ({result.summary['strategy']}, {model.describe()})")
     for column in ("label", "name", "voxels", "volume (ml)"):
         table.add_column(column, justify="right" if column in ("voxels", "volume (ml)") else "left")
     for row in result.summary["classes"]:
@@ -508,14 +517,14 @@ def _segment_scans(request: SegmentRequest, scans: list[Path], out_dir: Path, ou
     batch_outputs(scans, out_dir, out_suffix, inputs=request.inputs())
     with steps(len(scans) + 2) as step:
         step("loading model")
-        bundle, record = registry.load_model_bundle(model_ref, registry.tracking_uri(tracking_uri))
+        model = registry.load_model_bundle(model_ref, registry.tracking_uri(tracking_uri))
         step("reading references and encoding the task")
         outcome = segment_batch(
-            request, scans, out_dir, bundle, model_uri=model_ref, out_suffix=out_suffix,
-            recorded_parameters=record.parameters() if record is not None else None,
+            request, scans, out_dir, model.bundle, model_uri=model_ref, model_source=model.source(),
+            out_suffix=out_suffix, recorded_parameters=model.record.parameters() if model.record else None,
             project_dir=project_dir, spacing=spacing, on_scan=lambda scan: step(f"segmenting {scan.name}"),
         )  # fmt: skip
-    table = Table(title=f"{len(scans)} scans ({request.strategy}, {model_ref})")
+    table = Table(title=f"{len(scans)} scans ({request.strategy}, {model.describe()})")
     for column in ("scan", "status", "label map or reason"):
         table.add_column(column, overflow="fold")
     failed = dict(outcome.failures)

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from iris_pipelines.inference.bundle import BundleError, ModelBundle
+from iris_pipelines.inference.bundle import BundleError, ModelBundle, bundle_directory
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"  # conf/base/mlflow.yml, relative to the project directory
 BUNDLE_ARTIFACT = "model_bundle"  # register_model logs the bundle directory under this run path
@@ -33,7 +33,9 @@ EVALUATION_PARAMETERS_ARTIFACT = "config/evaluation_parameters.json"
 # bundle in a folder named BUNDLE_ARTIFACT.
 PYFUNC_BUNDLE = f"artifacts/{BUNDLE_ARTIFACT}"
 
-_MODEL_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:/(?P<version>\d+)|@(?P<alias>[\w.-]+))$")
+_MODEL_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:/(?P<version>\d+|latest)|@(?P<alias>[\w.-]+))$")
+# What MLflow answers for a version or alias that does not exist (as opposed to a store it cannot reach).
+_NOT_FOUND_CODES = ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE")
 
 
 class RegistryError(RuntimeError):
@@ -255,23 +257,58 @@ def _logged_model_id(version: Any) -> str | None:
     return match.group(1) if match else None
 
 
+def _versions(client: Any, name: str) -> list[int]:
+    return sorted(int(v.version) for v in client.search_model_versions(f"name = '{name}'"))
+
+
+def _what_exists(client: Any, name: str) -> str:
+    """The versions and aliases of ``name`` (or the registered names, when ``name`` is none of them), for an
+    error about one that does not exist; empty when the store cannot say."""
+    try:
+        registered = client.get_registered_model(name)
+    except Exception:  # noqa: BLE001 - no such model (or the store stopped answering): try the names
+        try:
+            names = sorted(model.name for model in client.search_registered_models())
+        except Exception:  # noqa: BLE001
+            return ""
+        return f"no registered model {name!r}; registered: {', '.join(names) or 'none'}"
+    try:
+        versions = _versions(client, name)
+    except Exception:  # noqa: BLE001
+        return ""
+    aliases = sorted(dict(getattr(registered, "aliases", None) or {}).items())
+    listed = f"versions of {name!r}: {', '.join(map(str, versions)) or 'none'}"
+    return listed + (f"; aliases: {', '.join(f'@{a} = {v}' for a, v in aliases)}" if aliases else "")
+
+
 def resolve(uri: str, tracking: str) -> RegisteredModel:
-    """``models:/<name>/<version>`` or ``models:/<name>@<alias>`` → the version, its tags and its run."""
+    """``models:/<name>/<version>``, ``models:/<name>/latest`` (the highest version) or
+    ``models:/<name>@<alias>`` → the version, its tags and its run."""
     match = _MODEL_URI.match(uri)
     if match is None:
         raise RegistryError(
-            f"{uri}: not a registry URI; expected models:/<name>/<version> or models:/<name>@<alias>"
+            f"{uri}: not a registry URI; expected models:/<name>/<version>, models:/<name>/latest or "
+            "models:/<name>@<alias>"
         )
     client = _client(tracking)
     name = match["name"]
     try:
         if match["alias"]:
             version = client.get_model_version_by_alias(name, match["alias"])
+        elif match["version"] == "latest":
+            numbers = _versions(client, name)
+            if not numbers:
+                raise RegistryError(f"{uri}: {_what_exists(client, name) or f'{name!r} has no version'}")
+            version = client.get_model_version(name, str(numbers[-1]))
         else:
             version = client.get_model_version(name, match["version"])
+    except RegistryError:
+        raise
     except Exception as error:  # noqa: BLE001 - MlflowException, connection errors, …
+        known = _what_exists(client, name) if getattr(error, "error_code", None) in _NOT_FOUND_CODES else ""
         raise RegistryError(
             f"{uri}: cannot read the model version from {tracking}: {_one_line(error)}"
+            + (f" ({known})" if known else "")
         ) from None
     record = RegisteredModel(
         uri=uri,
@@ -294,9 +331,39 @@ def resolve(uri: str, tracking: str) -> RegisteredModel:
     return record
 
 
-def load_model_bundle(model: str, tracking: str) -> tuple[ModelBundle, RegisteredModel | None]:
-    """A registry URI or a local bundle directory → the bundle (and the registry record, if any)."""
+@dataclass
+class LoadedModel:
+    """A model for ``iris segment``: its bundle, its registry version (None for a local bundle) and the
+    bundle directory a local ``--model`` resolved to."""
+
+    uri: str
+    bundle: ModelBundle
+    record: RegisteredModel | None
+    path: Path | None = None
+
+    def source(self) -> dict[str, Any]:
+        """What ``--model`` resolved to, as the segmentation sidecar records it."""
+        registry = self.record
+        return {
+            "model_registry": None
+            if registry is None
+            else {"name": registry.name, "version": registry.version, "run_id": registry.run_id},
+            "model_path": None if self.path is None else str(self.path),
+        }
+
+    def describe(self) -> str:
+        """``--model`` as given, with what it resolved to when that is not spelled out in it."""
+        if self.record is not None and self.record.uri != f"models:/{self.record.name}/{self.record.version}":
+            return f"{self.uri} = version {self.record.version} of {self.record.name}"
+        if self.path is not None and self.path != Path(self.uri):
+            return f"{self.uri} → version {self.path.parent.name}"
+        return self.uri
+
+
+def load_model_bundle(model: str, tracking: str) -> LoadedModel:
+    """A registry URI, a local bundle directory or a versioned catalog folder of bundles → the bundle."""
     if is_registry_uri(model):
         record = resolve(model, tracking)
-        return record.load_bundle(), record
-    return ModelBundle.load(model), None
+        return LoadedModel(model, record.load_bundle(), record)
+    directory = bundle_directory(model)
+    return LoadedModel(model, ModelBundle.load(directory), None, directory)

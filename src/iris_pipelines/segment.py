@@ -37,7 +37,7 @@ from iris_pipelines.evaluation.evaluate import EvaluateParams
 from iris_pipelines.imaging import Geometry, InvalidInputError, read_image, write_image
 from iris_pipelines.imaging.io import file_suffix, require_scalar_volume, require_storable, write_text_atomic
 from iris_pipelines.imaging.resample import LABEL_MAX
-from iris_pipelines.inference.bundle import ModelBundle
+from iris_pipelines.inference.bundle import ModelBundle, newest_version
 from iris_pipelines.inference.device import resolve_device as inference_device
 from iris_pipelines.inference.sliding_window import volume_predictor
 from iris_pipelines.inference.strategies import (
@@ -264,8 +264,14 @@ def ignore_label(path: Path) -> int | None:
     return value
 
 
-def class_names(labels: Sequence[int], labels_file: Path | None, label_path: Path | None) -> dict[int, str]:
-    """Names for ``labels``: ``--labels`` file, else the label map's JSON sidecar, else ``class_<n>``.
+def class_names(
+    labels: Sequence[int],
+    labels_file: Path | None,
+    label_path: Path | None,
+    known: Mapping[int, str] | None = None,
+) -> dict[int, str]:
+    """Names for ``labels``: ``--labels`` file, else the label map's JSON sidecar, else ``known`` (what the
+    embeddings table or the model bundle calls the class), else ``class_<n>``.
 
     A sidecar that holds no class names (e.g. a BIDS sidecar) is skipped with a warning: the names are a
     convenience there, while ``--labels`` asked for is an error when it cannot be read.
@@ -278,7 +284,8 @@ def class_names(labels: Sequence[int], labels_file: Path | None, label_path: Pat
             declared = read_class_names(sidecar_path(label_path))
         except InvalidInputError as error:
             logger.warning("class names: skipped %s (use --labels to name the classes)", error)
-    return {int(v): declared.get(int(v), f"class_{int(v)}") for v in labels}
+    fallback = known or {}
+    return {int(v): declared.get(int(v), fallback.get(int(v), f"class_{int(v)}")) for v in labels}
 
 
 def _as_triple(values: Any, what: str) -> tuple[float, float, float]:
@@ -475,6 +482,19 @@ def reference_task(
 # ------------------------------------------------------------------------------------ stored embeddings
 
 
+def embeddings_file(path: Path) -> Path:
+    """``--embeddings``: a parquet file, or the newest version of the catalog's versioned folder
+    (``data/07_model_output/task_embeddings.parquet``), logged. Read whole, that folder would be every
+    version's rows at once, from models that may differ."""
+    if not path.is_dir():
+        return path
+    version = newest_version(path, Path.is_file)
+    if version is None:
+        return path  # a partitioned parquet dataset of one's own
+    logger.info("embeddings %s: using its newest version %s", path, version.parent.name)
+    return version
+
+
 def read_embeddings(path: Path) -> pd.DataFrame:
     """A ``task_embeddings`` parquet (the embed_tasks output), checked for the columns used here."""
     try:
@@ -535,6 +555,14 @@ def stored_task(
         slots.append(stacked.mean(dim=0))
         names[label] = str(group["class_name"].iloc[0])
     return torch.stack(slots)[None], labels, names, dataset
+
+
+def bundle_class_names(bundle: ModelBundle, dataset: str | None) -> dict[int, str]:
+    """Label value → name of ``dataset``'s classes, as the model's training index named them."""
+    prefix = f"{dataset}/"
+    return {
+        int(key[len(prefix) :]): name for key, name in bundle.class_names.items() if key.startswith(prefix)
+    }
 
 
 def bank_task(
@@ -602,6 +630,8 @@ class PreparedTask:
     params_source: str
     roi: tuple[int, int, int]
     device: torch.device
+    weights_sha256: str = ""
+    embeddings: Path | None = None  # the file read: --embeddings, or its folder's newest version
 
 
 def prepare_task(
@@ -633,7 +663,8 @@ def prepare_task(
     roi = tuple(request.roi_size) if request.roi_size else bundle.inference_window()
     model = bundle.build_model().to(device)
     references: list[Reference] = []
-    table = read_embeddings(request.embeddings) if request.embeddings is not None else None
+    embeddings = embeddings_file(request.embeddings) if request.embeddings is not None else None
+    table = read_embeddings(embeddings) if embeddings is not None else None
     if request.references:
         specs = request.references[:1] if request.strategy == "one_shot" else request.references
         for index, spec in enumerate(specs):
@@ -645,7 +676,9 @@ def prepare_task(
     step("embedding")
     dataset = request.dataset
     if references:
-        names = class_names(labels, request.labels_file, request.references[0].label)  # fails before work
+        names = class_names(
+            labels, request.labels_file, request.references[0].label, bundle_class_names(bundle, dataset)
+        )  # fails before work
         task = reference_task(
             model, references, labels, request.strategy, roi,
             tuning_steps=request.tuning_steps, tuning_lr=request.tuning_lr,
@@ -654,11 +687,14 @@ def prepare_task(
         task, labels, stored_names, dataset = stored_task(
             model, table, request.dataset, request.strategy, request.classes
         )
-        names = class_names(labels, request.labels_file, None) if request.labels_file else stored_names
+        names = class_names(labels, request.labels_file, None, stored_names)
     else:
         task, labels = bank_task(model, bundle, str(request.dataset), request.classes)
-        names = class_names(labels, request.labels_file, None)
-    return PreparedTask(model, task, labels, names, dataset, params, params_source, roi, device)  # type: ignore[arg-type]
+        names = class_names(labels, request.labels_file, None, bundle_class_names(bundle, dataset))
+    return PreparedTask(
+        model, task, labels, names, dataset, params, params_source, roi, device,  # type: ignore[arg-type]
+        weights_sha256=bundle.weights_checksum, embeddings=embeddings,
+    )  # fmt: skip
 
 
 def read_scan(path: Path, out: Path, modality: str) -> sitk.Image:
@@ -679,9 +715,15 @@ def segment_scan(
     out: Path,
     *,
     model_uri: str,
+    model_source: Mapping[str, Any] | None = None,
     on_step: StepCallback | None = None,
 ) -> SegmentResult:
-    """Segment one scan with a prepared task on the canonical grid; write it on the scan's own grid."""
+    """Segment one scan with a prepared task on the canonical grid; write it on the scan's own grid.
+
+    ``model_source`` is what ``model_uri`` resolved to (``model_registry``: name, version and run of a
+    registry version; ``model_path``: a local bundle directory), recorded in the sidecar with the weights
+    checksum, so a label map traces back to the exact model even when ``model_uri`` is an alias.
+    """
     step = on_step or (lambda _: None)
     step("segmenting")
     predict = make_predictor(
@@ -736,6 +778,14 @@ def segment_scan(
             "order": [int(v) for v in prepared.labels],
             "meaning": "fourth axis: each class's foreground probability (sigmoid; classes may overlap)",
         },
+        "model_registry": (model_source or {}).get("model_registry"),
+        "model_path": (model_source or {}).get("model_path"),
+        # the checksum training recorded, which the registry tag weights_sha256 and every embedding row hold
+        "weights_sha256": prepared.weights_sha256 or None,
+        "embeddings_file": None if prepared.embeddings is None else str(prepared.embeddings),
+        "tuning": {"steps": request.tuning_steps, "lr": request.tuning_lr}
+        if request.strategy == "tuning"
+        else None,
     }
     sidecar = sidecar_path(out)
     write_text_atomic(sidecar, json.dumps(summary, indent=2) + "\n")
@@ -747,6 +797,7 @@ def segment(
     bundle: ModelBundle,
     *,
     model_uri: str,
+    model_source: Mapping[str, Any] | None = None,
     recorded_parameters: Mapping[str, Any] | None = None,
     project_dir: Path | None = None,
     spacing: Sequence[float] | None = None,
@@ -765,8 +816,9 @@ def segment(
         on_step=step,
     )  # fmt: skip
     return segment_scan(
-        request, prepared, image, request.image, request.out, model_uri=model_uri, on_step=step
-    )
+        request, prepared, image, request.image, request.out, model_uri=model_uri, model_source=model_source,
+        on_step=step,
+    )  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------------ batches
@@ -882,6 +934,7 @@ def segment_batch(
     bundle: ModelBundle,
     *,
     model_uri: str,
+    model_source: Mapping[str, Any] | None = None,
     out_suffix: str | None = None,
     recorded_parameters: Mapping[str, Any] | None = None,
     project_dir: Path | None = None,
@@ -911,7 +964,9 @@ def segment_batch(
                 on_scan(image_path)
             try:
                 image = read_scan(image_path, out, request.modality)
-                result = segment_scan(request, prepared, image, image_path, out, model_uri=model_uri)
+                result = segment_scan(
+                    request, prepared, image, image_path, out, model_uri=model_uri, model_source=model_source
+                )
             # InvalidInputError and SegmentError are ValueErrors too, as is a scan too small to segment.
             except (OSError, ValueError) as error:
                 reason = " ".join(str(error).split()) + _remove_outputs(out)

@@ -9,7 +9,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from iris_pipelines.inference.bundle import CONFIG_FILE, WEIGHTS_FILE, BundleError, ModelBundle
+from iris_pipelines.inference.bundle import (
+    CONFIG_FILE,
+    WEIGHTS_FILE,
+    BundleError,
+    ModelBundle,
+    bundle_directory,
+)
 from iris_pipelines.model import Iris, IrisConfig
 
 
@@ -71,3 +77,18 @@ def test_weights_that_do_not_fit_the_config_are_an_error(bundle: ModelBundle) ->
     wrong = ModelBundle(IrisConfig.tiny(channels=(8, 16, 32, 64, 128)).to_dict(), bundle.state_dict)
     with pytest.raises(BundleError, match="do not fit its config"):
         wrong.build_model()
+
+
+def test_a_versioned_catalog_folder_resolves_to_its_newest_complete_bundle(
+    bundle: ModelBundle, tmp_path: Path
+) -> None:
+    """``data/06_models/iris_model`` holds ``<version>/iris_model``: a load without a version takes the
+    newest one that has its config, as the catalog does."""
+    folder = tmp_path / "iris_model"
+    older = bundle.save(folder / "2026-01-01T00.00.00.000Z" / "iris_model")
+    (folder / "2026-02-01T00.00.00.000Z" / "iris_model").mkdir(parents=True)  # a failed save
+    assert bundle_directory(folder) == older
+    assert bundle_directory(older) == older
+    (older / CONFIG_FILE).unlink()
+    with pytest.raises(BundleError, match=f"versioned catalog folder {folder}/<version>/iris_model/config"):
+        bundle_directory(folder)

@@ -5,7 +5,10 @@ bundle is a directory with exactly two files:
 
 * ``weights.safetensors``: the ``state_dict`` (contiguous CPU tensors, loaded without executing code),
 * ``config.json``: the :class:`~iris_pipelines.model.IrisConfig` dict, the class-id table of the memory
-  bank, free metadata (run facts, train params) and the format version and weights checksum.
+  bank, free metadata (run facts, train params, class names) and the format version and weights checksum.
+
+The catalog keeps each version of ``iris_model`` as ``<folder>/<version>/iris_model``;
+:func:`bundle_directory` takes either that folder or one bundle.
 
 Writes are atomic (a temporary sibling directory renamed into place), so a crash never leaves a half
 written bundle where a reader would find it. Nothing here imports Kedro or MLflow.
@@ -13,12 +16,15 @@ written bundle where a reader would find it. Nothing here imports Kedro or MLflo
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,6 +40,8 @@ FORMAT_VERSION = 1
 WEIGHTS_FILE = "weights.safetensors"
 DEFAULT_WINDOW = 128  # the paper's window, when the bundle does not record its training crop
 CONFIG_FILE = "config.json"
+
+logger = logging.getLogger(__name__)
 
 
 class BundleError(ValueError):
@@ -89,6 +97,12 @@ class ModelBundle:
         row and the registry entry carry; empty for a bundle not made by training."""
         checksums = self.metadata.get("weights_checksum") or [""]
         return str(checksums[0])
+
+    @property
+    def class_names(self) -> dict[str, str]:
+        """``"dataset/label_value"`` → the class name the training index gave it; empty for bundles made
+        before training recorded names."""
+        return {str(key): str(name) for key, name in (self.metadata.get("class_names") or {}).items()}
 
     def inference_window(self) -> tuple[int, int, int]:
         """The window to encode references and segment queries in: the training crop recorded in the
@@ -169,6 +183,32 @@ class ModelBundle:
         except RuntimeError as error:
             raise BundleError(f"model bundle weights do not fit its config: {error}") from error
         return model.eval()
+
+
+def newest_version(folder: str | os.PathLike[str], complete: Callable[[Path], bool]) -> Path | None:
+    """The newest complete version of a Kedro versioned folder ``<folder>/<version>/<folder name>``, as a
+    catalog load without a version picks it: version names are timestamps that sort by time, and one that
+    is not ``complete`` (a save that failed midway) is skipped. None when there is none."""
+    root = Path(folder)
+    found = sorted(root.glob(f"*/{glob.escape(root.name)}"), reverse=True)
+    return next((path for path in found if complete(path)), None)
+
+
+def bundle_directory(path: str | os.PathLike[str]) -> Path:
+    """``path`` when it is one bundle, else the newest complete version under a versioned catalog folder
+    (``data/06_models/iris_model``), logged; errors name both layouts."""
+    root = Path(path)
+    if not root.is_dir() or (root / CONFIG_FILE).is_file():
+        return root  # ModelBundle.load names what is wrong with it
+    version = newest_version(root, lambda candidate: (candidate / CONFIG_FILE).is_file())
+    if version is None:
+        raise BundleError(
+            f"model bundle {root}: {CONFIG_FILE} is missing, and no version under it has one; expected a "
+            f"bundle directory ({CONFIG_FILE}, {WEIGHTS_FILE}) or a versioned catalog folder "
+            f"{root}/<version>/{root.name}/{CONFIG_FILE}"
+        )
+    logger.info("model bundle %s: using its newest complete version %s", root, version.parent.name)
+    return version
 
 
 def _read_config(path: Path) -> dict[str, Any]:

@@ -86,7 +86,11 @@ def test_train_node_plumbing(mlflow_store: Path, tmp_path: Path, monkeypatch: py
     monkeypatch.setattr(iris_pipelines.launch, "launch_training", fake_launch)
     params = _train_params(tmp_path, launcher="local_ddp", launcher_options={"nprocs": 2})
     with mlflow.start_run() as run:
-        bundle, history = train_iris({"checksum": "c0ffee"}, pd.DataFrame(), {"size": "tiny"}, params)
+        index = {
+            "checksum": "c0ffee",
+            "classes": {"alpha": {"1": {"name": "liver"}, "2": {"name": "spleen"}}},
+        }
+        bundle, history = train_iris(index, pd.DataFrame(), {"size": "tiny"}, params)
 
     assert calls["launcher"] == "local_ddp" and calls["nprocs"] == 2
     assert "launcher" not in calls["train_config"] and calls["train_config"]["steps"] == 2
@@ -98,6 +102,7 @@ def test_train_node_plumbing(mlflow_store: Path, tmp_path: Path, monkeypatch: py
     assert [m.step for m in client.get_metric_history(run.info.run_id, "val/dice/alpha")] == [2]
     assert bundle.metadata["world_size"] == 2 and bundle.metadata["final_validation"] == {"alpha": 0.25}
     assert bundle.class_ids == {"alpha/1": 0, "alpha/2": 1}
+    assert bundle.class_names == {"alpha/1": "liver", "alpha/2": "spleen"}  # iris segment's memory bank
     assert bundle.build_model().config.memory_bank_size == 2
     assert history["phase"].tolist() == ["train", "train", "train", "val"]
 

@@ -96,6 +96,19 @@ def train_subjects(episode_index: Mapping[str, Any]) -> list[str]:
     return sorted({f"{case['dataset']}/{case['subject_id']}" for case in cases if case["split"] == "train"})
 
 
+def class_names(episode_index: Mapping[str, Any], class_ids: Mapping[str, int]) -> dict[str, str]:
+    """``"dataset/label"`` → name, from the index's class tables, for every memory-bank class: ``iris
+    segment --strategy memory_bank`` names its classes from the bundle alone."""
+    tables = episode_index.get("classes", {})
+    names = {}
+    for key in class_ids:
+        dataset, label = key.split("/", 1)
+        name = tables.get(dataset, {}).get(label, {}).get("name")
+        if name is not None:
+            names[key] = str(name)
+    return names
+
+
 def split_train_params(params_train: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     """(node options, TrainConfig dict): the launcher and paths stay out of the train loop's config."""
     node = {key: params_train[key] for key in NODE_KEYS if key in params_train}
@@ -307,6 +320,7 @@ def train_iris(
         "train_subjects": train_subjects(episode_index),
         "weights_checksum": list(result.weights_checksum),
         "final_validation": final_validation(result.validation),
+        "class_names": class_names(episode_index, result.class_ids),
         **({"preprocess": preprocess} if preprocess else {}),
     }
     bundle = ModelBundle(
