@@ -760,6 +760,21 @@ def test_a_ct_scan_or_reference_without_air_is_refused(files, tmp_path, monkeypa
         assert not (tmp_path / "o.nii.gz").exists()
 
 
+def test_a_ct_without_air_is_segmented_when_the_user_names_ct(files, tmp_path, monkeypatch, caplog) -> None:
+    """A CT cropped inside the body has no air either: an explicit --modality CT is trusted, with a
+    warning."""
+    _known_prediction(files, monkeypatch, files["query"])
+    raw = _stored_values(files["query"], tmp_path, "raw.nii.gz")
+    with caplog.at_level("WARNING"):
+        result = invoke(
+            "--image", raw, *_reference(files), "--model", files["bundle"], "--modality", "CT",
+            "--out", tmp_path / "o.nii.gz", *SPACING,
+        )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "o.nii.gz").exists()
+    assert f"{raw}: no voxel lies below -200 HU" in caplog.text and "as --modality CT says" in caplog.text
+
+
 def test_a_scan_without_air_is_skipped_in_a_batch_and_fine_as_mr(files, tmp_path, monkeypatch) -> None:
     _known_prediction(files, monkeypatch, files["query"])
     raw = _stored_values(files["query"], tmp_path, "raw.nii.gz")

@@ -284,10 +284,10 @@ def _project_option(help_text: str):
 @click.option(
     "--modality",
     type=click.Choice(["CT", "MR", "PET"], case_sensitive=False),
-    default="CT",
-    show_default=True,
-    help="How the scans and references are normalised, as in training. A CT must be in Hounsfield units: "
-    "one with no air (an MR or PET scan, or stored values) is refused.",
+    default=None,
+    help="How the scans and references are normalised, as in training (default: CT). A CT must be in "
+    "Hounsfield units: under the default, a scan with no air (an MR or PET scan, or stored values) is "
+    "refused; naming --modality CT segments it anyway, with a warning (a CT cropped inside the body).",
 )
 @click.option(
     "--spacing",
@@ -355,8 +355,8 @@ def _project_option(help_text: str):
 )
 def segment(images: tuple[Path, ...], images_dir: Path | None, references: tuple[str, ...],
             embeddings: Path | None, dataset: str | None, model_ref: str, strategy: str, classes: str | None,
-            labels_file: Path | None, modality: str, spacing: str | None, roi: str | None, overlap: float,
-            threshold: float, tuning_steps: int, tuning_lr: float, device: str,
+            labels_file: Path | None, modality: str | None, spacing: str | None, roi: str | None,
+            overlap: float, threshold: float, tuning_steps: int, tuning_lr: float, device: str,
             tracking_uri: str | None, project_dir: Path, out: Path,
             out_suffix: str | None, save_probabilities: bool) -> None:  # fmt: skip
     """Segment scans in context: the classes shown by the references (or stored task embeddings).
@@ -391,7 +391,8 @@ def segment(images: tuple[Path, ...], images_dir: Path | None, references: tuple
             strategy=strategy,
             classes=_numbers(classes, int, "--classes"),
             labels_file=labels_file,
-            modality=modality.upper(),
+            modality=(modality or "CT").upper(),
+            require_air=modality is None,
             roi_size=None if roi_size is None else tuple(roi_size * 3 if len(roi_size) == 1 else roi_size),
             overlap=overlap,
             threshold=threshold,

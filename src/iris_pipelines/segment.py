@@ -122,6 +122,9 @@ class SegmentRequest:
     classes: list[int] | None = None
     labels_file: Path | None = None
     modality: str = "CT"
+    # False when the user named the modality: a CT cropped inside the body has no air either, so an
+    # explicit --modality CT is trusted with a warning rather than refused.
+    require_air: bool = True
     roi_size: tuple[int, int, int] | None = None
     overlap: float = 0.5
     threshold: float = 0.5
@@ -363,23 +366,31 @@ class Reference:
     label: np.ndarray
 
 
-def require_hounsfield(image: sitk.Image, path: Path, modality: str) -> None:
+def require_hounsfield(image: sitk.Image, path: Path, modality: str, refuse: bool = True) -> None:
     """Refuse a "CT" with no voxel below ingest's CT_AIR_CHECK_HU: an MR or PET scan, or a CT in stored values
-    (HU + 1024), clipped to the CT window becomes a nearly binary image that is segmented badly, silently."""
+    (HU + 1024), clipped to the CT window becomes a nearly binary image that is segmented badly, silently.
+    With ``refuse`` False (the user named the modality) it is only warned about."""
     if modality != "CT":
         return
     extremes = sitk.MinimumMaximumImageFilter()
     extremes.Execute(image)
-    if extremes.GetMinimum() > CT_AIR_CHECK_HU:
-        raise InvalidInputError(
-            str(path),
-            "not_hounsfield",
-            f"no voxel lies below {CT_AIR_CHECK_HU:g} HU (values {extremes.GetMinimum():g}.."
-            f"{extremes.GetMaximum():g}; air is -1000 HU), so it does not look like a CT in Hounsfield units "
-            "as --modality CT expects: for an MR or PET scan pass --modality MR or --modality PET; for a CT "
-            "stored without its rescale intercept (HU = value - 1024 for most scanners) convert it to "
-            "Hounsfield units first",
-        )
+    if extremes.GetMinimum() <= CT_AIR_CHECK_HU:
+        return
+    found = (
+        f"no voxel lies below {CT_AIR_CHECK_HU:g} HU (values {extremes.GetMinimum():g}.."
+        f"{extremes.GetMaximum():g}; air is -1000 HU)"
+    )
+    if not refuse:
+        logger.warning("%s: %s; segmenting it as CT, as --modality CT says", path, found)
+        return
+    raise InvalidInputError(
+        str(path),
+        "not_hounsfield",
+        f"{found}, so it does not look like a CT in Hounsfield units as --modality CT (the default) expects: "
+        "for an MR or PET scan pass --modality MR or --modality PET; for a CT stored without its rescale "
+        "intercept (HU = value - 1024 for most scanners) convert it to Hounsfield units first; for a CT "
+        "cropped inside the body pass --modality CT to segment it anyway",
+    )
 
 
 def read_reference(
@@ -388,6 +399,7 @@ def read_reference(
     modality: str,
     params: Mapping[str, Any],
     ignored: int | None = None,
+    require_air: bool = True,
 ) -> tuple[Reference, list[int]]:
     """Read and check a reference pair; returns it on the canonical grid and its foreground values.
 
@@ -397,7 +409,7 @@ def read_reference(
     """
     image = read_image(spec.image)
     require_scalar_volume(image, spec.image, "reference image")
-    require_hounsfield(image, spec.image, modality)
+    require_hounsfield(image, spec.image, modality, refuse=require_air)
     label = read_image(spec.label)
     require_scalar_volume(label, spec.label, "reference label")
     difference = first_grid_difference(
@@ -668,7 +680,9 @@ def prepare_task(
     if request.references:
         specs = request.references[:1] if request.strategy == "one_shot" else request.references
         for index, spec in enumerate(specs):
-            reference, present = read_reference(spec, labels or None, request.modality, params, ignored)
+            reference, present = read_reference(
+                spec, labels or None, request.modality, params, ignored, request.require_air
+            )
             if index == 0 and not labels:
                 labels = present  # every class the first reference shows; the others must show them too
             references.append(reference)
@@ -697,12 +711,12 @@ def prepare_task(
     )  # fmt: skip
 
 
-def read_scan(path: Path, out: Path, modality: str) -> sitk.Image:
+def read_scan(path: Path, out: Path, modality: str, require_air: bool = True) -> sitk.Image:
     """The scan to segment, refused now if it does not fit ``modality`` or its label map could not be
     written to ``out`` (its own grid)."""
     image = read_image(path)
     require_scalar_volume(image, path, "image")
-    require_hounsfield(image, path, modality)
+    require_hounsfield(image, path, modality, refuse=require_air)
     require_storable(image, out)
     return image
 
@@ -810,7 +824,8 @@ def segment(
         raise SegmentError("give the scan to segment and the label map to write (--image, --out)")
     refuse_overwrites(written_files(request.out), protected_inputs([request.image], request.inputs()))
     step("reading")
-    image = read_scan(request.image, request.out, request.modality)  # fails before the references are read
+    # A bad scan fails before the references are read.
+    image = read_scan(request.image, request.out, request.modality, request.require_air)
     prepared = prepare_task(
         request, bundle, recorded_parameters=recorded_parameters, project_dir=project_dir, spacing=spacing,
         on_step=step,
@@ -963,7 +978,7 @@ def segment_batch(
             if on_scan is not None:
                 on_scan(image_path)
             try:
-                image = read_scan(image_path, out, request.modality)
+                image = read_scan(image_path, out, request.modality, request.require_air)
                 result = segment_scan(
                     request, prepared, image, image_path, out, model_uri=model_uri, model_source=model_source
                 )
