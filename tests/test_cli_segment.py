@@ -760,6 +760,26 @@ def test_a_ct_scan_or_reference_without_air_is_refused(files, tmp_path, monkeypa
         assert not (tmp_path / "o.nii.gz").exists()
 
 
+def test_a_reference_with_label_values_above_255_serves_for_the_classes_asked_for(
+    files, tmp_path, monkeypatch
+) -> None:
+    """A FreeSurfer aparc+aseg map holds cortical parcels from 1000 up; its other classes were refused."""
+    _known_prediction(files, monkeypatch, files["query"])
+    label = read_image(files["ref_a_label"])
+    values = sitk.GetArrayFromImage(label).astype(np.uint16)
+    values[0, 0, :3] = 1003  # a parcel far from the class asked for
+    wide = sitk.GetImageFromArray(values)
+    wide.CopyInformation(label)
+    write_image(wide, tmp_path / "aparc_aseg.mha")
+    reference = ["--reference", f"{files['ref_a']}:{tmp_path / 'aparc_aseg.mha'}"]
+    common = ["--image", files["query"], *reference, "--model", files["bundle"], *SPACING]
+    result = invoke(*common, "--classes", "5", "--out", tmp_path / "o.nii.gz")
+    assert result.exit_code == 0, result.output
+    assert set(np.unique(sitk.GetArrayViewFromImage(read_image(tmp_path / "o.nii.gz")))) == {0, 5}
+    refused = invoke(*common, "--out", tmp_path / "all.nii.gz")  # every class, 1003 included
+    assert refused.exit_code == 2 and "0..255" in " ".join(refused.output.split()), refused.output
+
+
 def test_a_ct_without_air_is_segmented_when_the_user_names_ct(files, tmp_path, monkeypatch, caplog) -> None:
     """A CT cropped inside the body has no air either: an explicit --modality CT is trusted, with a
     warning."""

@@ -434,10 +434,22 @@ def read_reference(
         )
     if not present:
         raise InvalidInputError(str(spec.label), "empty_label", "the reference label has no foreground voxel")
+    if wanted:
+        label = keep_classes(label, wanted)
     volume = prepare_image(image, modality, params, source=str(spec.image))
     canonical = prepare_label(label, volume, source=str(spec.label))
     warn_tiny_classes(canonical, wanted or present, params["target_spacing"], spec.label)
     return Reference(spec, volume.array, canonical), present
+
+
+def keep_classes(label: sitk.Image, classes: Sequence[int]) -> sitk.Image:
+    """``label`` with every value but ``classes`` set to 0. Only the asked-for classes go on to the model's
+    label grid, which holds 1..255: a FreeSurfer aparc+aseg map (cortical parcels from 1000 up) can serve
+    as a reference for its subcortical classes."""
+    values = sitk.GetArrayFromImage(label)
+    kept = sitk.GetImageFromArray(np.where(np.isin(values, list(classes)), values, 0).astype(values.dtype))
+    kept.CopyInformation(label)
+    return kept
 
 
 def warn_tiny_classes(
