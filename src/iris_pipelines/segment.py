@@ -37,7 +37,7 @@ from iris_pipelines.evaluation.evaluate import EvaluateParams
 from iris_pipelines.imaging import Geometry, InvalidInputError, read_image, write_image
 from iris_pipelines.imaging.io import file_suffix, require_scalar_volume, require_storable, write_text_atomic
 from iris_pipelines.imaging.resample import LABEL_MAX
-from iris_pipelines.inference.bundle import ModelBundle, newest_version
+from iris_pipelines.inference.bundle import PREPROCESS_KEYS, ModelBundle, newest_version
 from iris_pipelines.inference.device import resolve_device as inference_device
 from iris_pipelines.inference.sliding_window import volume_predictor
 from iris_pipelines.inference.strategies import (
@@ -61,7 +61,6 @@ REFERENCE_STRATEGIES = ("one_shot", "ensemble", "tuning")
 EMBEDDING_STRATEGIES = ("one_shot", "ensemble", "memory_bank")
 STRATEGY_CHOICES = ("one_shot", "ensemble", "tuning", "memory_bank")
 DEFAULT_SPACING = (3.0, 3.0, 3.0)
-PREPROCESS_KEYS = ("target_spacing", "ct_window", "percentiles")
 # Where preprocessing can come from the model itself; any other source is a guess, warned about.
 _BUNDLE_SOURCE = "model bundle metadata"
 _RUN_SOURCE = "registered run parameters"

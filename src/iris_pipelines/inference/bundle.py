@@ -40,6 +40,9 @@ FORMAT_VERSION = 1
 WEIGHTS_FILE = "weights.safetensors"
 DEFAULT_WINDOW = 128  # the paper's window, when the bundle does not record its training crop
 CONFIG_FILE = "config.json"
+# The preprocessing settings training records in ``metadata["preprocess"]``: what `iris segment` needs to
+# prepare a new scan as the training volumes were prepared.
+PREPROCESS_KEYS = ("target_spacing", "ct_window", "percentiles")
 
 logger = logging.getLogger(__name__)
 

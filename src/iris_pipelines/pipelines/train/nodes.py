@@ -25,7 +25,7 @@ import pandas as pd
 
 from iris_pipelines.collection.episodes import index_checksum
 from iris_pipelines.hooks import INPUT_VERSION_TAG_PREFIX, LOCK_FILE, provenance_tags
-from iris_pipelines.inference.bundle import ModelBundle
+from iris_pipelines.inference.bundle import PREPROCESS_KEYS, ModelBundle
 from iris_pipelines.inference.pyfunc_model import MODEL_CONFIG, SIGNATURE
 from iris_pipelines.registry import BUNDLE_ARTIFACT
 
@@ -55,10 +55,6 @@ def build_model_config(params_model: dict[str, Any]) -> dict[str, Any]:
     return IrisConfig.from_dict({**factories[size]().to_dict(), **overrides}).to_dict()
 
 
-# What `iris segment` needs to prepare a scan as training did (iris_pipelines.segment.PREPROCESS_KEYS).
-RECORDED_PREPROCESS_KEYS = ("target_spacing", "ct_window", "percentiles")
-
-
 def recorded_preprocessing(
     params_preprocess: Mapping[str, Any] | None, preprocessed_manifest: pd.DataFrame
 ) -> dict[str, Any]:
@@ -70,7 +66,7 @@ def recorded_preprocessing(
     from iris_pipelines.imaging.geometry import Geometry
 
     given = dict(params_preprocess or {})
-    recorded = {key: given[key] for key in RECORDED_PREPROCESS_KEYS if key in given}
+    recorded = {key: given[key] for key in PREPROCESS_KEYS if key in given}
     if "target_spacing" not in recorded:
         return recorded
     spacing = recorded["target_spacing"]
@@ -279,7 +275,6 @@ def train_iris(
     ``params_preprocess`` goes into the bundle's metadata, so ``iris segment`` prepares a new scan as
     the training volumes were prepared, from the bundle alone.
     """
-    from iris_pipelines.inference.bundle import ModelBundle
     from iris_pipelines.launch import launch_training
 
     preprocess = recorded_preprocessing(params_preprocess, preprocessed_manifest)
