@@ -278,3 +278,19 @@ def test_under_nohup_logging_out_does_not_cancel_the_job():
         assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
     finally:
         signal.signal(signal.SIGHUP, previous)
+
+
+def test_the_job_script_puts_master_port_below_the_ephemeral_range():
+    """submitit's port from the job id mostly fell in 32768-60999, where an outgoing connection can hold
+    it."""
+    import subprocess
+
+    def port(env: dict[str, str]) -> int:
+        script = f"{slurm_launcher.MASTER_PORT_SETUP}; echo $MASTER_PORT"
+        done = subprocess.run(["bash", "-c", script], env=env, capture_output=True, text=True, check=True)
+        return int(done.stdout)
+
+    ports = {job: port({"SLURM_JOB_ID": str(job)}) for job in (1, 2, 51342, 987654)}
+    assert all(20000 <= p < 32768 for p in ports.values()), ports
+    assert port({"SLURM_JOB_ID": "51342"}) == ports[51342]  # a requeued job meets at the same port
+    assert port({"SLURM_JOB_ID": "7", "MASTER_PORT": "29500"}) == 29500  # the user's own wins

@@ -9,8 +9,9 @@ How it works (slurm/README.md has the user's view):
   an allocation (``salloc``, an sbatch'd driver) submits without that allocation's ``SLURM_*`` variables.
 - **Ranks.** Every task reads its rank, world size and local rank from SLURM (``SLURM_PROCID``,
   ``SLURM_NTASKS``, ``SLURM_LOCALID``; submitit's ``TorchDistributedEnvironment`` also takes the first
-  host of ``SLURM_JOB_NODELIST`` as MASTER_ADDR and derives the port from the job id, so a requeued run
-  meets at the same place), joins NCCL on GPUs or gloo on CPU, and calls ``run_training`` unchanged.
+  host of ``SLURM_JOB_NODELIST`` as MASTER_ADDR), joins NCCL on GPUs or gloo on CPU, and calls
+  ``run_training`` unchanged. The job script sets MASTER_PORT from the job id (``MASTER_PORT_SETUP``), so
+  a requeued run meets at the same place.
 - **Metrics.** Rank 0 appends each metrics record as a JSON line to ``metrics.jsonl`` in the job folder.
   The waiting Kedro process tails it, shows a progress bar (step, loss, samples/s, ETA) and hands each
   record to the same ``on_metrics`` callback as the other launchers. So the Kedro process stays the only
@@ -446,6 +447,13 @@ def _outside_the_current_allocation() -> Iterator[None]:
         os.environ.update(hidden)
 
 
+# submitit derives MASTER_PORT from the job id in 20000-60000, mostly inside Linux's ephemeral port range
+# (32768-60999), where an outgoing connection on the node can hold it and rank 0's store then fails with
+# EADDRINUSE (it happened in the test suite). The same job id gives the same port below that range; a
+# MASTER_PORT the user exported wins.
+MASTER_PORT_SETUP = 'export MASTER_PORT="${MASTER_PORT:-$((20000 + SLURM_JOB_ID % 12000))}"'
+
+
 def run_slurm(
     *,
     folder: str | Path,
@@ -523,7 +531,7 @@ def run_slurm(
         "time": time_min,
         "constraint": constraint,
         "signal_delay_s": signal_delay_s,
-        "setup": list(setup),
+        "setup": [MASTER_PORT_SETUP, *setup],
         # --requeue: allowed even where the site's JobRequeue=0; --kill-on-bad-exit: see module docstring.
         "additional_parameters": {"requeue": True, **(additional_parameters or {})},
         # --cpus-per-task again for srun: Slurm 22.05-23.02 srun no longer reads SLURM_CPUS_PER_TASK, and
