@@ -6,7 +6,8 @@ VENV := .venv
 BIN := $(VENV)/bin
 # A registry or mirror that drops a connection on a fresh CI clone should cost a retry, not the run.
 PIP_INSTALL := $(BIN)/python -m pip install --quiet --retries 10 --timeout 60
-APT_GET := DEBIAN_FRONTEND=noninteractive apt-get -o Acquire::Retries=5
+# env, not a bare VAR=value: after an empty $sudo (as root) the shell would run the assignment as a command.
+APT_GET := env DEBIAN_FRONTEND=noninteractive apt-get -o Acquire::Retries=5
 export KEDRO_DISABLE_TELEMETRY := 1
 export PYTHONDONTWRITEBYTECODE := 1
 # CI may start with no locale; progress bars and Kedro's rich logs print UTF-8.
