@@ -20,9 +20,18 @@ from scipy.spatial.transform import Rotation
 import iris_pipelines.segment as segment_module
 from iris_pipelines.cli import main
 from iris_pipelines.evaluation import ModelInfo, build_task_embeddings
+from iris_pipelines.evaluation.embeddings import embedding_tensor
 from iris_pipelines.imaging import Geometry, read_image, write_dicom_series, write_image
 from iris_pipelines.inference import prepare_image, prepare_label
-from iris_pipelines.segment import SegmentError, SegmentResult, read_class_names, sidecar_path, stored_task
+from iris_pipelines.inference.bundle import ModelBundle
+from iris_pipelines.segment import (
+    SegmentError,
+    SegmentResult,
+    read_class_names,
+    require_embeddings_fit,
+    sidecar_path,
+    stored_task,
+)
 from iris_pipelines.training.sampler import case_records
 
 OBLIQUE = Rotation.from_euler("xy", [20.0, 20.0], degrees=True).as_matrix()
@@ -373,6 +382,56 @@ def test_stored_ensemble_is_the_mean_of_the_reference_rows(embeddings, untrained
     assert torch.allclose(bank[0, 0], model.memory_bank[untrained_bundle.class_ids["alpha/2"]], atol=1e-6)
 
 
+def test_stored_one_shot_takes_every_class_from_one_reference(embeddings, untrained_bundle) -> None:
+    """embed_tasks draws each class's references on its own: the first row of each class may come from
+    another scan, and one-shot means one reference scan."""
+    import pandas as pd
+
+    table = pd.read_parquet(embeddings)
+    model = untrained_bundle.build_model()
+    references = table[(table.dataset == "alpha") & (table.source == "reference")]
+    showing_both = sorted(c for c, rows in references.groupby("case_id") if set(rows.label) >= {1, 2})
+    task, labels, *_ = stored_task(model, table, "alpha", "one_shot", None)
+    one_case = references[references.case_id == showing_both[0]]
+    for slot, label in enumerate(labels):
+        row = one_case[one_case.label == label].iloc[0]
+        assert torch.equal(task[0, slot], embedding_tensor(row.to_dict()))
+    # Each class shown by a different case only: no one reference holds the task.
+    first_rows = references.sort_values("case_id").groupby("label").head(1)
+    split = pd.concat(
+        [table[table.source != "reference"], first_rows.assign(case_id=first_rows.label.map(str))]
+    )
+    with pytest.raises(SegmentError, match=r"no single reference case .* use --strategy ensemble"):
+        stored_task(model, split, "alpha", "one_shot", None)
+
+
+def test_embeddings_of_another_model_are_refused(files, embeddings, tmp_path, untrained_bundle) -> None:
+    """After a retrain with the same configuration the old table has the right shapes and the wrong
+    meaning; evaluate refuses it, and so does iris segment."""
+    retrained = ModelBundle(
+        untrained_bundle.model_config, untrained_bundle.state_dict, untrained_bundle.class_ids,
+        {**untrained_bundle.metadata, "weights_checksum": ["beef"]},
+    ).save(tmp_path / "retrained")  # fmt: skip
+    result = invoke(
+        "--image", files["query"], "--embeddings", embeddings, "--dataset", "alpha", "--model", retrained,
+        "--out", tmp_path / "o.nii.gz", *SPACING,
+    )  # fmt: skip
+    assert result.exit_code == 2
+    assert "embeddings of the model(s) with weights ['f00d'], but this model's weights are beef" in (
+        " ".join(result.output.split())
+    )
+    assert not (tmp_path / "o.nii.gz").exists()
+
+
+def test_embeddings_of_other_reference_windows_are_warned_about(embeddings, caplog) -> None:
+    table = pd.read_parquet(embeddings)
+    require_embeddings_fit(table, embeddings, "f00d", (32, 32, 32))
+    assert not caplog.records
+    with caplog.at_level("WARNING", logger="iris_pipelines.segment"):
+        require_embeddings_fit(table, embeddings, "f00d", (24, 24, 24))
+    assert "encoded from [32, 32, 32]-voxel reference windows" in caplog.text
+
+
 @pytest.mark.parametrize("strategy", ["ensemble", "memory_bank"])
 def test_segment_from_stored_embeddings(files, embeddings, tmp_path, strategy, one_torch_thread) -> None:
     out = tmp_path / "seg.nrrd"
@@ -488,7 +547,6 @@ def test_the_sidecar_traces_an_alias_to_its_registry_version(
 
 def test_the_memory_bank_names_its_classes_as_training_did(files, tmp_path, monkeypatch, untrained_bundle):
     _known_prediction(files, monkeypatch, files["query"])
-    from iris_pipelines.inference.bundle import ModelBundle
 
     metadata = {**untrained_bundle.metadata, "class_names": {"beta/1": "kidney"}}
     named = ModelBundle(
@@ -517,7 +575,6 @@ def test_memory_bank_of_the_model_itself(files, tmp_path, one_torch_thread) -> N
 
 
 def test_preprocessing_defaults_follow_the_model_then_the_project(tmp_path) -> None:
-    from iris_pipelines.inference.bundle import ModelBundle
     from iris_pipelines.segment import preprocess_params
 
     bare, project = ModelBundle({}, {}), Path(__file__).parents[1]
@@ -882,7 +939,6 @@ def test_a_scan_that_fails_on_a_rerun_keeps_no_earlier_label_map(files, tmp_path
 
 def test_a_spacing_the_model_does_not_record_is_warned_about(tmp_path, caplog) -> None:
     """A bundle that records no preprocessing was resampled at the guessed 3 mm without a word."""
-    from iris_pipelines.inference.bundle import ModelBundle
     from iris_pipelines.segment import preprocess_params
 
     bare, project = ModelBundle({}, {}), Path(__file__).parents[1]

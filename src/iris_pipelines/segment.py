@@ -32,7 +32,12 @@ from torch import Tensor
 
 from iris_pipelines.collection.ingest import CT_AIR_CHECK_HU, first_grid_difference, label_values
 from iris_pipelines.collection.layouts import parse_labels
-from iris_pipelines.evaluation.embeddings import class_embeddings, embedding_tensor
+from iris_pipelines.evaluation.embeddings import (
+    class_embeddings,
+    embedded_roi_size,
+    embedding_tensor,
+    foreign_weights,
+)
 from iris_pipelines.evaluation.evaluate import EvaluateParams
 from iris_pipelines.imaging import Geometry, InvalidInputError, read_image, write_image
 from iris_pipelines.imaging.io import file_suffix, require_scalar_volume, require_storable, write_text_atomic
@@ -524,7 +529,7 @@ def read_embeddings(path: Path) -> pd.DataFrame:
         table = pd.read_parquet(path)
     except (OSError, ValueError) as error:
         raise InvalidInputError(str(path), "unreadable", f"not a readable parquet table ({error})") from None
-    needed = {"dataset", "label", "class_name", "source", "tokens", "dim", "embedding"}
+    needed = {"dataset", "label", "class_name", "source", "case_id", "tokens", "dim", "embedding"}
     missing = sorted(needed - set(table.columns))
     if missing:
         raise InvalidInputError(
@@ -533,11 +538,46 @@ def read_embeddings(path: Path) -> pd.DataFrame:
     return table
 
 
+def require_embeddings_fit(table: pd.DataFrame, path: Path, weights_sha256: str, roi: Sequence[int]) -> None:
+    """Refuse embeddings another network encoded (they mean nothing to this one: a retrain with the same
+    configuration gives tensors of the right shape and the wrong meaning); warn when their reference
+    windows differ from the query windows, which training and ``evaluate`` keep equal."""
+    made_by = foreign_weights(table, weights_sha256)
+    if made_by:
+        raise SegmentError(
+            f"{path} holds embeddings of the model(s) with weights {[m[:12] for m in made_by]}, but this "
+            f"model's weights are {weights_sha256[:12]}: pass the model that made them, or re-run "
+            "embed_tasks with this one (kedro run --pipelines=embed_tasks)"
+        )
+    embedded_roi = embedded_roi_size(table)
+    if embedded_roi is not None and embedded_roi != tuple(roi):
+        logger.warning(
+            "%s: the embeddings were encoded from %s-voxel reference windows, the query is segmented in %s "
+            "windows (--roi or the model's training crop); the model was trained with the two equal",
+            path, list(embedded_roi), list(roi),
+        )  # fmt: skip
+
+
+def one_reference(rows: pd.DataFrame, labels: Sequence[int], dataset: str) -> pd.DataFrame:
+    """The reference rows of one case, the first (by case id) that shows every class of ``labels``.
+
+    embed_tasks draws each class's references on its own, so the first row of each class may come from a
+    different scan; one-shot means one reference scan, as the paper and ``evaluate`` define it."""
+    for _, group in rows.groupby("case_id", sort=True):
+        if set(labels) <= {int(v) for v in group["label"]}:
+            return group
+    raise SegmentError(
+        f"no single reference case of dataset {dataset!r} in the embeddings shows all of class(es) "
+        f"{list(labels)}; use --strategy ensemble (each class averaged over the references that show it), "
+        "or ask for fewer --classes"
+    )
+
+
 def stored_task(
     model: Iris, table: pd.DataFrame, dataset: str | None, strategy: str, classes: Sequence[int] | None
 ) -> tuple[Tensor, list[int], dict[int, str], str]:
-    """T from a ``task_embeddings`` table: memory-bank rows, the first reference (one_shot) or the mean of
-    the dataset's reference rows per class (ensemble). Returns (T, labels, names, dataset)."""
+    """T from a ``task_embeddings`` table: memory-bank rows, one reference case's rows (one_shot) or the
+    mean of the dataset's reference rows per class (ensemble). Returns (T, labels, names, dataset)."""
     datasets = sorted(table["dataset"].astype(str).unique())
     if dataset is None:
         if len(datasets) != 1:
@@ -561,12 +601,12 @@ def stored_task(
             f"the embeddings hold no {source} row of dataset {dataset!r} for class(es) {missing} "
             f"(available: {available})"
         )
+    if strategy == "one_shot":
+        rows = one_reference(rows, labels, dataset)
     expected = (model.config.num_tokens, model.config.embed_dim)
     slots, names = [], {}
     for label in labels:
-        group = rows[rows["label"].astype(int) == label]
-        if "case_id" in group:
-            group = group.sort_values("case_id", kind="stable")
+        group = rows[rows["label"].astype(int) == label].sort_values("case_id", kind="stable")
         shapes = {(int(t), int(d)) for t, d in zip(group["tokens"], group["dim"], strict=True)}
         if shapes != {expected}:
             raise SegmentError(
@@ -574,8 +614,7 @@ def stored_task(
                 f"{expected}; they were made by another model"
             )
         vectors = [embedding_tensor(row) for row in group.to_dict("records")]
-        stacked = torch.stack(vectors[:1] if strategy == "one_shot" else vectors)  # (N, m+1, C)
-        slots.append(stacked.mean(dim=0))
+        slots.append(torch.stack(vectors).mean(dim=0))  # (N, m+1, C) → (m+1, C)
         names[label] = str(group["class_name"].iloc[0])
     return torch.stack(slots)[None], labels, names, dataset
 
@@ -688,6 +727,8 @@ def prepare_task(
     references: list[Reference] = []
     embeddings = embeddings_file(request.embeddings) if request.embeddings is not None else None
     table = read_embeddings(embeddings) if embeddings is not None else None
+    if table is not None and not request.references:
+        require_embeddings_fit(table, embeddings, bundle.weights_checksum, roi)  # type: ignore[arg-type]
     if request.references:
         specs = request.references[:1] if request.strategy == "one_shot" else request.references
         for index, spec in enumerate(specs):

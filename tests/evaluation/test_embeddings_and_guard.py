@@ -23,6 +23,7 @@ from iris_pipelines.pipelines.evaluate.nodes import report_evaluation
 from iris_pipelines.training.sampler import case_records
 
 INFO = ModelInfo("models:/iris/7", "7", "f00d")
+PARAMS = EvaluateParams(roi_size=(32, 32, 32))  # the windows the table below was embedded with
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +104,7 @@ def test_evaluation_refuses_a_leaking_index_before_any_inference(untrained_bundl
     with pytest.raises(ReferenceLeakError, match=episode["query"]):
         evaluate_episodes(
             untrained_bundle.build_model(), untrained_bundle.class_ids, leaking, manifest,
-            case_records(manifest), table, EvaluateParams(), INFO,
+            case_records(manifest), table, PARAMS, INFO,
         )  # fmt: skip
 
 
@@ -115,8 +116,23 @@ def test_evaluation_refuses_embeddings_of_another_model(untrained_bundle, collec
     with pytest.raises(ValueError, match=r"made by the model\(s\) with weights \['f00d'\].* are beef"):
         evaluate_episodes(
             untrained_bundle.build_model(), untrained_bundle.class_ids, index, manifest,
-            case_records(manifest), table, EvaluateParams(), retrained,
+            case_records(manifest), table, PARAMS, retrained,
         )  # fmt: skip
+
+
+def test_retrieval_refuses_embeddings_of_other_reference_windows(untrained_bundle, collection, table) -> None:
+    """Retrieval ranks the table's embeddings against the query's own, encoded from evaluate's windows: an
+    evaluate.roi_size override must not rank embeddings of two window sizes against each other."""
+    manifest, index = collection
+    untested = {**index, "episodes": []}
+    arguments = (untrained_bundle.build_model(), untrained_bundle.class_ids, untested, manifest)
+    wider = EvaluateParams(roi_size=(40, 40, 40))
+    with pytest.raises(
+        ValueError, match=r"encoded from \[32, 32, 32\]-voxel .* evaluate.roi_size is \[40, 40, 40\]"
+    ):
+        evaluate_episodes(*arguments, case_records(manifest), table, wider, INFO)
+    without_retrieval = EvaluateParams(roi_size=(40, 40, 40), strategies=("one_shot", "tuning"))
+    assert evaluate_episodes(*arguments, case_records(manifest), table, without_retrieval, INFO).empty
 
 
 def test_no_scorable_episode_gives_an_empty_table_with_its_columns(
@@ -126,7 +142,7 @@ def test_no_scorable_episode_gives_an_empty_table_with_its_columns(
     untested = {**index, "episodes": [e for e in index["episodes"] if e["split"] != "test"]}
     metrics = evaluate_episodes(
         untrained_bundle.build_model(), untrained_bundle.class_ids, untested, manifest,
-        case_records(manifest), table, EvaluateParams(), INFO,
+        case_records(manifest), table, PARAMS, INFO,
     )  # fmt: skip
     assert metrics.empty and {"dice", "heldout", "label", "method"} <= set(metrics.columns)
     assert report_evaluation(metrics, {})  # the report of nothing, not a KeyError

@@ -14,6 +14,8 @@ from iris_pipelines.inference.bundle import ModelBundle
 from iris_pipelines.model import Iris, IrisConfig
 
 PYFUNC_SOURCE = Path(__file__).parents[2] / "src" / "iris_pipelines" / "inference" / "pyfunc_model.py"
+# The lowest foreground probability cut a test needs: every voxel whose logit is above about −27.6.
+LOWEST_THRESHOLD = 1e-12
 
 
 def _request(shape: tuple[int, int, int] = (12, 16, 20)) -> dict[str, np.ndarray]:
@@ -60,9 +62,9 @@ def test_registered_pyfunc_segments_a_query(mlflow_store: str, tmp_path: Path) -
     assert np.issubdtype(labels.dtype, np.integer)
     assert set(np.unique(labels)) <= {0, 1, 3}
 
-    everything = model.predict(request, params={"threshold": 0.0})  # every voxel gets some class
+    everything = model.predict(request, params={"threshold": LOWEST_THRESHOLD})  # every voxel gets some class
     assert set(np.unique(everything)) <= {1, 3} and everything.min() > 0
-    only_three = model.predict({**request, "classes": [3]}, params={"threshold": 0.0})
+    only_three = model.predict({**request, "classes": [3]}, params={"threshold": LOWEST_THRESHOLD})
     assert set(np.unique(only_three)) == {3}
     as_frame = pd.DataFrame([{k: v for k, v in request.items()}])
     assert model.predict(as_frame).shape == request["query"].shape
@@ -84,7 +86,7 @@ def test_bad_requests_are_explained() -> None:
     with pytest.raises(ValueError, match="must be a non-empty 3-D array"):
         pyfunc.predict(None, {**request, "query": np.zeros((0, 16, 20), np.float32)})
     nan_query = request["query"].copy()
-    nan_query[3, 4, 5] = np.nan  # made every voxel background, even at threshold 0
+    nan_query[3, 4, 5] = np.nan  # made every voxel background, even at the lowest threshold
     with pytest.raises(ValueError, match=r"query has 1 NaN or infinite voxel\(s\)"):
         pyfunc.predict(None, {**request, "query": nan_query})
     soft = request["reference_mask"] * 0.6  # label 3 became 1 by truncation
@@ -92,6 +94,9 @@ def test_bad_requests_are_explained() -> None:
         pyfunc.predict(None, {**request, "reference_mask": soft})
     with pytest.raises(ValueError, match="must be whole label values"):
         pyfunc.predict(None, {**request, "classes": [1.5]})
+    for threshold in (0.0, 1.0, 1.5):  # 0 labelled every voxel and 1.5 none, where evaluate refuses both
+        with pytest.raises(ValueError, match=r"threshold must lie in \(0, 1\)"):
+            pyfunc.predict(None, request, params={"threshold": threshold})
 
 
 def test_flipped_views_and_boolean_masks_are_accepted() -> None:
@@ -101,7 +106,7 @@ def test_flipped_views_and_boolean_masks_are_accepted() -> None:
     model = Iris(IrisConfig.tiny()).eval()
     request = _request()
     flipped = {key: value[::-1] for key, value in request.items()}  # torch refuses negative strides
-    labels = segment_one_shot(model, **flipped, threshold=0.0)
+    labels = segment_one_shot(model, **flipped, threshold=LOWEST_THRESHOLD)
     assert labels.shape == request["query"].shape and set(np.unique(labels)) <= {1, 3}
     binary = segment_one_shot(
         model, request["query"], request["reference_image"], request["reference_mask"] > 0
@@ -130,6 +135,6 @@ def test_a_query_larger_than_the_training_crop_is_segmented_in_windows(monkeypat
 
     monkeypatch.setattr(sliding_window, "window_predictor", counting)
     request = _request((20, 40, 40))
-    labels = segment_one_shot(model, **request, threshold=0.0, window=(20, 24, 24))
+    labels = segment_one_shot(model, **request, threshold=LOWEST_THRESHOLD, window=(20, 24, 24))
     assert labels.shape == (20, 40, 40) and set(np.unique(labels)) <= {1, 3}
     assert len(windows) > 1 and set(windows) == {(20, 24, 24)}

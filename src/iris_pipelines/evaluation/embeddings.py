@@ -200,6 +200,22 @@ def embedding_settings(table: pd.DataFrame) -> dict[str, Any] | None:
     return json.loads(recorded[0]) if len(recorded) == 1 else None
 
 
+def foreign_weights(table: pd.DataFrame, weights_sha256: str) -> list[str]:
+    """The weights checksums of the models that made ``table``'s rows, when any is not ``weights_sha256``
+    (an embedding is only meaningful to the network that encoded it); empty when the table fits or either
+    side records none."""
+    made_by = sorted({str(v) for v in table.get("weights_sha256", pd.Series(dtype=str)).dropna() if str(v)})
+    return made_by if weights_sha256 and made_by and made_by != [weights_sha256] else []
+
+
+def embedded_roi_size(table: pd.DataFrame) -> tuple[int, ...] | None:
+    """The reference window (voxels) ``table``'s embeddings were encoded from, when it records one."""
+    settings = embedding_settings(table)
+    if not settings or "roi_size" not in settings:
+        return None
+    return tuple(int(v) for v in settings["roi_size"])
+
+
 def embedding_tensor(row: Mapping[str, Any]) -> Tensor:
     """One table row's embedding back to its (m+1, C) shape."""
     values = np.array(row["embedding"], dtype=np.float32)  # a copy: parquet hands back read-only arrays

@@ -54,7 +54,15 @@ from iris_pipelines.model import Iris
 from iris_pipelines.model.config import config_from_dict
 from iris_pipelines.training.sampler import CaseRecord
 
-from .embeddings import ModelInfo, as_tensor, class_embeddings, embedding_tensor, load_arrays
+from .embeddings import (
+    ModelInfo,
+    as_tensor,
+    class_embeddings,
+    embedded_roi_size,
+    embedding_tensor,
+    foreign_weights,
+    load_arrays,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -562,12 +570,22 @@ def evaluate_episodes(
     ``embeddings`` (retrieval's pool) must come from the evaluated model: a table embedded by an earlier
     model is refused, not silently mixed into the new model's numbers.
     """
-    made_by = sorted({str(v) for v in embeddings.get("weights_sha256", pd.Series(dtype=str)).dropna()})
-    if model_info.weights_sha256 and made_by and made_by != [model_info.weights_sha256]:
+    made_by = foreign_weights(embeddings, model_info.weights_sha256)
+    if made_by:
         raise ValueError(
             f"task_embeddings were made by the model(s) with weights {[m[:12] for m in made_by]}, but the "
             f"evaluated model's weights are {model_info.weights_sha256[:12]}: re-run embed_tasks with this "
             "model (kedro run --pipelines=embed_tasks,evaluate)"
+        )
+    embedded_roi = embedded_roi_size(embeddings)
+    if "retrieval" in params.strategies and embedded_roi not in (None, params.roi_size):
+        # Retrieval ranks the table's embeddings against the query's own, encoded from evaluate's windows:
+        # embeddings of another window size are other tasks, and its figures would not compare.
+        raise ValueError(
+            f"task_embeddings were encoded from {list(embedded_roi)}-voxel reference windows, but "
+            f"evaluate.roi_size is {list(params.roi_size)}: retrieval would rank embeddings of two window "
+            "sizes; give embed_tasks.roi_size the same value and re-run embed_tasks (kedro run "
+            "--pipelines=embed_tasks,evaluate), or leave retrieval out of evaluate.strategies"
         )
     if "label_sha256" not in manifest.columns:
         raise ValueError(

@@ -21,7 +21,7 @@ from mlflow.types import ParamSchema, ParamSpec
 
 from iris_pipelines.inference.bundle import ModelBundle
 from iris_pipelines.inference.device import resolve_device
-from iris_pipelines.inference.strategies import encode_class_windows
+from iris_pipelines.inference.strategies import encode_class_windows, logits_to_labels
 from iris_pipelines.model import Iris
 
 _REQUIRED = ("query", "reference_image", "reference_mask")
@@ -113,7 +113,8 @@ def segment_one_shot(
     threshold: float = 0.5,
     window: Sequence[int] | None = None,
 ) -> np.ndarray:
-    """Label map on the query's grid: the argmax class among those with sigmoid ≥ threshold, else 0.
+    """Label map on the query's grid: the argmax class where its sigmoid > threshold, else 0, decided as
+    ``evaluate`` and ``iris segment`` decide it (``logits_to_labels``, which refuses a threshold outside (0, 1)).
 
     With ``window`` (the bundle's training crop) this is the protocol ``evaluate`` scores and ``iris
     segment`` runs: each class encoded from a window centred on it, the query segmented in overlapping
@@ -139,10 +140,7 @@ def segment_one_shot(
 
         task = encode_class_windows(model, ref, one_per_class, window)
         logits = sliding_window_segment(model, volume, task, roi_size=window)
-    probs = torch.sigmoid(logits.float())[0]
-    best_prob, best = probs.max(dim=0)
-    values = torch.tensor(labels, dtype=torch.int32, device=best.device)[best]
-    return torch.where(best_prob >= threshold, values, torch.zeros_like(values)).cpu().numpy()
+    return logits_to_labels(logits.float(), labels, threshold).cpu().numpy()
 
 
 # MLflow checks predict's type hints when the class is created and warns that model_input has none (on
