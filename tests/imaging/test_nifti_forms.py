@@ -1,5 +1,6 @@
 """A NIfTI carries its placement twice, as a qform and an sform; tools disagree on which one wins, so a file
-whose two forms disagree is refused, while one whose forms agree, or that uses only one, reads as before."""
+whose two forms disagree is refused, and so is one with neither (each tool then invents another placement),
+while one whose forms agree, or that uses only one, reads as before."""
 
 from __future__ import annotations
 
@@ -83,3 +84,14 @@ def test_forms_that_agree_or_a_form_alone_read_as_before(
     assert Geometry.from_image(read_image(path)).same_grid(
         _placement(placed), atol_mm=1e-4, atol_direction=1e-5
     )
+
+
+@pytest.mark.parametrize("verify", [True, False])
+def test_a_nifti_with_neither_form_is_refused(tmp_path: Path, verify: bool) -> None:
+    """Both codes 0: ITK placed it mirrored in y and 22 mm off where nibabel and FSL put it, and the mask
+    written from ITK's reading (with both codes set) lay off its scan in those tools."""
+    path = _write(tmp_path / "scan.nii.gz", _affine(), 0, _affine(), 0)
+    with pytest.raises(InvalidInputError) as caught:
+        read_image(path, verify=verify)
+    assert caught.value.check == "no_placement" and caught.value.path == str(path)
+    assert "neither the qform nor the sform is set (both codes 0)" in str(caught.value)

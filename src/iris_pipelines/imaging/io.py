@@ -174,12 +174,15 @@ def _check_nifti(path: Path, payload_bytes: int) -> None:
             )
 
 
-def _require_agreeing_forms(path: Path) -> None:
-    """Refuse a NIfTI whose qform and sform are both in use but place the voxels differently.
+def _require_one_placement(path: Path) -> None:
+    """Refuse a NIfTI whose qform and sform are both in use but place the voxels differently, or that has
+    neither.
 
-    Tools disagree on which one wins: ITK takes the qform when the sform code is 2 or 4, nibabel, FSL and
-    most viewers take the sform. Whichever is read here, a mask written from the scan carries it in both,
-    so in the other tools the mask lies off its scan. Reads the header only.
+    Tools disagree on which form wins: ITK takes the qform when the sform code is 2 or 4, nibabel, FSL and
+    most viewers take the sform. With neither (both codes 0, an Analyze-era conversion) each tool invents a
+    placement from the voxel sizes, and ITK's is mirrored and shifted against nibabel's and FSL's. Whichever
+    is read here, a mask written from the scan carries it in both forms, so in the other tools the mask
+    lies off its scan. Reads the header only.
     """
     try:
         header = nibabel.load(path).header
@@ -187,6 +190,16 @@ def _require_agreeing_forms(path: Path) -> None:
         sform, sform_code = header.get_sform(coded=True)
     except (ImageFileError, HeaderDataError, ValueError, OSError, EOFError):
         return  # not parseable as NIfTI here: ITK's reader reports the problem, or reads its one usable form
+    if qform_code == 0 and sform_code == 0:
+        raise InvalidInputError(
+            str(path),
+            "no_placement",
+            "neither the qform nor the sform is set (both codes 0), so the file does not say where its "
+            "voxels lie: ITK and nibabel/FSL each assume a different orientation and origin, and a mask made "
+            "from it would lie off the scan in some tools; set the right placement, e.g. in nibabel "
+            "img.set_sform(affine, code=1) (with the affine of the scanner, or of the image this one was "
+            "converted from), or `fslorient -setsformcode 1` once the sform holds it",
+        )
     if qform_code == 0 or sform_code == 0:
         return
     translation = np.abs(qform[:3, 3] - sform[:3, 3]).max()
@@ -492,7 +505,7 @@ def read_image(
         if header is not None:
             _require_data_files(source, header)
         if image_format == "nifti":
-            _require_agreeing_forms(source)
+            _require_one_placement(source)
         if verify:
             with source.open("rb") as handle:
                 gzipped = handle.read(2) == _GZIP_MAGIC
