@@ -970,3 +970,205 @@ def test_help_shows_the_defaults_and_what_each_option_does() -> None:
     assert f"Learning rate of --strategy tuning. [default: {SegmentRequest.tuning_lr}]" in text
     assert "sliding windows overlap" in text and "that a voxel's most likely class must pass" in text
     assert "else 3 mm" in text and "Outputs of an earlier run there are replaced" in text
+    assert "--modality [CT|MR|PET]" in text  # as the README and the sidecar spell them
+
+
+def _in_metres(source: Path, path: Path) -> Path:
+    """``source`` as a NIfTI whose header says metres: ITK reads every length 1000× too large."""
+    image = nibabel.load(source)
+    header = image.header.copy()
+    header.set_xyzt_units(xyz="meter")
+    nibabel.save(nibabel.Nifti1Image(np.asarray(image.dataobj), image.affine, header), path)
+    return path
+
+
+@pytest.mark.parametrize("cause", ["a header in metres", "a typo in --spacing"])
+def test_a_grid_too_large_to_allocate_is_named_in_one_line(files, tmp_path, cause) -> None:
+    """ITK failed to allocate the canonical grid: a traceback (exit 1) instead of the file and the reason."""
+    if cause == "a header in metres":
+        refused, scan, spacing = _in_metres(files["query"], tmp_path / "metres.nii.gz"), None, SPACING
+    else:  # the reference is the first file resampled
+        refused, scan, spacing = files["ref_a"], files["query"], ["--spacing", "0.01", "--roi", "32"]
+    out = tmp_path / "o.nii.gz"
+    result = invoke(
+        "--image", scan or refused, *_reference(files), "--model", files["bundle"], "--out", out, *spacing
+    )  # fmt: skip
+    assert result.exit_code == 2, result.output
+    message = " ".join(result.output.split())
+    assert f"{refused}: it spans " in message and "voxels, more than the 2.15e+09" in message
+    assert "check the target spacing (--spacing) and the scan's units" in message
+    assert "Traceback" not in message and not out.exists()
+
+
+def test_a_scan_too_large_for_memory_is_skipped_and_the_batch_goes_on(
+    files, tmp_path, monkeypatch, one_torch_thread
+) -> None:
+    """One scan whose grid could not be allocated (a header in metres) or that ran out of memory (GPU or
+    host) ended the whole batch with a traceback, losing the scans after it."""
+    metres = _in_metres(files["query"], tmp_path / "a_metres.nii.gz")
+    greedy = tmp_path / "b_greedy.nii.gz"
+    shutil.copy(files["query"], greedy)
+    real_segment_volume = segment_module.segment_volume
+
+    def out_of_memory_for_greedy(image, *args, source, **kwargs):
+        if source == str(greedy):
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 40.00 GiB")
+        return real_segment_volume(image, *args, source=source, **kwargs)
+
+    monkeypatch.setattr(segment_module, "segment_volume", out_of_memory_for_greedy)
+    out = tmp_path / "labels"
+    result = invoke(
+        "--image", metres, "--image", greedy, "--image", files["query"], *_reference(files),
+        "--model", files["bundle"], "--out", out, *SPACING,
+    )  # fmt: skip
+    assert result.exit_code == 1, result.output
+    assert "2 of 3 scan(s) failed" in result.output and "Traceback" not in result.output
+    summary = pd.read_csv(out / "segmentations.csv", keep_default_na=False)
+    assert summary["status"].tolist() == ["failed", "failed", "ok"]
+    assert summary["reason"][0].startswith(f"{metres}: it spans ") and "voxels" in summary["reason"][0]
+    assert summary["reason"][1] == (
+        f"{greedy}: out of memory while segmenting it (CUDA out of memory. Tried to allocate 40.00 GiB)"
+    )
+    assert sorted(p.name for p in out.iterdir()) == ["scan.json", "scan.nii.gz", "segmentations.csv"]
+
+
+@pytest.mark.parametrize("clash", ["a BIDS sidecar of a scan", "the reference's class names", "any JSON"])
+def test_a_sidecar_never_replaces_a_json_file_it_did_not_write(files, tmp_path, monkeypatch, clash) -> None:
+    """The sidecar replaced a dcm2niix/BIDS sidecar beside the scans, and the reference label's class-name
+    file that segment itself reads."""
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("started although the sidecar would replace another file")
+
+    monkeypatch.setattr(segment_module, "prepare_task", no_work)
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    shutil.copy(files["query"], scans / "sub-01_ct.nii.gz")
+    label = tmp_path / "ref_labels.nii.gz"
+    write_image(read_image(files["ref_a_label"]), label)
+    reference = ["--reference", f"{files['ref_a']}:{label}"]
+    if clash == "a BIDS sidecar of a scan":
+        kept = scans / "sub-01_ct.json"
+        args = ["--images", scans, "--out", scans, "--out-suffix", ".mha"]
+        expected = f"{kept} would overwrite the JSON file beside the scan {scans / 'sub-01_ct.nii.gz'}"
+    elif clash == "the reference's class names":
+        kept = tmp_path / "ref_labels.json"
+        args = ["--image", scans / "sub-01_ct.nii.gz", "--out", tmp_path / "ref_labels.mha"]
+        expected = f"{kept} would overwrite the JSON file beside the input {label}"
+    else:
+        kept = tmp_path / "notes.json"
+        args = ["--image", scans / "sub-01_ct.nii.gz", "--out", tmp_path / "notes.nii.gz"]
+        expected = f"{kept} would be replaced by the sidecar of {tmp_path / 'notes.nii.gz'}, but iris segment"
+    kept.write_text(json.dumps({"Modality": "CT", "5": "liver"}))
+    result = invoke(*args, *reference, "--model", files["bundle"], *SPACING)
+    assert result.exit_code == 2, result.output
+    assert expected in " ".join(result.output.split())
+    assert kept.read_text() == json.dumps({"Modality": "CT", "5": "liver"})
+
+
+def test_a_label_map_beside_its_scan_can_be_rerun(files, tmp_path, monkeypatch) -> None:
+    """The JSON beside the scan is protected unless an earlier run of segment wrote it there."""
+    _known_prediction(files, monkeypatch, files["query"])
+    scan = tmp_path / "scan.nii.gz"
+    shutil.copy(files["query"], scan)
+    common = ["--image", scan, *_reference(files), "--model", files["bundle"], "--strategy", "one_shot"]
+    for _ in range(2):
+        result = invoke(*common, "--out", tmp_path / "scan.mha", *SPACING)
+        assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "scan.json").read_text())["output"] == str(tmp_path / "scan.mha")
+
+
+@pytest.mark.parametrize("where", ["under a file", "a read-only file system"])
+def test_an_output_that_cannot_be_written_is_refused_before_any_reading(
+    files, tmp_path, monkeypatch, where
+) -> None:
+    """Found after all the work, in an error naming a scratch file, or the probabilities not asked for."""
+    from iris_pipelines import registry
+
+    def no_reading(*args, **kwargs):
+        raise AssertionError("read the model although the output cannot be written")
+
+    monkeypatch.setattr(registry, "load_model_bundle", no_reading)
+    if where == "under a file":
+        (tmp_path / "afile").write_text("")
+        out, expected = (
+            tmp_path / "afile" / "labels.nii.gz",
+            f"{tmp_path / 'afile'} is a file, not a directory",
+        )
+    else:
+        if not Path("/proc/self").is_dir():
+            pytest.skip("needs Linux's /proc, where not even root can create a file")
+        out, expected = Path("/proc/labels.nii.gz"), "cannot "  # write in /proc, or create /proc/labels
+    for form in (["--image", files["query"]], ["--image", files["query"], "--image", files["dicom"]]):
+        target = out if len(form) == 2 else out.parent / "labels"
+        result = invoke(*form, *_reference(files), "--model", files["bundle"], "--out", target, *SPACING)
+        assert result.exit_code == 2, result.output
+        assert f"--out {target}: {expected}" in " ".join(result.output.split())
+        assert ".tmp" not in result.output and "Traceback" not in result.output
+
+
+def test_an_output_folder_made_for_a_refused_run_is_removed(files, tmp_path) -> None:
+    empty = tmp_path / "empty.nii.gz"
+    empty.write_bytes(b"")
+    result = invoke(
+        "--image", empty, *_reference(files), "--model", files["bundle"],
+        "--out", tmp_path / "new" / "deeper" / "o.nii.gz",
+    )  # fmt: skip
+    assert result.exit_code == 2, result.output
+    assert "the file is empty" in result.output and not (tmp_path / "new").exists()
+
+
+def test_out_forms_say_what_they_mean(files, tmp_path, monkeypatch) -> None:
+    """Two scans and --out labels.nii.gz made a directory of that name; one scan and --out newdir/ (not yet
+    there) was read as a label map named newdir."""
+    from iris_pipelines import registry
+
+    _known_prediction(files, monkeypatch, files["query"])
+    real_load = registry.load_model_bundle
+    loaded = []
+
+    def counting_load(*args, **kwargs):
+        loaded.append(1)
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(registry, "load_model_bundle", counting_load)
+    common = [*_reference(files), "--model", files["bundle"], "--strategy", "one_shot", *SPACING]
+    labels = tmp_path / "labels.nii.gz"
+    result = invoke("--image", files["query"], "--image", files["dicom"], "--out", labels, *common)
+    assert result.exit_code == 2, result.output
+    assert f"--out {labels} names a label map, but several scans" in " ".join(result.output.split())
+    assert not labels.exists() and not loaded
+    result = invoke("--image", files["query"], "--out", f"{tmp_path / 'newdir'}/", *common)
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in (tmp_path / "newdir").iterdir()) == [
+        "scan.json", "scan.nii.gz", "segmentations.csv"
+    ]  # fmt: skip
+
+
+def test_a_rerun_into_a_detached_header_leaves_no_probability_voxels(files, tmp_path, monkeypatch) -> None:
+    """Removing the earlier lab_probabilities.mhd left the voxels it named (lab_probabilities.zraw)."""
+    _known_prediction(files, monkeypatch, files["query"])
+    out = tmp_path / "lab.mhd"
+    common = ["--image", files["query"], *_reference(files), "--model", files["bundle"], "--out", out]
+    assert invoke(*common, "--strategy", "one_shot", "--save-probabilities", *SPACING).exit_code == 0
+    assert (tmp_path / "lab_probabilities.zraw").is_file()
+    result = invoke(*common, "--strategy", "one_shot", *SPACING)
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["lab.json", "lab.mhd", "lab.zraw"]
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "expected"),
+    [
+        ("--tuning-steps", "-1", "Invalid value for '--tuning-steps': must be 0 or more, got -1"),
+        ("--tuning-lr", "nan", "Invalid value for '--tuning-lr': must be a finite number above 0, got nan"),
+        ("--tuning-lr", "0", "Invalid value for '--tuning-lr': must be a finite number above 0, got 0.0"),
+    ],
+)
+def test_tuning_options_are_checked_before_any_reading(files, tmp_path, option, value, expected) -> None:
+    result = invoke(
+        "--image", tmp_path / "missing.nii.gz", *_reference(files), "--model", tmp_path / "no_model",
+        "--strategy", "tuning", option, value, "--out", tmp_path / "o.nii.gz",
+    )  # fmt: skip
+    assert result.exit_code == 2, result.output
+    assert expected in " ".join(result.output.split())

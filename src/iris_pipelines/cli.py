@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import math
+import os
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -71,6 +73,20 @@ def _numbers(text: str | None, kind: type, what: str) -> list | None:
         raise click.BadParameter(
             f"{text!r} is not a comma-separated list of numbers", param_hint=what
         ) from None
+
+
+def _at_least_zero(ctx: click.Context, param: click.Parameter, value: int) -> int:
+    """Checked while parsing, so a typo fails before any file is read; 0 keeps the ensemble embedding."""
+    if value < 0:
+        raise click.BadParameter(f"must be 0 or more, got {value}")
+    return value
+
+
+def _finite_positive(ctx: click.Context, param: click.Parameter, value: float) -> float:
+    """As :func:`_at_least_zero`; click's FloatRange lets NaN through (every comparison with it is False)."""
+    if not (math.isfinite(value) and value > 0):
+        raise click.BadParameter(f"must be a finite number above 0, got {value}")
+    return value
 
 
 @click.group()
@@ -284,6 +300,8 @@ def _project_option(help_text: str):
 @click.option(
     "--modality",
     type=click.Choice(["CT", "MR", "PET"], case_sensitive=False),
+    # click would list the case-insensitive choices in lower case; the README and the sidecar use these
+    metavar="[CT|MR|PET]",
     default=None,
     help="How the scans and references are normalised, as in training (default: CT). A CT must be in "
     "Hounsfield units: under the default, a scan with no air (an MR or PET scan, or stored values) is "
@@ -318,6 +336,7 @@ def _project_option(help_text: str):
     cls=_LibraryDefault,
     default=_segment_default("tuning_steps"),
     show_default=True,
+    callback=_at_least_zero,
     help="Adam steps of --strategy tuning.",
 )
 @click.option(
@@ -326,6 +345,7 @@ def _project_option(help_text: str):
     cls=_LibraryDefault,
     default=_segment_default("tuning_lr"),
     show_default=True,
+    callback=_finite_positive,
     help="Learning rate of --strategy tuning.",
 )
 @click.option("--device", type=str, default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
@@ -333,9 +353,12 @@ def _project_option(help_text: str):
 @_project_option("Kedro project whose conf/base gives the default preprocessing.")
 @click.option(
     "--out",
-    type=click.Path(path_type=Path),
+    "out_text",
+    # the text as typed: Path drops the trailing separator that makes `--out newdir/` a directory
+    type=click.Path(),
     required=True,
-    help="Label map to write (NIfTI, MHA or NRRD), or a directory for several scans; a JSON sidecar is "
+    help="Label map to write (NIfTI, MHA or NRRD), or a directory (an existing one, or ending in /) for "
+    "several scans; a JSON sidecar is "
     "written next to each. Outputs of an earlier run there are replaced, and its <out stem>_probabilities "
     "removed when this run does not save them; in a directory, a scan that fails has them removed.",
 )
@@ -357,7 +380,7 @@ def segment(images: tuple[Path, ...], images_dir: Path | None, references: tuple
             embeddings: Path | None, dataset: str | None, model_ref: str, strategy: str, classes: str | None,
             labels_file: Path | None, modality: str | None, spacing: str | None, roi: str | None,
             overlap: float, threshold: float, tuning_steps: int, tuning_lr: float, device: str,
-            tracking_uri: str | None, project_dir: Path, out: Path,
+            tracking_uri: str | None, project_dir: Path, out_text: str,
             out_suffix: str | None, save_probabilities: bool) -> None:  # fmt: skip
     """Segment scans in context: the classes shown by the references (or stored task embeddings).
 
@@ -369,18 +392,27 @@ def segment(images: tuple[Path, ...], images_dir: Path | None, references: tuple
     (exit 1 when any failed).
     """
     from iris_pipelines import registry
-    from iris_pipelines.segment import ReferenceSpec, SegmentRequest, scans_in
+    from iris_pipelines.imaging.io import file_suffix
+    from iris_pipelines.segment import ReferenceSpec, SegmentRequest, require_writable_directory, scans_in
     from iris_pipelines.segment import segment as run_segment
 
     spacing_mm = _numbers(spacing, float, "--spacing")
     roi_size = _numbers(roi, int, "--roi")
+    out = Path(out_text)
     with user_errors():
         scans = list(images) + (scans_in(images_dir, exclude=out) if images_dir is not None else [])
     if not scans:
         raise click.UsageError("give a scan to segment: --image SCAN (repeatable) or --images DIR")
-    batch = len(scans) > 1 or images_dir is not None or out.is_dir()
+    names_directory = out_text.endswith(tuple(sep for sep in (os.sep, os.altsep) if sep))
+    batch = len(scans) > 1 or images_dir is not None or out.is_dir() or names_directory
     if out_suffix is not None and not batch:
         raise click.UsageError("--out-suffix names the format of label maps in an --out directory")
+    if batch and not out.is_dir() and not names_directory and file_suffix(out):
+        # it would become a directory named like a label map, holding the label maps
+        raise click.UsageError(
+            f"--out {out_text} names a label map, but several scans (repeated --image, or --images) write "
+            "a directory of them: give a directory (e.g. labels/)"
+        )
     with user_errors():
         request = SegmentRequest(
             image=None if batch else scans[0],
@@ -402,6 +434,7 @@ def segment(images: tuple[Path, ...], images_dir: Path | None, references: tuple
             save_probabilities=save_probabilities,
         )
         request.check()
+        require_writable_directory(out if batch else out.parent, out)  # before the model is fetched
         if batch:
             _segment_scans(request, scans, out, out_suffix, model_ref, tracking_uri, project_dir, spacing_mm)
             return

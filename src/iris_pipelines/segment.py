@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import uuid
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -40,7 +41,13 @@ from iris_pipelines.evaluation.embeddings import (
 )
 from iris_pipelines.evaluation.evaluate import EvaluateParams
 from iris_pipelines.imaging import Geometry, InvalidInputError, read_image, write_image
-from iris_pipelines.imaging.io import file_suffix, require_scalar_volume, require_storable, write_text_atomic
+from iris_pipelines.imaging.io import (
+    detached_data_files,
+    file_suffix,
+    require_scalar_volume,
+    require_storable,
+    write_text_atomic,
+)
 from iris_pipelines.imaging.resample import LABEL_MAX
 from iris_pipelines.inference.bundle import PREPROCESS_KEYS, ModelBundle, newest_version
 from iris_pipelines.inference.device import resolve_device as inference_device
@@ -181,18 +188,80 @@ def written_files(out: Path) -> list[Path]:
 
 
 def protected_inputs(scans: Sequence[Path], others: Sequence[Path]) -> dict[Path, str]:
-    """Resolved path → how to name it, for every file an output must not replace."""
+    """Resolved path → how to name it, for every file an output must not replace: the scans, the other
+    inputs, and the JSON beside each of them that a sidecar would replace. Beside a reference label it holds
+    the class names read here (whoever wrote it); beside a scan, another tool's (a dcm2niix/BIDS sidecar),
+    unless an earlier run of this command wrote it there."""
     protected = {Path(path).resolve(): f"the scan {path}" for path in scans}
     protected.update({Path(path).resolve(): f"the input {path}" for path in others})
+    for path in scans:
+        beside = sidecar_path(path)
+        if beside.is_file() and not is_segment_sidecar(beside):
+            protected.setdefault(beside.resolve(), f"the JSON file beside the scan {path}")
+    for path in others:
+        beside = sidecar_path(path)
+        if beside.is_file():
+            protected.setdefault(beside.resolve(), f"the JSON file beside the input {path}")
     return protected
 
 
-def refuse_overwrites(written: Sequence[Path], protected: Mapping[Path, str]) -> None:
-    """Refuse, before any work, a written file that would replace a scan or another input."""
-    for path in written:
+def is_segment_sidecar(path: Path) -> bool:
+    """Whether ``path`` is a sidecar this command wrote: a JSON object with the keys only it writes together
+    (``strategy``, ``preprocess`` and the ``classes`` list), so a re-run may replace it."""
+    try:
+        document = json.loads(path.read_text(encoding="utf-8-sig"))
+    except (OSError, ValueError):  # unreadable, not UTF-8 or not JSON: not ours
+        return False
+    return (
+        isinstance(document, dict)
+        and {"strategy", "preprocess", "classes"} <= document.keys()
+        and isinstance(document["classes"], list)
+    )
+
+
+def refuse_overwrites(out: Path, protected: Mapping[Path, str]) -> None:
+    """Refuse, before any work, an output of ``out`` (:func:`written_files`) that would replace a scan or
+    another input, or a JSON file at its sidecar's path that this command did not write."""
+    for path in written_files(out):
         what = protected.get(Path(path).resolve())
         if what is not None:
             raise SegmentError(f"{path} would overwrite {what}; choose another --out")
+    sidecar = sidecar_path(out)
+    if sidecar.is_file() and not is_segment_sidecar(sidecar):
+        raise SegmentError(
+            f"{sidecar} would be replaced by the sidecar of {out}, but iris segment did not write it (it "
+            "lacks the sidecar's strategy, preprocess and classes); move it or choose another --out"
+        )
+
+
+def require_writable_directory(directory: Path, out: Path) -> None:
+    """Refuse, before anything is read, an output directory that cannot be created or written in, naming
+    ``--out``: otherwise the failure comes after all the work, naming a scratch file the user never chose.
+
+    Directories created to find out are removed again, so a run refused later leaves nothing behind."""
+    lineage = (directory, *directory.parents)
+    existing = next(parent for parent in lineage if parent.exists())
+    if not existing.is_dir():
+        raise SegmentError(f"--out {out}: {existing} is a file, not a directory")
+    created = list(reversed(lineage[: lineage.index(existing)]))  # outermost first
+    try:
+        for parent in created:
+            try:
+                parent.mkdir()
+            except OSError as error:
+                raise SegmentError(f"--out {out}: cannot create {parent} ({error.strerror})") from None
+        probe = directory / f".iris-segment-write-test-{uuid.uuid4().hex}"
+        try:
+            probe.open("x").close()
+            probe.unlink()
+        except OSError as error:
+            raise SegmentError(f"--out {out}: cannot write in {directory} ({error.strerror})") from None
+    finally:
+        for parent in reversed(created):
+            try:
+                parent.rmdir()
+            except OSError:
+                break  # never created, or something else put a file in it meanwhile
 
 
 def resolve_device(name: str) -> torch.device:
@@ -773,6 +842,18 @@ def read_scan(path: Path, out: Path, modality: str, require_air: bool = True) ->
     return image
 
 
+def image_files(path: Path) -> list[Path]:
+    """The files of the image ``path``: itself and, for a detached header (.mhd, .nhdr), the data files it
+    names, which removing the header alone would leave behind. Only data files in the header's own folder, as
+    write_image puts them: a header edited to name a file elsewhere must not get that file removed."""
+    try:
+        names = detached_data_files(path) if path.is_file() else []
+    except (OSError, ValueError):  # not a header that can be read: nothing else to remove
+        names = []
+    beside = [path.with_name(name) for name in names if Path(name).name == name]
+    return [path] + [data for data in beside if data.is_file()]
+
+
 def segment_scan(
     request: SegmentRequest,
     prepared: PreparedTask,
@@ -818,7 +899,8 @@ def segment_scan(
     if prediction.probabilities is not None:
         write_image(prediction.probabilities, probabilities)
     else:  # an earlier run's must not sit beside this label map as if they were its own
-        probabilities_path(out).unlink(missing_ok=True)
+        for path in image_files(probabilities_path(out)):
+            path.unlink(missing_ok=True)
     write_image(result, out)  # last: a label map on disk means its probabilities, if any, are its own
     summary = {
         "image": str(image_path),
@@ -874,7 +956,8 @@ def segment(
     request.check()
     if request.image is None or request.out is None:
         raise SegmentError("give the scan to segment and the label map to write (--image, --out)")
-    refuse_overwrites(written_files(request.out), protected_inputs([request.image], request.inputs()))
+    require_writable_directory(request.out.parent, request.out)
+    refuse_overwrites(request.out, protected_inputs([request.image], request.inputs()))
     step("reading")
     # A bad scan fails before the references are read.
     image = read_scan(request.image, request.out, request.modality, request.require_air)
@@ -940,9 +1023,8 @@ def batch_outputs(
     writers: dict[Path, Path] = {}
     for image in images:
         out = out_dir / output_name(Path(image), suffix)
-        written = written_files(out)
-        refuse_overwrites(written, protected)
-        for path in written:
+        refuse_overwrites(out, protected)
+        for path in written_files(out):
             key = path.resolve()
             if key in writers:
                 raise SegmentError(
@@ -1016,6 +1098,7 @@ def segment_batch(
     stop the batch before any scan.
     """
     request.check()
+    require_writable_directory(out_dir, out_dir)
     pairs = batch_outputs(images, out_dir, out_suffix, inputs=request.inputs())
     prepared = prepare_task(
         request, bundle, recorded_parameters=recorded_parameters, project_dir=project_dir, spacing=spacing
@@ -1037,12 +1120,19 @@ def segment_batch(
             # InvalidInputError and SegmentError are ValueErrors too, as is a scan too small to segment.
             except (OSError, ValueError) as error:
                 reason = " ".join(str(error).split()) + _remove_outputs(out)
-                logger.warning("skipped %s", reason)
-                failures.append((image_path, reason))
-                rows.append(_summary_row(image_path, out, None, reason))
+            # One scan too large for this machine's memory (or the GPU's) must not lose the scans after it.
+            except (MemoryError, torch.OutOfMemoryError) as error:
+                if prepared.device.type == "cuda":
+                    torch.cuda.empty_cache()  # the failed scan's cached blocks would starve the next ones
+                detail = " ".join(str(error).split()) or type(error).__name__
+                reason = f"{image_path}: out of memory while segmenting it ({detail})" + _remove_outputs(out)
+            else:
+                results.append(result)
+                rows.append(_summary_row(image_path, out, result))
                 continue
-            results.append(result)
-            rows.append(_summary_row(image_path, out, result))
+            logger.warning("skipped %s", reason)
+            failures.append((image_path, reason))
+            rows.append(_summary_row(image_path, out, None, reason))
     finally:  # an unexpected error (or Ctrl-C) still leaves the table of the scans done so far
         write_text_atomic(summary_path, pd.DataFrame(rows).to_csv(index=False))
     return BatchResult(results, failures, summary_path)

@@ -11,11 +11,17 @@ from collections.abc import Sequence
 import numpy as np
 import SimpleITK as sitk
 
+from iris_pipelines.imaging.errors import InvalidInputError
 from iris_pipelines.imaging.geometry import IDENTITY_DIRECTION, Geometry
 from iris_pipelines.imaging.stats import non_whole_values
 
 LABEL_MAX = 255  # label maps are stored as uint8
 _SIZE_EPS = 1e-6  # keeps float noise in a box that is exactly n voxels wide from adding a voxel
+# The canonical volume is one buffer in SimpleITK, numpy and torch (4 bytes a voxel each, its logits K× that),
+# and torch indexes some kernels with int32: 2**31 voxels is 8 GiB a float32 copy, and still ~4× a whole-body
+# CT (500 × 500 × 2000 mm) at 1 mm, so only a wrong target spacing or a header in the wrong units (a NIfTI in
+# metres is 1000× too large on every axis) goes past it. Past it ITK fails to allocate, with a traceback.
+MAX_GRID_VOXELS = 2**31
 
 
 def _as_spacing(spacing: float | Sequence[float]) -> np.ndarray:
@@ -34,6 +40,25 @@ def canonical_geometry(image_geometry: Geometry, spacing: float | Sequence[float
     centre = (low + high) / 2.0
     origin = centre - (size - 1) / 2.0 * target
     return Geometry(tuple(size), tuple(target), tuple(origin), IDENTITY_DIRECTION)
+
+
+def require_grid_fits(image_geometry: Geometry, spacing: float | Sequence[float], source: str) -> None:
+    """Refuse an image whose canonical grid at ``spacing`` would hold more than :data:`MAX_GRID_VOXELS`
+    voxels, naming ``source``, its extent and the spacing, before anything is allocated for it."""
+    target = _as_spacing(spacing)
+    corners = image_geometry.world_corners()
+    extent = corners.max(axis=0) - corners.min(axis=0)
+    # As canonical_geometry counts, in floats: an absurd grid would overflow an integer size.
+    voxels = float(np.prod(np.maximum(np.ceil(extent / target - _SIZE_EPS), 1.0)))
+    if voxels > MAX_GRID_VOXELS:
+        raise InvalidInputError(
+            source,
+            "grid_too_large",
+            f"it spans {' × '.join(f'{v:.6g}' for v in extent)} mm, so its grid at the target spacing "
+            f"{' × '.join(f'{v:g}' for v in target)} mm would hold {voxels:.3g} voxels, more than the "
+            f"{MAX_GRID_VOXELS:.3g} that can be resampled; check the target spacing (--spacing) and the "
+            "scan's units (a header in metres makes it 1000× too large)",
+        )
 
 
 def field_of_view_mask(source: Geometry, grid: Geometry) -> np.ndarray | None:

@@ -114,7 +114,7 @@ def segment_one_shot(
     window: Sequence[int] | None = None,
 ) -> np.ndarray:
     """Label map on the query's grid: the argmax class where its sigmoid > threshold, else 0, decided as
-    ``evaluate`` and ``iris segment`` decide it (``logits_to_labels``, which refuses a threshold outside (0, 1)).
+    ``evaluate`` and ``iris segment`` decide it (``logits_to_labels``: a threshold outside (0, 1) is refused).
 
     With ``window`` (the bundle's training crop) this is the protocol ``evaluate`` scores and ``iris
     segment`` runs: each class encoded from a window centred on it, the query segmented in overlapping

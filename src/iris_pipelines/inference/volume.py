@@ -29,7 +29,7 @@ from iris_pipelines.collection.preprocessing import (
     canonical_label_array,
 )
 from iris_pipelines.imaging.geometry import Geometry
-from iris_pipelines.imaging.resample import LABEL_MAX, resample_to_geometry
+from iris_pipelines.imaging.resample import LABEL_MAX, require_grid_fits, resample_to_geometry
 from iris_pipelines.inference.strategies import (
     crop_reference,
     encode_class_windows,
@@ -76,14 +76,17 @@ def prepare_image(
     """Resample + normalise a raw scan exactly as the preprocess stage does (``params:preprocess``).
 
     Only ``target_spacing``, ``ct_window`` and ``percentiles`` matter here. ``source`` names the scan in
-    errors (:class:`~iris_pipelines.imaging.InvalidInputError` for an unknown modality or NaN voxels).
+    errors (:class:`~iris_pipelines.imaging.InvalidInputError` for an unknown modality, NaN voxels or a
+    canonical grid too large to allocate).
     """
     if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
         raise ValueError(
             f"{source}: expected a 3-D scalar image, got {image.GetDimension()}-D with "
             f"{image.GetNumberOfComponentsPerPixel()} component(s)"
         )
-    array, original, grid = canonical_image_array(image, modality, _params(params), source=source)
+    params = _params(params)
+    require_grid_fits(Geometry.from_image(image), params.target_spacing, source)
+    array, original, grid = canonical_image_array(image, modality, params, source=source)
     return CanonicalVolume(array, original, grid)
 
 
