@@ -837,6 +837,22 @@ def test_a_reference_with_label_values_above_255_serves_for_the_classes_asked_fo
     assert refused.exit_code == 2 and "0..255" in " ".join(refused.output.split()), refused.output
 
 
+def test_a_class_that_comes_out_empty_is_warned_about(files, tmp_path, monkeypatch, caplog) -> None:
+    """0 ml in the sidecar reads like "absent"; the log says it may be a miss the user should look at."""
+
+    def finds_nothing(model, task, **kwargs):
+        return lambda volume: torch.full((1, task.shape[1], *volume.shape[2:]), -10.0)
+
+    monkeypatch.setattr(segment_module, "make_predictor", finds_nothing)
+    with caplog.at_level("WARNING", logger="iris_pipelines.segment"):
+        result = invoke(
+            "--image", files["query"], *_reference(files), "--model", files["bundle"],
+            "--out", tmp_path / "o.nii.gz", *SPACING,
+        )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert f"{files['query']}: class(es) 5 (liver) came out empty" in caplog.text
+
+
 def test_a_ct_without_air_is_segmented_when_the_user_names_ct(files, tmp_path, monkeypatch, caplog) -> None:
     """A CT cropped inside the body has no air either: an explicit --modality CT is trusted, with a
     warning."""

@@ -937,6 +937,14 @@ def segment_scan(
     }
     sidecar = sidecar_path(out)
     write_text_atomic(sidecar, json.dumps(summary, indent=2) + "\n")
+    empty = [f"{item['label']} ({item['name']})" for item in summary["classes"] if item["voxels"] == 0]
+    if empty:  # an empty class reads like "absent" in a volume table; say it may be a miss
+        logger.warning(
+            "%s: class(es) %s came out empty: the scan may not hold them, or the model does not find them "
+            "from this task; look at --save-probabilities, or give more references (--strategy ensemble "
+            "or tuning)",
+            image_path, ", ".join(empty),
+        )  # fmt: skip
     return SegmentResult(Path(out), sidecar, summary)
 
 
