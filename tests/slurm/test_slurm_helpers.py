@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import signal
+import time
 import types
 from pathlib import Path
 
@@ -280,17 +281,47 @@ def test_under_nohup_logging_out_does_not_cancel_the_job():
         signal.signal(signal.SIGHUP, previous)
 
 
-def test_the_job_script_puts_master_port_below_the_ephemeral_range():
-    """submitit's port from the job id mostly fell in 32768-60999, where an outgoing connection can hold
-    it."""
-    import subprocess
+def test_ranks_meet_at_the_address_rank_0_bound_and_published(tmp_path):
+    """Rank 0 binds its store's port in the same call and writes it to the job folder; a port agreed in
+    advance (submitit's from the job id) was held by something else on the node twice in the suite."""
+    import socket
+    import threading
+    from datetime import timedelta
 
-    def port(env: dict[str, str]) -> int:
-        script = f"{slurm_launcher.MASTER_PORT_SETUP}; echo $MASTER_PORT"
-        done = subprocess.run(["bash", "-c", script], env=env, capture_output=True, text=True, check=True)
-        return int(done.stdout)
+    address_file = tmp_path / "rendezvous_7_attempt0.json"
+    joined = {}
 
-    ports = {job: port({"SLURM_JOB_ID": str(job)}) for job in (1, 2, 51342, 987654)}
-    assert all(20000 <= p < 32768 for p in ports.values()), ports
-    assert port({"SLURM_JOB_ID": "51342"}) == ports[51342]  # a requeued job meets at the same port
-    assert port({"SLURM_JOB_ID": "7", "MASTER_PORT": "29500"}) == 29500  # the user's own wins
+    def join(rank: int) -> None:
+        store = slurm_launcher.rendezvous_store(
+            rank, 2, "127.0.0.1", address_file, timeout=timedelta(seconds=30)
+        )
+        store.set(f"rank{rank}", "here")
+        joined[rank] = store.get(f"rank{1 - rank}").decode()
+
+    other = threading.Thread(target=join, args=(1,))
+    other.start()  # before rank 0: it waits for the address file
+    time.sleep(0.5)
+    assert not address_file.exists()
+    join(0)
+    other.join(timeout=30)
+    assert joined == {0: "here", 1: "here"}
+    published = json.loads(address_file.read_text())
+    assert published["host"] == "127.0.0.1" and published["port"] > 0
+    assert [p.name for p in tmp_path.iterdir()] == [address_file.name]  # no partial file left
+
+    # A port a user exports (MASTER_PORT) is the one rank 0 binds.
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        chosen = probe.getsockname()[1]
+    store = slurm_launcher.rendezvous_store(
+        0, 1, "127.0.0.1", tmp_path / "rendezvous_8_attempt0.json", port=chosen, timeout=timedelta(seconds=30)
+    )
+    assert store.port == chosen
+
+
+def test_a_rank_without_rank_0_names_the_address_file_it_waited_for(tmp_path):
+    from datetime import timedelta
+
+    missing = tmp_path / "rendezvous_9_attempt1.json"
+    with pytest.raises(TimeoutError, match=r"rank 1: rank 0 did not publish .*rendezvous_9_attempt1.json"):
+        slurm_launcher.rendezvous_store(1, 2, "127.0.0.1", missing, timeout=timedelta(seconds=0.5))

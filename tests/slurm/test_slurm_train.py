@@ -22,7 +22,7 @@ from processes import interruptible_children
 from test_project_run import KEDRO, kedro_run, latest_version, mlflow_runs, project_copy  # noqa: F401
 from training_synthetic import build_collection
 
-from iris_pipelines.launch.slurm import MASTER_PORT_SETUP, TERMINAL_STATES, job_state
+from iris_pipelines.launch.slurm import TERMINAL_STATES, job_state
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
@@ -187,8 +187,10 @@ def test_kedro_run_trains_through_sbatch_srun(slurm_project: Path):
     assert run.info.status == "FINISHED"
     assert run.data.tags["world_size"] == "2"
     assert run.data.tags["kedro_env"] == ENV
-    (script,) = Path(run.data.tags["slurm_job_folder"]).glob("*_submission.sh")
-    assert MASTER_PORT_SETUP in script.read_text()  # a port outside the ephemeral range
+    # The ranks met at the port rank 0 bound and published in the job folder.
+    (address_file,) = Path(run.data.tags["slurm_job_folder"]).glob(f"rendezvous_{job_id}_attempt0.json")
+    (started,) = [r for r in _records(Path(run.data.tags["slurm_job_folder"])) if r.get("event") == "started"]
+    assert started["master"].endswith(f":{json.loads(address_file.read_text())['port']}")
 
     bundle = json.loads(
         (latest_version(slurm_project / "data/06_models/iris_model") / "config.json").read_text()

@@ -10,8 +10,10 @@ How it works (slurm/README.md has the user's view):
 - **Ranks.** Every task reads its rank, world size and local rank from SLURM (``SLURM_PROCID``,
   ``SLURM_NTASKS``, ``SLURM_LOCALID``; submitit's ``TorchDistributedEnvironment`` also takes the first
   host of ``SLURM_JOB_NODELIST`` as MASTER_ADDR), joins NCCL on GPUs or gloo on CPU, and calls
-  ``run_training`` unchanged. The job script sets MASTER_PORT from the job id (``MASTER_PORT_SETUP``), so
-  a requeued run meets at the same place.
+  ``run_training`` unchanged. Rank 0 hosts the rendezvous store on a port it binds at once and publishes
+  its address in the job folder, where the other ranks read it (:func:`rendezvous_store`): a port agreed
+  in advance (submitit's, from the job id) can be held by anything on a shared node, and rank 0 then
+  failed with EADDRINUSE.
 - **Metrics.** Rank 0 appends each metrics record as a JSON line to ``metrics.jsonl`` in the job folder.
   The waiting Kedro process tails it, shows a progress bar (step, loss, samples/s, ETA) and hands each
   record to the same ``on_metrics`` callback as the other launchers. So the Kedro process stays the only
@@ -43,16 +45,22 @@ import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
+from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from iris_pipelines.signals import install_handlers, restore_handlers
 from iris_pipelines.training import TrainConfig, TrainResult, run_training
 from iris_pipelines.training.loop import TrainingInterrupted
 
+if TYPE_CHECKING:
+    from torch.distributed import TCPStore
+
 logger = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.jsonl"
+# Ranks start as srun and the nodes get to them; the shared filesystem may show rank 0's address file late.
+RENDEZVOUS_TIMEOUT = timedelta(minutes=10)
 # Job states after which the job never runs again (squeue/scontrol/sacct spelling).
 TERMINAL_STATES = frozenset(
     {
@@ -103,6 +111,39 @@ def _append_record(path: Path, record: dict[str, Any]) -> None:
         handle.write(json.dumps(record, default=float) + "\n")
 
 
+def rendezvous_store(
+    rank: int,
+    world_size: int,
+    host: str,
+    address_file: Path,
+    port: int = 0,
+    timeout: timedelta = RENDEZVOUS_TIMEOUT,
+) -> TCPStore:
+    """The store every rank joins: rank 0 hosts it on ``port`` (0: one the OS binds in the same call, so
+    nothing can take it first) and writes ``host:port`` to ``address_file`` (atomically: a rank never reads
+    half of it); the other ranks wait for that file and connect. ``address_file`` must be new for each
+    attempt of the job and lie where every node sees it (the job folder: submitit needs it shared anyway).
+    """
+    import torch.distributed as dist
+
+    if rank == 0:
+        store = dist.TCPStore(host, port, world_size, is_master=True, timeout=timeout, wait_for_workers=False)
+        partial = address_file.with_name(f".{address_file.name}.{uuid.uuid4().hex}")
+        partial.write_text(json.dumps({"host": host, "port": store.port}), encoding="utf-8")
+        os.replace(partial, address_file)
+        return store
+    deadline = time.monotonic() + timeout.total_seconds()
+    while not address_file.is_file():
+        if time.monotonic() > deadline:
+            raise TimeoutError(
+                f"rank {rank}: rank 0 did not publish the rendezvous address in {address_file} within "
+                f"{timeout}; look at rank 0's log in the job folder"
+            )
+        time.sleep(0.2)
+    address = json.loads(address_file.read_text(encoding="utf-8"))
+    return dist.TCPStore(address["host"], int(address["port"]), world_size, is_master=False, timeout=timeout)
+
+
 class SlurmTrainingJob:
     """The callable submitit pickles and every srun task runs (rank 0 returns the :class:`TrainResult`)."""
 
@@ -117,6 +158,7 @@ class SlurmTrainingJob:
         import torch.distributed as dist
 
         job = submitit.JobEnvironment()
+        chosen_port = int(os.environ.get("MASTER_PORT") or 0)  # exported by the user; else the OS picks
         ranks = submitit.helpers.TorchDistributedEnvironment().export(
             set_cuda_visible_devices=False, overwrite=True
         )
@@ -128,6 +170,17 @@ class SlurmTrainingJob:
         metrics_path = Path(job.paths.folder) / METRICS_FILE
         attempt = int(os.environ.get("SLURM_RESTART_COUNT", "0"))
         is_main = ranks.rank == 0
+        cuda = torch.cuda.is_available()
+        if cuda:
+            torch.cuda.set_device(ranks.local_rank % torch.cuda.device_count())
+        else:
+            # Ranks share the node's CPUs: one thread per allocated core, not per core of the machine.
+            torch.set_num_threads(int(os.environ.get("SLURM_CPUS_PER_TASK", "1")))
+        # One address file per attempt: a requeued run must not read the address of the one before.
+        address_file = Path(job.paths.folder) / f"rendezvous_{job.job_id}_attempt{attempt}.json"
+        store = rendezvous_store(
+            ranks.rank, ranks.world_size, ranks.master_addr, address_file, port=chosen_port
+        )
         if is_main:
             _append_record(
                 metrics_path,
@@ -135,16 +188,15 @@ class SlurmTrainingJob:
                     "event": "started",
                     "attempt": attempt,
                     "world_size": ranks.world_size,
-                    "master": f"{ranks.master_addr}:{ranks.master_port}",
+                    "master": f"{ranks.master_addr}:{store.port}",
                 },
             )
-        cuda = torch.cuda.is_available()
-        if cuda:
-            torch.cuda.set_device(ranks.local_rank % torch.cuda.device_count())
-        else:
-            # Ranks share the node's CPUs: one thread per allocated core, not per core of the machine.
-            torch.set_num_threads(int(os.environ.get("SLURM_CPUS_PER_TASK", "1")))
-        dist.init_process_group(self.backend or ("nccl" if cuda else "gloo"))
+        dist.init_process_group(
+            self.backend or ("nccl" if cuda else "gloo"),
+            store=store,
+            rank=ranks.rank,
+            world_size=ranks.world_size,
+        )
         try:
             result = run_training(
                 **self.run_training_kwargs,
@@ -447,13 +499,6 @@ def _outside_the_current_allocation() -> Iterator[None]:
         os.environ.update(hidden)
 
 
-# submitit derives MASTER_PORT from the job id in 20000-60000, mostly inside Linux's ephemeral port range
-# (32768-60999), where an outgoing connection on the node can hold it and rank 0's store then fails with
-# EADDRINUSE (it happened in the test suite). The same job id gives the same port below that range; a
-# MASTER_PORT the user exported wins.
-MASTER_PORT_SETUP = 'export MASTER_PORT="${MASTER_PORT:-$((20000 + SLURM_JOB_ID % 12000))}"'
-
-
 def run_slurm(
     *,
     folder: str | Path,
@@ -531,7 +576,7 @@ def run_slurm(
         "time": time_min,
         "constraint": constraint,
         "signal_delay_s": signal_delay_s,
-        "setup": [MASTER_PORT_SETUP, *setup],
+        "setup": list(setup),
         # --requeue: allowed even where the site's JobRequeue=0; --kill-on-bad-exit: see module docstring.
         "additional_parameters": {"requeue": True, **(additional_parameters or {})},
         # --cpus-per-task again for srun: Slurm 22.05-23.02 srun no longer reads SLURM_CPUS_PER_TASK, and
