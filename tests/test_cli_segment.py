@@ -382,11 +382,9 @@ def test_stored_ensemble_is_the_mean_of_the_reference_rows(embeddings, untrained
     assert torch.allclose(bank[0, 0], model.memory_bank[untrained_bundle.class_ids["alpha/2"]], atol=1e-6)
 
 
-def test_stored_one_shot_takes_every_class_from_one_reference(embeddings, untrained_bundle) -> None:
+def test_stored_one_shot_takes_every_class_from_one_reference(embeddings, untrained_bundle, caplog) -> None:
     """embed_tasks draws each class's references on its own: the first row of each class may come from
     another scan, and one-shot means one reference scan."""
-    import pandas as pd
-
     table = pd.read_parquet(embeddings)
     model = untrained_bundle.build_model()
     references = table[(table.dataset == "alpha") & (table.source == "reference")]
@@ -396,13 +394,22 @@ def test_stored_one_shot_takes_every_class_from_one_reference(embeddings, untrai
     for slot, label in enumerate(labels):
         row = one_case[one_case.label == label].iloc[0]
         assert torch.equal(task[0, slot], embedding_tensor(row.to_dict()))
-    # Each class shown by a different case only: no one reference holds the task.
+    assert not caplog.records
+    # Each class shown by a different case only (many classes drawn independently): each class's first
+    # case serves, and the warning says the task does not come from one scan.
     first_rows = references.sort_values("case_id").groupby("label").head(1)
     split = pd.concat(
         [table[table.source != "reference"], first_rows.assign(case_id=first_rows.label.map(str))]
     )
-    with pytest.raises(SegmentError, match=r"no single reference case .* use --strategy ensemble"):
-        stored_task(model, split, "alpha", "one_shot", None)
+    with caplog.at_level("WARNING", logger="iris_pipelines.segment"):
+        task, labels, *_ = stored_task(model, split, "alpha", "one_shot", None)
+    assert "no single reference case of dataset 'alpha' in the embeddings shows all of class(es) [1, 2]" in (
+        caplog.text
+    )
+    assert "(1: 1, 2: 2), so not from one scan" in caplog.text
+    for slot, label in enumerate(labels):
+        row = first_rows[first_rows.label == label].iloc[0]
+        assert torch.equal(task[0, slot], embedding_tensor(row.to_dict()))
 
 
 def test_embeddings_of_another_model_are_refused(files, embeddings, tmp_path, untrained_bundle) -> None:
@@ -1028,7 +1035,10 @@ def test_a_scan_too_large_for_memory_is_skipped_and_the_batch_goes_on(
 
     def out_of_memory_for_greedy(image, *args, source, **kwargs):
         if source == str(greedy):
-            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 40.00 GiB")
+            # what torch's CPU allocator raises: a plain RuntimeError
+            raise RuntimeError(
+                "DefaultCPUAllocator: can't allocate memory: you tried to allocate 42949672960 bytes"
+            )
         return real_segment_volume(image, *args, source=source, **kwargs)
 
     monkeypatch.setattr(segment_module, "segment_volume", out_of_memory_for_greedy)
@@ -1043,9 +1053,19 @@ def test_a_scan_too_large_for_memory_is_skipped_and_the_batch_goes_on(
     assert summary["status"].tolist() == ["failed", "failed", "ok"]
     assert summary["reason"][0].startswith(f"{metres}: it spans ") and "voxels" in summary["reason"][0]
     assert summary["reason"][1] == (
-        f"{greedy}: out of memory while segmenting it (CUDA out of memory. Tried to allocate 40.00 GiB)"
+        f"{greedy}: out of memory while segmenting it (DefaultCPUAllocator: can't allocate memory: you "
+        "tried to allocate 42949672960 bytes)"
     )
     assert sorted(p.name for p in out.iterdir()) == ["scan.json", "scan.nii.gz", "segmentations.csv"]
+
+
+def test_only_failed_allocations_count_as_out_of_memory() -> None:
+    """A batch skips a scan that ran out of memory; any other RuntimeError is a bug and must surface."""
+    assert segment_module.is_out_of_memory(torch.OutOfMemoryError("CUDA out of memory"))
+    assert segment_module.is_out_of_memory(MemoryError())  # numpy
+    itk = RuntimeError("itkImportImageContainer.hxx:179: Failed to allocate memory for image.")
+    assert segment_module.is_out_of_memory(itk)
+    assert not segment_module.is_out_of_memory(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
 
 
 @pytest.mark.parametrize("clash", ["a BIDS sidecar of a scan", "the reference's class names", "any JSON"])
@@ -1070,7 +1090,7 @@ def test_a_sidecar_never_replaces_a_json_file_it_did_not_write(files, tmp_path, 
     elif clash == "the reference's class names":
         kept = tmp_path / "ref_labels.json"
         args = ["--image", scans / "sub-01_ct.nii.gz", "--out", tmp_path / "ref_labels.mha"]
-        expected = f"{kept} would overwrite the JSON file beside the input {label}"
+        expected = f"{kept} would overwrite the class names read from it"
     else:
         kept = tmp_path / "notes.json"
         args = ["--image", scans / "sub-01_ct.nii.gz", "--out", tmp_path / "notes.nii.gz"]
@@ -1132,6 +1152,41 @@ def test_an_output_folder_made_for_a_refused_run_is_removed(files, tmp_path) -> 
     )  # fmt: skip
     assert result.exit_code == 2, result.output
     assert "the file is empty" in result.output and not (tmp_path / "new").exists()
+
+
+def test_the_writable_check_removes_exactly_the_folders_it_made(tmp_path, monkeypatch) -> None:
+    """A folder it could not make (a name too long) stopped the clean-up, leaving the ones it had made."""
+    too_long = tmp_path / "new" / ("x" * 300)
+    with pytest.raises(SegmentError, match=r"cannot create .*\(File name too long\)"):
+        segment_module.require_writable_directory(too_long, too_long / "o.nii.gz")
+    assert not (tmp_path / "new").exists()
+    # "a/../b" is b, as mkdir(parents=True) makes it: accepted, and a left nowhere.
+    monkeypatch.chdir(tmp_path)
+    segment_module.require_writable_directory(Path("zz/../yy"), Path("zz/../yy/o.nii.gz"))
+    assert not (tmp_path / "zz").exists() and not (tmp_path / "yy").exists()
+
+
+def test_a_rerun_replaces_its_own_sidecar_beside_a_reference_image(tmp_path) -> None:
+    """A reference scan that is also one of the scans gets a sidecar beside it; the same command run again
+    must be allowed to replace it, while the class names beside a reference label stay protected."""
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    (scans / "a.nii.gz").write_bytes(b"scan")
+    reference_label = tmp_path / "a_labels.nii.gz"
+    reference_label.write_bytes(b"label")
+    earlier = {"strategy": "one_shot", "preprocess": {}, "classes": []}
+    (scans / "a.json").write_text(json.dumps(earlier))
+    (tmp_path / "a_labels.json").write_text(json.dumps(earlier))  # read for class names: never replaced
+    inputs = [scans / "a.nii.gz", reference_label]
+    pairs = segment_module.batch_outputs(
+        [scans / "a.nii.gz"], scans, ".mha", inputs=inputs, class_name_files=[tmp_path / "a_labels.json"]
+    )
+    assert pairs == [(scans / "a.nii.gz", scans / "a.mha")]
+    with pytest.raises(SegmentError, match=r"a_labels.json would overwrite the class names read from it"):
+        segment_module.batch_outputs(
+            [tmp_path / "a_labels.nii.gz"], tmp_path, ".mha", inputs=inputs,
+            class_name_files=[tmp_path / "a_labels.json"],
+        )  # fmt: skip
 
 
 def test_out_forms_say_what_they_mean(files, tmp_path, monkeypatch) -> None:

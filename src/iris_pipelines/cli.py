@@ -548,7 +548,9 @@ def _segment_scans(request: SegmentRequest, scans: list[Path], out_dir: Path, ou
     from iris_pipelines.segment import batch_outputs, segment_batch
 
     # name clashes fail before the model is fetched
-    batch_outputs(scans, out_dir, out_suffix, inputs=request.inputs())
+    batch_outputs(
+        scans, out_dir, out_suffix, inputs=request.inputs(), class_name_files=request.class_name_files()
+    )
     with steps(len(scans) + 2) as step:
         step("loading model")
         model = registry.load_model_bundle(model_ref, registry.tracking_uri(tracking_uri))

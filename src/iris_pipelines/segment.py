@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import uuid
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
@@ -180,6 +181,10 @@ class SegmentRequest:
         paths = [path for ref in self.references for path in (ref.image, ref.label)]
         return paths + [path for path in (self.labels_file, self.embeddings) if path is not None]
 
+    def class_name_files(self) -> list[Path]:
+        """The JSON beside each reference label map, read for class names (an earlier run's sidecar too)."""
+        return [sidecar_path(ref.label) for ref in self.references]
+
 
 def written_files(out: Path) -> list[Path]:
     """What segmenting one scan writes or replaces: the label map, its JSON sidecar and its probabilities
@@ -187,21 +192,27 @@ def written_files(out: Path) -> list[Path]:
     return [out, sidecar_path(out), probabilities_path(out)]
 
 
-def protected_inputs(scans: Sequence[Path], others: Sequence[Path]) -> dict[Path, str]:
+def protected_inputs(
+    scans: Sequence[Path], others: Sequence[Path], class_name_files: Sequence[Path] = ()
+) -> dict[Path, str]:
     """Resolved path → how to name it, for every file an output must not replace: the scans, the other
-    inputs, and the JSON beside each of them that a sidecar would replace. Beside a reference label it holds
-    the class names read here (whoever wrote it); beside a scan, another tool's (a dcm2niix/BIDS sidecar),
-    unless an earlier run of this command wrote it there."""
+    inputs, the class-name JSON read beside each reference label (whoever wrote it), and the JSON beside a
+    scan or another input that another tool wrote (a dcm2niix/BIDS sidecar); an earlier run's own sidecar
+    beside a scan or reference image may be replaced, so the same command can run again."""
     protected = {Path(path).resolve(): f"the scan {path}" for path in scans}
     protected.update({Path(path).resolve(): f"the input {path}" for path in others})
-    for path in scans:
-        beside = sidecar_path(path)
-        if beside.is_file() and not is_segment_sidecar(beside):
-            protected.setdefault(beside.resolve(), f"the JSON file beside the scan {path}")
-    for path in others:
-        beside = sidecar_path(path)
-        if beside.is_file():
-            protected.setdefault(beside.resolve(), f"the JSON file beside the input {path}")
+    protected.update(
+        {
+            Path(path).resolve(): "the class names read from it"
+            for path in class_name_files
+            if Path(path).is_file()
+        }
+    )
+    for kind, paths in (("scan", scans), ("input", others)):
+        for path in paths:
+            beside = sidecar_path(path)
+            if beside.is_file() and not is_segment_sidecar(beside):
+                protected.setdefault(beside.resolve(), f"the JSON file beside the {kind} {path}")
     return protected
 
 
@@ -239,17 +250,19 @@ def require_writable_directory(directory: Path, out: Path) -> None:
     ``--out``: otherwise the failure comes after all the work, naming a scratch file the user never chose.
 
     Directories created to find out are removed again, so a run refused later leaves nothing behind."""
+    directory = Path(os.path.abspath(directory))  # "a/../b" names b, as mkdir(parents=True) would make it
     lineage = (directory, *directory.parents)
     existing = next(parent for parent in lineage if parent.exists())
     if not existing.is_dir():
         raise SegmentError(f"--out {out}: {existing} is a file, not a directory")
-    created = list(reversed(lineage[: lineage.index(existing)]))  # outermost first
+    created: list[Path] = []
     try:
-        for parent in created:
+        for parent in reversed(lineage[: lineage.index(existing)]):  # outermost first
             try:
                 parent.mkdir()
             except OSError as error:
                 raise SegmentError(f"--out {out}: cannot create {parent} ({error.strerror})") from None
+            created.append(parent)
         probe = directory / f".iris-segment-write-test-{uuid.uuid4().hex}"
         try:
             probe.open("x").close()
@@ -257,11 +270,11 @@ def require_writable_directory(directory: Path, out: Path) -> None:
         except OSError as error:
             raise SegmentError(f"--out {out}: cannot write in {directory} ({error.strerror})") from None
     finally:
-        for parent in reversed(created):
+        for parent in reversed(created):  # innermost first; only what this check made
             try:
                 parent.rmdir()
             except OSError:
-                break  # never created, or something else put a file in it meanwhile
+                break  # something else put a file in it meanwhile: it and its parents stay
 
 
 def resolve_device(name: str) -> torch.device:
@@ -628,18 +641,24 @@ def require_embeddings_fit(table: pd.DataFrame, path: Path, weights_sha256: str,
 
 
 def one_reference(rows: pd.DataFrame, labels: Sequence[int], dataset: str) -> pd.DataFrame:
-    """The reference rows of one case, the first (by case id) that shows every class of ``labels``.
+    """The reference rows of one case, the first (by case id) that shows every class of ``labels``: one-shot
+    means one reference scan, as the paper and ``evaluate`` define it.
 
-    embed_tasks draws each class's references on its own, so the first row of each class may come from a
-    different scan; one-shot means one reference scan, as the paper and ``evaluate`` define it."""
+    embed_tasks draws each class's references on its own, so in a dataset of many classes no case may have
+    been drawn for all of them; then each class's first case serves, with a warning that names them."""
     for _, group in rows.groupby("case_id", sort=True):
         if set(labels) <= {int(v) for v in group["label"]}:
             return group
-    raise SegmentError(
-        f"no single reference case of dataset {dataset!r} in the embeddings shows all of class(es) "
-        f"{list(labels)}; use --strategy ensemble (each class averaged over the references that show it), "
-        "or ask for fewer --classes"
-    )
+    first = rows[rows["label"].astype(int).isin(labels)].sort_values("case_id", kind="stable")
+    first = first.groupby("label", sort=True).head(1)
+    logger.warning(
+        "no single reference case of dataset %r in the embeddings shows all of class(es) %s: one_shot takes "
+        "each class from its first reference case (%s), so not from one scan; --strategy ensemble averages "
+        "every stored reference of each class",
+        dataset, list(labels),
+        ", ".join(f"{int(row.label)}: {row.case_id}" for row in first.sort_values("label").itertuples()),
+    )  # fmt: skip
+    return first
 
 
 def stored_task(
@@ -965,7 +984,9 @@ def segment(
     if request.image is None or request.out is None:
         raise SegmentError("give the scan to segment and the label map to write (--image, --out)")
     require_writable_directory(request.out.parent, request.out)
-    refuse_overwrites(request.out, protected_inputs([request.image], request.inputs()))
+    refuse_overwrites(
+        request.out, protected_inputs([request.image], request.inputs(), request.class_name_files())
+    )
     step("reading")
     # A bad scan fails before the references are read.
     image = read_scan(request.image, request.out, request.modality, request.require_air)
@@ -1019,14 +1040,20 @@ def output_name(image: Path, suffix: str | None = None) -> str:
 
 
 def batch_outputs(
-    images: Sequence[Path], out_dir: Path, suffix: str | None = None, *, inputs: Sequence[Path] = ()
+    images: Sequence[Path],
+    out_dir: Path,
+    suffix: str | None = None,
+    *,
+    inputs: Sequence[Path] = (),
+    class_name_files: Sequence[Path] = (),
 ) -> list[tuple[Path, Path]]:
     """(scan, label map) pairs under ``out_dir``; refused before any work when a file written or replaced
     for one scan (label map, JSON sidecar, probabilities) would overwrite a scan, another input (``inputs``:
-    references, class names, embeddings) or a file written for another scan."""
+    references, class names, embeddings; ``class_name_files``: the JSON read beside reference labels) or a
+    file written for another scan."""
     if suffix is not None and suffix not in OUTPUT_SUFFIXES:
         raise SegmentError(f"--out-suffix {suffix!r}: expected one of {list(OUTPUT_SUFFIXES)}")
-    protected = protected_inputs(images, inputs)
+    protected = protected_inputs(images, inputs, class_name_files)
     pairs: list[tuple[Path, Path]] = []
     writers: dict[Path, Path] = {}
     for image in images:
@@ -1084,6 +1111,18 @@ def _remove_outputs(out: Path) -> str:
     return "".join(f"; {note}" for note in notes)
 
 
+# torch's CPU allocator and ITK raise a plain RuntimeError when an allocation fails (numpy raises MemoryError,
+# CUDA torch.OutOfMemoryError); any other RuntimeError is a bug and must surface.
+_ALLOCATION_FAILURES = ("can't allocate memory", "Failed to allocate memory")
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """Whether ``error`` is a failed allocation, from numpy, torch (CPU or CUDA) or SimpleITK."""
+    if isinstance(error, (MemoryError, torch.OutOfMemoryError)):
+        return True
+    return isinstance(error, RuntimeError) and any(text in str(error) for text in _ALLOCATION_FAILURES)
+
+
 def segment_batch(
     request: SegmentRequest,
     images: Sequence[Path],
@@ -1107,7 +1146,9 @@ def segment_batch(
     """
     request.check()
     require_writable_directory(out_dir, out_dir)
-    pairs = batch_outputs(images, out_dir, out_suffix, inputs=request.inputs())
+    pairs = batch_outputs(
+        images, out_dir, out_suffix, inputs=request.inputs(), class_name_files=request.class_name_files()
+    )
     prepared = prepare_task(
         request, bundle, recorded_parameters=recorded_parameters, project_dir=project_dir, spacing=spacing
     )
@@ -1129,9 +1170,9 @@ def segment_batch(
             except (OSError, ValueError) as error:
                 reason = " ".join(str(error).split()) + _remove_outputs(out)
             # One scan too large for this machine's memory (or the GPU's) must not lose the scans after it.
-            except (MemoryError, torch.OutOfMemoryError) as error:
-                if prepared.device.type == "cuda":
-                    torch.cuda.empty_cache()  # the failed scan's cached blocks would starve the next ones
+            except (MemoryError, RuntimeError) as error:
+                if not is_out_of_memory(error):
+                    raise
                 detail = " ".join(str(error).split()) or type(error).__name__
                 reason = f"{image_path}: out of memory while segmenting it ({detail})" + _remove_outputs(out)
             else:

@@ -484,8 +484,8 @@ def read_image(
     of NIfTI and MetaImage, NaN and Inf voxels), which cost a second decompression or a pass over the
     voxels; only for files already verified, like the ingested cases that preprocessing reads.
     A DICOM series must have evenly spaced slices, a detached header (``.mhd``, ``.nhdr``) its data files,
-    and a NIfTI with both a qform and an sform must have them agree, whatever ``verify`` says: these checks
-    read headers only.
+    and a NIfTI must have a qform or an sform, and agreeing ones when it has both, whatever ``verify``
+    says: these checks read headers only.
     """
     source = Path(path)
     if not source.exists():

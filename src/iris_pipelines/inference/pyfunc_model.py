@@ -21,7 +21,7 @@ from mlflow.types import ParamSchema, ParamSpec
 
 from iris_pipelines.inference.bundle import ModelBundle
 from iris_pipelines.inference.device import resolve_device
-from iris_pipelines.inference.strategies import encode_class_windows, logits_to_labels
+from iris_pipelines.inference.strategies import encode_class_windows, logit_cut, logits_to_labels
 from iris_pipelines.model import Iris
 
 _REQUIRED = ("query", "reference_image", "reference_mask")
@@ -120,6 +120,7 @@ def segment_one_shot(
     segment`` runs: each class encoded from a window centred on it, the query segmented in overlapping
     windows. Without it, both whole volumes go through the network at once.
     """
+    logit_cut(threshold)  # a threshold outside (0, 1) is refused before the network runs, not after
     query = _image("query", query)
     reference_image = _image("reference_image", reference_image)
     reference_mask = _label_map("reference_mask", reference_mask)
