@@ -5,6 +5,12 @@ import os
 from kedro.config import OmegaConfigLoader
 
 from iris_pipelines.hooks import InputVersionHooks, InterruptedRunHooks, ProjectRootHooks, ProvenanceHooks
+from iris_pipelines.mlflow_warnings import without_type_hint_warning
+
+# kedro-mlflow's `kedro mlflow` commands import its KedroPipelineModel, whose missing type hints MLflow warned
+# about in every kedro command; Kedro imports these settings first, so the class is created quietly here.
+with without_type_hint_warning():
+    import kedro_mlflow.mlflow  # noqa: F401
 
 HOOKS = (ProjectRootHooks(), ProvenanceHooks(), InputVersionHooks(), InterruptedRunHooks())
 

@@ -8,7 +8,6 @@ so loading a registered version executes no pickle (DESIGN.md, "Model artifacts"
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -22,6 +21,7 @@ from mlflow.types import ParamSchema, ParamSpec
 from iris_pipelines.inference.bundle import ModelBundle
 from iris_pipelines.inference.device import resolve_device
 from iris_pipelines.inference.strategies import encode_class_windows, logit_cut, logits_to_labels
+from iris_pipelines.mlflow_warnings import without_type_hint_warning
 from iris_pipelines.model import Iris
 
 _REQUIRED = ("query", "reference_image", "reference_mask")
@@ -144,10 +144,8 @@ def segment_one_shot(
     return logits_to_labels(logits.float(), labels, threshold).cpu().numpy()
 
 
-# MLflow checks predict's type hints when the class is created and warns that model_input has none (on
-# purpose, see predict) in every `kedro run`, under its own "once" filter that no warnings filter of ours
-# can override; recording the warnings here drops that one, where nobody could act on it.
-with warnings.catch_warnings(record=True):
+# model_input has no type hint on purpose (see predict): MLflow would warn about it in every `kedro run`.
+with without_type_hint_warning():
 
     class IrisPyfuncModel(PythonModel):
         """One-shot Iris segmentation:
