@@ -608,7 +608,7 @@ def test_preprocessing_defaults_follow_the_model_then_the_project(tmp_path) -> N
 @pytest.mark.parametrize(
     ("role", "shape", "expected"),
     [
-        ("image", "4-D", "the reference image is 4-D (size (24, 22, 16, 2))"),
+        ("image", "4-D", "the reference image holds 2 volumes along its 4th axis (channels or time points)"),
         ("label", "4-D", "the reference label is 4-D (size (24, 22, 16, 2))"),
         ("image", "2-D", "the reference image is 2-D (size (24, 22))"),
         ("label", "vector", "the reference label has 3 values per voxel"),
@@ -1243,3 +1243,38 @@ def test_tuning_options_are_checked_before_any_reading(files, tmp_path, option, 
     )  # fmt: skip
     assert result.exit_code == 2, result.output
     assert expected in " ".join(result.output.split())
+
+
+def test_a_4d_scan_is_segmented_from_the_channel_asked_for(files, tmp_path, monkeypatch) -> None:
+    """A multi-modal MSD image (x, y, z, channel): ingest trains on channel 0, and the user picks the volume
+    to segment; the label map lies on the 3-D part of the scan's grid."""
+    query = read_image(files["query"])
+    other = sitk.Cast(query, sitk.sitkFloat32) * 0.5
+    four_d = sitk.JoinSeries([other, sitk.Cast(query, sitk.sitkFloat32)])  # channel 1 is the query
+    four_d_path = tmp_path / "multimodal.nii.gz"
+    write_image(four_d, four_d_path)
+    real_segment_volume = segment_module.segment_volume
+    seen = []
+
+    def recording(image, *args, **kwargs):
+        seen.append(sitk.GetArrayFromImage(image))
+        return real_segment_volume(image, *args, **kwargs)
+
+    monkeypatch.setattr(segment_module, "segment_volume", recording)
+    common = ["--image", four_d_path, *_reference(files), "--model", files["bundle"], *SPACING]
+    out = tmp_path / "labels.nii.gz"
+    result = invoke(*common, "--channel", "1", "--out", out)
+    assert result.exit_code == 0, result.output
+    np.testing.assert_allclose(seen[0], sitk.GetArrayFromImage(query).astype(np.float32), atol=1e-3)
+    written = read_image(out)
+    assert written.GetDimension() == 3
+    assert Geometry.from_image(written).same_grid(Geometry.from_image(query))
+    assert json.loads((tmp_path / "labels.json").read_text())["channel"] == 1
+
+    refused = invoke(*common, "--out", tmp_path / "none.nii.gz")
+    assert refused.exit_code == 2 and "holds 2 volumes along its 4th axis" in " ".join(refused.output.split())
+    assert "--channel N (0 to 1" in " ".join(refused.output.split())
+    beyond = invoke(*common, "--channel", "2", "--out", tmp_path / "beyond.nii.gz")
+    assert beyond.exit_code == 2 and "--channel 2 is not one of them (0 to 1)" in " ".join(
+        beyond.output.split()
+    )

@@ -308,6 +308,14 @@ def _project_option(help_text: str):
     "refused; naming --modality CT segments it anyway, with a warning (a CT cropped inside the body).",
 )
 @click.option(
+    "--channel",
+    type=click.IntRange(min=0),
+    default=None,
+    help="The volume of a 4-D (x, y, z, channel) scan or reference image to use, e.g. 0 for the first "
+    "modality of a multi-modal MSD image (what ingest trains on); 4-D images are refused without it, 3-D "
+    "images are used as they are.",
+)
+@click.option(
     "--spacing",
     type=str,
     default=None,
@@ -378,7 +386,8 @@ def _project_option(help_text: str):
 )
 def segment(images: tuple[Path, ...], images_dir: Path | None, references: tuple[str, ...],
             embeddings: Path | None, dataset: str | None, model_ref: str, strategy: str, classes: str | None,
-            labels_file: Path | None, modality: str | None, spacing: str | None, roi: str | None,
+            labels_file: Path | None, modality: str | None, channel: int | None, spacing: str | None,
+            roi: str | None,
             overlap: float, threshold: float, tuning_steps: int, tuning_lr: float, device: str,
             tracking_uri: str | None, project_dir: Path, out_text: str,
             out_suffix: str | None, save_probabilities: bool) -> None:  # fmt: skip
@@ -432,6 +441,7 @@ def segment(images: tuple[Path, ...], images_dir: Path | None, references: tuple
             tuning_lr=tuning_lr,
             device=device,
             save_probabilities=save_probabilities,
+            channel=channel,
         )
         request.check()
         require_writable_directory(out if batch else out.parent, out)  # before the model is fetched

@@ -32,7 +32,12 @@ import torch
 import yaml
 from torch import Tensor
 
-from iris_pipelines.collection.ingest import CT_AIR_CHECK_HU, first_grid_difference, label_values
+from iris_pipelines.collection.ingest import (
+    CT_AIR_CHECK_HU,
+    first_grid_difference,
+    first_volume,
+    label_values,
+)
 from iris_pipelines.collection.layouts import parse_labels
 from iris_pipelines.evaluation.embeddings import (
     class_embeddings,
@@ -144,6 +149,8 @@ class SegmentRequest:
     tuning_lr: float = EvaluateParams().tuning_lr
     device: str = "auto"
     save_probabilities: bool = False
+    # The volume of a 4-D (x, y, z, channel) scan or reference image to use; None: 3-D images only.
+    channel: int | None = None
 
     def check(self) -> None:
         """Refuse contradictory options before any file is read."""
@@ -175,6 +182,8 @@ class SegmentRequest:
             raise SegmentError(f"--overlap must lie in [0, 1), got {self.overlap}")
         if self.roi_size is not None and (len(self.roi_size) != 3 or min(self.roi_size) < 1):
             raise SegmentError(f"--roi must be one or three positive sizes in voxels, got {self.roi_size}")
+        if self.channel is not None and self.channel < 0:
+            raise SegmentError(f"--channel must be 0 or more, got {self.channel}")
 
     def inputs(self) -> list[Path]:
         """Every file the request reads besides the scans: no output may replace one of them."""
@@ -486,14 +495,16 @@ def read_reference(
     params: Mapping[str, Any],
     ignored: int | None = None,
     require_air: bool = True,
+    channel: int | None = None,
 ) -> tuple[Reference, list[int]]:
-    """Read and check a reference pair; returns it on the canonical grid and its foreground values.
+    """Read and check a reference pair (the image's volume ``channel`` when it is 4-D); returns it on the
+    canonical grid and its foreground values.
 
     The image and label must share a grid (a label on another grid is almost always the wrong file), and
     the label must hold every ``wanted`` class, before and after resampling. ``ignored`` (nnU-Net's
     ``"ignore"`` label) marks unannotated voxels, never a foreground value.
     """
-    image = read_image(spec.image)
+    image = pick_channel(read_image(spec.image), spec.image, channel, "reference image")
     require_scalar_volume(image, spec.image, "reference image")
     require_hounsfield(image, spec.image, modality, refuse=require_air)
     label = read_image(spec.label)
@@ -821,7 +832,7 @@ def prepare_task(
         specs = request.references[:1] if request.strategy == "one_shot" else request.references
         for index, spec in enumerate(specs):
             reference, present = read_reference(
-                spec, labels or None, request.modality, params, ignored, request.require_air
+                spec, labels or None, request.modality, params, ignored, request.require_air, request.channel
             )
             if index == 0 and not labels:
                 labels = present  # every class the first reference shows; the others must show them too
@@ -851,10 +862,37 @@ def prepare_task(
     )  # fmt: skip
 
 
-def read_scan(path: Path, out: Path, modality: str, require_air: bool = True) -> sitk.Image:
-    """The scan to segment, refused now if it does not fit ``modality`` or its label map could not be
-    written to ``out`` (its own grid)."""
-    image = read_image(path)
+def pick_channel(image: sitk.Image, path: Path, channel: int | None, what: str) -> sitk.Image:
+    """Volume ``channel`` of a 4-D (x, y, z, channel) image, on the 3-D part of its grid (ingest takes
+    channel 0 of a multi-modal MSD image, so a model trained on one saw channel 0); any other image as it
+    is (a 3-D reference of the query's modality serves a 4-D query's channel). A 4-D image without
+    ``channel`` is refused: which volume is meant is the user's call."""
+    if image.GetDimension() != 4:
+        return image
+    count = image.GetSize()[3]
+    if channel is None:
+        raise InvalidInputError(
+            str(path),
+            "not_3d",
+            f"the {what} holds {count} volumes along its 4th axis (channels or time points); choose one with "
+            f"--channel N (0 to {count - 1}; a model trained on a multi-modal MSD task saw channel 0)",
+        )
+    if channel >= count:
+        raise InvalidInputError(
+            str(path),
+            "channel",
+            f"the {what} holds {count} volumes along its 4th axis, so --channel {channel} is not one of them "
+            f"(0 to {count - 1})",
+        )
+    return first_volume(image, channel)
+
+
+def read_scan(
+    path: Path, out: Path, modality: str, require_air: bool = True, channel: int | None = None
+) -> sitk.Image:
+    """The scan to segment (its volume ``channel`` when it is 4-D), refused now if it does not fit
+    ``modality`` or its label map could not be written to ``out`` (the volume's own grid)."""
+    image = pick_channel(read_image(path), path, channel, "image")
     require_scalar_volume(image, path, "image")
     require_hounsfield(image, path, modality, refuse=require_air)
     require_storable(image, out)
@@ -930,6 +968,7 @@ def segment_scan(
         "embeddings": None if request.embeddings is None else str(request.embeddings),
         "dataset": prepared.dataset,
         "modality": request.modality,
+        "channel": request.channel,
         "preprocess": prepared.params,
         "preprocess_source": prepared.params_source,
         "roi_size": list(prepared.roi),
@@ -989,7 +1028,7 @@ def segment(
     )
     step("reading")
     # A bad scan fails before the references are read.
-    image = read_scan(request.image, request.out, request.modality, request.require_air)
+    image = read_scan(request.image, request.out, request.modality, request.require_air, request.channel)
     prepared = prepare_task(
         request, bundle, recorded_parameters=recorded_parameters, project_dir=project_dir, spacing=spacing,
         on_step=step,
@@ -1162,7 +1201,7 @@ def segment_batch(
             if on_scan is not None:
                 on_scan(image_path)
             try:
-                image = read_scan(image_path, out, request.modality, request.require_air)
+                image = read_scan(image_path, out, request.modality, request.require_air, request.channel)
                 result = segment_scan(
                     request, prepared, image, image_path, out, model_uri=model_uri, model_source=model_source
                 )

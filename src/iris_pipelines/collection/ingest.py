@@ -139,14 +139,14 @@ def _warn_without_air(image: sitk.Image, path: Path) -> None:
         )  # fmt: skip
 
 
-def first_volume(image: sitk.Image) -> sitk.Image:
-    """The first 3-D volume of a 4-D (x, y, z, channel) image, on the 3-D part of its grid, as a multi-modal
-    MSD image holds its first modality; any other image as it is."""
+def first_volume(image: sitk.Image, index: int = 0) -> sitk.Image:
+    """The first (or the ``index``-th) 3-D volume of a 4-D (x, y, z, channel) image, on the 3-D part of its
+    grid, as a multi-modal MSD image holds its first modality; any other image as it is."""
     if image.GetDimension() != 4:
         return image
     size = list(image.GetSize())
     return sitk.Extract(
-        image, [*size[:3], 0], [0, 0, 0, 0], sitk.ExtractImageFilter.DIRECTIONCOLLAPSETOSUBMATRIX
+        image, [*size[:3], 0], [0, 0, 0, index], sitk.ExtractImageFilter.DIRECTIONCOLLAPSETOSUBMATRIX
     )
 
 
