@@ -35,8 +35,8 @@ from torch import Tensor
 from iris_pipelines.collection.ingest import (
     CT_AIR_CHECK_HU,
     first_grid_difference,
-    first_volume,
     label_values,
+    volume_at,
 )
 from iris_pipelines.collection.layouts import parse_labels
 from iris_pipelines.evaluation.embeddings import (
@@ -884,7 +884,7 @@ def pick_channel(image: sitk.Image, path: Path, channel: int | None, what: str) 
             f"the {what} holds {count} volumes along its 4th axis, so --channel {channel} is not one of them "
             f"(0 to {count - 1})",
         )
-    return first_volume(image, channel)
+    return volume_at(image, channel)
 
 
 def read_scan(

@@ -139,9 +139,9 @@ def _warn_without_air(image: sitk.Image, path: Path) -> None:
         )  # fmt: skip
 
 
-def first_volume(image: sitk.Image, index: int = 0) -> sitk.Image:
-    """The first (or the ``index``-th) 3-D volume of a 4-D (x, y, z, channel) image, on the 3-D part of its
-    grid, as a multi-modal MSD image holds its first modality; any other image as it is."""
+def volume_at(image: sitk.Image, index: int = 0) -> sitk.Image:
+    """The ``index``-th 3-D volume of a 4-D (x, y, z, channel) image, on the 3-D part of its grid (volume 0
+    of a multi-modal MSD image is its first modality); any other image as it is."""
     if image.GetDimension() != 4:
         return image
     size = list(image.GetSize())
@@ -163,7 +163,7 @@ def _channel_0(image: sitk.Image, ref: CaseRef) -> sitk.Image:
             f"{ref.image_channels} modalities; which one is channel 0 is unclear: fix the image or the "
             "`modality` entry",
         )
-    return first_volume(image)
+    return volume_at(image)
 
 
 def validate_case(ref: CaseRef, *, tolerance_mm: float) -> dict[str, Any]:

@@ -31,7 +31,7 @@ import SimpleITK as sitk
 from distributed import Client, LocalCluster, SpecCluster, as_completed
 from tqdm.auto import tqdm
 
-from iris_pipelines.collection.ingest import first_volume
+from iris_pipelines.collection.ingest import volume_at
 from iris_pipelines.imaging.errors import InvalidInputError
 from iris_pipelines.imaging.geometry import Geometry
 from iris_pipelines.imaging.io import detached_data_files, file_sha256, read_image, require_finite
@@ -265,7 +265,7 @@ def _image_array(row: Mapping[str, Any], params: PreprocessParams) -> tuple[np.n
     # _preprocess matched the file's bytes to ingest's checksum, so ingest's integrity checks still hold:
     # skip the second decompression. The only 4-D images ingest accepts are multi-modal MSD ones, whose
     # first volume it checked.
-    return canonical_image_array(first_volume(read_image(path, verify=False)), modality, params, source=path)
+    return canonical_image_array(volume_at(read_image(path, verify=False)), modality, params, source=path)
 
 
 def _lost_classes(source_label: sitk.Image, voxels: Mapping[int, int]) -> dict[int, int]:

@@ -31,12 +31,19 @@ def _as_spacing(spacing: float | Sequence[float]) -> np.ndarray:
     return values
 
 
+def _voxel_box(image_geometry: Geometry, target: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The world box of the input's voxels (its low and high corners) and the voxels per axis at ``target``
+    that cover it, as floats: an absurd spacing must not overflow an integer before it can be refused."""
+    corners = image_geometry.world_corners()
+    low, high = corners.min(axis=0), corners.max(axis=0)
+    return low, high, np.maximum(np.ceil((high - low) / target - _SIZE_EPS), 1.0)
+
+
 def canonical_geometry(image_geometry: Geometry, spacing: float | Sequence[float]) -> Geometry:
     """Identity-direction grid at ``spacing`` covering the input's voxel box, centred on it."""
     target = _as_spacing(spacing)
-    corners = image_geometry.world_corners()
-    low, high = corners.min(axis=0), corners.max(axis=0)
-    size = np.maximum(np.ceil((high - low) / target - _SIZE_EPS), 1).astype(int)
+    low, high, size = _voxel_box(image_geometry, target)
+    size = size.astype(int)
     centre = (low + high) / 2.0
     origin = centre - (size - 1) / 2.0 * target
     return Geometry(tuple(size), tuple(target), tuple(origin), IDENTITY_DIRECTION)
@@ -46,10 +53,9 @@ def require_grid_fits(image_geometry: Geometry, spacing: float | Sequence[float]
     """Refuse an image whose canonical grid at ``spacing`` would hold more than :data:`MAX_GRID_VOXELS`
     voxels, naming ``source``, its extent and the spacing, before anything is allocated for it."""
     target = _as_spacing(spacing)
-    corners = image_geometry.world_corners()
-    extent = corners.max(axis=0) - corners.min(axis=0)
-    # As canonical_geometry counts, in floats: an absurd grid would overflow an integer size.
-    voxels = float(np.prod(np.maximum(np.ceil(extent / target - _SIZE_EPS), 1.0)))
+    low, high, size = _voxel_box(image_geometry, target)
+    extent = high - low
+    voxels = float(np.prod(size))
     if voxels > MAX_GRID_VOXELS:
         raise InvalidInputError(
             source,
