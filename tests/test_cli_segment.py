@@ -1005,22 +1005,71 @@ def _in_metres(source: Path, path: Path) -> Path:
     return path
 
 
-@pytest.mark.parametrize("cause", ["a header in metres", "a typo in --spacing"])
-def test_a_grid_too_large_to_allocate_is_named_in_one_line(files, tmp_path, cause) -> None:
-    """ITK failed to allocate the canonical grid: a traceback (exit 1) instead of the file and the reason."""
-    if cause == "a header in metres":
-        refused, scan, spacing = _in_metres(files["query"], tmp_path / "metres.nii.gz"), None, SPACING
-    else:  # the reference is the first file resampled
-        refused, scan, spacing = files["ref_a"], files["query"], ["--spacing", "0.01", "--roi", "32"]
+@pytest.mark.parametrize("cause", ["a scan in metres", "a reference in metres", "a typo in --spacing"])
+def test_a_grid_too_large_to_allocate_is_named_in_one_line(files, tmp_path, monkeypatch, cause) -> None:
+    """ITK failed to allocate the canonical grid: a traceback (exit 1) instead of the file and the reason.
+    A scan too large is refused before the references are read and encoded, which is most of the work."""
+    scan, (reference, label), spacing = files["query"], (files["ref_a"], files["ref_a_label"]), SPACING
+    if cause == "a scan in metres":
+        scan = refused = _in_metres(files["query"], tmp_path / "metres.nii.gz")
+    elif cause == "a reference in metres":  # the query's own image and labels, both in metres
+        reference = refused = _in_metres(files["query"], tmp_path / "ref_metres.nii.gz")
+        label = _in_metres(files["truth"], tmp_path / "ref_metres_labels.nii.gz")
+    else:
+        refused, spacing = scan, ["--spacing", "0.01", "--roi", "32"]
+    if refused == scan:
+
+        def no_encoding(*args, **kwargs):
+            raise AssertionError("the references were encoded for a scan that cannot be segmented")
+
+        monkeypatch.setattr(segment_module, "prepare_task", no_encoding)
     out = tmp_path / "o.nii.gz"
     result = invoke(
-        "--image", scan or refused, *_reference(files), "--model", files["bundle"], "--out", out, *spacing
+        "--image", scan, "--reference", f"{reference}:{label}", "--model", files["bundle"],
+        "--out", out, *spacing,
     )  # fmt: skip
     assert result.exit_code == 2, result.output
     message = " ".join(result.output.split())
     assert f"{refused}: it spans " in message and "voxels, more than the 2.15e+09" in message
     assert "check the target spacing (--spacing) and the scan's units" in message
     assert "Traceback" not in message and not out.exists()
+
+
+def test_one_scan_out_of_memory_is_one_line_with_what_to_try(files, tmp_path, monkeypatch) -> None:
+    """A single scan that ran out of memory below the grid limit ended in a traceback."""
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    monkeypatch.setattr(segment_module, "segment_volume", out_of_memory)
+    out = tmp_path / "o.nii.gz"
+    result = invoke(
+        "--image", files["query"], *_reference(files), "--model", files["bundle"], "--out", out, *SPACING
+    )
+    assert result.exit_code == 2, result.output
+    message = " ".join(result.output.split())
+    assert (
+        f"{files['query']}: out of memory while segmenting it (CUDA out of memory. Tried to allocate"
+        in message
+    )
+    assert "--device cpu" in message and "Traceback" not in message and not out.exists()
+
+
+def test_a_label_map_never_sits_beside_an_earlier_runs_sidecar(files, tmp_path, monkeypatch) -> None:
+    """A run stopped between writing the label map and its sidecar left the earlier run's sidecar, whose
+    class volumes, model and settings then described the new label map."""
+    out = tmp_path / "o.nii.gz"
+    args = ["--image", files["query"], *_reference(files), "--model", files["bundle"], "--out", out, *SPACING]
+    assert invoke(*args).exit_code == 0
+    earlier = read_image(out)
+
+    def disk_full(path, text):
+        raise OSError(28, "No space left on device", str(path))
+
+    monkeypatch.setattr(segment_module, "write_text_atomic", disk_full)
+    result = invoke(*args, "--threshold", "0.9")
+    assert result.exit_code == 2 and "No space left on device" in result.output, result.output
+    assert read_image(out).GetSize() == earlier.GetSize() and not sidecar_path(out).exists()
 
 
 def test_a_scan_too_large_for_memory_is_skipped_and_the_batch_goes_on(

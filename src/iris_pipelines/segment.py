@@ -54,7 +54,7 @@ from iris_pipelines.imaging.io import (
     require_storable,
     write_text_atomic,
 )
-from iris_pipelines.imaging.resample import LABEL_MAX
+from iris_pipelines.imaging.resample import LABEL_MAX, require_grid_fits
 from iris_pipelines.inference.bundle import PREPROCESS_KEYS, ModelBundle, newest_version
 from iris_pipelines.inference.device import resolve_device as inference_device
 from iris_pipelines.inference.sliding_window import volume_predictor
@@ -798,13 +798,14 @@ class PreparedTask:
 def prepare_task(
     request: SegmentRequest,
     bundle: ModelBundle,
+    preprocessing: tuple[dict[str, Any], str],
     *,
-    recorded_parameters: Mapping[str, Any] | None = None,
-    project_dir: Path | None = None,
-    spacing: Sequence[float] | None = None,
     on_step: StepCallback | None = None,
 ) -> PreparedTask:
-    """Read the references (or stored embeddings) and encode the task: the work shared by all scans."""
+    """Read the references (or stored embeddings) and encode the task: the work shared by all scans.
+
+    ``preprocessing`` is what :func:`preprocess_params` resolved: the parameters and where they came from.
+    """
     step = on_step or (lambda _: None)
     request.check()
     labels = list(request.classes or [])
@@ -820,7 +821,7 @@ def prepare_task(
             request.labels_file, ignored, _IGNORE_LABEL,
         )  # fmt: skip
     device = resolve_device(request.device)
-    params, params_source = preprocess_params(spacing, bundle, recorded_parameters, project_dir or Path.cwd())
+    params, params_source = preprocessing
     roi = tuple(request.roi_size) if request.roi_size else bundle.inference_window()
     model = bundle.build_model().to(device)
     references: list[Reference] = []
@@ -953,6 +954,10 @@ def segment_scan(
                 for path in earlier
             ),
         )
+    sidecar = sidecar_path(out)
+    # An earlier run's sidecar must not describe this label map if writing stops before its own replaces it
+    # (refuse_overwrites let only a sidecar iris segment wrote get here).
+    sidecar.unlink(missing_ok=True)
     if prediction.probabilities is not None:
         write_image(prediction.probabilities, probabilities)
     else:  # an earlier run's must not sit beside this label map as if they were its own
@@ -993,7 +998,6 @@ def segment_scan(
         if request.strategy == "tuning"
         else None,
     }
-    sidecar = sidecar_path(out)
     write_text_atomic(sidecar, json.dumps(summary, indent=2) + "\n")
     empty = [f"{item['label']} ({item['name']})" for item in summary["classes"] if item["voxels"] == 0]
     if empty:  # an empty class reads like "absent" in a volume table; say it may be a miss
@@ -1004,6 +1008,23 @@ def segment_scan(
             image_path, ", ".join(empty),
         )  # fmt: skip
     return SegmentResult(Path(out), sidecar, summary)
+
+
+# torch's CPU allocator and ITK raise a plain RuntimeError when an allocation fails (numpy raises MemoryError,
+# CUDA torch.OutOfMemoryError); any other RuntimeError is a bug and must surface.
+_ALLOCATION_FAILURES = ("can't allocate memory", "Failed to allocate memory")
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """Whether ``error`` is a failed allocation, from numpy, torch (CPU or CUDA) or SimpleITK."""
+    if isinstance(error, (MemoryError, torch.OutOfMemoryError)):
+        return True
+    return isinstance(error, RuntimeError) and any(text in str(error) for text in _ALLOCATION_FAILURES)
+
+
+def out_of_memory_reason(image_path: Path, error: BaseException) -> str:
+    detail = " ".join(str(error).split()) or type(error).__name__
+    return f"{image_path}: out of memory while segmenting it ({detail})"
 
 
 def segment(
@@ -1027,16 +1048,23 @@ def segment(
         request.out, protected_inputs([request.image], request.inputs(), request.class_name_files())
     )
     step("reading")
-    # A bad scan fails before the references are read.
+    preprocessing = preprocess_params(spacing, bundle, recorded_parameters, project_dir or Path.cwd())
+    # A bad scan, or one whose canonical grid could not be allocated, fails before the references are read.
     image = read_scan(request.image, request.out, request.modality, request.require_air, request.channel)
-    prepared = prepare_task(
-        request, bundle, recorded_parameters=recorded_parameters, project_dir=project_dir, spacing=spacing,
-        on_step=step,
-    )  # fmt: skip
-    return segment_scan(
-        request, prepared, image, request.image, request.out, model_uri=model_uri, model_source=model_source,
-        on_step=step,
-    )  # fmt: skip
+    require_grid_fits(Geometry.from_image(image), preprocessing[0]["target_spacing"], str(request.image))
+    prepared = prepare_task(request, bundle, preprocessing, on_step=step)
+    try:
+        return segment_scan(
+            request, prepared, image, request.image, request.out, model_uri=model_uri,
+            model_source=model_source, on_step=step,
+        )  # fmt: skip
+    except (MemoryError, RuntimeError) as error:
+        if not is_out_of_memory(error):
+            raise
+        raise SegmentError(
+            f"{out_of_memory_reason(request.image, error)}; free memory or use a machine with more "
+            "(a GPU that ran out: --device cpu), or a coarser --spacing if the model allows it"
+        ) from None
 
 
 # ------------------------------------------------------------------------------------------------ batches
@@ -1150,18 +1178,6 @@ def _remove_outputs(out: Path) -> str:
     return "".join(f"; {note}" for note in notes)
 
 
-# torch's CPU allocator and ITK raise a plain RuntimeError when an allocation fails (numpy raises MemoryError,
-# CUDA torch.OutOfMemoryError); any other RuntimeError is a bug and must surface.
-_ALLOCATION_FAILURES = ("can't allocate memory", "Failed to allocate memory")
-
-
-def is_out_of_memory(error: BaseException) -> bool:
-    """Whether ``error`` is a failed allocation, from numpy, torch (CPU or CUDA) or SimpleITK."""
-    if isinstance(error, (MemoryError, torch.OutOfMemoryError)):
-        return True
-    return isinstance(error, RuntimeError) and any(text in str(error) for text in _ALLOCATION_FAILURES)
-
-
 def segment_batch(
     request: SegmentRequest,
     images: Sequence[Path],
@@ -1188,9 +1204,8 @@ def segment_batch(
     pairs = batch_outputs(
         images, out_dir, out_suffix, inputs=request.inputs(), class_name_files=request.class_name_files()
     )
-    prepared = prepare_task(
-        request, bundle, recorded_parameters=recorded_parameters, project_dir=project_dir, spacing=spacing
-    )
+    preprocessing = preprocess_params(spacing, bundle, recorded_parameters, project_dir or Path.cwd())
+    prepared = prepare_task(request, bundle, preprocessing)
     out_dir.mkdir(parents=True, exist_ok=True)
     results: list[SegmentResult] = []
     failures: list[tuple[Path, str]] = []
@@ -1212,8 +1227,7 @@ def segment_batch(
             except (MemoryError, RuntimeError) as error:
                 if not is_out_of_memory(error):
                     raise
-                detail = " ".join(str(error).split()) or type(error).__name__
-                reason = f"{image_path}: out of memory while segmenting it ({detail})" + _remove_outputs(out)
+                reason = out_of_memory_reason(image_path, error) + _remove_outputs(out)
             else:
                 results.append(result)
                 rows.append(_summary_row(image_path, out, result))
