@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import pandas as pd
@@ -95,8 +96,9 @@ def test_references_are_other_subjects_from_the_reference_pool(index, manifest):
             assert reference != episode["query"]
             assert ref["subject_id"] != query["subject_id"]
             assert ref["split"] == pool
-        present = sorted(int(k) for k, v in voxels[(dataset, episode["query"])].items() if v > 0)
-        assert episode["classes"] == present
+        present = {int(k) for k, v in voxels[(dataset, episode["query"])].items() if v > 0}
+        shown = {int(k) for k, v in voxels[(dataset, episode["references"][0])].items() if v > 0}
+        assert episode["classes"] == sorted(present & shown)
 
 
 def test_every_query_with_foreground_gets_an_episode(index, manifest):
@@ -188,12 +190,43 @@ def test_first_reference_shows_the_most_query_classes():
             for number, (case_id, present) in enumerate(shown.items())
         ]
     )
-    orders = {tuple(_draw_references(query, pool, [1, 2, 3], 4, seed)) for seed in range(40)}
+    orders = {
+        tuple(case["case_id"] for case in _draw_references(query, pool, [1, 2, 3], 4, seed))
+        for seed in range(40)
+    }
     # Ties (one class each) stay in the seeded random order.
     assert orders == {
         ("shows_1_2", "shows_3", "shows_1", "shows_none"),
         ("shows_1_2", "shows_1", "shows_3", "shows_none"),
     }
+
+
+def test_an_episode_lists_only_the_query_classes_its_first_reference_shows(caplog):
+    """An episode listed every class of its query although its one-shot reference showed none of some (or
+    all) of them: evaluation then scored it on fewer classes than listed, or on none and skipped it."""
+    labels = {"1": "liver", "2": "lesion"}
+    rows = [
+        {
+            "dataset": "held",
+            "case_id": f"c{k}",
+            "subject_id": f"s{k}",
+            "heldout": True,
+            "labels": json.dumps(labels),
+            "class_voxels": json.dumps({"1": 100, "2": 0}),
+        }
+        for k in range(6)
+    ]
+    splits = {c["case_id"]: c["split"] for c in build_episode_index(pd.DataFrame(rows), {})["cases"]}
+    queries = sorted(case for case, split in splits.items() if split == "test")
+    assert len(queries) == 3  # the context cases show the liver only
+    # A lesion-only query, a query with both classes, and one with the liver only.
+    voxels = dict(zip(queries, ({"1": 0, "2": 50}, {"1": 100, "2": 50}, {"1": 100, "2": 0}), strict=True))
+    for row in rows:
+        row["class_voxels"] = json.dumps(voxels.get(row["case_id"], {"1": 100, "2": 0}))
+    with caplog.at_level(logging.WARNING, logger="iris_pipelines.collection.episodes"):
+        index = build_episode_index(pd.DataFrame(rows), {})
+    assert {e["query"]: e["classes"] for e in index["episodes"]} == {queries[1]: [1], queries[2]: [1]}
+    assert "1 val/test case(s) have no foreground class, no reference, or no reference showing" in caplog.text
 
 
 def test_a_label_named_differently_in_two_cases_is_refused(manifest):

@@ -9,6 +9,7 @@ import shutil
 from dataclasses import replace
 from pathlib import Path
 
+import nibabel
 import numpy as np
 import pandas as pd
 import pytest
@@ -214,18 +215,57 @@ def test_infinite_label_values_are_named_as_such(tmp_path: Path) -> None:
         label_values(values, tmp_path / "seg.nii.gz")
     assert (raised.value.check, raised.value.path) == ("non_finite_label", str(tmp_path / "seg.nii.gz"))
     assert "3 NaN/infinite values (1 NaN, 2 infinite)" in raised.value.reason
-    assert "whole class numbers" in raised.value.reason
-    # From a file, the reader already refuses them (MetaImage keeps NaN/Inf; NIfTI's reader would
-    # hand back 0 for NaN), naming the label file.
+    assert "whole class numbers" in raised.value.reason and "9223372036854775808" not in raised.value.reason
+
+
+@pytest.mark.parametrize("suffix", [".mha", ".nii.gz"])
+def test_a_label_file_with_nan_voxels_is_a_non_finite_label(tmp_path: Path, suffix: str) -> None:
+    """The reader refused the file first with the image's wording (non_finite, "the image has 1 non-finite
+    voxels"), so the documented non_finite_label check never fired for a label file."""
+    values = sitk.GetArrayFromImage(sitk.Cast(label_volume(), sitk.sitkFloat32))
+    values[0, 0, :3] = [np.inf, -np.inf, np.nan]
     label = sitk.GetImageFromArray(values)
     label.CopyInformation(label_volume())
-    ref = replace(_case(tmp_path), label_path=write(label, tmp_path / "seg.mha"))
+    ref = replace(_case(tmp_path), label_path=write(label, tmp_path / f"seg_nan{suffix}"))
     error = _rejection(ref)
-    assert (error.check, error.path) == ("non_finite", str(ref.label_path))
-    assert (
-        "3 non-finite voxels (1 NaN, 2 infinite)" in error.reason
-        and "9223372036854775808" not in error.reason
-    )
+    assert (error.check, error.path) == ("non_finite_label", str(ref.label_path))
+    assert error.reason.startswith("the label holds 3 NaN/infinite values (1 NaN, 2 infinite) out of 720")
+
+
+def test_a_label_value_just_off_a_whole_number_is_printed_in_full() -> None:
+    """The example was printed with :g, so a label refused for 1.0000001 said "(e.g. 1)"."""
+    values = sitk.GetArrayFromImage(sitk.Cast(label_volume(), sitk.sitkFloat64))
+    values[values == 1] = 1.0000001
+    with pytest.raises(InvalidInputError) as raised:
+        label_values(values, Path("seg.nii.gz"))
+    assert raised.value.check == "non_integer_label"
+    assert "not whole numbers (e.g. 1.0000001)" in raised.value.reason
+
+
+def _nifti_with_non_finite_origin(image: sitk.Image, path: Path) -> Path:
+    """``image`` as a NIfTI whose sform (the only placement set) has a NaN x offset, as a corrupt header."""
+    affine = np.diag([*SPACING, 1.0])
+    affine[:3, 3] = [-ORIGIN[0], -ORIGIN[1], ORIGIN[2]]  # LPS -> RAS
+    affine[0, 3] = np.nan
+    volume = nibabel.Nifti1Image(np.transpose(sitk.GetArrayFromImage(image)), np.diag([*SPACING, 1.0]))
+    volume.set_sform(affine, code=1)
+    volume.set_qform(None, code=0)
+    nibabel.save(volume, path)
+    return path
+
+
+@pytest.mark.parametrize("broken", ["image", "label"])
+def test_a_non_finite_origin_is_bad_geometry_not_a_grid_mismatch(tmp_path: Path, broken: str) -> None:
+    """A NaN origin was reported as grid_mismatch, "origin (nan, …) in the image vs (nan, …) in the label;
+    resample the label onto the image grid": advice no resampling can follow."""
+    ref = _case(tmp_path)
+    path = tmp_path / f"{broken}_nan_origin.nii.gz"
+    volume = image_volume() if broken == "image" else label_volume()
+    ref = replace(ref, **{f"{broken}_path": _nifti_with_non_finite_origin(volume, path)})
+    error = _rejection(ref)
+    assert (error.check, error.path) == ("bad_geometry", str(path))
+    assert f"the {broken}'s header gives a non-finite origin (nan, " in error.reason
+    assert "resample" not in error.reason
 
 
 @pytest.fixture

@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import nibabel
 import numpy as np
 import pandas as pd
 import pytest
@@ -33,7 +34,7 @@ from iris_pipelines.collection.preprocessing import (
 )
 from iris_pipelines.imaging.errors import InvalidInputError
 from iris_pipelines.imaging.geometry import Geometry
-from iris_pipelines.imaging.io import file_sha256
+from iris_pipelines.imaging.io import file_sha256, write_dicom_series
 
 REPO = Path(__file__).resolve().parents[2]
 SIZE = (24, 20, 12)  # x, y, z
@@ -373,6 +374,62 @@ def test_a_cached_case_missing_a_file_is_rebuilt(manifest, tmp_path):
     third, report = preprocess_cases(rows, _params(output_dir))
     assert report.empty and (image.parent / "meta.json").is_file()
     assert not [p for p in output_dir.rglob(".*")]  # nothing broken left beside it
+
+
+@pytest.mark.parametrize("image_name", ["img.mha", "img.nrrd", "dicom_series"])
+def test_an_input_deleted_after_it_was_cached_is_a_missing_file_like_an_uncached_one(
+    manifest, tmp_path, image_name
+):
+    """A cached case whose image was deleted failed as preprocess_failed with a raw FileNotFoundError (a
+    DICOM folder as unsupported_format), while the same case uncached was reported as missing_file."""
+    row = manifest.iloc[0].to_dict()  # an int16 scan, axis-aligned: DICOM can store it
+    image = tmp_path / image_name
+    if image_name == "dicom_series":
+        write_dicom_series(sitk.ReadImage(row["image_path"]), image)
+    else:
+        sitk.WriteImage(sitk.ReadImage(row["image_path"]), str(image))
+    row = {**row, "image_path": str(image), "image_sha256": file_sha256(image)}
+    output_dir = tmp_path / "volumes"
+    first, report = preprocess_cases(pd.DataFrame([row]), _params(output_dir))
+    assert len(first) == 1 and report.empty
+    if image.is_dir():
+        shutil.rmtree(image)
+    else:
+        image.unlink()
+    for spacing in ((2.0, 2.0, 2.0), (3.0, 3.0, 3.0)):  # cached, then a spacing never computed
+        result, report = preprocess_cases(pd.DataFrame([row]), _params(output_dir, target_spacing=spacing))
+        assert result.empty
+        assert report[["path", "check", "reason"]].to_dict("records") == [
+            {"path": str(image), "check": "missing_file", "reason": "the file does not exist; check the path"}
+        ]
+
+
+def test_a_header_in_metres_is_refused_as_grid_too_large_and_the_rest_go_on(manifest, tmp_path):
+    """Preprocessing resampled without the grid guard inference uses, so a NIfTI whose header says metres
+    (every length 1000× too large) failed as preprocess_failed with SimpleITK's "Failed to allocate
+    memory" traceback text."""
+    row = manifest.iloc[0].to_dict()
+    in_metres = {}
+    for kind in ("image", "label"):
+        source = nibabel.load(row[f"{kind}_path"])
+        header = source.header.copy()
+        header.set_xyzt_units(xyz="meter")
+        in_metres[kind] = tmp_path / f"{kind}_in_metres.nii.gz"
+        nibabel.save(nibabel.Nifti1Image(np.asarray(source.dataobj), source.affine, header), in_metres[kind])
+    metres = {
+        **row,
+        "case_id": "metres",
+        **{f"{kind}_path": str(path) for kind, path in in_metres.items()},
+        **{f"{kind}_sha256": file_sha256(path) for kind, path in in_metres.items()},
+    }
+    mixed = pd.concat([pd.DataFrame([metres]), manifest.iloc[1:2]], ignore_index=True)
+    result, report = preprocess_cases(mixed, _params(tmp_path / "volumes"))
+    assert list(result["case_id"]) == [manifest.iloc[1]["case_id"]]
+    assert report[["case_id", "path", "check"]].to_dict("records") == [
+        {"case_id": "metres", "path": str(in_metres["image"]), "check": "grid_too_large"}
+    ]
+    assert "it spans 48000 × 40000 × 24000 mm" in report.loc[0, "reason"]
+    assert "a header in metres makes it 1000× too large" in report.loc[0, "reason"]
 
 
 def test_renaming_a_class_reuses_the_cached_arrays(manifest, tmp_path):

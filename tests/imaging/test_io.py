@@ -144,6 +144,8 @@ def test_pixel_type_is_cast_on_read(tmp_path: Path, make_image) -> None:
         ([0.0, 1.0, 300.0], sitk.sitkUInt8, r"values 0\.\.300 do not fit 8-bit unsigned"),
         ([-1.0, 1.0, 2.0], sitk.sitkUInt8, r"values -1\.\.2 do not fit"),
         ([0.0, 1.5, 2.0], sitk.sitkInt16, r"1 voxel\(s\) are not whole numbers \(e\.g\. 1\.5\) and would be"),
+        # :g printed 1.0000001 as "1", hiding why it is not whole.
+        ([0.0, 1.0000001, 2.0], sitk.sitkInt16, r"whole numbers \(e\.g\. 1\.0000001192092896\)"),
         ([0.0, np.nan, 2.0], sitk.sitkInt16, r"non-finite voxels \(1 NaN"),
         ([0.0, np.inf, 2.0], sitk.sitkUInt8, r"non-finite voxels \(0 NaN, 1 infinite"),
     ],
@@ -490,3 +492,61 @@ def test_non_finite_voxels_are_refused_whatever_the_format(tmp_path: Path, name:
     assert (err.check, err.path) == ("non_finite", str(tmp_path / name))
     assert "9 non-finite voxels (8 NaN, 1 infinite) out of 1728" in err.reason
     assert np.isnan(sitk.GetArrayViewFromImage(read_image(tmp_path / name, verify=False))).sum() == 8
+
+
+def _place_slices(series: Path, heights: list[float]) -> None:
+    """Move slice k of ``series`` to height ``heights[k]`` mm (Image Position (Patient)), other tags kept."""
+    saved = locale.setlocale(locale.LC_ALL)  # GDCM's writer switches the process to the "C" locale
+    try:
+        reader, writer = sitk.ImageFileReader(), sitk.ImageFileWriter()
+        writer.KeepOriginalImageUIDOn()
+        for path, height in zip(sorted(series.iterdir()), heights, strict=True):
+            reader.SetFileName(str(path))
+            image = reader.Execute()
+            for key in reader.GetMetaDataKeys():
+                image.SetMetaData(key, reader.GetMetaData(key))
+            image.SetMetaData("0020|0032", f"0\\0\\{height}")
+            image.SetMetaData("0020|1041", str(height))
+            writer.SetFileName(str(path))
+            writer.Execute(image)
+    finally:
+        locale.setlocale(locale.LC_ALL, saved)
+
+
+@pytest.mark.parametrize(
+    ("heights", "sharing", "positions"),
+    [
+        ([0.0] * 6, 6, 1),
+        ([0.0, 0.0], 2, 1),
+        ([0.0, 2.5, 2.5, 5.0, 7.5, 10.0], 2, 1),
+        ([0.0, 0.0, 2.5, 5.0, 5.0, 7.5], 4, 2),
+    ],
+)
+def test_dicom_series_with_slices_at_one_position_is_refused(
+    tmp_path: Path, make_image, heights: list[float], sharing: int, positions: int
+) -> None:
+    """Slices sharing one position (cine phases, repeats) were stacked on an invented 1 mm step when all
+    did, on a wrong averaged step when some did, and a 2-slice series was not checked at all."""
+    series = tmp_path / "series"
+    write_dicom_series(make_image(size=(9, 7, len(heights)), spacing=(0.7, 0.8, 2.5)), series)
+    _place_slices(series, heights)
+    err = _read_error(series)
+    assert (err.check, err.path) == ("coincident_slices", str(series))
+    assert f"{sharing} of the series' {len(heights)} slices share a position with another" in err.reason
+    assert f"({positions} position(s) hold several slices" in err.reason
+    assert "export each on its own" in err.reason
+
+
+@pytest.mark.parametrize("name", ["seg.mha", "seg.nii.gz"])
+def test_non_finite_voxels_of_a_label_are_named_a_label_problem(tmp_path: Path, name: str) -> None:
+    """A NaN in a label map was reported as the image check (non_finite, "the image has 1 non-finite
+    voxels"), so the documented non_finite_label check never fired."""
+    values = np.zeros((6, 6, 6), dtype=np.float32)
+    values[2:4, 2:4, 2:4] = 1.0
+    values[0, 0, :2] = [np.nan, np.inf]
+    write_image(sitk.GetImageFromArray(values), tmp_path / name)
+    with pytest.raises(InvalidInputError) as caught:
+        read_image(tmp_path / name, is_label=True)
+    assert (caught.value.check, caught.value.path) == ("non_finite_label", str(tmp_path / name))
+    assert "the label holds 2 NaN/infinite values (1 NaN, 1 infinite) out of 216" in caught.value.reason
+    assert _read_error(tmp_path / name).check == "non_finite"  # the same file read as an image

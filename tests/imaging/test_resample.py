@@ -144,6 +144,14 @@ def test_float_labels_that_are_not_whole_numbers_are_refused(make_image, value: 
         to_canonical(make_image(values), 1.0, is_label=True)
 
 
+def test_a_label_value_just_off_a_whole_number_is_printed_in_full(make_image) -> None:
+    """The example value was printed with :g, so a label refused for 1.0000001 said "(e.g. 1)"."""
+    values = np.zeros((6, 6, 6), dtype=np.float64)
+    values[2:4, 2:4, 2:4] = 1.0000001
+    with pytest.raises(ValueError, match=r"\(e\.g\. 1\.0000001\)"):
+        to_canonical(make_image(values), 1.0, is_label=True)
+
+
 def test_float_labels_holding_whole_numbers_keep_their_classes(make_image) -> None:
     values = np.zeros((6, 6, 6), dtype=np.float64)
     values[2:4, 2:4, 2:4] = 2.0

@@ -199,7 +199,7 @@ def _present_classes(case: pd.Series) -> list[int]:
 
 def _draw_references(
     query: pd.Series, pool: pd.DataFrame, classes: list[int], k: int, seed: int
-) -> list[str]:
+) -> list[pd.Series]:
     """k distinct cases of other subjects, seeded, those showing more of the query's classes first.
 
     The first reference is the one-shot reference, and evaluation scores only the classes it shows: a
@@ -211,20 +211,26 @@ def _draw_references(
     wanted = set(classes)
     # sorted() is stable, so cases showing as many query classes stay in the seeded order.
     ranked = sorted(shuffled, key=lambda case: -len(wanted & set(_present_classes(case))))
-    return [str(case["case_id"]) for case in ranked[:k]]
+    return ranked[:k]
 
 
 def build_episodes(table: pd.DataFrame, params: EpisodeParams) -> list[dict[str, Any]]:
-    """One fixed episode per val/test case that shows any declared class and has a reference available."""
+    """One fixed episode per val/test case whose first (one-shot) reference shows one of its classes.
+
+    An episode's ``classes`` are the query's classes that reference shows: evaluation and validation score
+    only those, so listing another would promise a score that never comes, and a query none of whose
+    classes any reference shows (the first shows the most) would make an episode that scores nothing.
+    """
     episodes: list[dict[str, Any]] = []
     skipped = 0
     for dataset, group in table.groupby("dataset", sort=True):
         pool = group[group["split"] == ("context" if bool(group["heldout"].iloc[0]) else "train")]
         for _, query in group[group["split"].isin(["val", "test"])].iterrows():
-            classes = _present_classes(query)
+            present = _present_classes(query)
             seed = derived_seed(params.seed, "episode", dataset, query["case_id"])
-            references = _draw_references(query, pool, classes, params.n_references, seed) if classes else []
-            if not references:
+            references = _draw_references(query, pool, present, params.n_references, seed) if present else []
+            classes = sorted(set(present) & set(_present_classes(references[0]))) if references else []
+            if not classes:
                 skipped += 1
                 continue
             episodes.append(
@@ -233,14 +239,16 @@ def build_episodes(table: pd.DataFrame, params: EpisodeParams) -> list[dict[str,
                     "split": str(query["split"]),
                     "dataset": str(dataset),
                     "query": str(query["case_id"]),
-                    "references": references,
+                    "references": [str(case["case_id"]) for case in references],
                     "classes": classes,
                     "seed": seed,
                 }
             )
     if skipped:
         logger.warning(
-            "%d val/test case(s) have no foreground class or no reference; no episode for them", skipped
+            "%d val/test case(s) have no foreground class, no reference, or no reference showing any of "
+            "their classes; no episode for them",
+            skipped,
         )
     return episodes
 

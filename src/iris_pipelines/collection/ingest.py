@@ -22,7 +22,13 @@ from tqdm import tqdm
 from iris_pipelines.collection.layouts import CaseRef, Problem, discover_cases, unreadable
 from iris_pipelines.imaging.errors import InvalidInputError
 from iris_pipelines.imaging.geometry import Geometry
-from iris_pipelines.imaging.io import detect_format, file_sha256, read_image, require_scalar_volume
+from iris_pipelines.imaging.io import (
+    detect_format,
+    file_sha256,
+    non_finite_label_error,
+    read_image,
+    require_scalar_volume,
+)
 from iris_pipelines.imaging.resample import LABEL_MAX
 from iris_pipelines.imaging.stats import non_whole_values
 
@@ -78,22 +84,20 @@ def label_values(values: np.ndarray, path: Path) -> np.ndarray:
     """Distinct label values, refusing NaN, infinite or fractional ones (interpolated or probability
     masks)."""
     if not np.issubdtype(values.dtype, np.integer):
-        # Checked first: an infinity is "whole" to rint and would become a nonsense int64 class below.
+        # Checked first: an infinity is "whole" to rint and would become a nonsense int64 class below. A label
+        # file read with read_image(is_label=True) has been refused already; this guards any other array.
         non_finite = values.size - int(np.count_nonzero(np.isfinite(values)))
         if non_finite:
-            nans = int(np.count_nonzero(np.isnan(values)))
-            raise InvalidInputError(
-                str(path),
-                "non_finite_label",
-                f"the label holds {non_finite} NaN/infinite values ({nans} NaN, {non_finite - nans} "
-                "infinite); a label map must hold whole class numbers: re-export it",
+            raise non_finite_label_error(
+                path, non_finite, int(np.count_nonzero(np.isnan(values))), values.size
             )
         count, examples = non_whole_values(values, _MAX_LISTED)
         if count:
+            listed = ", ".join(repr(float(v)) for v in examples)  # :g would print 1.0000001 as "1"
             raise InvalidInputError(
                 str(path),
                 "non_integer_label",
-                f"{count} label voxels are not whole numbers (e.g. {', '.join(f'{v:g}' for v in examples)}); "
+                f"{count} label voxels are not whole numbers (e.g. {listed}); "
                 "a label map must hold integer class values: re-export it without interpolation",
             )
         values = np.rint(values)
@@ -124,6 +128,25 @@ def _require_declared_foreground(present: np.ndarray, labels: Mapping[int, str],
 
 # Air is -1000 HU and fat about -100: a CT scan with no voxel below this holds raw stored values.
 CT_AIR_CHECK_HU = -200.0
+
+
+def _require_finite_geometry(image: sitk.Image, path: Path, what: str) -> None:
+    """Refuse a header whose spacing, origin or direction holds NaN or infinity (e.g. a NIfTI sform with a
+    NaN offset): ITK reads it without a word, and every later comparison of it fails, so it surfaced as a
+    grid mismatch with the advice to resample, and no resampling can fix it."""
+    for field, values in (
+        ("spacing", image.GetSpacing()),
+        ("origin", image.GetOrigin()),
+        ("direction", image.GetDirection()),
+    ):
+        if not np.all(np.isfinite(values)):
+            raise InvalidInputError(
+                str(path),
+                "bad_geometry",
+                f"the {what}'s header gives a non-finite {field} {_format_values(values)}, so where its "
+                f"voxels lie is unknown; correct the {field} in the header (or re-export the {what} from its "
+                "source)",
+            )
 
 
 def _warn_without_air(image: sitk.Image, path: Path) -> None:
@@ -173,13 +196,15 @@ def validate_case(ref: CaseRef, *, tolerance_mm: float) -> dict[str, Any]:
     """
     image = _channel_0(read_image(ref.image_path), ref)  # verifies NaN/Inf voxels too
     require_scalar_volume(image, ref.image_path)
+    _require_finite_geometry(image, ref.image_path, "image")
     if str(ref.modality).upper() == "CT":
         _warn_without_air(image, ref.image_path)
     geometry = Geometry.from_image(image)
     voxels = voxel_sha256(image)
     del image  # the label is read next; do not hold two volumes
-    label = read_image(ref.label_path)
+    label = read_image(ref.label_path, is_label=True)
     require_scalar_volume(label, ref.label_path, "label")
+    _require_finite_geometry(label, ref.label_path, "label")
     difference = first_grid_difference(geometry, Geometry.from_image(label), tolerance_mm)
     if difference:
         raise InvalidInputError(

@@ -36,7 +36,12 @@ from iris_pipelines.imaging.errors import InvalidInputError
 from iris_pipelines.imaging.geometry import Geometry
 from iris_pipelines.imaging.io import detached_data_files, file_sha256, read_image, require_finite
 from iris_pipelines.imaging.normalize import normalize_in_place
-from iris_pipelines.imaging.resample import canonical_geometry, field_of_view_mask, resample_to_geometry
+from iris_pipelines.imaging.resample import (
+    canonical_geometry,
+    field_of_view_mask,
+    require_grid_fits,
+    resample_to_geometry,
+)
 from iris_pipelines.imaging.stats import class_statistics
 
 logger = logging.getLogger(__name__)
@@ -224,14 +229,17 @@ def canonical_image_array(
 
     The one definition of "a preprocessed image", shared by the preprocess stage and by inference on raw
     scans, so a scan segmented at inference time sees exactly the grid and intensities training saw.
-    ``source`` names the image in errors. Pass the image as a temporary (``canonical_image_array(
-    read_image(p), ...)``) to let it be freed right after resampling: a worker then holds at most the
-    input and the resampled volume (or the resampled volume and its array) at a time.
+    ``source`` names the image in errors: an unknown modality, NaN voxels, or a canonical grid too large
+    to allocate (``grid_too_large``, e.g. a header in metres). Pass the image as a temporary
+    (``canonical_image_array(read_image(p), ...)``) to let it be freed right after resampling: a worker
+    then holds at most the input and the resampled volume (or the resampled volume and its array) at a time.
     """
     kind = _modality(modality, source)
+    original = Geometry.from_image(image)
+    # From the header alone, before any voxel is read: past it ITK fails to allocate, with a traceback.
+    require_grid_fits(original, params.target_spacing, source)
     # Checked on the source: after resampling, whether a NaN shows depends on the target spacing.
     require_finite(image, source)
-    original = Geometry.from_image(image)
     grid = canonical_geometry(original, params.target_spacing)
     canonical = resample_to_geometry(image, grid, is_label=False)
     del image
@@ -337,7 +345,11 @@ def _write_case(directory: Path, image: np.ndarray, label: np.ndarray, meta: dic
 
 def _input_files(path: Path) -> list[Path]:
     """The files holding an input's bytes: a DICOM series folder's files, or a file with the data files its
-    detached header (.mhd, .nhdr) names, where an edit leaves the header itself untouched."""
+    detached header (.mhd, .nhdr) names, where an edit leaves the header itself untouched. None for an
+    input deleted since ingest: its changed stats lead to the checksum check, which names it
+    (missing_file)."""
+    if not path.exists():
+        return []
     if path.is_dir():
         return sorted(p for p in path.rglob("*") if p.is_file())
     return [path, *(path.parent / name for name in detached_data_files(path))]

@@ -147,7 +147,19 @@ def _gzip_payload_bytes(path: Path) -> int:
     return total
 
 
-def _check_nifti(path: Path, payload_bytes: int) -> None:
+def non_finite_label_error(
+    path: str | os.PathLike[str], non_finite: int, nans: int, total: int
+) -> InvalidInputError:
+    """The one wording of NaN/Inf values in a label map, whichever check finds them."""
+    return InvalidInputError(
+        str(path),
+        "non_finite_label",
+        f"the label holds {non_finite} NaN/infinite values ({nans} NaN, {non_finite - nans} infinite) out of "
+        f"{total}; a label map must hold whole class numbers: re-export it",
+    )
+
+
+def _check_nifti(path: Path, payload_bytes: int, *, is_label: bool) -> None:
     """Fail on what ITK's NIfTI reader hides: missing voxel bytes (zero-filled) and NaN/Inf (set to 0)."""
     try:
         proxy = nibabel.load(path).dataobj
@@ -165,6 +177,10 @@ def _check_nifti(path: Path, payload_bytes: int) -> None:
         # ITK's NIfTI reader silently turns NaN and Inf into 0, so they must be counted in the file itself.
         stored = np.asanyarray(proxy.get_unscaled())
         non_finite = int(stored.size - np.count_nonzero(np.isfinite(stored)))
+        if non_finite and is_label:
+            raise non_finite_label_error(
+                path, non_finite, int(np.count_nonzero(np.isnan(stored))), stored.size
+            )
         if non_finite:
             raise InvalidInputError(
                 str(path),
@@ -387,8 +403,9 @@ def _check_metaimage_size(path: Path, header: _Header) -> None:
         )
 
 
-def require_finite(image: sitk.Image, path: str | os.PathLike[str]) -> None:
-    """Fail on NaN/Inf voxels, which resampling would spread or skip depending on the target grid."""
+def require_finite(image: sitk.Image, path: str | os.PathLike[str], *, is_label: bool = False) -> None:
+    """Fail on NaN/Inf voxels, which resampling would spread or skip depending on the target grid; in a
+    label map (``is_label``) they are named as the label problem they are (``non_finite_label``)."""
     if image.GetPixelID() not in _FLOAT_PIXEL_IDS:
         return
     values = sitk.GetArrayViewFromImage(image)
@@ -396,6 +413,8 @@ def require_finite(image: sitk.Image, path: str | os.PathLike[str]) -> None:
     non_finite = sum(slab.size - int(np.count_nonzero(np.isfinite(slab))) for slab in values)
     if non_finite:
         nans = sum(int(np.count_nonzero(np.isnan(slab))) for slab in values)
+        if is_label:
+            raise non_finite_label_error(path, non_finite, nans, values.size)
         raise InvalidInputError(
             str(path),
             "non_finite",
@@ -404,16 +423,46 @@ def require_finite(image: sitk.Image, path: str | os.PathLike[str]) -> None:
         )
 
 
+def _require_distinct_positions(directory: Path, files: Sequence[str], positions: Sequence[float]) -> None:
+    """Refuse a series that holds several slices at one position (cine phases, diffusion directions or
+    repeats of one location exported as one series).
+
+    ITK stacks them anyway: on an invented 1 mm step when every slice shares one position, on an averaged
+    step otherwise, so the volume and its voxel spacing are fiction. GDCM only sorts a series by position
+    when the positions differ, so they are sorted here.
+    """
+    order = np.argsort(positions, kind="stable")
+    gaps = np.diff(np.asarray(positions, dtype=np.float64)[order])
+    shared = gaps < _SLICE_STEP_MM  # closer than the step tolerance: the same position
+    if not shared.any():
+        return
+    in_shared_position = np.zeros(len(files), dtype=bool)
+    in_shared_position[:-1] |= shared
+    in_shared_position[1:] |= shared
+    shared_positions = int(shared[0]) + int(np.count_nonzero(shared[1:] & ~shared[:-1]))
+    first = int(np.argmax(shared))
+    one, other = Path(files[order[first]]).name, Path(files[order[first + 1]]).name
+    raise InvalidInputError(
+        str(directory),
+        "coincident_slices",
+        f"{int(np.count_nonzero(in_shared_position))} of the series' {len(files)} slices share a position "
+        f"with another slice ({shared_positions} position(s) hold several slices, e.g. {one} and {other}, "
+        f"both at {positions[order[first]]:.4g} mm along the slice normal), so there is no slice spacing to "
+        "stack them on; the series mixes acquisitions of one location (e.g. cine phases or repeats): export "
+        "each on its own",
+    )
+
+
 def _require_uniform_slices(directory: Path, files: Sequence[str], reader: sitk.ImageSeriesReader) -> None:
-    """Refuse a series whose slices are not evenly spaced along their normal.
+    """Refuse a series whose slices are not evenly spaced along their normal, or share a position.
 
     ITK stacks such a series on one averaged slice step with only a warning, so after a lost slice every
     later slice sits up to a step away from where DICOM places it. ITK's
     ``ITK_non_uniform_sampling_deviation`` key is set on complete series too, so positions are compared
     here.
     """
-    if len(files) < 3:
-        return  # one step: nothing to compare it with
+    if len(files) < 2:
+        return  # one slice has no step
     positions = []
     try:
         orientation = reader.GetMetaData(0, "0020|0037")  # Image Orientation (Patient): row, column cosines
@@ -424,12 +473,12 @@ def _require_uniform_slices(directory: Path, files: Sequence[str], reader: sitk.
             positions.append(float(np.dot(point, normal)))
     except (RuntimeError, ValueError):
         return  # no usable position or orientation: ITK falls back to its own spacing, nothing to compare
+    _require_distinct_positions(directory, files, positions)
     steps = np.abs(np.diff(positions))
-    # The most common step (the smallest non-zero one on a tie): with one slice lost from four, the median
-    # of the steps 2 and 4 mm is 3 mm, which would blame the good pair.
+    # The most common step (the smallest on a tie): with one slice lost from four, the median of the steps
+    # 2 and 4 mm is 3 mm, which would blame the good pair. Every step is at least _SLICE_STEP_MM here.
     values, counts = np.unique(np.round(steps / _SLICE_STEP_MM) * _SLICE_STEP_MM, return_counts=True)
-    common = values[counts == counts.max()]
-    typical = float(common[common > 0].min() if (common > 0).any() else common.min())
+    typical = float(values[counts == counts.max()].min())
     deviation = np.abs(steps - typical)
     if np.any(deviation > max(_SLICE_STEP_MM, 0.01 * typical)):
         i = int(np.argmax(deviation))
@@ -475,17 +524,22 @@ def _pick_dicom_series(directory: Path) -> list[str]:
 
 
 def read_image(
-    path: str | os.PathLike[str], *, pixel_type: int | None = None, verify: bool = True
+    path: str | os.PathLike[str],
+    *,
+    pixel_type: int | None = None,
+    verify: bool = True,
+    is_label: bool = False,
 ) -> sitk.Image:
     """Read a volume (file or DICOM series directory), raising :class:`InvalidInputError` on any failure.
 
     ``pixel_type`` is a SimpleITK pixel id (e.g. ``sitk.sitkFloat32``) to cast to while reading.
     ``verify=False`` skips the integrity checks ITK does not do itself (complete gzip stream, voxel bytes
     of NIfTI and MetaImage, NaN and Inf voxels), which cost a second decompression or a pass over the
-    voxels; only for files already verified, like the ingested cases that preprocessing reads.
-    A DICOM series must have evenly spaced slices, a detached header (``.mhd``, ``.nhdr``) its data files,
-    and a NIfTI must have a qform or an sform, and agreeing ones when it has both, whatever ``verify``
-    says: these checks read headers only.
+    voxels; only for files already verified, like the ingested cases that preprocessing reads. ``is_label``
+    reports NaN/Inf voxels as a label map's problem (``non_finite_label``) rather than an image's.
+    A DICOM series must have evenly spaced slices at distinct positions, a detached header (``.mhd``,
+    ``.nhdr``) its data files, and a NIfTI must have a qform or an sform, and agreeing ones when it has
+    both, whatever ``verify`` says: these checks read headers only.
     """
     source = Path(path)
     if not source.exists():
@@ -511,7 +565,7 @@ def read_image(
                 gzipped = handle.read(2) == _GZIP_MAGIC
             payload_bytes = _gzip_payload_bytes(source) if gzipped else source.stat().st_size
             if image_format == "nifti":
-                _check_nifti(source, payload_bytes)
+                _check_nifti(source, payload_bytes, is_label=is_label)
             elif image_format == "mha" and header is not None:
                 _check_metaimage_size(source, header)
         reader = sitk.ImageFileReader()
@@ -529,7 +583,7 @@ def read_image(
     if image_format == "dicom":
         _require_uniform_slices(source, files, reader)
     if verify and image_format != "nifti":  # _check_nifti counted NaN/Inf in the file, before ITK zeroed them
-        require_finite(image, source)
+        require_finite(image, source, is_label=is_label)
     return image if pixel_type is None else _cast_exactly(image, pixel_type, source)
 
 
@@ -566,10 +620,12 @@ def _cast_exactly(image: sitk.Image, pixel_type: int, path: Path) -> sitk.Image:
         if image.GetPixelID() in _FLOAT_PIXEL_IDS:
             count, examples = non_whole_values(values)
             if count:
+                # repr, not :g, which prints 1.0000001 as "1" and hides why it is not whole.
+                listed = ", ".join(repr(float(v)) for v in examples)
                 raise InvalidInputError(
                     str(path),
                     "pixel_type_fraction",
-                    f"{count} voxel(s) are not whole numbers (e.g. {', '.join(f'{v:g}' for v in examples)}) "
+                    f"{count} voxel(s) are not whole numbers (e.g. {listed}) "
                     f"and would be truncated as {name}; read it without pixel_type or as a float type",
                 )
     try:

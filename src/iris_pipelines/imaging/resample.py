@@ -109,9 +109,10 @@ def _require_whole_numbers(image: sitk.Image) -> None:
     to 0 (a class silently lost) and NaN to an arbitrary class."""
     count, examples = non_whole_values(sitk.GetArrayViewFromImage(image))
     if count:
+        listed = ", ".join(repr(float(v)) for v in examples)  # :g would print 1.0000001 as "1"
         raise ValueError(
             f"label values must be whole numbers; {count} voxel(s) are not "
-            f"(e.g. {', '.join(f'{v:g}' for v in examples)}): re-export the label map without interpolation"
+            f"(e.g. {listed}): re-export the label map without interpolation"
         )
 
 

@@ -29,7 +29,7 @@ from iris_pipelines.collection.preprocessing import (
     canonical_label_array,
 )
 from iris_pipelines.imaging.geometry import Geometry
-from iris_pipelines.imaging.resample import LABEL_MAX, require_grid_fits, resample_to_geometry
+from iris_pipelines.imaging.resample import LABEL_MAX, resample_to_geometry
 from iris_pipelines.inference.strategies import (
     crop_reference,
     encode_class_windows,
@@ -84,9 +84,7 @@ def prepare_image(
             f"{source}: expected a 3-D scalar image, got {image.GetDimension()}-D with "
             f"{image.GetNumberOfComponentsPerPixel()} component(s)"
         )
-    params = _params(params)
-    require_grid_fits(Geometry.from_image(image), params.target_spacing, source)
-    array, original, grid = canonical_image_array(image, modality, params, source=source)
+    array, original, grid = canonical_image_array(image, modality, _params(params), source=source)
     return CanonicalVolume(array, original, grid)
 
 
