@@ -48,3 +48,12 @@ def test_yaml_spellings_of_numbers_are_read_as_meant(caplog):
 def test_a_warm_up_as_long_as_the_run_is_warned_about(caplog):
     TrainConfig(steps=1000, warmup_steps=2000)
     assert "warmup_steps 2000 >= steps 1000" in caplog.text
+
+
+def test_a_crop_no_larger_than_the_size_divisor_on_every_axis_is_refused():
+    """Before, TrainConfig took crop_size 8 for a network padding to 16 and training failed at step 1."""
+    config = TrainConfig(crop_size=(8, 16, 16))
+    with pytest.raises(ValueError, match=r"crop_size \[8, 16, 16\] is too small.*exceed 16 voxels"):
+        config.check_crop_fits(16)
+    config.check_crop_fits(8)  # one axis larger than the divisor is enough
+    TrainConfig(crop_size=(8, 8, 17)).check_crop_fits(16)

@@ -1,9 +1,12 @@
+import copy
+
 import numpy as np
 import pytest
 import torch
 from training_synthetic import fast_train_config, saved_case_rows, tiny_model_config
 
 from iris_pipelines.launch import launch_training
+from iris_pipelines.model import IrisConfig
 from iris_pipelines.training import TrainConfig, latest_checkpoint, lr_factor, run_training, weights_checksum
 from iris_pipelines.training.checkpoint import list_checkpoints
 from iris_pipelines.training.loop import TrainingDiverged, resolve_device, validate, validation_episodes
@@ -230,3 +233,45 @@ def test_a_checkpoint_is_not_resumed_on_another_number_of_ranks(collection, tmp_
     scheduler = loop.LambdaLR(optimizer, lambda index: 1.0)
     with pytest.raises(RuntimeError, match=r"written by a run on 1 rank\(s\), this one has 2"):
         loop._resume(tmp_path / "ck", model, optimizer, scheduler, config, torch.device("cpu"), world_size=2)
+
+
+def test_a_crop_the_network_cannot_take_is_refused_before_the_first_step(collection, tmp_path):
+    """Before, a crop no larger than 2**stages on every axis passed setup and failed at the first forward
+    step with the model's error, after a SLURM job had waited for its nodes."""
+    divisor = IrisConfig.from_dict(tiny_model_config()).size_divisor
+    metrics = []
+    refused = rf"invalid TrainConfig: crop_size \[{divisor}, {divisor}, {divisor}\] is too small"
+    with pytest.raises(ValueError, match=refused):
+        _run(collection, tmp_path, on_metrics=metrics.append, crop_size=divisor, steps=1)
+    assert metrics == [] and not (tmp_path / "ck").exists()
+
+
+def test_an_index_without_class_tables_for_its_train_datasets_is_refused_at_setup(collection, tmp_path):
+    """Before, an episode index whose class tables were empty trained into "the memory bank is disabled"
+    at step 1, naming neither the index nor what to do."""
+    manifest, index = collection
+    index = copy.deepcopy(index)
+    index["classes"] = {}
+    with pytest.raises(ValueError, match=r"no class-table entries.*re-run `kedro run --pipelines=episodes`"):
+        _run((manifest, index), tmp_path, steps=1)
+    assert not (tmp_path / "ck").exists()
+
+
+def test_a_resumed_run_checkpoints_the_rng_state_of_an_uninterrupted_one(collection, tmp_path):
+    """Before, the resumed run's data loader drew its base seed from the global torch RNG after the
+    checkpoint's state was restored: the weights matched, but its checkpoints held another RNG state, so
+    anything drawing from that RNG later would have diverged."""
+    _run(collection, tmp_path, "uninterrupted", checkpoint_every=2)
+
+    def crash_at_step_3(record):
+        if record.get("step") == 3 and "loss" in record:
+            raise Crash("simulated kill after step 3")
+
+    with pytest.raises(Crash):
+        _run(collection, tmp_path, "restarted", on_metrics=crash_at_step_3, checkpoint_every=2)
+    _run(collection, tmp_path, "restarted", checkpoint_every=2)
+    reference = torch.load(latest_checkpoint(tmp_path / "uninterrupted"), weights_only=False)
+    resumed = torch.load(latest_checkpoint(tmp_path / "restarted"), weights_only=False)
+    assert reference["step"] == resumed["step"] == 4
+    assert torch.equal(resumed["rng"]["torch"], reference["rng"]["torch"])
+    assert resumed["rng"]["python"] == reference["rng"]["python"]

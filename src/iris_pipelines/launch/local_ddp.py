@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import tempfile
 import traceback
+from collections.abc import Mapping
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from iris_pipelines.training import TrainResult, run_training
+from iris_pipelines.training import TrainConfig, TrainResult, run_training
+from iris_pipelines.training.loop import resolve_device
 
 
 class RankFailedError(RuntimeError):
@@ -40,8 +42,11 @@ def usable_cpus() -> int:
     return os.cpu_count() or 1
 
 
-def default_backend() -> str:
-    return "nccl" if torch.cuda.is_available() else "gloo"
+def default_backend(train_config: Mapping[str, Any]) -> str:
+    """NCCL where the ranks train on CUDA devices, gloo otherwise: NCCL takes no CPU tensors, so a GPU
+    host's ranks told ``device: cpu`` need gloo as much as a host without a GPU."""
+    device = resolve_device(TrainConfig.from_dict(dict(train_config)), rank=0)
+    return "nccl" if device.type == "cuda" else "gloo"
 
 
 def _worker(
@@ -90,7 +95,7 @@ def run_local_ddp(nprocs: int = 2, backend: str | None = None, **run_training_kw
     for key in ("rank", "world_size"):
         if key in run_training_kwargs:
             raise TypeError(f"the local_ddp launcher sets {key} itself; do not pass it")
-    backend = backend or default_backend()
+    backend = backend or default_backend(run_training_kwargs["train_config"])
     if backend == "nccl" and torch.cuda.device_count() < nprocs:
         raise ValueError(f"nccl with {nprocs} ranks needs {nprocs} GPUs, found {torch.cuda.device_count()}")
     on_metrics = run_training_kwargs.pop("on_metrics", None)

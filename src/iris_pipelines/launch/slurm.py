@@ -49,9 +49,12 @@ from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from iris_pipelines.model import IrisConfig
 from iris_pipelines.signals import install_handlers, restore_handlers
 from iris_pipelines.training import TrainConfig, TrainResult, run_training
 from iris_pipelines.training.loop import TrainingInterrupted
+
+from .local_ddp import default_backend
 
 if TYPE_CHECKING:
     from torch.distributed import TCPStore
@@ -192,7 +195,7 @@ class SlurmTrainingJob:
                 },
             )
         dist.init_process_group(
-            self.backend or ("nccl" if cuda else "gloo"),
+            self.backend or default_backend(self.run_training_kwargs["train_config"]),
             store=store,
             rank=ranks.rank,
             world_size=ranks.world_size,
@@ -551,6 +554,7 @@ def run_slurm(
     tasks_per_node = tasks_per_node or max(1, gpus_per_node)
     world_size = nodes * tasks_per_node
     config = TrainConfig.from_dict(run_training_kwargs["train_config"])  # a bad config fails before queueing
+    config.check_crop_fits(IrisConfig.from_dict(run_training_kwargs["model_config"]).size_divisor)
     if config.batch_size % world_size:
         raise ValueError(f"batch_size {config.batch_size} is not divisible by the {world_size} SLURM ranks")
     # absolute(), not resolve(): compute nodes may mount the shared filesystem under the configured path

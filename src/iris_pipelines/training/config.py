@@ -158,6 +158,18 @@ class TrainConfig:
                 self.warmup_steps, self.steps, self.lr,
             )  # fmt: skip
 
+    def check_crop_fits(self, size_divisor: int) -> None:
+        """Refuse a crop the network cannot take, before any step: it pads every input to a multiple of
+        ``size_divisor`` (2**stages), and a crop no larger than that on every axis leaves one bottleneck
+        voxel, which instance norm cannot normalise. The model's depth is not part of this config, so the
+        train loop and the SLURM launcher call this once they know it."""
+        if all(size <= size_divisor for size in self.crop_size):
+            raise ValueError(
+                f"invalid TrainConfig: crop_size {list(self.crop_size)} is too small for this network: at "
+                f"least one axis must exceed {size_divisor} voxels (2**stages of params:model) so its "
+                "bottleneck holds more than one voxel; raise train.crop_size or use a model with fewer stages"
+            )
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-safe dict (the crop tuple becomes a list)."""
         return config_to_dict(self)

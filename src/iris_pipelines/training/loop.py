@@ -167,6 +167,22 @@ def _model_config(model_config: Mapping[str, Any], class_ids: Mapping[str, int])
     return IrisConfig.from_dict(data)
 
 
+def _check_class_table(episode_index: Mapping[str, Any], class_ids: Mapping[str, int]) -> None:
+    """Refuse, before the model is built, an index whose class tables give its train datasets no class:
+    the memory bank would get no slot and the first step would fail on a disabled bank. (An index
+    without train cases is left to the sampler, which says so.)"""
+    datasets = sorted(
+        {c["dataset"] for c in episode_index["cases"] if c["split"] == "train" and not c["heldout"]}
+    )
+    if datasets and not class_ids:
+        raise ValueError(
+            f"episode_index has no class-table entries for its training datasets {datasets} (its "
+            f"'classes' holds {sorted(episode_index.get('classes', {}))}), so no class gets a memory-bank "
+            "slot: the index is incomplete or was edited by hand; re-run `kedro run --pipelines=episodes` "
+            "to rebuild it"
+        )
+
+
 def _seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -330,6 +346,10 @@ def _loader(sampler: EpisodeSampler, config: TrainConfig, start: int, device: to
             num_workers=config.num_workers,
             worker_init_fn=_seed_worker if config.num_workers else None,
             pin_memory=device.type == "cuda",
+            # The iterator draws its workers' base seed from this generator; from the global one it
+            # would draw after a resume's restore_rng_state too, and a resumed run would then hold, and
+            # checkpoint, another global RNG state than the uninterrupted run at the same step.
+            generator=torch.Generator().manual_seed(config.seed),
         )
     )
 
@@ -395,7 +415,9 @@ def run_training(
 
     records = case_records(preprocessed_manifest)
     class_ids = train_class_ids(episode_index)
+    _check_class_table(episode_index, class_ids)
     iris_config = _model_config(model_config, class_ids)
+    config.check_crop_fits(iris_config.size_divisor)
     _seed_everything(config.seed)  # same init on every rank (DDP also broadcasts rank 0's weights)
     model = Iris(iris_config).to(device)
     optimizer = make_optimizer(model, config)

@@ -74,6 +74,38 @@ def test_checkpoint_dir_is_keyed_by_the_recipe(tmp_path: Path) -> None:
     assert a == checkpoint_dir(tmp_path, {"m": 1}, rescheduled, "abc")
 
 
+def test_one_recipe_written_another_way_resumes_in_the_same_checkpoint_folder(tmp_path: Path) -> None:
+    """Before, the folder hashed params:train as written: spelling out a default (seed: 0), a cube as one
+    number or steps as 300.0 gave a new folder, and a rerun of the same recipe trained from step 0."""
+    base = {"steps": 300, "crop_size": [32, 32, 32]}
+    a = checkpoint_dir(tmp_path, {"m": 1}, base, "abc")
+    for same in ({**base, "seed": 0}, {**base, "crop_size": 32}, {**base, "steps": 300.0}):
+        assert checkpoint_dir(tmp_path, {"m": 1}, same, "abc") == a, same
+    assert checkpoint_dir(tmp_path, {"m": 1}, {**base, "seed": 1}, "abc") != a
+    with pytest.raises(ValueError, match="unknown TrainConfig fields"):
+        checkpoint_dir(tmp_path, {"m": 1}, {**base, "stepz": 3}, "abc")
+
+
+def test_a_folder_keyed_by_the_params_as_written_is_still_resumed(tmp_path: Path, caplog) -> None:
+    """Checkpoints written before the key was normalised must not be orphaned by the new key."""
+    import hashlib
+    import json
+
+    written = {"steps": 300, "seed": 0, "num_workers": 2}
+    # The old key: the params as written, less the scheduling keys.
+    raw = {"model": {"m": 1}, "train": {"steps": 300, "seed": 0}, "episodes": "abc"}
+    raw.update(layout="", volumes="")
+    legacy = tmp_path / hashlib.sha256(json.dumps(raw, sort_keys=True).encode()).hexdigest()[:16]
+    fresh = checkpoint_dir(tmp_path, {"m": 1}, written, "abc")
+    assert fresh != legacy
+    legacy.mkdir()
+    with caplog.at_level("INFO"):
+        assert checkpoint_dir(tmp_path, {"m": 1}, written, "abc") == legacy
+    assert f"Resuming checkpoints in {legacy}" in caplog.text
+    fresh.mkdir()  # once the new folder exists it is the one resumed
+    assert checkpoint_dir(tmp_path, {"m": 1}, written, "abc") == fresh
+
+
 def test_train_node_keys_checkpoints_by_the_preprocessed_volumes(tmp_path: Path, monkeypatch) -> None:
     from iris_pipelines import launch
 

@@ -138,13 +138,32 @@ def checkpoint_dir(
 ) -> Path:
     """Checkpoints keyed by what determines the run, so re-running the same recipe resumes, a new one
     (or a network whose ``layout`` changed with the code) starts afresh and leaves the old ones alone.
-    ``SCHEDULING_KEYS`` are left out: they change no weight. The number of ranks is not in the key, but
-    in each checkpoint, and a resume on another number is refused (``training.loop``).
+    The train config is keyed as ``TrainConfig`` reads it, so one recipe written another way (a default
+    spelled out, ``crop_size: 32`` for a cube, ``steps: 8e4``) is the same folder. ``SCHEDULING_KEYS`` are
+    left out: they change no weight. The number of ranks is not in the key, but in each checkpoint, and a
+    resume on another number is refused (``training.loop``).
 
     ``volumes`` identifies the preprocessed arrays (:func:`manifest_checksum`): the episode index names
     cases, not intensities, so without it a change of normalisation or spacing would resume a network
     trained on the old volumes.
     """
+    from iris_pipelines.training import TrainConfig
+
+    root = Path(root)
+    recipe = TrainConfig.from_dict(train_config).to_dict()
+    folder = root / _recipe_key(model_config, recipe, episode_checksum, layout, volumes)
+    # Folders written before the key was normalised hash the params as written; a rerun of that same
+    # spelling keeps resuming there instead of training again from step 0.
+    legacy = root / _recipe_key(model_config, train_config, episode_checksum, layout, volumes)
+    if not folder.exists() and legacy.exists():
+        logger.info("Resuming checkpoints in %s, keyed by the train params as written", legacy)
+        return legacy
+    return folder
+
+
+def _recipe_key(
+    model_config: dict, train_config: dict, episode_checksum: str, layout: str, volumes: str
+) -> str:
     key = json.dumps(
         {
             "model": model_config,
@@ -155,7 +174,7 @@ def checkpoint_dir(
         },
         sort_keys=True,
     )
-    return Path(root) / hashlib.sha256(key.encode()).hexdigest()[:16]
+    return hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
 def mlflow_name(dataset: str) -> str:
