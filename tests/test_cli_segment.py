@@ -148,12 +148,14 @@ def test_tuning_refines_the_ensemble_on_the_references(files, tmp_path, one_torc
 
 def _known_prediction(files, monkeypatch, query: Path) -> None:
     """Replace the network by a perfect model: the reference mask resampled (in world space) onto the
-    query's canonical grid, as logits. What remains is the CLI path from canonical grid to the file."""
+    query's canonical grid, as logits. What remains is the CLI path from canonical grid to the file.
+    Another volume (a reference, segmented by the reference check) gets its bright blob."""
 
     def fake_make_predictor(model, task, **kwargs):
         def predict(volume: torch.Tensor) -> torch.Tensor:
             canonical = prepare_image(read_image(query), "CT", PARAMS)
-            assert tuple(volume.shape[2:]) == canonical.array.shape  # the query, on the canonical grid
+            if tuple(volume.shape[2:]) != canonical.array.shape:  # not the query: a reference
+                return torch.where(volume > 0, 10.0, -10.0)
             mask = prepare_label(read_image(files["ref_a_label"]), canonical) == 5
             return torch.from_numpy(np.where(mask, 10.0, -10.0).astype(np.float32))[None, None]
 
@@ -858,6 +860,104 @@ def test_a_class_that_comes_out_empty_is_warned_about(files, tmp_path, monkeypat
         )  # fmt: skip
     assert result.exit_code == 0, result.output
     assert f"{files['query']}: class(es) 5 (liver) came out empty" in caplog.text
+
+
+@pytest.mark.parametrize("strategy", ["one_shot", "tuning"])
+def test_a_class_the_model_does_not_find_in_its_own_reference_is_warned_about(
+    files, tmp_path, monkeypatch, caplog, strategy
+) -> None:
+    """A novel class the model does not recognise came out plausible-looking but wrong, silently: the
+    model cannot find it even in the reference its embedding came from, which one pass shows."""
+
+    def finds_nothing(model, task, **kwargs):
+        return lambda volume: torch.full((1, task.shape[1], *volume.shape[2:]), -10.0)
+
+    monkeypatch.setattr(segment_module, "make_predictor", finds_nothing)
+    out = tmp_path / "o.nii.gz"
+    with caplog.at_level("WARNING", logger="iris_pipelines.segment"):
+        result = invoke(
+            "--image", files["query"], *_reference(files), "--model", files["bundle"], "--strategy", strategy,
+            "--tuning-steps", "1", "--out", out, *SPACING,
+        )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    warned = " ".join(caplog.text.split())
+    assert (
+        "class(es) 5 (liver, Dice 0.00): segmenting the reference with this task finds them with Dice "
+        in warned
+    )
+    assert ("even after tuning" if strategy == "tuning" else "--strategy tuning fits the task") in warned
+    check = _check_sidecar(out, read_image(out))["reference_check"]
+    assert check == {
+        "threshold": 0.5,
+        "references": [
+            {"image": str(files["ref_a"]), "label": str(files["ref_a_label"]), "dice": {"5": 0.0}}
+        ],
+        "unreliable": [5],
+    }
+
+
+def test_a_reference_the_model_segments_passes_the_check_and_the_check_can_be_skipped(
+    files, tmp_path, monkeypatch, caplog
+) -> None:
+    _known_prediction(files, monkeypatch, files["query"])  # finds the reference's blob too
+    out = tmp_path / "o.nii.gz"
+    common = ["--image", files["query"], *_reference(files), "--model", files["bundle"], *SPACING]
+    with caplog.at_level("WARNING", logger="iris_pipelines.segment"):
+        assert invoke(*common, "--out", out).exit_code == 0
+    check = _check_sidecar(out, read_image(out))["reference_check"]
+    assert check["unreliable"] == [] and check["references"][0]["dice"]["5"] > 0.8
+    assert "segmenting the reference" not in caplog.text
+    segmented = []
+    real_make_predictor = segment_module.make_predictor
+
+    def counting(model, task, **kwargs):
+        predict = real_make_predictor(model, task, **kwargs)
+        return lambda volume: segmented.append(volume.shape) or predict(volume)
+
+    monkeypatch.setattr(segment_module, "make_predictor", counting)
+    assert invoke(*common, "--out", out, "--no-reference-check").exit_code == 0
+    assert len(segmented) == 1  # the scan only
+    assert _check_sidecar(out, read_image(out))["reference_check"] is None
+
+
+def test_checked_takes_a_flagged_class_from_the_reference_registered_to_the_scan(
+    files, tmp_path, monkeypatch, caplog
+) -> None:
+    """--strategy checked: where the model does not find a class again in its own reference, the scan gets
+    the reference's mask registered onto it, which lands on the blob in world coordinates."""
+
+    def finds_nothing(model, task, **kwargs):
+        return lambda volume: torch.full((1, task.shape[1], *volume.shape[2:]), -10.0)
+
+    monkeypatch.setattr(segment_module, "make_predictor", finds_nothing)
+    out = tmp_path / "o.nii.gz"
+    with caplog.at_level("WARNING", logger="iris_pipelines.segment"):
+        result = invoke(
+            "--image", files["query"], *_reference(files), *_reference(files, "ref_b"), "--model",
+            files["bundle"], "--strategy", "checked", "--out", out, *SPACING,
+        )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "--strategy checked takes them from the reference registered to each scan" in caplog.text
+    written = read_image(out)
+    sidecar = _check_sidecar(out, written)
+    assert sidecar["registered_classes"] == [5] and len(sidecar["reference_check"]["references"]) == 1
+    found = sitk.GetArrayFromImage(written) == 5
+    truth = sitk.GetArrayFromImage(read_image(files["truth"])) == 5
+    assert 2 * (found & truth).sum() / (found.sum() + truth.sum()) > 0.7  # the network found nothing
+
+
+def test_checked_keeps_what_the_model_finds_in_its_reference(files, tmp_path, monkeypatch) -> None:
+    _known_prediction(files, monkeypatch, files["query"])
+    common = ["--image", files["query"], *_reference(files), "--model", files["bundle"], *SPACING]
+    checked, one_shot = tmp_path / "checked.nii.gz", tmp_path / "one_shot.nii.gz"
+    assert invoke(*common, "--strategy", "checked", "--out", checked).exit_code == 0
+    assert invoke(*common, "--strategy", "one_shot", "--out", one_shot).exit_code == 0
+    assert _check_sidecar(checked, read_image(checked))["registered_classes"] == []
+    np.testing.assert_array_equal(
+        sitk.GetArrayFromImage(read_image(checked)), sitk.GetArrayFromImage(read_image(one_shot))
+    )
+    refused = invoke(*common, "--strategy", "checked", "--no-reference-check", "--out", checked)
+    assert refused.exit_code == 2 and "drop --no-reference-check" in " ".join(refused.output.split())
 
 
 def test_a_ct_without_air_is_segmented_when_the_user_names_ct(files, tmp_path, monkeypatch, caplog) -> None:

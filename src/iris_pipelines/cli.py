@@ -284,9 +284,12 @@ def _project_option(help_text: str):
 )
 @click.option(
     "--strategy",
-    type=click.Choice(["one_shot", "ensemble", "tuning", "memory_bank"]),
+    type=click.Choice(["one_shot", "ensemble", "tuning", "checked", "memory_bank"]),
     default="ensemble",
     show_default=True,
+    help="How the task is made: the first reference (one_shot), the mean of the references (ensemble), "
+    "that mean tuned on their masks (tuning), one_shot with each class the reference check flags taken "
+    "from the first reference registered to the scan (checked), or the model's memory bank.",
 )
 @click.option("--classes", type=str, default=None, help="Label values to segment, e.g. 1,3 (default: all).")
 @click.option(
@@ -356,6 +359,14 @@ def _project_option(help_text: str):
     callback=_finite_positive,
     help="Learning rate of --strategy tuning.",
 )
+@click.option(
+    "--reference-check/--no-reference-check",
+    default=True,
+    show_default=True,
+    help="Segment each reference image with the task and warn about the classes the model does not find "
+    "again there (Dice below 0.5): it does not recognise them from these references, so their segmentation "
+    "of the scans is unreliable. One extra segmentation per reference; the Dice goes into the sidecar.",
+)
 @click.option("--device", type=str, default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @_tracking_uri_option("sqlite:///mlflow.db here")
 @_project_option("Kedro project whose conf/base gives the default preprocessing.")
@@ -388,7 +399,8 @@ def segment(images: tuple[Path, ...], images_dir: Path | None, references: tuple
             embeddings: Path | None, dataset: str | None, model_ref: str, strategy: str, classes: str | None,
             labels_file: Path | None, modality: str | None, channel: int | None, spacing: str | None,
             roi: str | None,
-            overlap: float, threshold: float, tuning_steps: int, tuning_lr: float, device: str,
+            overlap: float, threshold: float, tuning_steps: int, tuning_lr: float, reference_check: bool,
+            device: str,
             tracking_uri: str | None, project_dir: Path, out_text: str,
             out_suffix: str | None, save_probabilities: bool) -> None:  # fmt: skip
     """Segment scans in context: the classes shown by the references (or stored task embeddings).
@@ -442,13 +454,14 @@ def segment(images: tuple[Path, ...], images_dir: Path | None, references: tuple
             device=device,
             save_probabilities=save_probabilities,
             channel=channel,
+            reference_check=reference_check,
         )
         request.check()
         require_writable_directory(out if batch else out.parent, out)  # before the model is fetched
         if batch:
             _segment_scans(request, scans, out, out_suffix, model_ref, tracking_uri, project_dir, spacing_mm)
             return
-        with steps(5) as step:
+        with steps(6 if request.references and reference_check else 5) as step:
             step("loading model")
             model = registry.load_model_bundle(model_ref, registry.tracking_uri(tracking_uri))
             result = run_segment(

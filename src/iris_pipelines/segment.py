@@ -54,19 +54,24 @@ from iris_pipelines.imaging.io import (
     require_storable,
     write_text_atomic,
 )
+from iris_pipelines.imaging.registration import RegistrationConfig, array_to_image, registration_baseline
 from iris_pipelines.imaging.resample import LABEL_MAX, require_grid_fits
 from iris_pipelines.inference.bundle import PREPROCESS_KEYS, ModelBundle, newest_version
 from iris_pipelines.inference.device import resolve_device as inference_device
 from iris_pipelines.inference.sliding_window import volume_predictor
 from iris_pipelines.inference.strategies import (
+    SELF_CHECK_DICE,
     context_ensemble,
     crop_reference,
     memory_bank_task,
+    reference_self_dice,
     tune_task_embedding,
 )
 from iris_pipelines.inference.volume import (
+    CanonicalVolume,
     VolumePredictor,
     class_masks,
+    label_map_logits,
     prepare_image,
     prepare_label,
     segment_volume,
@@ -75,9 +80,11 @@ from iris_pipelines.model import Iris
 
 logger = logging.getLogger(__name__)
 
-REFERENCE_STRATEGIES = ("one_shot", "ensemble", "tuning")
+REFERENCE_STRATEGIES = ("one_shot", "ensemble", "tuning", "checked")
 EMBEDDING_STRATEGIES = ("one_shot", "ensemble", "memory_bank")
-STRATEGY_CHOICES = ("one_shot", "ensemble", "tuning", "memory_bank")
+STRATEGY_CHOICES = ("one_shot", "ensemble", "tuning", "checked", "memory_bank")
+# Strategies that use only the first reference.
+ONE_REFERENCE_STRATEGIES = ("one_shot", "checked")
 DEFAULT_SPACING = (3.0, 3.0, 3.0)
 # Where preprocessing can come from the model itself; any other source is a guess, warned about.
 _BUNDLE_SOURCE = "model bundle metadata"
@@ -151,6 +158,8 @@ class SegmentRequest:
     save_probabilities: bool = False
     # The volume of a 4-D (x, y, z, channel) scan or reference image to use; None: 3-D images only.
     channel: int | None = None
+    # Segment each reference with the task and warn about the classes it does not find there.
+    reference_check: bool = True
 
     def check(self) -> None:
         """Refuse contradictory options before any file is read."""
@@ -164,6 +173,11 @@ class SegmentRequest:
             raise SegmentError(
                 f"--strategy {self.strategy} takes no reference images; with --reference use one of "
                 f"{list(REFERENCE_STRATEGIES)}, or use --embeddings / --dataset for the memory bank"
+            )
+        if self.strategy == "checked" and not self.reference_check:
+            raise SegmentError(
+                "--strategy checked decides by the reference check which classes to register; drop "
+                "--no-reference-check"
             )
         if self.embeddings is not None and self.strategy not in EMBEDDING_STRATEGIES:
             raise SegmentError(
@@ -454,11 +468,13 @@ def preprocess_params(
 
 @dataclass
 class Reference:
-    """One reference on the canonical grid: normalised image and label map arrays [z, y, x]."""
+    """One reference on the canonical grid: normalised image and label map arrays [z, y, x], and that grid
+    (for registering it to a scan, ``--strategy checked``)."""
 
     spec: ReferenceSpec
     image: np.ndarray
     label: np.ndarray
+    grid: Geometry
 
 
 def require_hounsfield(image: sitk.Image, path: Path, modality: str, refuse: bool = True) -> None:
@@ -536,7 +552,7 @@ def read_reference(
     volume = prepare_image(image, modality, params, source=str(spec.image))
     canonical = prepare_label(label, volume, source=str(spec.label))
     warn_tiny_classes(canonical, wanted or present, params["target_spacing"], spec.label)
-    return Reference(spec, volume.array, canonical), present
+    return Reference(spec, volume.array, canonical, volume.grid), present
 
 
 def keep_classes(label: sitk.Image, classes: Sequence[int]) -> sitk.Image:
@@ -581,7 +597,7 @@ def reference_task(
     Each class is encoded from a window centred on it, as ``embed_tasks`` and ``evaluate`` do, so the
     numbers of a model's evaluation describe what this command does.
     """
-    used = references[:1] if strategy == "one_shot" else references
+    used = references[:1] if strategy in ONE_REFERENCE_STRATEGIES else references
     embeddings = []
     for reference in used:
         class_masks(
@@ -793,6 +809,66 @@ class PreparedTask:
     device: torch.device
     weights_sha256: str = ""
     embeddings: Path | None = None  # the file read: --embeddings, or its folder's newest version
+    reference_check: dict[str, Any] | None = None  # check_on_references, when it ran
+    # --strategy checked: the classes the check flagged, taken from this reference registered to each scan
+    registered_classes: list[int] = field(default_factory=list)
+    registered_reference: Reference | None = None
+
+
+def check_on_references(
+    model: Iris,
+    task: Tensor,
+    references: Sequence[Reference],
+    labels: Sequence[int],
+    names: Mapping[int, str],
+    *,
+    request: SegmentRequest,
+    roi: Sequence[int],
+    device: torch.device,
+) -> dict[str, Any]:
+    """Segment each reference with the task, as a scan would be, and score its own classes (Dice).
+
+    A class the model does not find again in the scan its embedding came from (mean Dice below
+    :data:`SELF_CHECK_DICE`) is warned about: the model does not recognise it from these references, so
+    the scans' segmentation of it is unreliable, though it may look plausible. What the sidecar records.
+    """
+    predict = make_predictor(model, task, roi_size=roi, overlap=request.overlap, device=device)
+    rows, scores = [], []
+    for reference in references:
+        masks = torch.from_numpy(class_masks(reference.label, labels))[None]
+        image = torch.from_numpy(np.ascontiguousarray(reference.image))[None, None].to(device)
+        with torch.no_grad():
+            dice = reference_self_dice(predict(image), masks, request.threshold).cpu()
+        scores.append(dice)
+        rows.append(
+            {
+                "image": str(reference.spec.image),
+                "label": str(reference.spec.label),
+                "dice": {
+                    str(v): None if math.isnan(d) else round(float(d), 4)
+                    for v, d in zip(labels, dice.tolist(), strict=True)
+                },
+            }
+        )
+    mean = torch.stack(scores).nanmean(dim=0).tolist()
+    unreliable = {int(v): d for v, d in zip(labels, mean, strict=True) if not d >= SELF_CHECK_DICE}
+    if unreliable:
+        remedy = {
+            "tuning": "even after tuning; other references or more --tuning-steps may help",
+            "checked": "--strategy checked takes them from the reference registered to each scan instead",
+        }.get(
+            request.strategy,
+            "--strategy checked takes them from the reference registered to each scan instead, and "
+            "--strategy tuning fits the task to the references' own masks",
+        )
+        logger.warning(
+            "class(es) %s: segmenting the reference%s with this task finds them with Dice below %g, so the "
+            "model does not recognise them from %s and their segmentation of the scans is unreliable; %s",
+            ", ".join(f"{v} ({names.get(v, v)}, Dice {d:.2f})" for v, d in unreliable.items()),
+            "s" if len(references) > 1 else "", SELF_CHECK_DICE,
+            "these references" if len(references) > 1 else "this reference", remedy,
+        )  # fmt: skip
+    return {"threshold": SELF_CHECK_DICE, "references": rows, "unreliable": sorted(unreliable)}
 
 
 def prepare_task(
@@ -830,7 +906,7 @@ def prepare_task(
     if table is not None and not request.references:
         require_embeddings_fit(table, embeddings, bundle.weights_checksum, roi)  # type: ignore[arg-type]
     if request.references:
-        specs = request.references[:1] if request.strategy == "one_shot" else request.references
+        specs = request.references[:1] if request.strategy in ONE_REFERENCE_STRATEGIES else request.references
         for index, spec in enumerate(specs):
             reference, present = read_reference(
                 spec, labels or None, request.modality, params, ignored, request.require_air, request.channel
@@ -841,6 +917,7 @@ def prepare_task(
 
     step("embedding")
     dataset = request.dataset
+    check = None
     if references:
         names = class_names(
             labels, request.labels_file, request.references[0].label, bundle_class_names(bundle, dataset)
@@ -849,6 +926,11 @@ def prepare_task(
             model, references, labels, request.strategy, roi,
             tuning_steps=request.tuning_steps, tuning_lr=request.tuning_lr,
         )  # fmt: skip
+        if request.reference_check:
+            step("checking the task on its references")
+            check = check_on_references(
+                model, task, references, labels, names, request=request, roi=roi, device=device
+            )
     elif table is not None:
         task, labels, stored_names, dataset = stored_task(
             model, table, request.dataset, request.strategy, request.classes
@@ -857,9 +939,11 @@ def prepare_task(
     else:
         task, labels = bank_task(model, bundle, str(request.dataset), request.classes)
         names = class_names(labels, request.labels_file, None, bundle_class_names(bundle, dataset))
+    registered = list(check["unreliable"]) if check is not None and request.strategy == "checked" else []
     return PreparedTask(
         model, task, labels, names, dataset, params, params_source, roi, device,  # type: ignore[arg-type]
-        weights_sha256=bundle.weights_checksum, embeddings=embeddings,
+        weights_sha256=bundle.weights_checksum, embeddings=embeddings, reference_check=check,
+        registered_classes=registered, registered_reference=references[0] if registered else None,
     )  # fmt: skip
 
 
@@ -912,6 +996,32 @@ def image_files(path: Path) -> list[Path]:
     return [path] + [data for data in beside if data.is_file()]
 
 
+def registered_classes(
+    prepared: PreparedTask, image_path: Path
+) -> Callable[[CanonicalVolume, Tensor], Tensor] | None:
+    """For ``--strategy checked``: the hook that replaces the logits of the classes the reference check
+    flagged by the reference's masks registered to the scan (SimpleITK affine + B-spline, evaluate's
+    ``registration`` baseline), on the canonical grid; None when no class was flagged."""
+    reference = prepared.registered_reference
+    if not prepared.registered_classes or reference is None:
+        return None
+
+    def replace(volume: CanonicalVolume, logits: Tensor) -> Tensor:
+        propagated = registration_baseline(
+            array_to_image(volume.array, volume.grid),
+            array_to_image(reference.image, reference.grid),
+            array_to_image(reference.label.astype(np.uint8), reference.grid),
+            RegistrationConfig(),
+            case=f"{image_path} (reference {reference.spec.image})",
+        )
+        certain = label_map_logits(sitk.GetArrayFromImage(propagated), prepared.labels)
+        slots = [prepared.labels.index(c) for c in prepared.registered_classes]
+        logits[:, slots] = certain[:, slots].to(logits.device, logits.dtype)
+        return logits
+
+    return replace
+
+
 def segment_scan(
     request: SegmentRequest,
     prepared: PreparedTask,
@@ -938,7 +1048,7 @@ def segment_scan(
         prediction = segment_volume(
             image, predict, prepared.labels, modality=request.modality, params=prepared.params,
             threshold=request.threshold, probabilities=request.save_probabilities, device=prepared.device,
-            source=str(image_path),
+            source=str(image_path), adjust_logits=registered_classes(prepared, image_path),
         )  # fmt: skip
 
     step("writing")
@@ -997,6 +1107,11 @@ def segment_scan(
         "tuning": {"steps": request.tuning_steps, "lr": request.tuning_lr}
         if request.strategy == "tuning"
         else None,
+        # --strategy checked: the classes taken from the reference registered to this scan
+        "registered_classes": prepared.registered_classes if request.strategy == "checked" else None,
+        # each reference segmented with the task: Dice of its own classes; "unreliable" lists the classes
+        # below the threshold (None: no reference images, or --no-reference-check)
+        "reference_check": prepared.reference_check,
     }
     write_text_atomic(sidecar, json.dumps(summary, indent=2) + "\n")
     empty = [f"{item['label']} ({item['name']})" for item in summary["classes"] if item["voxels"] == 0]

@@ -128,3 +128,27 @@ def test_a_class_missing_from_the_memory_bank_costs_only_that_class(untrained_bu
     assert alpha.loc[2, "prediction_voxels"] == 0 and np.isfinite(alpha.loc[2, "dice"])
     beta = metrics[metrics.dataset == "beta"]
     assert (beta.error == "").all() and (beta.prediction_voxels > 0).any()
+
+
+@pytest.mark.parametrize("check", [0.0, 1.0])
+def test_checked_is_one_shot_where_the_reference_check_passes_and_registration_where_it_fails(
+    untrained_bundle, collection, monkeypatch, check
+) -> None:
+    """``checked`` decides per class from the reference alone: a class its own reference does not show
+    again (Dice below 0.5) takes the registered reference mask, the others keep one-shot's logits."""
+    from iris_pipelines.evaluation.evaluate import _Runner
+
+    manifest, index = collection
+    monkeypatch.setattr(
+        _Runner, "reference_check", lambda self, episode: dict.fromkeys(episode.classes, check)
+    )
+    params = EvaluateParams(
+        strategies=("one_shot", "checked"), baselines=("registration",), roi_size=(32, 32, 32),
+        registration={"deformable": False, "affine_iterations": 5},
+    )  # fmt: skip
+    metrics = _evaluate(untrained_bundle, manifest, index, params)
+    dice = metrics.pivot_table(index=["episode_id", "label"], columns="method", values="dice")
+    assert (metrics.reference_check_dice == check).all()
+    followed = "one_shot" if check >= 0.5 else "registration"
+    np.testing.assert_array_equal(dice["checked"], dice[followed])
+    assert not np.array_equal(dice["one_shot"], dice["registration"])  # the two differ, so the test can fail

@@ -11,6 +11,7 @@ from iris_pipelines.evaluation.report import (
     gain_over_baseline,
     headline_metrics,
     markdown_report,
+    reference_check_table,
     summary_by_dataset,
     summary_by_group,
 )
@@ -230,3 +231,36 @@ def test_hd95_goes_to_mlflow_with_the_number_of_rows_it_is_over() -> None:
     assert (headline["eval/seen/misses/hd95_n"], headline["eval/seen/finds/hd95_n"]) == (1, 10)
     report = markdown_report(summary, summary_by_dataset(metrics), gains, {})
     assert "HD95 is the mean over the rows where prediction and\ntruth are both non-empty" in report
+
+
+def test_the_reference_check_table_splits_flagged_classes_from_the_others() -> None:
+    """The report says how well the reference check (iris segment's warning) predicts one-shot misses."""
+    checked = np.tile([0.9, 0.8, 0.1], 10)  # class c is not found again in its own reference
+    one_shot, paste = np.tile([0.7, 0.6, 0.0], 10), np.tile([0.4, 0.4, 0.5], 10)
+    metrics = pd.concat(
+        [
+            _rows("one_shot", one_shot, heldout=True).assign(reference_check_dice=checked),
+            _rows("paste", paste, heldout=True).assign(reference_check_dice=checked),
+        ],
+        ignore_index=True,
+    )
+    table = reference_check_table(metrics).set_index(["group", "flagged"])
+    assert set(table.index) == {("heldout", True), ("heldout", False), ("novel", True), ("novel", False)}
+    flagged, clear = table.loc[("heldout", True)], table.loc[("heldout", False)]
+    assert (flagged.pairs, flagged.reference_check_dice, flagged.one_shot, flagged.paste) == (
+        10,
+        0.1,
+        0.0,
+        0.5,
+    )
+    assert flagged.one_shot_below_paste == 1.0 and clear.one_shot_below_paste == 0.0
+    assert (clear.pairs, clear.one_shot, clear.paste) == (20, pytest.approx(0.65), pytest.approx(0.4))
+    summary, by_dataset, gains = (
+        summary_by_group(metrics),
+        summary_by_dataset(metrics),
+        gain_over_baseline(metrics),
+    )
+    report = markdown_report(summary, by_dataset, gains, {}, reference_check_table(metrics))
+    assert "## Reference check" in report and "one_shot_below_paste" in report
+    # a table written before the column existed has no check to report
+    assert reference_check_table(metrics.drop(columns="reference_check_dice")).empty

@@ -21,6 +21,7 @@ from iris_pipelines.inference import (
     mask_window,
     memory_bank_gaps,
     memory_bank_task,
+    reference_self_dice,
     retrieval_task,
     retrieve_references,
     tune_task_embedding,
@@ -353,3 +354,25 @@ def test_reference_window_holds_foreground_when_the_structure_outgrows_it(roi) -
     for axis, part in enumerate(window):
         assert part.stop - part.start == min(roi[axis], shape[axis])
         assert 0 <= part.start and part.stop <= shape[axis]
+
+
+def test_reference_self_dice_scores_each_class_as_the_label_map_decides_it() -> None:
+    """The reference check: Dice of each class when the reference is segmented with its own task."""
+    masks = torch.zeros(1, 3, 4, 4, 4)
+    masks[0, 0, :2] = 1  # class slot 0: the lower half
+    masks[0, 1, 2:] = 1  # slot 1: the upper half
+    masks[0, 2, 3] = 1  # slot 2 overlaps slot 1's top layer
+    found = torch.where(masks > 0, 5.0, -5.0)
+    assert reference_self_dice(found, masks).tolist()[:2] == [1.0, 1.0]
+    # slots 1 and 2 compete for the top layer, as in a label map: the larger logit (slot 2's) takes it
+    found[0, 2] = torch.where(masks[0, 2] > 0, 6.0, -5.0)
+    assert reference_self_dice(found, masks).tolist() == pytest.approx([1.0, 2 * 16 / (16 + 32), 1.0])
+    missed = found.clone()
+    missed[0, 0] = -5.0  # slot 0 never passes the threshold
+    assert reference_self_dice(missed, masks)[0] == 0.0
+    assert reference_self_dice(missed, masks, threshold=0.001)[0] == 1.0  # logit -5 passes a 0.1 % cut
+    absent = masks.clone()
+    absent[0, 2] = 0  # a slot this reference does not show: no score, not a perfect one
+    assert torch.isnan(reference_self_dice(found, absent)[2])
+    with pytest.raises(ValueError, match=r"must both be \(1, K, D, H, W\)"):
+        reference_self_dice(found[:, :2], masks)

@@ -39,6 +39,7 @@ from iris_pipelines.imaging.resample import as_label
 from iris_pipelines.inference.device import resolve_device
 from iris_pipelines.inference.sliding_window import sliding_window_segment
 from iris_pipelines.inference.strategies import (
+    SELF_CHECK_DICE,
     STRATEGIES,
     TUNING_LR,
     TUNING_STEPS,
@@ -46,6 +47,7 @@ from iris_pipelines.inference.strategies import (
     crop_reference,
     memory_bank_gaps,
     memory_bank_task,
+    reference_self_dice,
     retrieval_task,
     tune_task_embedding,
 )
@@ -68,6 +70,11 @@ logger = logging.getLogger(__name__)
 
 BASELINES = ("paste", "registration")
 GROUPS = ("seen", "heldout", "novel")
+# ``checked``: one-shot, and for each class the reference check flags (its reference, segmented with its
+# own embedding, shows it with a Dice below SELF_CHECK_DICE) the reference mask propagated by registration.
+# Decided from the reference alone, as `iris segment --strategy checked` decides it; it needs SimpleITK, so
+# it lives here rather than among the torch-only STRATEGIES.
+EVALUATE_STRATEGIES = (*STRATEGIES, "checked")
 
 
 class ReferenceLeakError(ValueError):
@@ -78,7 +85,7 @@ class ReferenceLeakError(ValueError):
 class EvaluateParams:
     """``params:evaluate``. Strategies follow the paper (§3.3); the baselines are the bar to clear."""
 
-    strategies: tuple[str, ...] = STRATEGIES
+    strategies: tuple[str, ...] = EVALUATE_STRATEGIES
     baselines: tuple[str, ...] = BASELINES
     roi_size: tuple[int, int, int] = (64, 64, 64)  # sliding window and reference windows, in voxels
     overlap: float = 0.5
@@ -99,11 +106,12 @@ class EvaluateParams:
         object.__setattr__(self, "baselines", tuple(self.baselines))
         object.__setattr__(self, "roi_size", tuple(int(v) for v in self.roi_size))
         object.__setattr__(self, "splits", tuple(self.splits))
-        unknown = [s for s in self.strategies if s not in STRATEGIES]
+        unknown = [s for s in self.strategies if s not in EVALUATE_STRATEGIES]
         unknown += [b for b in self.baselines if b not in BASELINES]
         if unknown:
             raise ValueError(
-                f"unknown strategies/baselines {unknown}; strategies: {STRATEGIES}, baselines: {BASELINES}"
+                f"unknown strategies/baselines {unknown}; strategies: {EVALUATE_STRATEGIES}, baselines: "
+                f"{BASELINES}"
             )
         if len(self.roi_size) != 3 or min(self.roi_size) < 1:
             raise ValueError(f"roi_size must be 3 positive ints, got {self.roi_size}")
@@ -316,7 +324,10 @@ class _Runner:
             self.model, query, task, roi_size=self.params.roi_size, overlap=self.params.overlap
         )
 
-    def predictions(self, episode: _Episode) -> dict[str, Callable[[], Tensor]]:
+    def predictions(
+        self, episode: _Episode, reference_check: Mapping[int, float]
+    ) -> dict[str, Callable[[], Tensor]]:
+        """``reference_check`` is :meth:`reference_check` of the episode, which ``checked`` decides by."""
         p, classes = self.params, episode.classes
         query = as_tensor(episode.image)
         pool, valid = _reference_pool(self.model, episode, p.roi_size)
@@ -385,7 +396,15 @@ class _Runner:
             )
             return label_map_logits(sitk.GetArrayFromImage(propagated), classes)
 
+        def checked() -> Tensor:
+            logits = one_shot()
+            flagged = [k for k, c in enumerate(classes) if not reference_check[c] >= SELF_CHECK_DICE]
+            if flagged:
+                logits[:, flagged] = registration()[:, flagged].to(logits.device)
+            return logits
+
         methods = {
+            "checked": checked,
             "one_shot": one_shot,
             "ensemble": ensemble,
             "memory_bank": memory_bank,
@@ -395,6 +414,16 @@ class _Runner:
             "registration": registration,
         }
         return {name: methods[name] for name in self.method_names(episode.heldout)}
+
+    def reference_check(self, episode: _Episode) -> dict[int, float]:
+        """Dice of each class of the first reference segmented with its own one-shot embedding: the
+        reference check of ``iris segment``, scored here so the report shows how well it predicts the
+        query's one-shot Dice."""
+        image, label = episode.reference_arrays[0]
+        task = class_embeddings(self.model, image, label, episode.classes, self.params.roi_size)
+        masks = torch.from_numpy(np.stack([label == c for c in episode.classes]))[None]
+        dice = reference_self_dice(self.segment(as_tensor(image), task), masks, self.params.threshold)
+        return dict(zip(episode.classes, dice.tolist(), strict=True))
 
     def method_names(self, heldout: bool) -> list[str]:
         """The strategies and baselines an episode is scored with."""
@@ -417,11 +446,13 @@ class _Runner:
 
 METRIC_COLUMNS = (
     "episode_id", "dataset", "query", "subject_id", "references", "method", "kind", "class_name", "heldout",
-    "novel", "label", *(item.name for item in fields(MaskMetrics)), "seconds", "error", "model_uri",
-    "model_version", "weights_sha256",
+    "novel", "label", *(item.name for item in fields(MaskMetrics)), "reference_check_dice", "seconds",
+    "error", "model_uri", "model_version", "weights_sha256",
 )  # fmt: skip
 """The columns of ``evaluation_metrics``, also when no episode could be scored. ``subject_id`` is the
-query's subject: episodes of one subject are correlated, so the report's intervals resample subjects."""
+query's subject: episodes of one subject are correlated, so the report's intervals resample subjects.
+``reference_check_dice`` (the same on every method's row of an episode × class) is the Dice of the class
+in the first reference segmented with its own one-shot embedding."""
 
 # What a bad episode raises: a missing, unreadable or edited file (InvalidInputError is a ValueError, a
 # missing .npy an OSError), a query or class absent from the manifest (KeyError), a tensor that cannot be
@@ -458,6 +489,7 @@ class _RowContext:
         metrics: Mapping[str, Any],
         seconds: float,
         error: str,
+        reference_check_dice: float = float("nan"),
     ) -> dict[str, Any]:
         return {
             "episode_id": self.info["episode_id"],
@@ -472,6 +504,7 @@ class _RowContext:
             "novel": novel,
             "label": label,
             **metrics,
+            "reference_check_dice": reference_check_dice,
             "seconds": seconds,
             "error": error,
             "model_uri": self.model_info.model_uri,
@@ -490,7 +523,8 @@ def _score_episode(
     """
     tolerances = {c: params.tolerance(episode.class_names[c]) for c in episode.classes}
     with torch.no_grad():
-        methods = runner.predictions(episode)
+        checked = runner.reference_check(episode)
+        methods = runner.predictions(episode, checked)
     out = []
     for name, predict in methods.items():
         started, error = time.perf_counter(), ""
@@ -515,8 +549,15 @@ def _score_episode(
             class_error = error or unpredictable.get(label, "")
             out.append(
                 context.row(
-                    name, label, episode.class_names[label], episode.novel[label], row, seconds, class_error
-                )
+                    name,
+                    label,
+                    episode.class_names[label],
+                    episode.novel[label],
+                    row,
+                    seconds,
+                    class_error,
+                    checked[label],
+                )  # fmt: skip
             )
     return out
 

@@ -14,6 +14,8 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
+from iris_pipelines.inference.strategies import SELF_CHECK_DICE
+
 from .evaluate import BASELINES, GROUPS
 
 METRICS = ("dice", "iou", "nsd", "hd95_mm")
@@ -140,6 +142,51 @@ def gain_over_baseline(
     return pd.DataFrame(rows, columns=columns)
 
 
+def reference_check_table(
+    metrics: pd.DataFrame, method: str = "one_shot", baseline: str = "paste"
+) -> pd.DataFrame:
+    """How well the reference check predicts ``method``'s Dice on the query, per group.
+
+    A class is flagged when its first reference, segmented with its own one-shot embedding, shows it with a
+    Dice below :data:`SELF_CHECK_DICE` (``iris segment`` warns about it). Per group and flag: the episode
+    × class pairs, their mean ``method`` and ``baseline`` Dice on the query, and how often ``method`` fell
+    below the baseline.
+    """
+    columns = [
+        "group",
+        "flagged",
+        "pairs",
+        "reference_check_dice",
+        method,
+        baseline,
+        f"{method}_below_{baseline}",
+    ]
+    if metrics.empty or "reference_check_dice" not in metrics.columns:
+        return pd.DataFrame(columns=columns)
+    rows = []
+    for group in GROUPS:
+        scored = group_rows(metrics, group).dropna(subset=["dice", "reference_check_dice"])
+        ours = scored[scored["method"] == method]
+        theirs = scored[scored["method"] == baseline][["episode_id", "label", "dice"]]
+        pairs = ours.merge(theirs, on=["episode_id", "label"], suffixes=("", "_baseline"))
+        for flagged in (True, False):
+            chosen = pairs[(pairs["reference_check_dice"] < SELF_CHECK_DICE) == flagged]
+            if chosen.empty:
+                continue
+            rows.append(
+                {
+                    "group": group,
+                    "flagged": flagged,
+                    "pairs": len(chosen),
+                    "reference_check_dice": float(chosen["reference_check_dice"].mean()),
+                    method: float(chosen["dice"].mean()),
+                    baseline: float(chosen["dice_baseline"].mean()),
+                    f"{method}_below_{baseline}": float((chosen["dice"] < chosen["dice_baseline"]).mean()),
+                }
+            )
+    return pd.DataFrame(rows, columns=columns)
+
+
 def dice_pivot(summary: pd.DataFrame, index: str) -> pd.DataFrame:
     """``index`` × method table of mean Dice, methods in report order (strategies, then baselines)."""
     pivot = summary.pivot(index=index, columns="method", values="dice")
@@ -148,9 +195,15 @@ def dice_pivot(summary: pd.DataFrame, index: str) -> pd.DataFrame:
 
 
 def markdown_report(
-    by_group: pd.DataFrame, by_dataset: pd.DataFrame, gains: pd.DataFrame, model: Mapping[str, str]
+    by_group: pd.DataFrame,
+    by_dataset: pd.DataFrame,
+    gains: pd.DataFrame,
+    model: Mapping[str, str],
+    reference_check: pd.DataFrame | None = None,
 ) -> str:
-    """The evaluation as Markdown: Dice per group, the paired gain over paste, per dataset, all metrics."""
+    """The evaluation as Markdown: Dice per group, the paired gain over paste, the reference check, per
+    dataset, all metrics."""
+    check = reference_check if reference_check is not None else pd.DataFrame()
     lines = [
         "# Iris evaluation",
         "",
@@ -172,6 +225,15 @@ def markdown_report(
         f"{MIN_INTERVAL_SUBJECTS} subjects); a lower bound above 0 is a clear win.",
         "",
         gains.round(3).to_markdown(index=False) if not gains.empty else "(no paste baseline)",
+        "",
+        "## Reference check",
+        "",
+        "Each episode's first reference segmented with its own one-shot embedding: a class it shows with a",
+        f"Dice below {SELF_CHECK_DICE:g} is flagged (`iris segment` warns about such a class). Mean one-shot",
+        "and paste Dice on the query for flagged and unflagged classes, and how often one-shot fell below",
+        "paste.",
+        "",
+        check.round(3).to_markdown(index=False) if not check.empty else "(no one-shot and paste rows)",
         "",
         "## Mean Dice per dataset",
         "",

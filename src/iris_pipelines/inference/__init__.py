@@ -22,6 +22,7 @@ from typing import Any
 
 from .bundle import BundleError, ModelBundle
 from .strategies import (
+    SELF_CHECK_DICE,
     STRATEGIES,
     RetrievalResult,
     SegmentFn,
@@ -39,6 +40,7 @@ from .strategies import (
     mask_window,
     memory_bank_gaps,
     memory_bank_task,
+    reference_self_dice,
     retrieval_task,
     retrieve_references,
     tune_task_embedding,
@@ -74,6 +76,7 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [
+    "SELF_CHECK_DICE",
     "STRATEGIES",
     "BundleError",
     "ModelBundle",
@@ -93,6 +96,7 @@ __all__ = [
     "mask_window",
     "memory_bank_gaps",
     "memory_bank_task",
+    "reference_self_dice",
     "retrieval_task",
     "retrieve_references",
     "tune_task_embedding",

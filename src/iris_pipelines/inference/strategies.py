@@ -533,6 +533,37 @@ def tune_task_embedding(
     return TuningResult(tuned.detach().to(task.dtype), losses)
 
 
+# ------------------------------------------------------------------------------------------- self-check
+
+SELF_CHECK_DICE = 0.5
+"""A class that its own reference, segmented with the task, shows with a lower Dice is reported as
+unreliable: on the phantom recipe such classes are the ones one-shot misses on the queries too
+(docs/phantom-recipe.md, "Checking a task on its own reference")."""
+
+
+def reference_self_dice(logits: Tensor, masks: Tensor, threshold: float = 0.5) -> Tensor:
+    """Dice (K,) of each class of a reference segmented with its own task embedding.
+
+    ``logits`` (1, K, D, H, W) come from segmenting the reference image with T, ``masks`` (1, K, D, H, W)
+    are its class masks; voxels are labelled as for a query (:func:`logits_to_labels`, so classes compete).
+    A class the model cannot find even in the scan its embedding came from is not recognised from that
+    reference, and a query will not fare better. NaN for a slot the reference does not show.
+    """
+    if logits.shape != masks.shape or logits.dim() != 5 or logits.shape[0] != 1:
+        raise ValueError(
+            f"logits {tuple(logits.shape)} and masks {tuple(masks.shape)} must both be (1, K, D, H, W)"
+        )
+    slots = logits.shape[1]
+    labels = logits_to_labels(logits, list(range(1, slots + 1)), threshold)
+    values = torch.arange(1, slots + 1, device=labels.device).view(-1, 1, 1, 1)
+    predicted = (labels[None] == values).flatten(1)
+    truth = (masks[0] > 0).to(labels.device).flatten(1)
+    overlap = (predicted & truth).sum(dim=1).double()
+    shown = truth.sum(dim=1).double()
+    dice = 2 * overlap / (predicted.sum(dim=1).double() + shown).clamp(min=1)
+    return torch.where(shown > 0, dice, torch.full_like(dice, float("nan")))
+
+
 # --------------------------------------------------------------------------------------------- labels
 
 

@@ -342,6 +342,7 @@ def segment_volume(
     probabilities: bool = False,
     device: torch.device | str | None = None,
     source: str = "<in-memory image>",
+    adjust_logits: Callable[[CanonicalVolume, Tensor], Tensor] | None = None,
 ) -> ScanSegmentation:
     """Segment a raw scan: canonical preprocessing → ``predict`` → label map on the scan's own grid.
 
@@ -355,10 +356,14 @@ def segment_volume(
         threshold: foreground probability cut (sigmoid > threshold, then argmax over classes).
         probabilities: also return each class's probability on the scan's grid.
         device: where the canonical volume is placed before ``predict``.
+        adjust_logits: applied to the canonical volume and ``predict``'s logits before they go back onto
+            the scan's grid (``iris segment --strategy checked`` puts registered classes there).
 
     Returns:
         The uint8 label map with ``image``'s size, spacing, origin and direction (and the probabilities).
     """
     volume = prepare_image(image, modality, params, source=source)
     logits = predict_logits(volume, predict, labels, device=device)
+    if adjust_logits is not None:
+        logits = adjust_logits(volume, logits)
     return to_original_grid(logits, volume, labels, threshold=threshold, probabilities=probabilities)

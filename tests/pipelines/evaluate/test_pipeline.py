@@ -11,6 +11,7 @@ from pathlib import Path
 import mlflow
 import numpy as np
 import pytest
+import torch
 from kedro.config import OmegaConfigLoader
 from kedro.io import DataCatalog, MemoryDataset
 from kedro.runner import SequentialRunner
@@ -22,7 +23,7 @@ from iris_pipelines.pipelines.embed_tasks import create_pipeline as embed_pipeli
 from iris_pipelines.pipelines.evaluate import create_pipeline as evaluate_pipeline
 from iris_pipelines.pipelines.tsne import create_pipeline as tsne_pipeline
 
-STRATEGIES = ["one_shot", "ensemble", "memory_bank", "retrieval", "tuning"]
+STRATEGIES = ["one_shot", "ensemble", "memory_bank", "retrieval", "tuning", "checked"]
 BASELINES = ["paste", "registration"]
 PROJECT = Path(__file__).parents[3]
 PARAMS = {
@@ -126,6 +127,33 @@ def test_paste_baseline_equals_the_reference_mask_scaled_onto_the_query(run, col
     pasted = paste_label(np.load(cases.loc[row.references.split(",")[0], "label_array"]), truth.shape)
     a, b = pasted == row.label, truth == row.label
     assert row.dice == pytest.approx(2 * (a & b).sum() / (a.sum() + b.sum()))
+
+
+def test_each_class_carries_its_reference_check(run, collection, untrained_bundle) -> None:
+    """The Dice of the class in the first reference segmented with its own one-shot embedding, what
+    `iris segment` warns on, recomputed for one row; the report relates it to one-shot's Dice."""
+    from iris_pipelines.evaluation.embeddings import as_tensor, class_embeddings
+    from iris_pipelines.inference import reference_self_dice, sliding_window_segment
+
+    catalog, *_ = run
+    manifest, _ = collection
+    metrics = catalog.load("evaluation_metrics")
+    assert metrics.reference_check_dice.between(0, 1).all()
+    per_pair = metrics.groupby(["episode_id", "label"]).reference_check_dice.nunique()
+    assert (per_pair == 1).all()  # one value per episode × class, on every method's row
+    row = metrics[metrics.method == "one_shot"].iloc[0]
+    classes = sorted(metrics.loc[metrics.episode_id == row.episode_id, "label"].unique())
+    cases = manifest.set_index("case_id")
+    reference = row.references.split(",")[0]
+    image, label = (np.load(cases.loc[reference, key]) for key in ("image_array", "label_array"))
+    model = untrained_bundle.build_model().eval()
+    with torch.no_grad():
+        task = class_embeddings(model, image, label, classes, [32, 32, 32])
+        logits = sliding_window_segment(model, as_tensor(image), task, roi_size=[32, 32, 32], overlap=0.5)
+    masks = torch.from_numpy(np.stack([label == c for c in classes]))[None]
+    expected = reference_self_dice(logits, masks)[classes.index(row.label)].item()
+    assert row.reference_check_dice == pytest.approx(expected, abs=1e-6)
+    assert "## Reference check" in catalog.load("evaluation_report")
 
 
 def test_mlflow_gets_headline_numbers_plots_and_version_tags(run) -> None:
