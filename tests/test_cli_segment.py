@@ -846,13 +846,18 @@ def test_a_reference_with_label_values_above_255_serves_for_the_classes_asked_fo
     assert refused.exit_code == 2 and "0..255" in " ".join(refused.output.split()), refused.output
 
 
-def test_a_class_that_comes_out_empty_is_warned_about(files, tmp_path, monkeypatch, caplog) -> None:
-    """0 ml in the sidecar reads like "absent"; the log says it may be a miss the user should look at."""
+def _model_finds_nothing(monkeypatch) -> None:
+    """Replace the network by one that labels no voxel of any class, in any volume."""
 
     def finds_nothing(model, task, **kwargs):
         return lambda volume: torch.full((1, task.shape[1], *volume.shape[2:]), -10.0)
 
     monkeypatch.setattr(segment_module, "make_predictor", finds_nothing)
+
+
+def test_a_class_that_comes_out_empty_is_warned_about(files, tmp_path, monkeypatch, caplog) -> None:
+    """0 ml in the sidecar reads like "absent"; the log says it may be a miss the user should look at."""
+    _model_finds_nothing(monkeypatch)
     with caplog.at_level("WARNING", logger="iris_pipelines.segment"):
         result = invoke(
             "--image", files["query"], *_reference(files), "--model", files["bundle"],
@@ -868,11 +873,7 @@ def test_a_class_the_model_does_not_find_in_its_own_reference_is_warned_about(
 ) -> None:
     """A novel class the model does not recognise came out plausible-looking but wrong, silently: the
     model cannot find it even in the reference its embedding came from, which one pass shows."""
-
-    def finds_nothing(model, task, **kwargs):
-        return lambda volume: torch.full((1, task.shape[1], *volume.shape[2:]), -10.0)
-
-    monkeypatch.setattr(segment_module, "make_predictor", finds_nothing)
+    _model_finds_nothing(monkeypatch)
     out = tmp_path / "o.nii.gz"
     with caplog.at_level("WARNING", logger="iris_pipelines.segment"):
         result = invoke(
@@ -925,11 +926,7 @@ def test_checked_takes_a_flagged_class_from_the_reference_registered_to_the_scan
 ) -> None:
     """--strategy checked: where the model does not find a class again in its own reference, the scan gets
     the reference's mask registered onto it, which lands on the blob in world coordinates."""
-
-    def finds_nothing(model, task, **kwargs):
-        return lambda volume: torch.full((1, task.shape[1], *volume.shape[2:]), -10.0)
-
-    monkeypatch.setattr(segment_module, "make_predictor", finds_nothing)
+    _model_finds_nothing(monkeypatch)
     out = tmp_path / "o.nii.gz"
     with caplog.at_level("WARNING", logger="iris_pipelines.segment"):
         result = invoke(
