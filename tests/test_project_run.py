@@ -36,7 +36,7 @@ SMALL_PHANTOMS = "phantoms.cases_per_dataset=4,phantoms.size_scale=0.6"
 NOTEBOOK = PROJECT_ROOT / "notebooks" / "01_quickstart.ipynb"
 DATA_PIPELINES = ("ingest", "preprocess", "episodes")
 MODEL_PIPELINES = ("train", "embed_tasks", "evaluate", "tsne")
-METHODS = {"one_shot", "ensemble", "memory_bank", "retrieval", "tuning", "paste", "registration"}
+METHODS = {"one_shot", "ensemble", "memory_bank", "retrieval", "tuning", "checked", "paste", "registration"}
 # The model pipelines' overrides, as a Kedro env inside the copy: `--params` splits its value on every
 # comma (kedro.framework.cli.utils.split_string), so list values such as crop sizes cannot go there.
 TINY_ENV = "test_tiny"
