@@ -996,7 +996,7 @@ def image_files(path: Path) -> list[Path]:
     return [path] + [data for data in beside if data.is_file()]
 
 
-def registered_classes(
+def registration_hook(
     prepared: PreparedTask, image_path: Path
 ) -> Callable[[CanonicalVolume, Tensor], Tensor] | None:
     """For ``--strategy checked``: the hook that replaces the logits of the classes the reference check
@@ -1048,7 +1048,7 @@ def segment_scan(
         prediction = segment_volume(
             image, predict, prepared.labels, modality=request.modality, params=prepared.params,
             threshold=request.threshold, probabilities=request.save_probabilities, device=prepared.device,
-            source=str(image_path), adjust_logits=registered_classes(prepared, image_path),
+            source=str(image_path), adjust_logits=registration_hook(prepared, image_path),
         )  # fmt: skip
 
     step("writing")

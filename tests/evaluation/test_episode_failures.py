@@ -140,7 +140,7 @@ def test_checked_is_one_shot_where_the_reference_check_passes_and_registration_w
 
     manifest, index = collection
     monkeypatch.setattr(
-        _Runner, "reference_check", lambda self, episode: dict.fromkeys(episode.classes, check)
+        _Runner, "reference_check", lambda self, episode, task: dict.fromkeys(episode.classes, check)
     )
     params = EvaluateParams(
         strategies=("one_shot", "checked"), baselines=("registration",), roi_size=(32, 32, 32),
@@ -152,3 +152,50 @@ def test_checked_is_one_shot_where_the_reference_check_passes_and_registration_w
     followed = "one_shot" if check >= 0.5 else "registration"
     np.testing.assert_array_equal(dice["checked"], dice[followed])
     assert not np.array_equal(dice["one_shot"], dice["registration"])  # the two differ, so the test can fail
+
+
+def test_checked_reuses_the_one_shot_registration_and_check_the_episode_already_ran(
+    untrained_bundle, collection, monkeypatch
+) -> None:
+    """``checked`` ran one-shot, the reference check and registration again although the other rows of the
+    episode had just computed them, and the check encoded the first reference a second time."""
+    from iris_pipelines.evaluation import evaluate
+
+    manifest, index = collection
+    calls = {"segment": 0, "encode": 0, "register": 0}
+
+    def counted(name, function):
+        def wrapper(*args, **kwargs):
+            calls[name] += 1
+            return function(*args, **kwargs)
+
+        return wrapper
+
+    monkeypatch.setattr(evaluate._Runner, "segment", counted("segment", evaluate._Runner.segment))
+    monkeypatch.setattr(evaluate, "class_embeddings", counted("encode", evaluate.class_embeddings))
+    register = counted("register", evaluate.registration_baseline)
+    monkeypatch.setattr(evaluate, "registration_baseline", register)
+    params = EvaluateParams(
+        strategies=("checked", "one_shot"), baselines=("registration",), roi_size=(32, 32, 32),
+        registration={"deformable": False, "affine_iterations": 5},
+    )  # fmt: skip
+    metrics = _evaluate(untrained_bundle, manifest, index, params)
+
+    episodes = _test_episodes(index)
+    assert (metrics.error == "").all() and set(metrics.episode_id) == {e["episode_id"] for e in episodes}
+    # per episode: one query segmentation (one-shot) and one of the first reference (the check)
+    assert calls["segment"] == 2 * len(episodes)
+    assert calls["register"] == len(episodes)
+    assert calls["encode"] == sum(len(e["references"]) for e in episodes)
+
+
+def test_a_method_that_reuses_a_result_is_charged_its_seconds(monkeypatch) -> None:
+    """``seconds`` is what a method costs run alone, whichever method computed a shared result first."""
+    from iris_pipelines.evaluation import evaluate
+
+    clock = iter([10.0, 13.0])  # the first computation takes 3 s
+    monkeypatch.setattr(evaluate.time, "perf_counter", lambda: next(clock))
+    shared = evaluate._Shared()
+    assert shared.get("one_shot", lambda: "logits") == "logits" and shared.charged == 0.0
+    assert shared.get("one_shot", lambda: pytest.fail("computed twice")) == "logits"
+    assert shared.charged == 3.0
