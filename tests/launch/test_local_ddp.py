@@ -1,10 +1,16 @@
 import os
+import shutil
+from datetime import timedelta
+from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 from training_synthetic import fast_train_config, tiny_model_config
 
 from iris_pipelines.launch import RankFailedError, launch_training
+from iris_pipelines.training import run_training
 
 
 def _kwargs(collection, tmp_path, **overrides):
@@ -110,3 +116,53 @@ def test_the_slurm_launcher_refuses_a_crop_the_network_cannot_take_before_queuei
             checkpoint_dir=tmp_path / "ck",
         )
     assert not (tmp_path / "jobs").exists()
+
+
+@pytest.mark.parametrize(
+    ("device", "expected"), [("cpu", [("threads", 3)]), ("auto", [("gpu", 1)]), ("cuda", [("gpu", 1)])]
+)
+def test_a_rank_on_a_gpu_host_takes_a_gpu_only_when_it_trains_on_cuda(monkeypatch, device, expected):
+    """Both launchers set every rank's CUDA device whenever the host had a GPU: ``device: cpu`` ranks each
+    opened a CUDA context on a GPU they never used and got no CPU thread limit, so they thrashed."""
+    from iris_pipelines.launch.local_ddp import place_rank
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    placed = []
+    monkeypatch.setattr(torch.cuda, "set_device", lambda index: placed.append(("gpu", index)))
+    monkeypatch.setattr(torch, "set_num_threads", lambda count: placed.append(("threads", count)))
+    place_rank({"device": device}, local_rank=3, cpu_threads=3)
+    assert placed == expected
+
+
+def _rank_with_its_own_checkpoint_folder(rank, world_size, store_port, kwargs, folders, errors):
+    """One rank of a run whose ranks see different checkpoint folders (node-local disks)."""
+    store = dist.TCPStore("127.0.0.1", store_port, is_master=False)
+    # Without the check the ranks would wait on each other's collectives: fail in a minute, not in 30.
+    timeout = timedelta(minutes=1)
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size, timeout=timeout)
+    try:
+        run_training(**{**kwargs, "checkpoint_dir": folders[rank]}, rank=rank, world_size=world_size)
+    except RuntimeError as error:
+        Path(errors, f"rank{rank}.txt").write_text(str(error))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ranks_that_resume_different_steps_stop_instead_of_training_apart(collection, tmp_path):
+    """Each rank read the checkpoint folder on its own: with the folder on node-local disk, rank 0 resumed
+    step 2 and rank 1 started afresh, and DDP averaged the gradients of two different models."""
+    kwargs = _kwargs(collection, tmp_path, steps=2, checkpoint_every=2)
+    launch_training("local_ddp", nprocs=2, backend="gloo", **kwargs)
+    folders = [tmp_path / "node0", tmp_path / "node1"]
+    shutil.copytree(kwargs["checkpoint_dir"], folders[0])  # only the first node holds the checkpoint
+    errors = tmp_path / "errors"
+    errors.mkdir()
+    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+    kwargs["train_config"] = fast_train_config(steps=4, checkpoint_every=2)
+    mp.spawn(_rank_with_its_own_checkpoint_folder, args=(2, store.port, kwargs, folders, errors), nprocs=2)
+    for rank in (0, 1):  # both stop (neither waits forever for the other) and name the steps
+        message = (errors / f"rank{rank}.txt").read_text()
+        assert "the ranks resumed from different checkpoints" in message
+        assert "rank 0: step 2, rank 1: step 0" in message
+    assert not (folders[1] / "step_00000004.pt").exists() and not (folders[0] / "step_00000004.pt").exists()

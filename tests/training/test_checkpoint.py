@@ -1,3 +1,6 @@
+import os
+import stat
+
 import pytest
 import torch
 
@@ -73,3 +76,28 @@ def test_temporary_files_of_killed_writes_are_removed(tmp_path):
     (tmp_path / ".step_00000004.pt.98d8f6.tmp").write_bytes(b"killed mid-write")
     save_checkpoint(tmp_path, 6, {"w": torch.ones(2)})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step_00000006.pt"]
+
+
+@pytest.mark.skipif(os.name != "posix", reason="directories cannot be opened, hence flushed, on Windows")
+def test_the_rename_is_flushed_to_the_directory_before_older_checkpoints_are_pruned(tmp_path, monkeypatch):
+    """The file was flushed but not the directory entry of its rename: after a power loss the folder could
+    list the checkpoint before, whose own predecessor the pruning had already deleted."""
+    from iris_pipelines.training import checkpoint
+
+    flushed = []
+    real_fsync = os.fsync
+
+    def fsync(handle):
+        info = os.fstat(handle)
+        if stat.S_ISDIR(info.st_mode):
+            names = sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith("."))
+            flushed.append((info.st_ino, names))
+        real_fsync(handle)
+
+    monkeypatch.setattr(checkpoint.os, "fsync", fsync)
+    for step in range(1, KEEP_LAST + 2):
+        save_checkpoint(tmp_path, step, {"w": torch.ones(1)})
+    inode, names = flushed[-1]
+    assert inode == tmp_path.stat().st_ino and len(flushed) == KEEP_LAST + 1
+    # flushed with the new checkpoint in place and the oldest not yet pruned
+    assert names == [f"step_{step:08d}.pt" for step in range(1, KEEP_LAST + 2)]

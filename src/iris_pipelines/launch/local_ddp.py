@@ -42,11 +42,28 @@ def usable_cpus() -> int:
     return os.cpu_count() or 1
 
 
+def trains_on_cuda(train_config: Mapping[str, Any]) -> bool:
+    return resolve_device(TrainConfig.from_dict(dict(train_config)), rank=0).type == "cuda"
+
+
 def default_backend(train_config: Mapping[str, Any]) -> str:
     """NCCL where the ranks train on CUDA devices, gloo otherwise: NCCL takes no CPU tensors, so a GPU
     host's ranks told ``device: cpu`` need gloo as much as a host without a GPU."""
-    device = resolve_device(TrainConfig.from_dict(dict(train_config)), rank=0)
-    return "nccl" if device.type == "cuda" else "gloo"
+    return "nccl" if trains_on_cuda(train_config) else "gloo"
+
+
+def place_rank(train_config: Mapping[str, Any], local_rank: int, cpu_threads: int) -> None:
+    """Give a rank its own GPU when it trains on CUDA, else its share of the CPU threads.
+
+    NCCL's collectives without a device argument (barrier, all_gather_object) use the current device:
+    left at cuda:0, every rank would claim the same GPU. CPU ranks share the host's cores: without a
+    limit each one spawns a thread per core and they thrash, on a GPU host told ``device: cpu`` too
+    (it used to get ``set_device`` and no limit).
+    """
+    if trains_on_cuda(train_config):
+        torch.cuda.set_device(local_rank % torch.cuda.device_count())
+    else:
+        torch.set_num_threads(max(1, cpu_threads))
 
 
 def _worker(
@@ -65,15 +82,9 @@ def _worker(
         WORLD_SIZE=str(world_size),
         LOCAL_RANK=str(rank),
     )
-    if torch.cuda.is_available():
-        # NCCL's collectives without a device argument (barrier, all_gather_object) use the current
-        # device: left at cuda:0, every rank would claim the same GPU.
-        torch.cuda.set_device(rank % torch.cuda.device_count())
-    else:
-        # Ranks share the CPU: without this each one spawns a thread per core and they thrash.
-        torch.set_num_threads(max(1, usable_cpus() // world_size))
     on_metrics = metrics.put if metrics is not None else None
     try:
+        place_rank(kwargs["train_config"], rank, usable_cpus() // world_size)
         store = dist.TCPStore(RENDEZVOUS_HOST, port, is_master=False, timeout=RENDEZVOUS_TIMEOUT)
         dist.init_process_group(backend, store=store, rank=rank, world_size=world_size)
         try:

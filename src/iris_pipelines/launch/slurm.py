@@ -54,7 +54,7 @@ from iris_pipelines.signals import install_handlers, restore_handlers
 from iris_pipelines.training import TrainConfig, TrainResult, run_training
 from iris_pipelines.training.loop import TrainingInterrupted
 
-from .local_ddp import default_backend
+from .local_ddp import default_backend, place_rank
 
 if TYPE_CHECKING:
     from torch.distributed import TCPStore
@@ -157,7 +157,6 @@ class SlurmTrainingJob:
 
     def __call__(self) -> TrainResult | None:
         import submitit
-        import torch
         import torch.distributed as dist
 
         job = submitit.JobEnvironment()
@@ -173,12 +172,11 @@ class SlurmTrainingJob:
         metrics_path = Path(job.paths.folder) / METRICS_FILE
         attempt = int(os.environ.get("SLURM_RESTART_COUNT", "0"))
         is_main = ranks.rank == 0
-        cuda = torch.cuda.is_available()
-        if cuda:
-            torch.cuda.set_device(ranks.local_rank % torch.cuda.device_count())
-        else:
-            # Ranks share the node's CPUs: one thread per allocated core, not per core of the machine.
-            torch.set_num_threads(int(os.environ.get("SLURM_CPUS_PER_TASK", "1")))
+        # CPU ranks share the node: one thread per core allocated to the task, not per core of the node.
+        place_rank(
+            self.run_training_kwargs["train_config"], ranks.local_rank,
+            int(os.environ.get("SLURM_CPUS_PER_TASK", "1")),
+        )  # fmt: skip
         # One address file per attempt: a requeued run must not read the address of the one before.
         address_file = Path(job.paths.folder) / f"rendezvous_{job.job_id}_attempt{attempt}.json"
         store = rendezvous_store(

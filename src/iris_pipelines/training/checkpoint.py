@@ -68,6 +68,7 @@ def save_checkpoint(directory: str | Path, step: int, payload: dict[str, Any]) -
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    _fsync_directory(directory)
     for old in list_checkpoints(directory)[:-KEEP_LAST]:
         old.unlink(missing_ok=True)
     # A write killed by a time limit or a node failure leaves its temporary file (~0.8 GB at paper size);
@@ -75,6 +76,19 @@ def save_checkpoint(directory: str | Path, step: int, payload: dict[str, Any]) -
     for stale in directory.glob(f".{_PREFIX}*.tmp"):
         stale.unlink(missing_ok=True)
     return target
+
+
+def _fsync_directory(directory: Path) -> None:
+    """Make the rename durable: until the directory itself is flushed, a node that loses power can come
+    back with the old name list, and a requeued job would resume from the checkpoint before (whose older
+    siblings the pruning may already have deleted). Windows cannot open a directory; it has no such step."""
+    if os.name != "posix":
+        return
+    handle = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(handle)
+    finally:
+        os.close(handle)
 
 
 def list_checkpoints(directory: str | Path) -> list[Path]:

@@ -14,7 +14,7 @@ import logging
 import os
 import random
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -326,6 +326,19 @@ def _resume(
     return _State(int(ckpt["sampler"]["step"]), list(ckpt["history"]), list(ckpt["validation"]))
 
 
+def require_same_resume_step(steps: Sequence[int], checkpoint_dir: Path) -> None:
+    """Every rank must resume the step rank 0 resumed. Ranks read the checkpoint folder each on its own
+    node: a folder on node-local disk, or a shared filesystem that has not shown the newest file to every
+    node yet, would have them train on from different weights while DDP averages their gradients."""
+    if len(set(steps)) > 1:
+        by_rank = ", ".join(f"rank {rank}: step {step}" for rank, step in enumerate(steps))
+        raise RuntimeError(
+            f"the ranks resumed from different checkpoints in {checkpoint_dir} ({by_rank}); the folder "
+            "must be one shared directory that every node sees (not node-local disk): put "
+            "checkpoint_dir on the shared filesystem, or wait for it to sync, and requeue"
+        )
+
+
 def _apply_schedule(optimizer, scheduler: LambdaLR, config: TrainConfig) -> None:
     """Set ``config``'s lr and weight decay on restored optimiser and scheduler states, at their step."""
     scheduler.base_lrs = [config.lr] * len(optimizer.param_groups)
@@ -423,6 +436,10 @@ def run_training(
     optimizer = make_optimizer(model, config)
     scheduler = LambdaLR(optimizer, lambda index: lr_factor(index, config))
     state = _resume(checkpoint_dir, model, optimizer, scheduler, config, device, world_size)
+    if distributed:
+        resumed: list[Any] = [None] * world_size
+        dist.all_gather_object(resumed, state.step)
+        require_same_resume_step(resumed, checkpoint_dir)
     net: nn.Module = _EpisodeModel(model)
     if distributed:
         # Buffers are not broadcast: the memory bank is kept identical by all-gathered updates.
