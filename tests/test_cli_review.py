@@ -329,8 +329,46 @@ def test_a_gpu_evaluation_is_reproduced_on_the_cpu_with_a_note():
     assert notes == [
         "params:embed_tasks asked for cuda, which this machine lacks: reproducing on the CPU",
         "params:evaluate asked for cuda:0, which this machine lacks: reproducing on the CPU",
+        "the task embeddings were made on cuda and are re-made on cpu: expect differences in the last bits; "
+        "judge them with a looser --tolerance",
         "the evaluation ran on cuda:0 and is reproduced on cpu: expect differences in the last bits; judge "
         "them with a looser --tolerance",
     ]
     same = {"embed_tasks": {}, "evaluate": {"device": "auto"}}
     assert _reproduce_on_this_machine(same, SimpleNamespace(evaluated_separately=False, run_tags={})) == []
+
+
+def test_task_embeddings_are_reproduced_on_the_device_they_record(monkeypatch):
+    """review --reproduce re-embedded on the CPU whatever device the recorded embed_tasks ran on, silently:
+    the device stored with the task_embeddings (config/evaluation_parameters.json) now decides, and a
+    reproduction elsewhere says so."""
+    from iris_pipelines.review import _reproduce_on_this_machine
+
+    made_on_gpu = {"references_per_class": 3, "roi_size": [32, 32, 32], "seed": 0, "device": "cuda:0"}
+    record = SimpleNamespace(evaluated_separately=True, evaluation_run_tags={"evaluation_device": "cuda:0"})
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # the GPU node the evaluation ran on
+    params = {"embed_tasks": dict(made_on_gpu), "evaluate": {"device": "auto"}}
+    assert _reproduce_on_this_machine(params, record) == []
+    assert params["embed_tasks"]["device"] == "cuda:0"
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # a laptop
+    params = {"embed_tasks": dict(made_on_gpu), "evaluate": {"device": "auto"}}
+    notes = _reproduce_on_this_machine(params, record)
+    assert params["embed_tasks"] == {**made_on_gpu, "device": "cpu"}
+    assert notes == [
+        "params:embed_tasks asked for cuda:0, which this machine lacks: reproducing on the CPU",
+        "the task embeddings were made on cuda:0 and are re-made on cpu: expect differences in the last "
+        "bits; judge them with a looser --tolerance",
+        "the evaluation ran on cuda:0 and is reproduced on cpu: expect differences in the last bits; judge "
+        "them with a looser --tolerance",
+    ]
+
+    # Embeddings written before the device was stored: re-made on the CPU, said when evaluate used a GPU.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    older = {"embed_tasks": {"roi_size": [32, 32, 32]}, "evaluate": {"device": "auto"}}
+    assert _reproduce_on_this_machine(older, record) == [
+        "the task embeddings do not record the device they were made on (written before it was stored) and "
+        "are re-made on cpu, while the evaluation ran on cuda:0: if embed_tasks ran there too, expect "
+        "differences in the last bits"
+    ]

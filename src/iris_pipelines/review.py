@@ -265,11 +265,16 @@ def read_project_config(project_dir: Path, env: str | None, data_root: str | Non
 
 def _reproduce_on_this_machine(params: dict[str, Any], record: RegisteredModel) -> list[str]:
     """Run embed_tasks and evaluate where this machine can, and say when that is not where the recorded
-    evaluation ran: a GPU's numbers differ from a CPU's in the last bits, beyond a tight --tolerance."""
+    evaluation ran: a GPU's numbers differ from a CPU's in the last bits, beyond a tight --tolerance.
+
+    The embed_tasks device is the one stored in the task_embeddings the evaluation read (resolved: cuda:0,
+    not auto); tables written before it was stored name none, and are re-embedded on the CPU.
+    """
     import torch
 
     from iris_pipelines.inference.device import resolve_device
 
+    embedded_on = params["embed_tasks"].get("device")
     notes = []
     for section in ("embed_tasks", "evaluate"):
         wanted = str(params[section].get("device", "cpu"))
@@ -280,6 +285,19 @@ def _reproduce_on_this_machine(params: dict[str, Any], record: RegisteredModel) 
             )
     tags = record.evaluation_run_tags if record.evaluated_separately else record.run_tags
     recorded = tags.get(EVALUATION_DEVICE_TAG)
+    embed_here = resolve_device(str(params["embed_tasks"].get("device", "cpu")))
+    if embedded_on is None:
+        if recorded and torch.device(recorded).type != embed_here.type:
+            notes.append(
+                f"the task embeddings do not record the device they were made on (written before it was "
+                f"stored) and are re-made on {embed_here}, while the evaluation ran on {recorded}: if "
+                "embed_tasks ran there too, expect differences in the last bits"
+            )
+    elif str(embedded_on) != "auto" and torch.device(str(embedded_on)).type != embed_here.type:
+        notes.append(
+            f"the task embeddings were made on {embedded_on} and are re-made on {embed_here}: expect "
+            "differences in the last bits; judge them with a looser --tolerance"
+        )
     here = resolve_device(str(params["evaluate"].get("device", "cpu")))
     if recorded and torch.device(recorded).type != here.type:
         notes.append(

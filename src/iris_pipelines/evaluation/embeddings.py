@@ -10,6 +10,7 @@ model (registry version and weights checksum) and the settings that drew and enc
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -41,6 +42,8 @@ EMBEDDING_COLUMNS = (
     "weights_sha256",
     "embed_settings",
 )
+logger = logging.getLogger(__name__)
+
 REFERENCE_SPLITS = {False: "train", True: "context"}  # seen datasets draw on train, held-out on context
 
 
@@ -97,13 +100,26 @@ def reference_cases(
     dataset: str,
     heldout: bool,
 ) -> list[CaseRecord]:
-    """The reference pool of a dataset: its train cases (seen) or context cases (held-out), by case id."""
+    """The reference pool of a dataset: its train cases (seen) or context cases (held-out), by case id.
+
+    Raises ``KeyError`` for a pool case that ``records`` (the preprocessed manifest) lacks, as the train
+    pipeline does: the two were made from different data (a newer preprocess rejected the case), and
+    skipping it would quietly draw references from another pool, or none, than the model was evaluated on.
+    """
     split = REFERENCE_SPLITS[bool(heldout)]
-    cases = [
-        records[(c["dataset"], c["case_id"])]
-        for c in episode_index["cases"]
-        if c["dataset"] == dataset and c["split"] == split and (c["dataset"], c["case_id"]) in records
-    ]
+    cases = []
+    for case in episode_index["cases"]:
+        if case["dataset"] != dataset or case["split"] != split:
+            continue
+        key = (case["dataset"], case["case_id"])
+        if key not in records:
+            raise KeyError(
+                f"episode_index {split} case {key} is missing from preprocessed_manifest: the index was "
+                "built from other preprocessed data; re-run episodes on this manifest (kedro run "
+                "--pipelines=episodes), or load the manifest version the index was built from "
+                "(--load-versions=preprocessed_manifest:<version>)"
+            )
+        cases.append(records[key])
     return sorted(cases, key=lambda record: record.case_id)
 
 
@@ -134,6 +150,9 @@ def build_task_embeddings(
         "references_per_class": references_per_class,
         "roi_size": [int(v) for v in roi_size],
         "seed": seed,
+        # resolved (cuda:0, not auto): iris review --reproduce re-embeds there, or says it cannot, as a
+        # GPU's embeddings differ from the CPU's in the last bits
+        "device": str(next(model.parameters()).device),
     }
     provenance = {
         "model_uri": model_info.model_uri,
@@ -158,6 +177,12 @@ def build_task_embeddings(
                 "novel": bool(info.get("novel", False)),
             }
             holders = [case for case in pool if label in case.bboxes]
+            if not holders:  # evaluate's retrieval and tsne then have no reference of this class
+                logger.warning(
+                    "task_embeddings: no %s case of dataset %s holds class %s (%s): it gets no reference "
+                    "embedding, so evaluate's retrieval and the t-SNE map go without it",
+                    REFERENCE_SPLITS[heldout], dataset, label, info["name"],
+                )  # fmt: skip
             rng = np.random.default_rng([seed, label, *dataset.encode()])
             chosen = [holders[i] for i in sorted(rng.permutation(len(holders))[:references_per_class])]
             for case in chosen:

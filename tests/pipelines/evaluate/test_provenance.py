@@ -11,11 +11,13 @@ from kedro_datasets.pandas import ParquetDataset
 from mlflow_support import temporary_mlflow_store
 
 from iris_pipelines.evaluation import ModelInfo, build_task_embeddings, embedding_settings
+from iris_pipelines.evaluation.embeddings import embedded_roi_size
 from iris_pipelines.pipelines.evaluate.nodes import record_evaluation_inputs
 from iris_pipelines.registry import EVALUATION_PARAMETERS_ARTIFACT
 from iris_pipelines.training.sampler import case_records
 
-MADE_WITH = {"references_per_class": 1, "roi_size": [32, 32, 32], "seed": 4}
+# device: where the references were encoded (resolved), so review --reproduce re-embeds there or says why not
+MADE_WITH = {"references_per_class": 1, "roi_size": [32, 32, 32], "seed": 4, "device": "cpu"}
 
 
 def test_an_evaluate_only_run_logs_the_settings_stored_in_task_embeddings(
@@ -51,6 +53,13 @@ def test_a_table_of_several_embedding_runs_has_no_settings() -> None:
     rows = pd.DataFrame({"embed_settings": ['{"seed": 0}', '{"seed": 1}']})
     assert embedding_settings(rows) is None
     assert embedding_settings(rows.iloc[:1]) == {"seed": 0}
+
+
+def test_a_table_written_before_the_device_was_stored_still_gives_its_window() -> None:
+    older = pd.DataFrame(
+        {"embed_settings": ['{"references_per_class": 3, "roi_size": [32, 32, 32], "seed": 0}']}
+    )
+    assert embedded_roi_size(older) == (32, 32, 32) and "device" not in embedding_settings(older)
 
 
 def test_a_model_is_not_scored_on_queries_of_its_training_subjects() -> None:

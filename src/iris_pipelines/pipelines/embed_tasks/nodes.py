@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 import mlflow
@@ -35,6 +36,31 @@ def model_info(iris_model: ModelBundle, registered_model: dict[str, Any] | None)
     return ModelInfo.from_registration(registered_model, weights)
 
 
+def roi_size_or_training_crop(
+    iris_model: ModelBundle, roi_size: Sequence[int] | None, section: str
+) -> tuple[int, ...]:
+    """The window (voxels) ``params:<section>`` asks for, else the model's inference window (its training
+    crop), which ``iris segment`` and the pyfunc encode references and segment queries in.
+
+    The network learned from crops of that size, with reference and query windows equal; another
+    ``roi_size`` gives numbers those do not reproduce, so it is said (not refused: another window can be a
+    deliberate experiment). A bundle that records no training crop gives nothing to compare against.
+    """
+    inference_window = tuple(iris_model.inference_window())
+    if roi_size is None:
+        return inference_window
+    window = tuple(int(v) for v in roi_size)
+    crop_recorded = (iris_model.metadata or {}).get("train_config", {}).get("crop_size") is not None
+    if crop_recorded and window != inference_window:
+        logger.warning(
+            "params:%s.roi_size is %s voxels, but the model was trained on %s-voxel crops, the window iris "
+            "segment and the pyfunc use: %s's numbers will not be theirs; set %s.roi_size to the crop, or "
+            "leave it out to use it",
+            section, list(window), list(inference_window), section, section,
+        )  # fmt: skip
+    return window
+
+
 def embed_tasks(
     iris_model: ModelBundle,
     registered_model: dict[str, Any],
@@ -53,7 +79,7 @@ def embed_tasks(
         episode_index,
         case_records(preprocessed_manifest),
         references_per_class=int(params.get("references_per_class", 3)),
-        roi_size=tuple(params.get("roi_size", (64, 64, 64))),
+        roi_size=roi_size_or_training_crop(iris_model, params.get("roi_size"), "embed_tasks"),
         seed=int(params.get("seed", 0)),
         model_info=model_info(iris_model, registered_model),
     )

@@ -24,7 +24,7 @@ from iris_pipelines.evaluation.report import (
 )
 from iris_pipelines.inference.bundle import ModelBundle
 from iris_pipelines.inference.device import resolve_device
-from iris_pipelines.pipelines.embed_tasks.nodes import model_info
+from iris_pipelines.pipelines.embed_tasks.nodes import model_info, roi_size_or_training_crop
 from iris_pipelines.pipelines.train.nodes import input_checksums
 from iris_pipelines.registry import (
     EVAL_TAG_DECIMALS,
@@ -46,8 +46,13 @@ def evaluate_strategies(
     preprocessed_manifest: pd.DataFrame,
     params: dict[str, Any],
 ) -> pd.DataFrame:
-    """``evaluation_metrics``: one row per test episode × method × class, on the original grids."""
-    settings = EvaluateParams.from_dict(params)
+    """``evaluation_metrics``: one row per test episode × method × class, on the original grids.
+
+    Without ``roi_size`` the sliding and reference windows are the model's training crop, as embed_tasks
+    takes it: each defaulting on its own would leave retrieval with embeddings of another window size.
+    """
+    window = roi_size_or_training_crop(iris_model, params.get("roi_size"), "evaluate")
+    settings = EvaluateParams.from_dict({**params, "roi_size": list(window)})
     require_unseen_queries(iris_model, episode_index, settings.splits)
     device = resolve_device(settings.device)
     logger.info("Evaluating on %s", device)
