@@ -52,18 +52,19 @@ def test_each_version_loads_its_own_bundle_when_one_run_registered_twice(tmp_pat
     from iris_pipelines.inference.bundle import ModelBundle
     from iris_pipelines.model import Iris, IrisConfig
     from iris_pipelines.pipelines.train.nodes import register_model
+    from iris_pipelines.training import weights_checksum
 
     with temporary_mlflow_store(tmp_path) as uri, mlflow.start_run():
-        uris = []
+        uris, registered = [], []
         for seed in (0, 1):
             torch.manual_seed(seed)
-            bundle = ModelBundle.from_model(
-                Iris(IrisConfig.tiny()), metadata={"weights_checksum": [f"w{seed}"]}
-            )
+            model = Iris(IrisConfig.tiny())
+            registered.append(weights_checksum(model.state_dict()))
+            bundle = ModelBundle.from_model(model, metadata={"weights_checksum": [registered[-1]]})
             entry = register_model(bundle, {"checksum": "c"}, pd.DataFrame({"cache_key": ["k"]}), {})
             uris.append(entry["model_uri"])
         loaded = [registry.resolve(model_uri, uri).load_bundle().weights_checksum for model_uri in uris]
-    assert loaded == ["w0", "w1"]
+    assert loaded == registered and registered[0] != registered[1]
 
 
 class _NotFound(Exception):
@@ -109,3 +110,64 @@ def test_a_version_that_does_not_exist_lists_those_that_do(monkeypatch, uri: str
 def test_latest_is_the_highest_version(monkeypatch) -> None:
     monkeypatch.setattr(registry, "_client", lambda tracking: _Registry())
     assert registry.resolve("models:/iris/latest", "sqlite:///mlflow.db").version == "2"
+
+
+def _tiny_bundle(metadata_checksum: str | None = None):
+    """A tiny network's bundle whose metadata records the checksum of its own tensors (as training
+    writes it), or ``metadata_checksum`` when given."""
+    import torch
+
+    from iris_pipelines.inference.bundle import ModelBundle
+    from iris_pipelines.model import Iris, IrisConfig
+    from iris_pipelines.training import weights_checksum
+
+    torch.manual_seed(0)
+    model = Iris(IrisConfig.tiny())
+    checksum = metadata_checksum or weights_checksum(model.state_dict())
+    return ModelBundle.from_model(model, metadata={"weights_checksum": [checksum]})
+
+
+def _version_serving(directory, tags: dict[str, str]) -> RegisteredModel:
+    """models:/iris@champion (version 4) whose download is the bundle saved in ``directory``."""
+    version = RegisteredModel(
+        uri="models:/iris@champion", name="iris", version="4", tracking_uri="sqlite://", tags=tags,
+        run_id=None, run=None, model_id=None, client=None,
+    )  # fmt: skip
+    version.download_bundle = lambda destination: directory
+    return version
+
+
+def test_a_bundle_whose_tensors_are_not_the_registered_weights_is_refused(tmp_path) -> None:
+    """Weights replaced after registration, re-saved with the old metadata: the metadata still claims the
+    registered checksum, so only hashing the tensors notices (README: segment and review check the
+    downloaded bundle against the version's weights_sha256 tag)."""
+    from iris_pipelines.training import weights_checksum
+
+    original = _tiny_bundle()
+    registered = weights_checksum(original.state_dict)
+    replaced = {name: tensor + 1 if tensor.is_floating_point() else tensor
+                for name, tensor in original.state_dict.items()}  # fmt: skip
+    type(original)(original.model_config, replaced, original.class_ids, dict(original.metadata)).save(
+        tmp_path / "bundle"
+    )
+    version = _version_serving(tmp_path / "bundle", {"weights_sha256": registered})
+    with pytest.raises(RegistryError) as raised:
+        version.load_bundle()
+    message = str(raised.value)
+    assert "models:/iris@champion (version 4)" in message
+    assert registered in message and weights_checksum(replaced) in message
+    assert "register these weights as a new version" in message
+
+
+def test_a_bundle_whose_metadata_misstates_its_weights_is_refused(tmp_path) -> None:
+    """No weights_sha256 tag to compare with, but config.json records a checksum its tensors do not have."""
+    _tiny_bundle(metadata_checksum="f00d").save(tmp_path / "bundle")
+    with pytest.raises(RegistryError, match=r"models:/iris@champion \(version 4\).*weights_checksum f00d"):
+        _version_serving(tmp_path / "bundle", {}).load_bundle()
+
+
+def test_the_registered_weights_load(tmp_path) -> None:
+    bundle = _tiny_bundle()
+    bundle.save(tmp_path / "bundle")
+    loaded = _version_serving(tmp_path / "bundle", {"weights_sha256": bundle.weights_checksum}).load_bundle()
+    assert loaded.weights_checksum == bundle.weights_checksum

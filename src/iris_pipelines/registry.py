@@ -238,13 +238,33 @@ class RegisteredModel:
                 bundle = ModelBundle.load(directory)
             except BundleError as error:
                 raise RegistryError(f"{self.uri}: the registered bundle is unusable: {error}") from error
-        recorded = self.tags.get("weights_sha256")
-        if recorded and bundle.weights_checksum and bundle.weights_checksum != recorded:
-            raise RegistryError(
-                f"{self.uri}: the downloaded bundle holds weights {bundle.weights_checksum[:12]}…, but the "
-                f"version was registered with {recorded[:12]}…"
-            )
+        self._require_registered_weights(bundle)
         return bundle
+
+    def _require_registered_weights(self, bundle: ModelBundle) -> None:
+        """Hash the downloaded tensors and compare them with the version's ``weights_sha256`` tag and with
+        the checksum the bundle's metadata records. The metadata alone proves nothing: a bundle re-saved
+        with new weights and its old metadata would claim the registered checksum."""
+        # Imported here: training's loop module (and its optimiser dependency) loads on first use only.
+        from iris_pipelines.training import weights_checksum
+
+        held = weights_checksum(bundle.state_dict)
+        registered = self.tags.get("weights_sha256")
+        if registered and held != registered:
+            raise RegistryError(
+                f"{self.uri} (version {self.version}): the downloaded bundle's tensors hash to {held}, but "
+                f"the version was registered with weights_sha256 {registered}; its artifact was replaced "
+                f"after registration. Restore the original bundle, or register these weights as a new "
+                f"version (kedro run --pipelines=train) and use that"
+            )
+        claimed = bundle.weights_checksum
+        if claimed and held != claimed:
+            raise RegistryError(
+                f"{self.uri} (version {self.version}): the bundle's metadata records weights_checksum "
+                f"{claimed}, but its tensors hash to {held}; the weights were changed without updating "
+                f"config.json. Restore the original bundle, or register these weights as a new version "
+                f"(kedro run --pipelines=train) and use that"
+            )
 
 
 def _logged_model_id(version: Any) -> str | None:

@@ -6,11 +6,16 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from kedro.config import OmegaConfigLoader
+from kedro.io import DataCatalog
 
 from iris_pipelines.evaluation.tsne import tsne_html, tsne_png
+
+PROJECT = Path(__file__).parents[2]
 
 # In a subprocess: on such input scikit-learn's Barnes-Hut t-SNE ends the process with SIGSEGV.
 SCRIPT = """
@@ -86,3 +91,26 @@ def test_every_class_gets_its_own_colour_and_marker_past_twenty_classes() -> Non
     html = tsne_html(coordinates)
     colours = {trace.name.split(",")[0]: trace.marker.color for trace in html.data}
     assert len(colours) == 22 and len(set(colours.values())) == 22
+
+
+def test_case_ids_survive_the_catalogs_csv_round_trip(tmp_path: Path) -> None:
+    """Without the entry's load_args, case id "0007" came back as 7.0 and the memory bank's "" as NaN,
+    so the interactive map's hover named reference cases that do not exist."""
+    loader = OmegaConfigLoader(str(PROJECT / "conf"), base_env="base", default_run_env="base")
+    loader["globals"] = {"data_root": str(tmp_path)}
+    catalog = DataCatalog.from_config({"tsne_coordinates": loader["catalog"]["tsne_coordinates"]})
+    coordinates = _coordinates(3)
+    coordinates["case_id"] = ["0007", "0012", "1e3", "", "", ""]  # 1e3: would load as the float 1000.0
+    coordinates["dataset"] = ["2024", "007", "2024", "2024", "007", "2024"]
+    catalog.save("tsne_coordinates", coordinates)
+
+    loaded = catalog.load("tsne_coordinates")
+    assert loaded["case_id"].tolist() == ["0007", "0012", "1e3", "", "", ""]
+    assert loaded["dataset"].tolist() == coordinates["dataset"].tolist()
+    # the other columns still load as numbers and booleans
+    assert loaded["label"].dtype.kind == "i" and loaded["x"].dtype.kind == "f"
+    assert loaded["heldout"].dtype == bool and loaded["novel"].dtype == bool
+    pd.testing.assert_frame_equal(loaded, coordinates)
+
+    hover = {str(row[2]) for trace in tsne_html(loaded).data for row in trace.customdata}
+    assert hover == {"0007", "0012", "1e3", "memory bank"}

@@ -99,6 +99,30 @@ def test_bad_requests_are_explained() -> None:
             pyfunc.predict(None, request, params={"threshold": threshold})
 
 
+def test_an_empty_classes_cell_means_every_class_and_non_finite_classes_are_refused() -> None:
+    """A DataFrame request whose ``classes`` cell is empty holds NaN there (pandas fills the missing cell
+    when rows with and without classes are combined): it failed with "cannot convert float NaN to
+    integer" instead of segmenting every class, as a dict request without classes does."""
+    from iris_pipelines.inference.pyfunc_model import IrisPyfuncModel
+
+    torch.manual_seed(0)
+    pyfunc = IrisPyfuncModel()
+    pyfunc.model = Iris(IrisConfig.tiny()).eval()
+    pyfunc.bundle = ModelBundle.from_model(pyfunc.model)
+    request = _request()
+    every_class = pyfunc.predict(None, request, params={"threshold": LOWEST_THRESHOLD})
+    with_classes = pd.DataFrame([{**request, "classes": [3]}])
+    without_classes = pd.DataFrame([request])
+    empty_cell = pd.concat([with_classes.iloc[:0], without_classes], ignore_index=True)
+    assert pd.isna(empty_cell.loc[0, "classes"])
+    for frame in (empty_cell, empty_cell.astype({"classes": object}).fillna({"classes": pd.NA})):
+        labels = pyfunc.predict(None, frame, params={"threshold": LOWEST_THRESHOLD})
+        np.testing.assert_array_equal(labels, every_class)
+    for bad in ([np.nan], [1, np.inf], [None]):
+        with pytest.raises(ValueError, match="must be whole label values"):
+            pyfunc.predict(None, {**request, "classes": bad})
+
+
 def test_flipped_views_and_boolean_masks_are_accepted() -> None:
     from iris_pipelines.inference.pyfunc_model import segment_one_shot
 

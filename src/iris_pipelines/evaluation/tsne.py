@@ -106,8 +106,9 @@ def tsne_png(coordinates: pd.DataFrame) -> Figure:
 def tsne_html(coordinates: pd.DataFrame) -> PlotlyFigure:
     """Interactive map; hover shows dataset, class and the reference case of each point."""
     table = coordinates.assign(
-        # a CSV round trip turns the memory-bank rows' empty case id into NaN
-        reference=coordinates["case_id"].fillna("").replace("", "memory bank"),
+        # Memory-bank rows have no reference case: their case id is "" (the catalog's tsne_coordinates
+        # entry loads it as "", not NaN, and keeps numeric-looking ids such as "0007" as text).
+        reference=coordinates["case_id"].replace("", "memory bank"),
         group=np.where(coordinates["novel"], "novel", np.where(coordinates["heldout"], "held-out", "seen")),
     )
     figure = px.scatter(

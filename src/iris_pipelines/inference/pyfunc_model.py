@@ -8,11 +8,13 @@ so loading a registered version executes no pickle (DESIGN.md, "Model artifacts"
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
 import mlflow
 import numpy as np
+import pandas as pd
 import torch
 from mlflow.models import ModelSignature
 from mlflow.pyfunc import PythonModel, PythonModelContext
@@ -84,6 +86,23 @@ def _label_map(name: str, value: Any) -> np.ndarray:
     return array.astype(np.int64, copy=False)
 
 
+def _requested_classes(value: Any) -> list[Any] | None:
+    """The ``classes`` of a request as a list; None (every foreground label) when absent. A DataFrame
+    request whose ``classes`` cell is empty holds a scalar NaN (or pd.NA) there, which also means absent."""
+    if value is None or (np.ndim(value) == 0 and pd.isna(value)):
+        return None
+    return list(np.asarray(value).ravel())
+
+
+def _is_whole_number(value: Any) -> bool:
+    """1, 1.0, np.int64(1): yes; 1.5, NaN, inf, None, "a": no (each would otherwise fail inside int())."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return False
+    return math.isfinite(number) and number == int(number)
+
+
 def _classes(reference_mask: np.ndarray, classes: Sequence[int] | None) -> list[int]:
     """The label values to segment: those asked for, else every foreground label of the reference."""
     if classes is None or len(classes) == 0:
@@ -91,7 +110,7 @@ def _classes(reference_mask: np.ndarray, classes: Sequence[int] | None) -> list[
         if not found:
             raise ValueError("reference_mask has no foreground label; nothing to segment")
         return found
-    if any(float(c) != int(float(c)) for c in classes):
+    if not all(_is_whole_number(c) for c in classes):
         raise ValueError(f"classes {list(classes)} must be whole label values")
     wanted = [int(c) for c in classes]
     absent = sorted(set(wanted) - {int(v) for v in np.unique(reference_mask)})
@@ -166,13 +185,12 @@ with without_type_hint_warning():
         # No annotation on model_input: MLflow would try to derive an input schema from it.
         def predict(self, context: PythonModelContext, model_input, params: dict[str, Any] | None = None):
             request = _as_request(model_input)
-            classes = request.get("classes")
             return segment_one_shot(
                 self.model,
                 request["query"],
                 request["reference_image"],
                 request["reference_mask"],
-                classes=None if classes is None else list(np.asarray(classes).ravel()),
+                classes=_requested_classes(request.get("classes")),
                 threshold=float((params or {}).get("threshold", 0.5)),
                 window=self.bundle.inference_window(),
             )
