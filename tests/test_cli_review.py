@@ -348,9 +348,18 @@ def test_task_embeddings_are_reproduced_on_the_device_they_record(monkeypatch):
     record = SimpleNamespace(evaluated_separately=True, evaluation_run_tags={"evaluation_device": "cuda:0"})
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # the GPU node the evaluation ran on
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     params = {"embed_tasks": dict(made_on_gpu), "evaluate": {"device": "auto"}}
     assert _reproduce_on_this_machine(params, record) == []
     assert params["embed_tasks"]["device"] == "cuda:0"
+
+    # made on a node's second GPU, reproduced on a one-GPU machine: torch would accept cuda:1 and fail later
+    params = {"embed_tasks": {**made_on_gpu, "device": "cuda:1"}, "evaluate": {"device": "auto"}}
+    assert _reproduce_on_this_machine(params, record) == [
+        "params:embed_tasks asked for cuda:1, which this machine lacks: reproducing on the CPU",
+        "the task embeddings were made on cuda:1 and are re-made on cpu: expect differences in the last "
+        "bits; judge them with a looser --tolerance",
+    ]
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # a laptop
     params = {"embed_tasks": dict(made_on_gpu), "evaluate": {"device": "auto"}}

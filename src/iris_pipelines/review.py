@@ -263,6 +263,17 @@ def read_project_config(project_dir: Path, env: str | None, data_root: str | Non
         ) from None
 
 
+def _available_here(device: str) -> bool:
+    """Whether this machine has ``device`` (``cuda:1`` needs two GPUs)."""
+    from iris_pipelines.inference.device import resolve_device
+
+    try:
+        resolve_device(device)
+    except ValueError:
+        return False
+    return True
+
+
 def _reproduce_on_this_machine(params: dict[str, Any], record: RegisteredModel) -> list[str]:
     """Run embed_tasks and evaluate where this machine can, and say when that is not where the recorded
     evaluation ran: a GPU's numbers differ from a CPU's in the last bits, beyond a tight --tolerance.
@@ -278,7 +289,7 @@ def _reproduce_on_this_machine(params: dict[str, Any], record: RegisteredModel) 
     notes = []
     for section in ("embed_tasks", "evaluate"):
         wanted = str(params[section].get("device", "cpu"))
-        if wanted.startswith("cuda") and not torch.cuda.is_available():
+        if wanted.startswith("cuda") and not _available_here(wanted):
             params[section] = {**params[section], "device": "cpu"}
             notes.append(
                 f"params:{section} asked for {wanted}, which this machine lacks: reproducing on the CPU"

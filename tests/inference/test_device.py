@@ -21,3 +21,14 @@ def test_a_device_torch_does_not_know_is_named():
 def test_cuda_without_a_gpu_fails_when_the_settings_are_read_not_after_loading_scans():
     with pytest.raises(ValueError, match=r"device 'cuda': no CUDA device is available; use cpu or auto"):
         EvaluateParams(device="cuda")
+
+
+def test_a_gpu_index_the_machine_lacks_is_refused_when_the_settings_are_read(monkeypatch):
+    """torch accepts cuda:1 on a one-GPU machine and fails only when the model is moved there: after every
+    scan is loaded, or (iris review --reproduce of a run made on a GPU node's second GPU) mid-pipeline."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert resolve_device("cuda:0") == torch.device("cuda", 0)
+    refused = r"device 'cuda:1': this machine has 1 CUDA device\(s\), cuda:0 to cuda:0"
+    with pytest.raises(ValueError, match=refused):
+        resolve_device("cuda:1")
