@@ -162,3 +162,31 @@ def test_a_query_larger_than_the_training_crop_is_segmented_in_windows(monkeypat
     labels = segment_one_shot(model, **request, threshold=LOWEST_THRESHOLD, window=(20, 24, 24))
     assert labels.shape == (20, 40, 40) and set(np.unique(labels)) <= {1, 3}
     assert len(windows) > 1 and set(windows) == {(20, 24, 24)}
+
+
+def test_a_class_asked_for_twice_is_segmented_once(monkeypatch) -> None:
+    """classes [3, 3] encoded and decoded label 3 twice (two task slots, twice the decoder's work) for the
+    same label map."""
+    from iris_pipelines.inference import pyfunc_model
+
+    torch.manual_seed(0)
+    model = Iris(IrisConfig.tiny()).eval()
+    request = _request()
+    decoded = []  # the number of task slots of each decoder pass
+    real_segment = model.segment
+
+    def segment(query, task):
+        decoded.append(task.shape[1])
+        return real_segment(query, task)
+
+    monkeypatch.setattr(model, "segment", segment)
+    once = pyfunc_model.segment_one_shot(
+        model, request["query"], request["reference_image"], request["reference_mask"], classes=[3],
+        threshold=LOWEST_THRESHOLD,
+    )  # fmt: skip
+    twice = pyfunc_model.segment_one_shot(
+        model, request["query"], request["reference_image"], request["reference_mask"], classes=[3, 3],
+        threshold=LOWEST_THRESHOLD,
+    )  # fmt: skip
+    np.testing.assert_array_equal(twice, once)
+    assert set(decoded) == {1}

@@ -112,7 +112,8 @@ def _classes(reference_mask: np.ndarray, classes: Sequence[int] | None) -> list[
         return found
     if not all(_is_whole_number(c) for c in classes):
         raise ValueError(f"classes {list(classes)} must be whole label values")
-    wanted = [int(c) for c in classes]
+    # Each label once: a repeated one would be encoded and decoded again for the same label map.
+    wanted = list(dict.fromkeys(int(c) for c in classes))
     absent = sorted(set(wanted) - {int(v) for v in np.unique(reference_mask)})
     if 0 in wanted or absent:
         raise ValueError(
