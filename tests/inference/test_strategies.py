@@ -65,6 +65,9 @@ def test_ensemble_is_the_mean_over_references_holding_the_class() -> None:
     torch.testing.assert_close(task[0, 0], (pool[0, 0] + pool[1, 0]) / 2)
     torch.testing.assert_close(task[0, 1], (pool[0, 1] + pool[2, 1]) / 2)
     assert not torch.allclose(task, context_ensemble(pool))
+    unused = pool.clone()
+    unused[1, 1], unused[2, 0] = float("nan"), float("inf")  # slots no reference holds: never read
+    torch.testing.assert_close(context_ensemble(unused, valid), task)
     with pytest.raises(ValueError, match=r"class slot\(s\) \[1\] have no valid reference"):
         context_ensemble(pool, torch.tensor([[True, False], [True, False], [False, False]]))
     with pytest.raises(ValueError, match=r"valid must have shape \(3, 2\)"):

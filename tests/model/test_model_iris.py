@@ -39,6 +39,16 @@ def test_an_input_of_one_bottleneck_voxel_is_refused_with_its_size(tiny_model: I
         tiny_model.encode_query(torch.randn(1, 1, small + 1, small, small))
 
 
+def test_a_task_of_no_class_is_refused_by_name(tiny_model: Iris) -> None:
+    """Zero class masks failed deep in the task encoder with "select(): index 0 out of range"."""
+    shape = (17, 17, 17)
+    with pytest.raises(ValueError, match=r"ref_masks hold no class \(K = 0\)"):
+        tiny_model.encode_task(torch.randn(1, 1, *shape), torch.zeros(1, 0, *shape))
+    config = tiny_model.config
+    with pytest.raises(ValueError, match=r"task_embedding holds no class \(K = 0\)"):
+        tiny_model.segment(torch.randn(1, 1, *shape), torch.zeros(1, 0, config.num_tokens, config.embed_dim))
+
+
 def test_masks_are_padded_like_the_image(tiny_model: Iris) -> None:
     """An odd-sized reference must encode exactly as the same reference padded by hand."""
     shape = (17, 30, 20)

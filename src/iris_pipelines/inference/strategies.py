@@ -149,7 +149,9 @@ def context_ensemble(embeddings: Tensor, valid: Tensor | None = None) -> Tensor:
     """
     valid = _check_pool(embeddings, valid)
     weights = valid.to(embeddings.dtype)[..., None, None]
-    return ((embeddings * weights).sum(dim=0) / weights.sum(dim=0)).unsqueeze(0)
+    # where, not a product with the weights: an unused slot may hold anything, and NaN × 0 is NaN
+    held = torch.where(valid[..., None, None], embeddings, torch.zeros((), dtype=embeddings.dtype))
+    return (held.sum(dim=0) / weights.sum(dim=0)).unsqueeze(0)
 
 
 # ---------------------------------------------------------------------------------------------- memory bank

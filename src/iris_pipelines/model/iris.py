@@ -112,6 +112,8 @@ class Iris(nn.Module):
                 f"ref_masks {tuple(ref_masks.shape)} must match ref_image {tuple(ref_image.shape)} "
                 "in batch and spatial size"
             )
+        if ref_masks.shape[1] == 0:
+            raise ValueError("ref_masks hold no class (K = 0): give at least one class mask to encode")
         image, pad = self._pad_image(ref_image)
         masks = F.pad(ref_masks.to(image.dtype), pad) if any(pad) else ref_masks.to(image.dtype)
         bottleneck = self.encoder(image)[-1]
@@ -139,6 +141,8 @@ class Iris(nn.Module):
                 f"task_embedding must have shape (B, K, {expected[0]}, {expected[1]}), "
                 f"got {tuple(task_embedding.shape)}"
             )
+        if task_embedding.shape[1] == 0:
+            raise ValueError("task_embedding holds no class (K = 0): encode at least one class to segment")
         encoded = query if isinstance(query, QueryFeatures) else self.encode_query(query)
         b = encoded.batch
         if task_embedding.shape[0] == 1 and b > 1:
