@@ -157,6 +157,50 @@ def test_a_figure_folder_is_replaced_whole(tmp_path):
     assert _leftovers(tmp_path) == []
 
 
+@pytest.mark.parametrize("cls", [AtomicTextDataset, AtomicCSVDataset])
+def test_append_mode_appends_and_exclusive_mode_refuses_an_existing_file(tmp_path, cls):
+    """Each save opened a new scratch file, so append mode kept only the last save and exclusive mode
+    overwrote the file it exists to protect."""
+    first, second = ("line 1\n", "line 2\n") if cls is AtomicTextDataset else (
+        pd.DataFrame({"v": [1]}), pd.DataFrame({"v": [2]})
+    )  # fmt: skip
+    save_args = {} if cls is AtomicTextDataset else {"save_args": {"index": False, "header": False}}
+    appended = tmp_path / "appended"
+    dataset = cls(filepath=str(appended), fs_args={"open_args_save": {"mode": "a"}}, **save_args)
+    dataset.save(first)
+    dataset.save(second)
+    assert appended.read_text() == ("line 1\nline 2\n" if cls is AtomicTextDataset else "1\n2\n")
+
+    exclusive = tmp_path / "exclusive"
+    dataset = cls(filepath=str(exclusive), fs_args={"open_args_save": {"mode": "x"}}, **save_args)
+    dataset.save(first)
+    kept = exclusive.read_text()
+    with pytest.raises(DatasetError, match=r"exists, and open mode 'x' \(exclusive\) forbids overwriting"):
+        dataset.save(second)
+    assert exclusive.read_text() == kept and _leftovers(tmp_path) == []
+
+
+def test_a_save_through_a_symlink_updates_the_file_it_names(tmp_path):
+    """The rename replaced the link by a plain file: whoever else reads the shared file kept old data."""
+    shared, link = tmp_path / "shared.json", tmp_path / "link.json"
+    shared.write_text("{}")
+    link.symlink_to(shared)
+    AtomicJSONDataset(filepath=str(link)).save({"v": 1})
+    assert link.is_symlink() and json.loads(shared.read_text()) == {"v": 1}
+
+
+def test_a_directory_target_and_an_empty_figure_list_are_named(tmp_path):
+    """A folder at a file's path failed naming the hidden scratch file; an empty list of figures failed
+    with Kedro's "a file with the same name already exists"."""
+    (tmp_path / "metrics.parquet").mkdir()
+    with pytest.raises(DatasetError, match=r"metrics.parquet is a directory; AtomicParquetDataset saves a"):
+        AtomicParquetDataset(filepath=str(tmp_path / "metrics.parquet")).save(pd.DataFrame({"v": [1]}))
+    plots = AtomicMatplotlibDataset(filepath=str(tmp_path / "plots"), version=Version(None, None))
+    with pytest.raises(DatasetError, match=r"nothing was written \(an empty list or dict of figures\?\)"):
+        plots.save([])
+    assert _leftovers(tmp_path) == []
+
+
 def test_remote_paths_are_written_directly():
     """An object store publishes an object whole; a local rename of a remote path would fail."""
     dataset = AtomicJSONDataset(filepath="memory:///atomic-test/index.json", version=Version(None, None))

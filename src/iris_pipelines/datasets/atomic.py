@@ -21,6 +21,7 @@ import uuid
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from kedro.io.core import DatasetError
 from kedro_datasets.json import JSONDataset
 from kedro_datasets.matplotlib import MatplotlibDataset
 from kedro_datasets.pandas import CSVDataset, ParquetDataset
@@ -53,15 +54,23 @@ class AtomicSaveMixin:
         if self._protocol != "file":  # type: ignore[attr-defined]
             stock_save(self, data)
             return
-        target = Path(self._get_save_path())
+        # Through a symlink to the file it names, as the stock open() writes: renaming onto the link
+        # would replace the link and leave the shared file it points to stale.
+        target = Path(os.path.realpath(self._get_save_path()))
+        mode = str(getattr(self, "_fs_open_args_save", {}).get("mode", ""))
+        self._require_writable(target, mode)
         scratch = target.parent / f".{target.name}.{uuid.uuid4().hex}{SCRATCH_SUFFIX}"
         self._scratch_path = PurePosixPath(scratch)
         try:
+            if "a" in mode and target.is_file():
+                shutil.copyfile(target, scratch)  # append mode appends to a copy, renamed in whole
             stock_save(self, data)
             if scratch.is_dir():  # a MatplotlibDataset given a list or dict of figures writes a folder
                 replace_directory(scratch, target)
-            else:
+            elif scratch.exists():
                 os.replace(scratch, target)
+            else:  # an empty list or dict of figures writes nothing
+                raise DatasetError(f"{target}: nothing was written (an empty list or dict of figures?)")
         except BaseException:
             if scratch.is_dir():
                 shutil.rmtree(scratch, ignore_errors=True)
@@ -75,6 +84,13 @@ class AtomicSaveMixin:
         finally:
             self._scratch_path = None
         self._invalidate_cache()  # type: ignore[attr-defined]
+
+    def _require_writable(self, target: Path, mode: str) -> None:
+        """The checks the stock save makes on the target, which it now makes on the scratch path."""
+        if "x" in mode and target.exists():
+            raise DatasetError(f"{target} exists, and open mode {mode!r} (exclusive) forbids overwriting it")
+        if target.is_dir() and not isinstance(self, MatplotlibDataset):
+            raise DatasetError(f"{target} is a directory; {type(self).__name__} saves a single file there")
 
 
 class AtomicCSVDataset(AtomicSaveMixin, CSVDataset):
