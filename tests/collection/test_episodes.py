@@ -166,6 +166,30 @@ def test_params_from_the_conf_file():
         EpisodeParams.from_dict({"n_refs": 2})
 
 
+@pytest.mark.parametrize(
+    ("params", "refused"),
+    [
+        (
+            {"ratios": {"train": 0.8, "test": 0.2}},
+            r"ratios needs exactly the keys \['train', 'val', 'test'\]",
+        ),
+        ({"ratios": {"train": 0.7, "valid": 0.15, "test": 0.15}}, r"got \['test', 'train', 'valid'\]"),
+        (
+            {"ratios": {"train": "0.6", "val": 0.2, "test": 0.2}},
+            r"episodes.ratios.train must be a number, got '0.6'",
+        ),
+        ({"n_references": "3"}, r"episodes.n_references must be a whole number, got '3'"),
+        ({"seed": 1.5}, r"episodes.seed must be a whole number, got 1.5"),
+        ({"heldout_context_ratio": "half"}, r"episodes.heldout_context_ratio must be a number, got 'half'"),
+    ],
+)
+def test_episode_parameters_are_refused_by_name(params, refused):
+    """A missing ratio took its default (the error then summed a number nobody wrote), and a misspelt key
+    or a number written as text failed with a bare TypeError naming neither the parameter nor episodes."""
+    with pytest.raises(ValueError, match=refused):
+        EpisodeParams.from_dict(params)
+
+
 def test_duplicate_cases_are_refused(manifest):
     with pytest.raises(ValueError, match="duplicate"):
         build_episode_index(pd.concat([manifest, manifest.iloc[:1]]), {})

@@ -11,6 +11,7 @@ import hashlib
 import json
 import logging
 import math
+import numbers
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -25,6 +26,12 @@ HELDOUT_SPLITS = ("context", "test")
 REQUIRED_COLUMNS = ("dataset", "case_id", "subject_id", "heldout", "labels", "class_voxels")
 
 
+def _require_number(name: str, value: Any) -> None:
+    """YAML reads ``0.2`` as a number but ``"0.2"`` as text, which would fail later in a comparison."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{name} must be a number, got {value!r}")
+
+
 @dataclass(frozen=True)
 class SplitRatios:
     train: float = 0.6
@@ -32,6 +39,8 @@ class SplitRatios:
     test: float = 0.2
 
     def __post_init__(self) -> None:
+        for name in SPLITS:
+            _require_number(f"episodes.ratios.{name}", getattr(self, name))
         values = (self.train, self.val, self.test)
         if min(values) < 0 or not math.isclose(sum(values), 1.0, abs_tol=1e-6):
             raise ValueError(f"episodes.ratios must be non-negative and sum to 1, got {values}")
@@ -47,6 +56,11 @@ class EpisodeParams:
     n_references: int = 3
 
     def __post_init__(self) -> None:
+        _require_number("episodes.heldout_context_ratio", self.heldout_context_ratio)
+        for name in ("seed", "n_references"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+                raise ValueError(f"episodes.{name} must be a whole number, got {value!r}")
         if not 0 < self.heldout_context_ratio < 1:
             raise ValueError(
                 f"episodes.heldout_context_ratio must be in (0, 1), got {self.heldout_context_ratio}"
@@ -62,7 +76,13 @@ class EpisodeParams:
             raise ValueError(f"unknown episodes parameter(s) {unknown}; expected some of {sorted(known)}")
         values = dict(data)
         if "ratios" in values:
-            values["ratios"] = SplitRatios(**values["ratios"])
+            ratios = values["ratios"]
+            # All three or none: a missing one would take its default, and the sum in the error would
+            # then hold a number the user never wrote.
+            if not isinstance(ratios, Mapping) or set(ratios) != set(SPLITS):
+                given = sorted(ratios) if isinstance(ratios, Mapping) else ratios
+                raise ValueError(f"episodes.ratios needs exactly the keys {list(SPLITS)}, got {given!r}")
+            values["ratios"] = SplitRatios(**ratios)
         return cls(**values)
 
     @classmethod
