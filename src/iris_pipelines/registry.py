@@ -254,17 +254,21 @@ class RegisteredModel:
             raise RegistryError(
                 f"{self.uri} (version {self.version}): the downloaded bundle's tensors hash to {held}, but "
                 f"the version was registered with weights_sha256 {registered}; its artifact was replaced "
-                f"after registration. Restore the original bundle, or register these weights as a new "
-                f"version (kedro run --pipelines=train) and use that"
+                f"after registration. {_REPLACED_WEIGHTS_REMEDY}"
             )
         claimed = bundle.weights_checksum
         if claimed and held != claimed:
             raise RegistryError(
                 f"{self.uri} (version {self.version}): the bundle's metadata records weights_checksum "
                 f"{claimed}, but its tensors hash to {held}; the weights were changed without updating "
-                f"config.json. Restore the original bundle, or register these weights as a new version "
-                f"(kedro run --pipelines=train) and use that"
+                f"config.json. {_REPLACED_WEIGHTS_REMEDY}"
             )
+
+
+_REPLACED_WEIGHTS_REMEDY = (
+    "Restore the original bundle, or register these weights as a new version (kedro run --pipelines=train) "
+    "and use that"
+)
 
 
 def _logged_model_id(version: Any) -> str | None:

@@ -107,14 +107,18 @@ class ModelBundle:
         before training recorded names."""
         return {str(key): str(name) for key, name in (self.metadata.get("class_names") or {}).items()}
 
-    def inference_window(self) -> tuple[int, int, int]:
-        """The window to encode references and segment queries in: the training crop recorded in the
-        metadata (the context the network learned from), else DEFAULT_WINDOW³."""
+    def training_crop(self) -> tuple[int, int, int] | None:
+        """The crop the network was trained on, as the metadata records it; None when it records none."""
         crop = (self.metadata or {}).get("train_config", {}).get("crop_size")
         if crop is None:
-            return (DEFAULT_WINDOW,) * 3
+            return None
         values = [int(v) for v in (crop if isinstance(crop, list | tuple) else [crop])]
         return tuple(values * 3 if len(values) == 1 else values)  # type: ignore[return-value]
+
+    def inference_window(self) -> tuple[int, int, int]:
+        """The window to encode references and segment queries in: the training crop (the context the
+        network learned from), else DEFAULT_WINDOW³."""
+        return self.training_crop() or (DEFAULT_WINDOW,) * 3
 
     def config_document(self, weights_sha256: str) -> dict[str, Any]:
         """The JSON written next to the weights; the checksum lets ``load`` detect a swapped file."""

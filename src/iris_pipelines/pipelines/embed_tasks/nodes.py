@@ -46,17 +46,16 @@ def roi_size_or_training_crop(
     ``roi_size`` gives numbers those do not reproduce, so it is said (not refused: another window can be a
     deliberate experiment). A bundle that records no training crop gives nothing to compare against.
     """
-    inference_window = tuple(iris_model.inference_window())
     if roi_size is None:
-        return inference_window
+        return iris_model.inference_window()
     window = tuple(int(v) for v in roi_size)
-    crop_recorded = (iris_model.metadata or {}).get("train_config", {}).get("crop_size") is not None
-    if crop_recorded and window != inference_window:
+    crop = iris_model.training_crop()
+    if crop is not None and window != crop:
         logger.warning(
             "params:%s.roi_size is %s voxels, but the model was trained on %s-voxel crops, the window iris "
             "segment and the pyfunc use: %s's numbers will not be theirs; set %s.roi_size to the crop, or "
             "leave it out to use it",
-            section, list(window), list(inference_window), section, section,
+            section, list(window), list(crop), section, section,
         )  # fmt: skip
     return window
 
