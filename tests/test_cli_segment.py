@@ -328,6 +328,18 @@ def test_a_class_missing_from_a_reference_is_refused(files, tmp_path) -> None:
     assert str(files["ref_a_label"]) in result.output
 
 
+def test_a_class_asked_for_twice_is_segmented_once(files, tmp_path) -> None:
+    out = tmp_path / "o.nii.gz"
+    result = invoke(
+        "--image", files["query"], *_reference(files), "--classes", "5,5", "--model", files["bundle"],
+        "--out", out, "--save-probabilities", *SPACING,
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    sidecar = json.loads(sidecar_path(out).read_text())
+    assert [c["label"] for c in sidecar["classes"]] == [5]
+    assert sidecar["probabilities"]["order"] == [5]
+
+
 def test_a_reference_class_of_a_few_voxels_is_warned_about(tmp_path, caplog) -> None:
     """A structure that covers 2 voxels of the model's grid gives an embedding of a speck: say so."""
     image, label = make_scan((2.0, 2.0, 2.0), (0.0, 0.0, 0.0), np.eye(3), size=(20, 20, 20))

@@ -190,6 +190,10 @@ class SegmentRequest:
             raise SegmentError("--strategy memory_bank needs --dataset (the training dataset of the classes)")
         if self.classes is not None and (not self.classes or min(self.classes) < 1):
             raise SegmentError(f"--classes must list foreground label values >= 1, got {self.classes}")
+        if self.classes is not None:
+            # "--classes 1,1" asks for one class: a repeat would be decoded twice and listed twice in the
+            # sidecar and the probability map (the pyfunc segments a repeated class once, too).
+            self.classes = list(dict.fromkeys(self.classes))
         if not 0.0 < self.threshold < 1.0:
             raise SegmentError(f"--threshold must lie in (0, 1), got {self.threshold}")
         if not 0.0 <= self.overlap < 1.0:
