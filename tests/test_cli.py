@@ -67,13 +67,27 @@ def test_phantoms_writes_the_collection(tmp_path: Path):
     ("options", "expected"),
     [
         (["--cases-per-dataset", "0"], "cases_per_dataset must be ≥ 1"),
-        (["--size-scale", "-1"], "size_scale > 0"),
+        (["--size-scale", "-1"], "must be a finite number above 0, got -1.0"),
+        # NaN passes every `<=` test and wrote 8³ volumes with NaN origins; inf died in Geometry.
+        (["--size-scale", "nan"], "must be a finite number above 0, got nan"),
+        (["--size-scale", "inf"], "must be a finite number above 0, got inf"),
     ],
 )
 def test_phantoms_rejects_bad_options_in_one_line(tmp_path: Path, options: list[str], expected: str):
     result = CliRunner().invoke(main, ["phantoms", str(tmp_path / "p"), *options])
     assert result.exit_code == 2, result.output
     assert expected in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "p").exists(), "refused before anything is written"
+
+
+def test_phantoms_refuses_a_folder_it_did_not_write(tmp_path: Path):
+    mine = tmp_path / "p" / "Task07_Pancreas" / "dataset.json"
+    mine.parent.mkdir(parents=True)
+    mine.write_text("{}")
+    result = CliRunner().invoke(main, ["phantoms", str(tmp_path / "p"), "--size-scale", "0.2"])
+    assert result.exit_code == 2, result.output
+    assert "Task07_Pancreas" in result.output and "Traceback" not in result.output
+    assert mine.read_text() == "{}"
 
 
 @pytest.mark.parametrize("root", ["afile", "afile/sub"], ids=["ROOT is a file", "under a file"])

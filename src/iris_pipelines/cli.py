@@ -181,6 +181,7 @@ def validate(
     type=float,
     default=1.0,
     show_default=True,
+    callback=_finite_positive,
     help="Scales the voxel counts of every volume.",
 )
 def phantoms(root: Path, seed: int, cases_per_dataset: int, size_scale: float) -> None:

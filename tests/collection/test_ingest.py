@@ -462,3 +462,70 @@ def test_no_sources_give_empty_tables() -> None:
     manifest, report = ingest_sources([])
     assert manifest.empty and report.empty
     assert list(manifest.columns) == list(MANIFEST_COLUMNS)
+
+
+def test_an_msd_file_linked_into_a_symlink_cache_is_read_through_its_listed_name(tmp_path: Path) -> None:
+    """DVC's symlink cache names its objects by checksum, without a suffix: the resolved path gave the
+    case id ``3f…`` and no image format, so every case was rejected as ``unsupported_format``."""
+    cache = tmp_path / ".dvc" / "cache"
+    root = tmp_path / "Task03_Liver"
+    training = []
+    for index, case_id in enumerate(["liver_0", "liver_1"]):
+        for folder, volume in (("imagesTr", image_volume(seed=index)), ("labelsTr", label_volume())):
+            listed = write(volume, root / folder / f"{case_id}.nii.gz")
+            stored = cache / f"{index}{folder[0]}" / f"{index:030x}"
+            stored.parent.mkdir(parents=True)
+            shutil.move(listed, stored)
+            listed.symlink_to(stored)
+        training.append({"image": f"./imagesTr/{case_id}.nii.gz", "label": f"./labelsTr/{case_id}.nii.gz"})
+    meta = {"modality": {"0": "CT"}, "labels": {"1": "liver", "2": "tumour"}, "training": training}
+    (root / "dataset.json").write_text(json.dumps(meta))
+    manifest, report = ingest_sources([{"name": "liver", "layout": "msd", "path": str(root)}])
+    assert report.empty, report.to_dict("records")
+    assert list(manifest["case_id"]) == ["liver_0", "liver_1"]
+    assert list(manifest["image_format"]) == ["nifti", "nifti"]
+    assert manifest["image_path"].iloc[0] == str(root / "imagesTr" / "liver_0.nii.gz")
+
+
+@pytest.mark.parametrize(
+    "sources",
+    [{"name": "liver", "layout": "msd", "path": "/data/Task03_Liver"}, "/data/Task03_Liver", 3],
+    ids=["mapping", "str", "int"],
+)
+def test_sources_that_are_not_a_list_are_refused_by_name(sources: object) -> None:
+    """A YAML mapping written without '-' was iterated key by key: AttributeError, no word of the config."""
+    with pytest.raises(InvalidInputError) as raised:
+        ingest_sources(sources)  # type: ignore[arg-type]
+    error = raised.value
+    assert error.check == "bad_source" and error.path == "sources"
+    assert type(sources).__name__ in error.reason and "{name, layout, path}" in error.reason
+
+
+def test_a_source_that_is_not_a_mapping_is_reported_with_its_index(tmp_path: Path) -> None:
+    """A source written as a bare path aborted the whole ingest with AttributeError."""
+    good = write_msd(tmp_path / "Task03_Liver", ["liver_0"])
+    sources = [{"name": "liver", "layout": "msd", "path": str(good)}, "/data/Task07_Pancreas"]
+    manifest, report = ingest_sources(sources)
+    assert list(manifest["case_id"]) == ["liver_0"]
+    (row,) = report.to_dict("records")
+    assert (row["check"], row["path"]) == ("bad_source", "sources[1]")
+    assert "str" in row["reason"] and "'/data/Task07_Pancreas'" in row["reason"]
+    assert "{name, layout, path}" in row["reason"]
+    with pytest.raises(InvalidInputError, match=r"sources\[1\] is a str"):
+        ingest_sources(sources, strict=True)
+
+
+def test_dataset_names_differing_only_by_surrounding_spaces_are_one_name(tmp_path: Path) -> None:
+    """'Liver' and 'Liver ' passed the duplicate check, then both became dataset 'Liver'."""
+    first = write_msd(tmp_path / "TaskA", ["a_000"])
+    second = write_msd(tmp_path / "TaskB", ["b_000"])
+    write(image_volume(seed=7), second / "imagesTr" / "b_000.nii.gz")  # another scan: not a duplicate_image
+    manifest, report = ingest_sources(
+        [
+            {"name": "Liver", "layout": "msd", "path": str(first)},
+            {"name": " Liver ", "layout": "msd", "path": str(second)},
+        ]
+    )
+    assert list(manifest[["dataset", "case_id"]].itertuples(index=False, name=None)) == [("Liver", "a_000")]
+    (row,) = report.to_dict("records")
+    assert (row["check"], row["path"]) == ("duplicate_dataset", str(second))

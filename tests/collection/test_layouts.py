@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import json
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -319,3 +320,62 @@ def test_csv_without_labels_is_reported(tmp_path: Path) -> None:
     _, problems = discover_cases({"name": "s", "layout": "csv", "path": str(csv_path), "modality": "CT"})
     problem = _only_problem(problems)
     assert problem.check == "missing_file" and problem.path.endswith("labels.json")
+
+
+def _annexed_msd(root: Path, store: Path, case_ids: list[str], targets: list[str]) -> Path:
+    """An MSD task whose files are relative symlinks into ``store`` (git-annex / DataLad / DVC style)."""
+    training = []
+    for index, (case_id, target) in enumerate(zip(case_ids, targets, strict=True)):
+        for folder, volume in (("imagesTr", image_volume(seed=index)), ("labelsTr", label_volume())):
+            stored = write(volume, store / folder / target)
+            link = root / folder / f"{case_id}.nii.gz"
+            link.parent.mkdir(parents=True, exist_ok=True)
+            link.symlink_to(os.path.relpath(stored, link.parent))
+        training.append({"image": f"./imagesTr/{case_id}.nii.gz", "label": f"./labelsTr/{case_id}.nii.gz"})
+    meta = {"modality": {"0": "CT"}, "labels": {"1": "liver", "2": "tumour"}, "training": training}
+    (root / "dataset.json").write_text(json.dumps(meta))
+    return root
+
+
+def test_msd_case_ids_come_from_the_listed_names_of_symlinked_files(tmp_path: Path) -> None:
+    """The MSD reader resolved each listed path, so a symlinked file got its target's name as case id
+    (git-annex's ``SHA256E-s…``), and a subject_pattern written for the listed names matched nothing."""
+    store = tmp_path / ".git" / "annex" / "objects"
+    targets = [f"SHA256E-s{1000 + i}--{i:064x}.nii.gz" for i in range(2)]
+    root = _annexed_msd(tmp_path / "Task03_Liver", store, ["liver_0", "liver_1"], targets)
+    source = {"name": "liver", "layout": "msd", "path": str(root), "subject_pattern": r"^(liver)_\d+$"}
+    refs, problems = discover_cases(source)
+    assert problems == []
+    assert [(ref.case_id, ref.subject_id) for ref in refs] == [("liver_0", "liver"), ("liver_1", "liver")]
+    # Paths as dataset.json names them (read through the link), not the annex objects.
+    assert [ref.image_path for ref in refs] == [root / "imagesTr" / f"liver_{i}.nii.gz" for i in range(2)]
+    assert [ref.label_path for ref in refs] == [root / "labelsTr" / f"liver_{i}.nii.gz" for i in range(2)]
+    assert all(ref.image_path.resolve().parent == store / "imagesTr" for ref in refs)
+
+
+def test_msd_links_to_files_of_one_name_are_distinct_cases(tmp_path: Path) -> None:
+    """A task combined from two sources' ``case_001`` under distinct link names lost one as a duplicate."""
+    training = []
+    root = tmp_path / "Task99_Combined"
+    for index, (site, name) in enumerate((("TaskL", "liver_case_001"), ("TaskV", "vessel_case_001"))):
+        for folder, volume in (("imagesTr", image_volume(seed=50 + index)), ("labelsTr", label_volume())):
+            target = write(volume, tmp_path / site / folder / "case_001.nii.gz")
+            (root / folder).mkdir(parents=True, exist_ok=True)
+            (root / folder / f"{name}.nii.gz").symlink_to(target)
+        training.append({"image": f"./imagesTr/{name}.nii.gz", "label": f"./labelsTr/{name}.nii.gz"})
+    meta = {"modality": {"0": "CT"}, "labels": {"1": "liver"}, "training": training}
+    (root / "dataset.json").write_text(json.dumps(meta))
+    refs, problems = discover_cases({"name": "combined", "layout": "msd", "path": str(root)})
+    assert problems == []
+    assert [ref.case_id for ref in refs] == ["liver_case_001", "vessel_case_001"]
+
+
+@pytest.mark.parametrize(
+    "source", ["/data/Task03_Liver", ["msd", "/data"], None], ids=["str", "list", "None"]
+)
+def test_a_source_that_is_not_a_mapping_is_a_bad_source(source: object) -> None:
+    """It crashed with AttributeError ('str' object has no attribute 'get') instead of being reported."""
+    refs, problems = discover_cases(source)  # type: ignore[arg-type]
+    problem = _only_problem(problems)
+    assert refs == [] and problem.check == "bad_source"
+    assert type(source).__name__ in problem.reason and "{name, layout, path}" in problem.reason

@@ -392,3 +392,86 @@ def test_a_file_changed_in_place_regenerates(tmp_path: Path) -> None:
     label.write_bytes(bytes(corrupted))
     generate_collection(tmp_path, cases_per_dataset=1, size_scale=0.3, specs=specs)
     assert label.read_bytes() == written
+
+
+def _user_download(root: Path) -> Path:
+    """A user's real MSD pancreas task, in the folder name the PancreasCT phantoms use."""
+    scan = root / "Task07_Pancreas" / "imagesTr" / "pancreas_001.nii.gz"
+    scan.parent.mkdir(parents=True)
+    scan.write_bytes(b"my real scan, hours to download")
+    (root / "Task07_Pancreas" / "dataset.json").write_text("{}")
+    return scan
+
+
+@pytest.mark.parametrize("stamp", ["none", "unreadable", "lists other folders"])
+def test_a_dataset_folder_no_stamp_claims_is_refused_and_kept(tmp_path: Path, stamp: str) -> None:
+    """Every spec folder was deleted whenever the stamp was missing or stale, a real download included."""
+    if stamp == "unreadable":
+        (tmp_path / STAMP_NAME).write_text('{"generator": "iris_pipelines.phantoms", "folders": ["Task07_')
+    elif stamp == "lists other folders":
+        generate_collection(tmp_path, cases_per_dataset=1, size_scale=0.3, specs=[SPECS["PelvisMR"]])
+    before = _fingerprints(tmp_path)
+    scan = _user_download(tmp_path)
+    specs = [SPECS["PelvisMR"], SPECS["PancreasCT"]]
+    with pytest.raises(FileExistsError, match="Task07_Pancreas") as raised:
+        generate_collection(tmp_path, cases_per_dataset=1, size_scale=0.3, specs=specs)
+    assert "another root" in str(raised.value) and "move the folder" in str(raised.value)
+    assert scan.read_bytes() == b"my real scan, hours to download"
+    # Refused before anything was touched: an earlier collection and its stamp are as they were.
+    assert {k: v for k, v in _fingerprints(tmp_path).items() if not k.startswith("Task07")} == before
+
+
+def test_an_interrupted_generation_is_taken_up_again(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Folders half written when a run was stopped belong to the generator: the next run regenerates them
+    rather than refusing them as someone else's, the first time and on a regeneration alike."""
+    from iris_pipelines.phantoms import collection as module
+
+    specs = [SPECS["PelvisMR"]]
+    generate_collection(tmp_path / "clean", cases_per_dataset=2, size_scale=0.3, specs=specs)
+    write_image = module.write_image
+
+    def stop_at_the_third_file(*args: Any, **kwargs: Any) -> Any:
+        written.append(args[1])
+        if len(written) == 3:
+            raise KeyboardInterrupt
+        return write_image(*args, **kwargs)
+
+    root = tmp_path / "stopped"
+    for params in ({"cases_per_dataset": 2}, {"cases_per_dataset": 3}):  # first run, then a regeneration
+        written: list[Path] = []
+        monkeypatch.setattr(module, "write_image", stop_at_the_third_file)
+        with pytest.raises(KeyboardInterrupt):
+            generate_collection(root, size_scale=0.3, specs=specs, **params)
+        monkeypatch.undo()
+        assert (root / "Dataset005_PelvisMR" / "imagesTr").is_dir(), "interrupted mid-dataset"
+        generate_collection(root, size_scale=0.3, specs=specs, cases_per_dataset=2)
+        assert _fingerprints(root) == _fingerprints(tmp_path / "clean")
+
+
+def test_a_dataset_dropped_from_the_specs_is_removed(tmp_path: Path) -> None:
+    """Folders the stamp lists are the generator's, so a dataset no longer asked for does not linger."""
+    generate_collection(tmp_path, cases_per_dataset=1, size_scale=0.3, specs=[SPECS["PelvisMR"]])
+    generate_collection(tmp_path, cases_per_dataset=1, size_scale=0.3, specs=[SPECS["LesionPET"]])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["Task11_LesionPET", STAMP_NAME]
+
+
+@pytest.mark.parametrize("size_scale", [float("nan"), float("inf"), 0.0, -1, "1.0", True])
+def test_size_scale_must_be_a_finite_number_above_0(tmp_path: Path, size_scale: object) -> None:
+    """NaN passed `size_scale <= 0` and wrote 8³ volumes with NaN origins; inf died in Geometry."""
+    with pytest.raises(ValueError, match="size_scale"):
+        generate_collection(
+            tmp_path / "p", cases_per_dataset=1, size_scale=size_scale, specs=[SPECS["PelvisMR"]]
+        )  # type: ignore[arg-type]
+    assert not (tmp_path / "p").exists()
+
+
+def test_size_scale_1_and_1_0_write_the_same_bytes(tmp_path: Path) -> None:
+    """`kedro run --params phantoms.size_scale=1` (an int) and `iris phantoms --size-scale 1` (a float)
+    make one collection, yet the DICOM UIDs were seeded from "1" and "1.0": other bytes, same stamp."""
+    small_trunk = dataclasses.replace(SPECS["TrunkCT"], fov_mm=(40, 36, 30), dicom_cases=1)
+    for name, size_scale in (("int", 1), ("float", 1.0)):
+        generate_collection(tmp_path / name, cases_per_dataset=1, size_scale=size_scale, specs=[small_trunk])
+    as_int, as_float = _fingerprints(tmp_path / "int"), _fingerprints(tmp_path / "float")
+    assert any(k.endswith(".dcm") for k in as_int)
+    assert as_int == as_float
+    assert json.loads((tmp_path / "int" / STAMP_NAME).read_text())["params"]["size_scale"] == 1.0

@@ -19,7 +19,7 @@ import pandas as pd
 import SimpleITK as sitk
 from tqdm import tqdm
 
-from iris_pipelines.collection.layouts import CaseRef, Problem, discover_cases, unreadable
+from iris_pipelines.collection.layouts import CaseRef, Problem, discover_cases, not_a_source, unreadable
 from iris_pipelines.imaging.errors import InvalidInputError
 from iris_pipelines.imaging.geometry import Geometry
 from iris_pipelines.imaging.io import (
@@ -275,13 +275,34 @@ def _drop_duplicate_cases(refs: list[CaseRef]) -> tuple[list[CaseRef], list[Prob
     return list(first.values()), problems
 
 
+def source_list(sources: object) -> list[Any]:
+    """``sources`` as a list, refused unless it is a list (or other sequence) of sources.
+
+    A YAML mapping written without ``-`` (one source's keys) or a bare path would otherwise be iterated
+    key by key or letter by letter.
+    """
+    if isinstance(sources, (str, bytes, Mapping)) or not isinstance(sources, Iterable):
+        raise InvalidInputError(
+            "sources",
+            "bad_source",
+            f"`sources` is a {type(sources).__name__} ({sources!r:.80}), not a list; write it as a list of "
+            "{name, layout, path} mappings (in YAML, one `- name: …` item per source)",
+        )
+    return list(sources)
+
+
 def discover_sources(sources: Iterable[Mapping[str, Any]]) -> tuple[list[CaseRef], list[Problem]]:
     """Cases of all sources, refusing a source whose name an earlier one already uses."""
     refs: list[CaseRef] = []
     problems: list[Problem] = []
     seen: dict[str, str] = {}
-    for source in sources:
-        name = str(source.get("name") or "")
+    for index, source in enumerate(sources):
+        if not isinstance(source, Mapping):
+            err = not_a_source(source, index)
+            problems.append(Problem("", "", err.path, err.check, err.reason))
+            continue
+        # Stripped as discovery strips it: "Liver" and "Liver " would both become dataset "Liver".
+        name = str(source.get("name") or "").strip()
         if name in seen:
             problems.append(
                 Problem(
@@ -327,7 +348,7 @@ def ingest_sources(
     Bad inputs are logged and reported and the rest goes on; ``strict`` raises the first
     :class:`InvalidInputError` instead, for users who want a collection accepted whole or not at all.
     """
-    sources = list(sources)
+    sources = source_list(sources)
     refs, problems = discover_sources(sources)
     rejects: list[dict[str, str]] = []
     for problem in problems:

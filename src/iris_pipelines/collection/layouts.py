@@ -108,6 +108,17 @@ def unreadable(error: OSError, where: str | Path) -> InvalidInputError:
     )
 
 
+def not_a_source(source: object, index: int | None = None) -> InvalidInputError:
+    """The ``bad_source`` error of a source that is no mapping (a bare path, a list, a YAML scalar)."""
+    where = "source" if index is None else f"sources[{index}]"
+    return InvalidInputError(
+        where,
+        "bad_source",
+        f"{where} is a {type(source).__name__} ({source!r:.80}), not a mapping; write each source as "
+        "{name, layout, path} (in YAML, a list item `- name: …` with `layout:` and `path:` below it)",
+    )
+
+
 def normalise_modality(value: object, *, where: str) -> str:
     """Map a channel name such as ``MRI``, ``T2`` or ``ct`` to ``CT``, ``MR`` or ``PET``."""
     key = str(value).strip().lower()
@@ -335,6 +346,19 @@ def _make_ref(
     )
 
 
+def _listed_path(directory: Path, listed: str) -> Path:
+    """``listed`` (a path in dataset.json) under ``directory``, its folders resolved but not its file.
+
+    The case id is the listed file's name: a symlinked file (git-annex, DataLad, a DVC symlink cache, a
+    task combined from links) would otherwise be named after its target (``SHA256E-s…``, a cache hash,
+    or another task's ``case_001``). The file is still read through the link, as the nnU-Net reader does.
+    """
+    path = directory / listed
+    if path.name in ("", ".", ".."):  # no file name to keep
+        return path.resolve()
+    return path.parent.resolve() / path.name
+
+
 def _discover_msd(source: _Source) -> tuple[list[CaseRef], list[Problem]]:
     meta_path, meta = _read_dataset_json(source.path)
     channels = _channels(source, meta, "modality", meta_path)
@@ -362,7 +386,7 @@ def _discover_msd(source: _Source) -> tuple[list[CaseRef], list[Problem]]:
                 )
             )
             continue
-        image = (source.path / str(entry["image"])).resolve()
+        image = _listed_path(source.path, str(entry["image"]))
         case_id = case_id_from_path(image)
         try:
             refs.append(
@@ -370,7 +394,7 @@ def _discover_msd(source: _Source) -> tuple[list[CaseRef], list[Problem]]:
                     source,
                     case_id,
                     image=image,
-                    label=(source.path / str(entry["label"])).resolve(),
+                    label=_listed_path(source.path, str(entry["label"])),
                     labels=labels,
                     modality=modality,
                     listed_in=f" listed in {meta_path}",
@@ -612,6 +636,9 @@ def discover_cases(source: Mapping[str, Any]) -> tuple[list[CaseRef], list[Probl
     Never raises for bad input: a source that cannot be read at all yields no case and one problem with
     an empty ``case_id``, so one broken dataset does not stop a collection from being ingested.
     """
+    if not isinstance(source, Mapping):
+        err = not_a_source(source)
+        return [], [Problem("", "", err.path, err.check, err.reason)]
     name = str(source.get("name") or "")
     try:
         parsed = _parse_source(source)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import numbers
 import re
 import shutil
 import zlib
@@ -43,6 +44,8 @@ logger = logging.getLogger(__name__)
 # Bump whenever generated content changes, so existing collections are regenerated.
 GENERATOR_VERSION = "2"
 STAMP_NAME = "phantoms.json"
+# The stamp's "generator": only folders a stamp with this name lists are ever deleted.
+GENERATOR = "iris_pipelines.phantoms"
 DIRECTIONS = ("identity", "flipped", "oblique", "coronal")
 _FIXED_DIRECTIONS = {
     "identity": np.eye(3),
@@ -318,6 +321,36 @@ def _is_current(stamp: dict[str, Any] | None, params: dict[str, Any], root: Path
         return False
 
 
+def _owned_folders(stamp: dict[str, Any] | None) -> set[str]:
+    """The folders a stamp written by this generator says it wrote (none for a foreign or unreadable one)."""
+    if stamp is None or stamp.get("generator") != GENERATOR:
+        return set()
+    folders = stamp.get("folders")
+    if not isinstance(folders, list):
+        return set()
+    return {
+        folder
+        for folder in folders
+        if isinstance(folder, str) and Path(folder).name == folder and not folder.startswith(".")
+    }
+
+
+def _checked_size_scale(size_scale: object) -> float:
+    """``size_scale`` as a float, refused unless a finite number above 0.
+
+    A float whatever the caller passed: ``kedro run --params phantoms.size_scale=1`` gives an int and
+    ``iris phantoms --size-scale 1`` a float, and the DICOM UIDs are seeded from the number's text, so
+    ``1`` and ``1.0`` wrote different bytes for what the stamp records as the same parameters. The float
+    form is the one conf/base (``size_scale: 1.0``) has always passed, so the default bytes do not change.
+    """
+    if isinstance(size_scale, bool) or not isinstance(size_scale, numbers.Real):
+        raise ValueError(f"size_scale must be a number above 0, not {size_scale!r}")
+    value = float(size_scale)
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"size_scale must be a finite number above 0, got {size_scale!r}")
+    return value
+
+
 def generate_collection(
     root: str | Path,
     *,
@@ -331,13 +364,16 @@ def generate_collection(
     Idempotent: ``root/phantoms.json`` records the generator version, the parameters and every file's
     checksum; when it matches and all files are there, nothing is written. Otherwise the datasets'
     folders are replaced (so stale cases from other parameters never linger) and the stamp is written
-    last, so an interrupted run is regenerated next time. A dataset with several acquisitions per subject
-    gets whole subjects, hence possibly a case more than ``cases_per_dataset``. ``size_scale``
-    multiplies the number of voxels along each axis (finer spacing, same field of view); ``specs``
-    replaces the default datasets.
+    last, so an interrupted run is regenerated next time. Only folders a stamp of this generator lists are
+    ever deleted: a dataset folder that exists under ``root`` without one (a real ``Task07_Pancreas``
+    download, say) is refused with :class:`FileExistsError`, nothing touched. A dataset with several
+    acquisitions per subject gets whole subjects, hence possibly a case more than ``cases_per_dataset``.
+    ``size_scale`` multiplies the number of voxels along each axis (finer spacing, same field of view);
+    ``specs`` replaces the default datasets.
     """
-    if cases_per_dataset < 1 or size_scale <= 0:
-        raise ValueError("cases_per_dataset must be ≥ 1 and size_scale > 0")
+    if cases_per_dataset < 1:
+        raise ValueError("cases_per_dataset must be ≥ 1")
+    size_scale = _checked_size_scale(size_scale)
     root = Path(root).expanduser().resolve()
     specs = list(default_specs() if specs is None else specs)
     if len({spec.name for spec in specs}) != len(specs) or len({spec.folder for spec in specs}) != len(specs):
@@ -357,10 +393,29 @@ def generate_collection(
         logger.info("Phantom collection at %s is up to date", root)
         return _sources(root, specs)
 
-    (root / STAMP_NAME).unlink(missing_ok=True)
-    stale = {spec.folder for spec in specs} | set((stamp or {}).get("folders", []))
-    for folder in sorted(stale):
-        if Path(folder).name == folder and not folder.startswith(".") and (root / folder).is_dir():
+    # Ownership lives in the stamp alone. Before anything is deleted, a *pending* stamp (no files, so never
+    # current) replaces the old one, listing every folder this run may delete or write; the complete stamp
+    # replaces it last. An interrupted run thus leaves a stamp that still claims its half-written folders,
+    # and the next run deletes and regenerates them. A folder no stamp claims is never ours to delete.
+    owned = _owned_folders(stamp)
+    foreign = [
+        spec.folder
+        for spec in specs
+        if spec.folder not in owned and ((root / spec.folder).exists() or (root / spec.folder).is_symlink())
+    ]
+    if foreign:
+        listed = ", ".join(str(root / folder) for folder in foreign)
+        raise FileExistsError(
+            f"{listed}: a phantom dataset folder exists but no {STAMP_NAME} of the phantom generator in "
+            f"{root} lists it, so it may hold your own data (a real dataset of that name) and is left "
+            "alone; choose another root for the phantoms, or move the folder out of the way (delete it "
+            "only if it is a phantom collection you no longer need)"
+        )
+    claimed = sorted(owned | {spec.folder for spec in specs})
+    pending = {"generator": GENERATOR, "version": GENERATOR_VERSION, "complete": False, "folders": claimed}
+    write_text_atomic(root / STAMP_NAME, json.dumps(pending, indent=1) + "\n")
+    for folder in claimed:
+        if (root / folder).is_dir():
             shutil.rmtree(root / folder)
     plans = {spec.name: _case_plan(spec, cases_per_dataset) for spec in specs}
     total = sum(map(len, plans.values()))
@@ -404,7 +459,7 @@ def generate_collection(
         if path.is_file() and not any(part.startswith(".") for part in path.relative_to(root).parts)
     )
     stamp = {
-        "generator": "iris_pipelines.phantoms",
+        "generator": GENERATOR,
         "version": GENERATOR_VERSION,
         "params": params,
         "folders": [spec.folder for spec in specs],

@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import SimpleITK as sitk
 from kedro.io import DataCatalog, MemoryDataset
 from kedro.runner import SequentialRunner
 
+from iris_pipelines.imaging.errors import InvalidInputError
 from iris_pipelines.phantoms import default_specs
 from iris_pipelines.pipelines.ingest import create_pipeline
 from iris_pipelines.pipelines.ingest.nodes import generate_phantom_collection, ingest_cases
@@ -49,6 +51,14 @@ def test_user_sources_come_before_phantom_sources(tmp_path: Path) -> None:
     manifest, report = ingest_cases([dict(user)], {**INGEST_PARAMS, "sources": [user]})
     assert list(manifest["dataset"]) == ["spleen"]
     assert list(report["check"]) == ["duplicate_dataset"]
+
+
+def test_sources_written_as_one_mapping_are_refused_whole() -> None:
+    """`sources:` without the `-` is one source's keys: refused naming `sources`, not read key by key."""
+    user = {"name": "spleen", "layout": "msd", "path": "/data/Task09_Spleen"}
+    with pytest.raises(InvalidInputError, match="not a list") as refused:
+        ingest_cases([], {**INGEST_PARAMS, "sources": user})
+    assert refused.value.check == "bad_source"
 
 
 def test_ingest_pipeline_runs_in_memory(tmp_path: Path) -> None:

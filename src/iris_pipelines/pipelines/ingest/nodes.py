@@ -8,6 +8,7 @@ from typing import Any
 import pandas as pd
 
 from iris_pipelines.collection import ingest_sources
+from iris_pipelines.collection.ingest import source_list
 from iris_pipelines.phantoms import generate_collection
 
 
@@ -29,5 +30,6 @@ def ingest_cases(
     phantom_sources: list[dict[str, Any]], params: dict[str, Any]
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Ingest the user's sources followed by the phantom ones: ``(case_manifest, ingest_report)``."""
-    sources = [*(params.get("sources") or []), *phantom_sources]
+    # `sources:` written as one mapping (no `-`) must be refused whole, not iterated key by key.
+    sources = [*source_list(params.get("sources") or []), *phantom_sources]
     return ingest_sources(sources, strict=params["strict"], tolerance_mm=params["tolerance_mm"])
