@@ -235,16 +235,24 @@ def free_memory(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-def count_flops(fn: Callable[[], Any]) -> int:
+def count_flops(fn: Callable[[], Any], device: torch.device | str = "cpu") -> int:
     """FLOPs of one call of ``fn`` (run eagerly) by ``torch.utils.flop_counter.FlopCounterMode``.
 
     It counts matmuls, convolutions (also transposed) and SDPA, forward and backward, as 2 FLOPs per
     multiply-add; norms, activations and other elementwise work are not counted, for either model.
+    ``device`` is where ``fn`` computes. The counter has formulas for SDPA's CUDA kernels (flash,
+    memory-efficient, cuDNN) but not for the CPU flash kernel, which it would count as 0 FLOPs; on CPU
+    the counted call therefore runs SDPA through its math kernel (``SDPBackend.MATH``: two matmuls the
+    counter sees, 4·B·H·Lq·Lk·D forward, twice that backward). Only this counted call is affected: the
+    backend choice is restored on return, so timed calls keep the default kernels.
     """
+    from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
 
+    on_cpu = torch.device(device).type == "cpu"
+    backends = sdpa_kernel(SDPBackend.MATH) if on_cpu else contextlib.nullcontext()
     counter = FlopCounterMode(display=False)
-    with counter:
+    with backends, counter:
         fn()
     return int(counter.get_total_flops())
 

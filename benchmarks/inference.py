@@ -12,6 +12,10 @@ Cases (random weights and data: speed and memory do not depend on what was learn
 * ``sliding_window``: a CT-sized scan (default 512×512×300 voxels at 0.8×0.8×1.5 mm) resampled on the
   device to 1.5 mm (``resample``), then S³ windows at 50 % overlap with Gaussian blending, K classes.
 
+Each composite case is also reported over a reference measured in the same run (``case_ratios``): the
+K-class pass over one class, the Q × K case over Q·K one-class passes and over its parts, the sliding
+window over its number of windows × one cached S³ pass.
+
     python benchmarks/inference.py --device cuda --json results/inference.json
     python benchmarks/inference.py --quick          # CPU smoke run, tiny model, small volumes
 """
@@ -282,13 +286,40 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 def case_ratios(rows: list[dict[str, Any]]) -> dict[str, float]:
-    """K classes in one pass against one class and against K one-class passes, where both cases ran."""
+    """Each composite case's seconds over a reference measured in the same run, where both cases ran.
+
+    * ``k_one_pass_over_single_class``: K classes in one ``segment`` call over one class (target ≤ 1.5);
+    * ``k_single_passes_over_k_one_pass``: K one-class calls over one K-class call;
+    * ``queries_case_over_queries_x_classes_single_class``: the Q queries × K classes case (encoding
+      included) over Q·K cached one-class passes (150 for 10 × 15);
+    * ``queries_case_over_encode_plus_queries_one_shot``: the same case over its parts timed alone,
+      ``encode_task`` + Q × ``one_shot_cached`` (above 1: overhead of running them together);
+    * ``sliding_window_over_windows_x_one_shot_cached``: the sliding-window case (resampling excluded)
+      over its number of S³ windows × one cached K-class S³ pass (above 1: the blending's cost; below
+      1: what batching windows saves).
+    """
     seconds = {row["case"]: row["seconds"] for row in rows if "seconds" in row}
     pairs = {
         "k_one_pass_over_single_class": ("k_one_pass", "single_class"),
         "k_single_passes_over_k_one_pass": ("k_single_passes", "k_one_pass"),
     }
-    return {key: seconds[a] / seconds[b] for key, (a, b) in pairs.items() if a in seconds and b in seconds}
+    ratios = {key: seconds[a] / seconds[b] for key, (a, b) in pairs.items() if a in seconds and b in seconds}
+    many = next((row for row in rows if str(row["case"]).endswith("_queries") and "seconds" in row), None)
+    if many is not None:
+        passes = many["queries"] * many["classes"]
+        if "single_class" in seconds:
+            ratios["queries_case_over_queries_x_classes_single_class"] = many["seconds"] / (
+                passes * seconds["single_class"]
+            )
+        if "encode_task" in seconds and "one_shot_cached" in seconds:
+            parts = seconds["encode_task"] + many["queries"] * seconds["one_shot_cached"]
+            ratios["queries_case_over_encode_plus_queries_one_shot"] = many["seconds"] / parts
+    sliding = next((row for row in rows if row["case"] == "sliding_window" and "seconds" in row), None)
+    if sliding is not None and "one_shot_cached" in seconds:
+        ratios["sliding_window_over_windows_x_one_shot_cached"] = sliding["seconds"] / (
+            sliding["windows"] * seconds["one_shot_cached"]
+        )
+    return ratios
 
 
 if __name__ == "__main__":

@@ -6,11 +6,14 @@ gradient clipping, optimizer step) on random data at S³ crops; reported per mod
 * step time (median of ``--repeats`` after ``--warmup``) and samples/s (Iris: episodes, i.e. one query
   plus one reference with K class masks; nnU-Net: images);
 * FLOPs of one step by ``torch.utils.flop_counter.FlopCounterMode`` (forward + backward, counted once,
-  eagerly) and the achieved TFLOP/s = FLOPs / median step time;
-* peak memory (CUDA: max_memory_allocated and max_memory_reserved; CPU: RSS rise, see _common).
+  eagerly; on CPU with SDPA's math kernel so that attention is counted, see _common.count_flops) and the
+  achieved TFLOP/s = FLOPs / median step time;
+* peak memory of the timed steps (CUDA: max_memory_allocated and max_memory_reserved; CPU: RSS rise,
+  see _common); the warm-up steps run before the measured block.
 
-The figure that matters is the ratio of achieved TFLOP/s, Iris / nnU-Net, at the same batch, in the
-same run (target ≥ 1.0 on an H100 in bf16; the reference reaches roughly 70–90 TFLOP/s there). Both
+Every figure is also given as a ratio, Iris over nnU-Net at the same batch in the same run
+(``iris_over_nnunet_ratios``: TFLOP/s, step time, samples/s, peak memory). The one that matters is
+achieved TFLOP/s (target ≥ 1.0 on an H100 in bf16; the reference reaches roughly 70–90 TFLOP/s there). Both
 models get the same optimizer, precision, compile and memory-format settings. The memory-bank EMA update
 of the real loop is left out (memory_bank_size = 0).
 
@@ -45,6 +48,7 @@ from _common import (  # noqa: E402
     report_header,
     set_fast_math,
     summarise,
+    synchronize,
     time_calls,
     to_channels_last,
 )
@@ -141,7 +145,7 @@ def measure(args, which: str, batch: int, device: torch.device) -> dict[str, Any
     row: dict[str, Any] = {"model": which, "batch": batch, "params_m": count_parameters(model) / 1e6}
     optimizer = make_optimizer(args.optimizer, model.parameters(), device)
 
-    flops = count_flops(lambda: eager_loss(*inputs).backward())
+    flops = count_flops(lambda: eager_loss(*inputs).backward(), device)
     optimizer.zero_grad(set_to_none=True)
     loss_fn: Callable = maybe_compile(eager_loss, args.compile, args.compile_mode)
 
@@ -152,9 +156,14 @@ def measure(args, which: str, batch: int, device: torch.device) -> dict[str, Any
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    free_memory(device)  # the FLOP-counting pass's cached blocks must not count as this step's peak
+    # Warm-up steps (compilation, cuDNN autotuning, the optimizer's state) run before the measured
+    # block, as inference.py's untimed call does: the peak is that of the timed steps alone.
+    for _ in range(args.warmup):
+        step()
+    synchronize(device)
+    free_memory(device)  # the FLOP-counting pass's and warm-up's cached blocks are not this step's peak
     with PeakMemory(device) as memory:
-        times = time_calls(step, device, args.repeats, args.warmup)
+        times = time_calls(step, device, args.repeats, warmup=0)
     stats = summarise(times)
     row.update(
         {
@@ -208,29 +217,46 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             # Outside the except block: its traceback would keep the failed case's tensors alive.
             free_memory(device)
             print_table(rows[-1:], list(rows[-1]))
-            report.update(results=rows, ratios=tflops_ratios(rows), targets=targets)
+            report.update(results=rows, ratios=iris_over_nnunet_ratios(rows), targets=targets)
 
-    ratios = tflops_ratios(rows)
+    ratios = iris_over_nnunet_ratios(rows)
     print()
     columns = ["model", "batch", "step_ms", "samples_per_s", "gflop_per_step", "tflops", "peak_memory_mib"]
     print_table(rows, columns)
     for key, value in ratios.items():
-        print(f"{key}: {value:.3f}  (target >= 1.0)")
+        print(f"{key}: {value:.3f}{'  (target >= 1.0)' if key.startswith('tflops_') else ''}")
     payload = report.finish(results=rows, ratios=ratios, targets=targets)
     if all("error" in row for row in rows):
         raise SystemExit(f"every configuration failed; the first: {rows[0]['error']}")
     return payload
 
 
-def tflops_ratios(rows: list[dict[str, Any]]) -> dict[str, float]:
-    """Achieved TFLOP/s of Iris over nnU-Net's, per batch size where both rows succeeded."""
+# Ratio key prefix -> the row field divided, Iris's over nnU-Net's at the same batch.
+RATIO_FIELDS = {
+    "tflops": "tflops",
+    "step_time": "step_ms",
+    "samples_per_s": "samples_per_s",
+    "peak_memory": "peak_memory_mib",
+    "peak_reserved": "peak_reserved_mib",  # CUDA only
+}
+
+
+def iris_over_nnunet_ratios(rows: list[dict[str, Any]]) -> dict[str, float]:
+    """Iris's figures over nnU-Net's, per batch size where both rows succeeded, measured in this run.
+
+    ``{what}_iris_over_nnunet_b{batch}`` for achieved TFLOP/s (the target, ≥ 1.0), median step time,
+    samples/s and peak memory (allocated; on CUDA also reserved). A ratio whose denominator is zero or
+    missing (a CPU RSS rise of 0) is left out.
+    """
     ratios = {}
     for batch in dict.fromkeys(r["batch"] for r in rows):
         by_model = {r["model"]: r for r in rows if r["batch"] == batch and "tflops" in r}
-        if {"iris", "nnunet"} <= set(by_model):
-            ratios[f"tflops_iris_over_nnunet_b{batch}"] = (
-                by_model["iris"]["tflops"] / by_model["nnunet"]["tflops"]
-            )
+        if not {"iris", "nnunet"} <= set(by_model):
+            continue
+        iris, nnunet = by_model["iris"], by_model["nnunet"]
+        for what, field in RATIO_FIELDS.items():
+            if iris.get(field) is not None and nnunet.get(field):
+                ratios[f"{what}_iris_over_nnunet_b{batch}"] = iris[field] / nnunet[field]
     return ratios
 
 

@@ -5,6 +5,7 @@ Each script runs in a subprocess, as a user runs it, with one torch thread (the 
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import json
 import os
@@ -38,6 +39,16 @@ def _positive(row: dict, *keys: str) -> None:
         assert row[key] > 0, (key, row)
 
 
+def _load(script: str):
+    """A benchmark script as a module, loaded by path: ``inference`` is also the tests/inference package."""
+    if str(BENCHMARKS) not in sys.path:
+        sys.path.insert(0, str(BENCHMARKS))
+    spec = importlib.util.spec_from_file_location(f"benchmark_{script}", BENCHMARKS / f"{script}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def test_train_step_reports_tflops_ratio_against_nnunet(tmp_path):
     payload = _run("train_step", tmp_path, "--threads", "1")
     rows = {r["model"]: r for r in payload["results"]}
@@ -46,9 +57,104 @@ def test_train_step_reports_tflops_ratio_against_nnunet(tmp_path):
         _positive(row, "step_ms", "samples_per_s", "gflop_per_step", "tflops", "params_m")
         assert row["memory_metric"] == "cpu_peak_rss_rise_psutil" and row["peak_memory_mib"] >= 0
     assert rows["iris"]["gflop_per_step"] > rows["nnunet"]["gflop_per_step"] > 0
-    assert payload["ratios"]["tflops_iris_over_nnunet_b1"] == pytest.approx(
-        rows["iris"]["tflops"] / rows["nnunet"]["tflops"]
+    ratios = payload["ratios"]
+    iris, nnunet = rows["iris"], rows["nnunet"]
+    assert ratios["tflops_iris_over_nnunet_b1"] == pytest.approx(iris["tflops"] / nnunet["tflops"])
+    # Issue 8: every figure also as a ratio to the reference measured in the same run.
+    assert ratios["step_time_iris_over_nnunet_b1"] == pytest.approx(iris["step_ms"] / nnunet["step_ms"])
+    assert ratios["samples_per_s_iris_over_nnunet_b1"] == pytest.approx(
+        iris["samples_per_s"] / nnunet["samples_per_s"]
     )
+    if nnunet["peak_memory_mib"] > 0:  # a CPU RSS rise can be 0: no ratio then
+        assert ratios["peak_memory_iris_over_nnunet_b1"] == pytest.approx(
+            iris["peak_memory_mib"] / nnunet["peak_memory_mib"]
+        )
+    else:
+        assert "peak_memory_iris_over_nnunet_b1" not in ratios
+
+
+def test_train_step_ratios_cover_time_rate_and_memory_per_batch():
+    train_step = _load("train_step")
+
+    def row(model, batch, step_ms, peak, reserved=None, **extra):
+        out = {"model": model, "batch": batch, "step_ms": step_ms, "samples_per_s": batch / step_ms * 1e3,
+               "tflops": 10.0 / step_ms, "peak_memory_mib": peak, **extra}  # fmt: skip
+        return out if reserved is None else {**out, "peak_reserved_mib": reserved}
+
+    rows = [
+        row("nnunet", 2, 400.0, 20000.0, 24000.0),
+        row("iris", 2, 500.0, 30000.0, 33000.0),
+        row("nnunet", 4, 800.0, 0.0),  # a CPU RSS rise of 0: no memory ratio at batch 4
+        row("iris", 4, 600.0, 10.0),
+        {"model": "iris", "batch": 8, "error": "OutOfMemoryError"},
+        row("nnunet", 8, 900.0, 1.0),
+    ]
+    assert train_step.iris_over_nnunet_ratios(rows) == pytest.approx(
+        {
+            "tflops_iris_over_nnunet_b2": 0.8,
+            "step_time_iris_over_nnunet_b2": 1.25,
+            "samples_per_s_iris_over_nnunet_b2": 0.8,
+            "peak_memory_iris_over_nnunet_b2": 1.5,
+            "peak_reserved_iris_over_nnunet_b2": 33000 / 24000,
+            "tflops_iris_over_nnunet_b4": 800 / 600,
+            "step_time_iris_over_nnunet_b4": 0.75,
+            "samples_per_s_iris_over_nnunet_b4": 800 / 600,
+        }
+    )
+
+
+def test_train_step_warmup_runs_before_the_peak_memory_block(monkeypatch):
+    """Compilation and cuDNN autotuning happen in the warm-up steps: the peak must cover the timed ones."""
+    train_step = _load("train_step")
+    state = {"inside": False, "steps_inside": 0, "steps_outside": 0}
+
+    class SpyPeakMemory(train_step.PeakMemory):
+        def __enter__(self):
+            state["inside"] = True
+            return super().__enter__()
+
+        def __exit__(self, *exc):
+            state["inside"] = False
+            return super().__exit__(*exc)
+
+    clip = torch.nn.utils.clip_grad_norm_
+
+    def counting_clip(*args, **kwargs):  # called once per training step
+        state["steps_inside" if state["inside"] else "steps_outside"] += 1
+        return clip(*args, **kwargs)
+
+    monkeypatch.setattr(train_step, "PeakMemory", SpyPeakMemory)
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", counting_clip)
+    args = argparse.Namespace(size=16, channels_last=False, model="tiny", classes=1, precision="fp32",
+                              quick=True, optimizer="adamw", compile=False, compile_mode="default",
+                              repeats=3, warmup=2)  # fmt: skip
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        row = train_step.measure(args, "nnunet", 1, torch.device("cpu"))
+    finally:
+        torch.set_num_threads(threads)
+    assert (state["steps_inside"], state["steps_outside"]) == (args.repeats, args.warmup)
+    assert row["step_ms"] > 0 and row["memory_metric"]
+
+
+def test_count_flops_counts_attention_on_cpu():
+    """The counter has no formula for SDPA's CPU kernel; the counted pass must still count attention."""
+    common = _load("_common")
+    b, h, lq, lk, d = 2, 3, 64, 16, 8
+    q = torch.randn(b, h, lq, d, requires_grad=True)
+    k = torch.randn(b, h, lk, d, requires_grad=True)
+    v = torch.randn(b, h, lk, d, requires_grad=True)
+    mask = torch.rand(b, 1, 1, lk) > 0.3
+    mask[..., 0] = True
+    forward = 4 * b * h * lq * lk * d  # QKᵀ and PV, 2 FLOPs per multiply-add
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    flags = (torch.backends.cuda.flash_sdp_enabled(), torch.backends.cuda.math_sdp_enabled())
+    assert common.count_flops(lambda: sdpa(q, k, v)) == forward
+    assert common.count_flops(lambda: sdpa(q, k, v, attn_mask=mask), torch.device("cpu")) == forward
+    assert common.count_flops(lambda: sdpa(q, k, v).sum().backward(), "cpu") == 3 * forward
+    # Only the counted call runs the math kernel: the timed calls keep the default backends.
+    assert (torch.backends.cuda.flash_sdp_enabled(), torch.backends.cuda.math_sdp_enabled()) == flags
 
 
 def test_inference_reports_every_case_and_the_k_class_ratio(tmp_path):
@@ -61,7 +167,26 @@ def test_inference_reports_every_case_and_the_k_class_ratio(tmp_path):
         _positive(row, "seconds")
         assert "peak_memory_mib" in row and row["memory_metric"]
     assert rows["sliding_window"]["windows"] > 1
-    _positive(payload["ratios"], "k_one_pass_over_single_class", "k_single_passes_over_k_one_pass")
+    ratios = payload["ratios"]
+    seconds = {case: row["seconds"] for case, row in rows.items()}
+    assert ratios["k_one_pass_over_single_class"] == pytest.approx(
+        seconds["k_one_pass"] / seconds["single_class"]
+    )
+    assert ratios["k_single_passes_over_k_one_pass"] == pytest.approx(
+        seconds["k_single_passes"] / seconds["k_one_pass"]
+    )
+    # Issue 8: the Q × K case and the sliding window against references measured in the same run.
+    many = rows["2_queries"]
+    assert (many["queries"], many["classes"]) == (2, 3)
+    assert ratios["queries_case_over_queries_x_classes_single_class"] == pytest.approx(
+        seconds["2_queries"] / (2 * 3 * seconds["single_class"])
+    )
+    assert ratios["queries_case_over_encode_plus_queries_one_shot"] == pytest.approx(
+        seconds["2_queries"] / (seconds["encode_task"] + 2 * seconds["one_shot_cached"])
+    )
+    assert ratios["sliding_window_over_windows_x_one_shot_cached"] == pytest.approx(
+        seconds["sliding_window"] / (rows["sliding_window"]["windows"] * seconds["one_shot_cached"])
+    )
 
 
 def test_tuning_reports_the_encode_once_speedup_and_checks_the_losses_agree(tmp_path):
@@ -73,10 +198,10 @@ def test_tuning_reports_the_encode_once_speedup_and_checks_the_losses_agree(tmp_
     assert payload["losses_agree"]
     reference, ours = (row["final_loss"] for row in payload["results"])
     assert ours == pytest.approx(reference, abs=1e-4)
-    assert (
-        payload["ratios"]["encode_once_over_segment_every_step"]
-        == payload["results"][1]["speedup_vs_reference"]
-    )
+    # X_over_Y is seconds(X) / seconds(Y), as in the other scripts: here the encode-once speed-up.
+    reference_s, ours_s = (row["median_s"] for row in payload["results"])
+    assert payload["ratios"] == {"segment_every_step_over_encode_once": pytest.approx(reference_s / ours_s)}
+    assert payload["results"][1]["speedup_vs_reference"] == pytest.approx(reference_s / ours_s)
 
 
 def test_dataloader_reports_episode_rate_against_the_step_rate(tmp_path):

@@ -6,10 +6,12 @@ starts once the budget is spent, and that the summary judges the issues' targets
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -139,6 +141,89 @@ def test_nothing_starts_once_the_budget_is_spent(suite, tmp_path):
     assert "| train_step_eager | skipped: 0 s left, needs 30 |" in summary
 
 
+def test_a_skipped_step_never_claims_the_time_it_needs(suite, tmp_path):
+    """29.99 s left for a step that needs 30 is skipped; the message must not say "30 s left, needs 30"."""
+    records = suite.run_suite(
+        tmp_path / "out",
+        budget_s=suite.KILL_GRACE_S + 29.99,
+        quick=True,
+        only=["train_step_eager"],
+        work=tmp_path / "work",
+    )
+    match = re.fullmatch(r"skipped: (\d+) s left, needs (\d+)", records[0]["status"])
+    assert match, records
+    assert int(match[1]) < int(match[2]) == 30, records
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return "zombie" not in Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return False
+
+
+def test_sigterm_stops_the_running_step_and_records_it(tmp_path):
+    """`timeout` (the device tool's limit) sends SIGTERM: the running step's process group must die with
+    the suite, and suite.json / summary.md must list the step with the rows it had measured."""
+    out, work, ready = tmp_path / "out", tmp_path / "work", tmp_path / "ready"
+    step = tmp_path / "fake_step.py"
+    step.write_text(
+        "import json, os, subprocess, sys, time\n"
+        "from pathlib import Path\n"
+        "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(300)'])\n"
+        "row = {'model': 'iris', 'batch': 2, 'step_ms': 410.0}\n"
+        "payload = {'benchmark': 'fake', 'results': [row], 'partial': True}\n"
+        "Path(sys.argv[sys.argv.index('--json') + 1]).write_text(json.dumps(payload))\n"
+        "print('first row measured', flush=True)\n"
+        f"Path({str(ready)!r} + '.tmp').write_text(f'{{os.getpid()}} {{child.pid}}')\n"
+        f"os.replace({str(ready)!r} + '.tmp', {str(ready)!r})\n"
+        "time.sleep(300)\n"
+    )
+    # The real main() (it installs the handler) with a plan of one step that measures a row, then hangs.
+    code = (
+        f"import sys; sys.path.insert(0, {str(SUITE.parent)!r}); import device_suite as ds\n"
+        "ds.plan = lambda: [ds.Step('train_step_eager', 'train_step', (), 120, min_s=1)]\n"
+        f"ds._command = lambda step, work, quick: [sys.executable, {str(step)!r}, "
+        "'--json', str(work / f'{step.name}.json')]\n"
+        "ds.main()\n"
+    )
+    command = [sys.executable, "-c", code, "--out", str(out), "--work", str(work), "--quick"]
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    pids: list[int] = []
+    try:
+        deadline = time.monotonic() + 60
+        while not ready.exists() and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert ready.exists(), process.communicate(timeout=30)[0] if process.poll() is not None else "slow"
+        pids = [int(pid) for pid in ready.read_text().split()]
+        assert all(_alive(pid) for pid in pids)
+        process.send_signal(signal.SIGTERM)
+        output = process.communicate(timeout=30)[0]
+        assert process.returncode == 128 + signal.SIGTERM, output
+        deadline = time.monotonic() + 10
+        while any(_alive(pid) for pid in pids) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not any(_alive(pid) for pid in pids), "the step's process group outlived the suite"
+        suite = json.loads((out / "suite.json").read_text())
+        [record] = suite["steps"]
+        assert record["step"] == "train_step_eager"
+        assert record["status"] == "stopped: suite stopped by SIGTERM"
+        assert record["exit_status"] is None and record["seconds"] >= 0
+        assert record["results"]["results"] == [{"model": "iris", "batch": 2, "step_ms": 410.0}]
+        assert "first row measured" in record["log_tail"]
+        summary = (out / "summary.md").read_text()
+        assert "| train_step_eager | stopped: suite stopped by SIGTERM |" in summary
+        assert "train_step_eager (partial): Iris step, batch 2 | 410 |" in summary
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        # On failure leave nothing behind: the step leads its own process group, the sleeper's too.
+        if pids and _alive(pids[0]) and os.getpgid(pids[0]) == pids[0]:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pids[0], signal.SIGKILL)
+
+
 def test_a_compiled_step_is_not_started_without_time_to_compile(suite, tmp_path):
     """The budget counts from the suite's start; a step that cannot finish in what is left is skipped."""
     started = time.monotonic() - 330  # 330 s of a 480 s budget spent: 140 s left, the step needs 150
@@ -204,3 +289,32 @@ def test_summary_judges_the_targets_from_the_results_of_this_runs_steps(suite):
     assert "≤ 0.5: missed" in rows["inference_eager (partial): 10_queries"]
     assert "| tuning | skipped: 12 s left, needs 30 |" in rows["tuning"]
     assert "- train_step: model=iris, batch=4: OutOfMemoryError: CUDA out of memory" in summary
+
+
+def test_summary_judges_only_the_tflops_ratio_and_reports_the_other_same_run_ratios(suite):
+    """Iris taking 1.3× nnU-Net's step time is no target met: only TFLOP/s is judged against 1.0."""
+    train_ratios = {
+        "tflops_iris_over_nnunet_b2": 1.1,
+        "step_time_iris_over_nnunet_b2": 1.3,
+        "samples_per_s_iris_over_nnunet_b2": 0.77,
+        "peak_memory_iris_over_nnunet_b2": 1.6,
+    }
+    inference_ratios = {
+        "k_one_pass_over_single_class": 1.2,
+        "queries_case_over_queries_x_classes_single_class": 0.05,
+        "sliding_window_over_windows_x_one_shot_cached": 0.9,
+    }
+    records = [
+        {"step": "train_step", "status": "ok", "results": {"results": [], "ratios": train_ratios}},
+        {"step": "inference", "status": "ok", "results": {"results": [], "ratios": inference_ratios}},
+    ]
+    summary = suite.summarise(records)
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in summary.splitlines() if line.startswith("| ")}
+    assert rows["train_step: tflops_iris_over_nnunet_b2"].endswith("| × | ≥ 1: met |")
+    for key in ("step_time", "samples_per_s", "peak_memory"):
+        assert rows[f"train_step: {key}_iris_over_nnunet_b2"].endswith("| × | report |"), summary
+    assert rows["inference: K classes in one pass / one class"].endswith("| × | ≤ 1.5: met |")
+    assert rows["inference: queries_case_over_queries_x_classes_single_class"].endswith(
+        "| 0.05 | × | report |"
+    )
+    assert rows["inference: sliding_window_over_windows_x_one_shot_cached"].endswith("| 0.9 | × | report |")
