@@ -5,8 +5,10 @@ import hashlib
 import locale
 import logging
 import pickle
+import struct
 from pathlib import Path
 
+import nibabel
 import numpy as np
 import pytest
 import SimpleITK as sitk
@@ -550,3 +552,136 @@ def test_non_finite_voxels_of_a_label_are_named_a_label_problem(tmp_path: Path, 
     assert (caught.value.check, caught.value.path) == ("non_finite_label", str(tmp_path / name))
     assert "the label holds 2 NaN/infinite values (1 NaN, 1 infinite) out of 216" in caught.value.reason
     assert _read_error(tmp_path / name).check == "non_finite"  # the same file read as an image
+
+
+def _write_slices(
+    series: Path,
+    positions: np.ndarray,
+    direction: np.ndarray,
+    *,
+    numbers: list[int] | None = None,
+    pixel: tuple[float, float] = (0.8, 0.8),
+) -> None:
+    """Write one CT slice file per Image Position in ``positions`` (slice k as ``s{k:03d}.dcm``, instance
+    number ``numbers[k]``), all with the row and column cosines of ``direction``'s first two columns."""
+    series.mkdir()
+    numbers = numbers or list(range(1, len(positions) + 1))
+    orientation = "\\".join(f"{v:.8f}" for v in (*direction[:, 0], *direction[:, 1]))
+    saved = locale.setlocale(locale.LC_ALL)  # GDCM's writer switches the process to the "C" locale
+    try:
+        writer = sitk.ImageFileWriter()
+        writer.KeepOriginalImageUIDOn()
+        for k, (position, number) in enumerate(zip(positions, numbers, strict=True)):
+            image = sitk.GetImageFromArray(np.full((12, 14), 10 * k, np.int16))
+            image.SetSpacing(pixel)
+            tags = {
+                "0008|0016": "1.2.840.10008.5.1.4.1.1.2",
+                "0008|0060": "CT",
+                "0020|000d": "1.2.3.4",
+                "0020|000e": "1.2.3.4.5",
+                "0020|0037": orientation,
+                "0028|0030": f"{pixel[1]}\\{pixel[0]}",
+                "0018|0050": "2.5",
+                "0020|0032": "\\".join(f"{v:.4f}" for v in position),  # 4 decimals, as scanners round
+                "0020|0013": str(number),
+                "0008|0018": f"1.2.3.4.5.{k}",
+            }
+            for tag, value in tags.items():
+                image.SetMetaData(tag, value)
+            writer.SetFileName(str(series / f"s{k:03d}.dcm"))
+            writer.Execute(image)
+    finally:
+        locale.setlocale(locale.LC_ALL, saved)
+
+
+def _tilted_positions(direction: np.ndarray, slices: int, step: float, tilt_degrees: float) -> np.ndarray:
+    """Image Positions of a CT acquired with its gantry tilted by ``tilt_degrees``: each slice sits ``step``
+    further along the normal and ``step * tan(tilt)`` further along the column direction."""
+    start = np.array([-50.0, -40.0, 10.0])
+    sideways = step * np.tan(np.deg2rad(tilt_degrees))
+    return np.array(
+        [start + k * (step * direction[:, 2] + sideways * direction[:, 1]) for k in range(slices)]
+    )
+
+
+@pytest.mark.parametrize(
+    ("oblique", "slices", "tilt", "shown"),
+    [(False, 10, 20.0, "20°"), (True, 10, 20.0, "20°"), (False, 40, 0.12, "0.12°")],
+    ids=["axis-aligned", "oblique", "creeping"],
+)
+def test_dicom_series_with_a_gantry_tilt_is_refused(
+    tmp_path: Path, oblique_direction, oblique: bool, slices: int, tilt: float, shown: str
+) -> None:
+    """ITK stacked a tilted series straight along the slice normal, dropping the sideways shift of each
+    slice: 8 mm off after ten 2.5 mm slices at 20°. A creeping tilt (0.005 mm per slice) is caught by the
+    offset it accumulates."""
+    direction = np.reshape(oblique_direction, (3, 3)) if oblique else np.eye(3)
+    series = tmp_path / "tilted"
+    _write_slices(series, _tilted_positions(direction, slices, 2.5, tilt), direction)
+    err = _read_error(series)
+    assert (err.check, err.path) == ("gantry_tilt", str(series))
+    assert str(err).startswith(f"{series}: ")
+    assert f"a gantry tilt of {shown}" in err.reason
+    assert "convert the series with dcm2niix, which corrects gantry tilt" in err.reason
+
+
+@pytest.mark.parametrize("oblique", [False, True])
+@pytest.mark.parametrize(
+    "numbers",
+    [None, [8, 7, 6, 5, 4, 3, 2, 1], [3, 4, 9, 10, 11, 30, 31, 40]],
+    ids=["in order", "numbered in reverse", "uneven numbers"],
+)
+def test_untilted_dicom_series_read_where_dicom_places_them(
+    tmp_path: Path, oblique_direction, oblique: bool, numbers: list[int] | None
+) -> None:
+    """The tilt check leaves ordinary series alone: axis-aligned or oblique, whatever their numbering,
+    with positions rounded to 4 decimals; each voxel lands where its slice's Image Position puts it."""
+    direction = np.reshape(oblique_direction, (3, 3)) if oblique else np.eye(3)
+    positions = _tilted_positions(direction, 8, 2.5, 0.0)
+    series = tmp_path / "series"
+    _write_slices(series, positions, direction, numbers=numbers)
+    image = read_image(series)
+    assert image.GetSize() == (14, 12, 8) and image.GetSpacing()[2] == pytest.approx(2.5, abs=1e-3)
+    values = sitk.GetArrayViewFromImage(image)
+    for k in range(8):
+        written = int(values[k, 0, 0]) // 10  # slice k of the file list holds 10 * k
+        expected = positions[written] + 5 * 0.8 * direction[:, 0] + 7 * 0.8 * direction[:, 1]
+        np.testing.assert_allclose(image.TransformIndexToPhysicalPoint((5, 7, k)), expected, atol=1e-3)
+
+
+def _nifti_nibabel_refuses(path: Path, problem: str) -> None:
+    """A float32 NIfTI with NaN voxels whose header nibabel refuses but ITK reads."""
+    values = np.ones((6, 7, 8), np.float32)
+    values[2:4, 2:4, 2:4] = np.nan
+    affine = np.diag([1.0, 1.0, 2.0, 1.0])
+    image = nibabel.Nifti1Image(values, affine)
+    image.set_qform(affine, 1)
+    image.set_sform(affine, 1 if problem == "nan intercept" else 0)
+    image.header["scl_slope"], image.header["scl_inter"] = 1.0, 0.0
+    nibabel.save(image, path)
+    header = bytearray(gzip.decompress(path.read_bytes()))
+    if problem == "nan intercept":
+        header[116:120] = struct.pack("<f", np.nan)  # scl_inter
+    else:
+        header[256:268] = struct.pack("<3f", 0.8, 0.8, 0.0)  # quatern_b, c, d: longer than a unit quaternion
+    path.write_bytes(gzip.compress(bytes(header)))
+
+
+@pytest.mark.parametrize(
+    ("problem", "reason"),
+    [("nan intercept", "Valid slope but invalid intercept nan"), ("quaternion", "w2 should be positive")],
+    ids=["nan-intercept", "bad-quaternion"],
+)
+@pytest.mark.parametrize(("verify", "is_label"), [(True, False), (True, True), (False, False)])
+def test_nifti_header_that_nibabel_refuses_is_refused(
+    tmp_path: Path, problem: str, reason: str, verify: bool, is_label: bool
+) -> None:
+    """With a NaN scl_inter nibabel refused the header, so the NIfTI checks returned quietly and ITK read
+    the NaN voxels as 0 with no error; a qform nibabel cannot compute was read as ITK renormalised it."""
+    path = tmp_path / "scan.nii.gz"
+    _nifti_nibabel_refuses(path, problem)
+    with pytest.raises(InvalidInputError) as caught:
+        read_image(path, verify=verify, is_label=is_label)
+    assert (caught.value.check, caught.value.path) == ("unreadable", str(path))
+    assert caught.value.reason.startswith("the NIfTI header is invalid: nibabel refuses it (")
+    assert reason in caught.value.reason

@@ -11,6 +11,7 @@ import SimpleITK as sitk
 from scipy.spatial.transform import Rotation
 
 from iris_pipelines.imaging import InvalidInputError
+from iris_pipelines.imaging import registration as registration_module
 from iris_pipelines.imaging.geometry import Geometry
 from iris_pipelines.imaging.metrics import label_map_metrics, spacing_from_image
 from iris_pipelines.imaging.registration import (
@@ -217,13 +218,47 @@ def test_linear_label_interpolation_votes_with_background_winning_ties() -> None
         propagate_label(label, label, half_voxel, "cubic")  # type: ignore[arg-type]
 
 
-def test_registration_failure_names_the_case(query) -> None:
-    flat = sitk.Image(SIZE, sitk.sitkFloat32)  # nothing to align: ITK's metric fails on it
-    flat.CopyInformation(query[0])
-    with pytest.raises(RegistrationError, match=r"^case-017: affine registration failed: ") as caught:
-        register_images(query[0], flat, case="case-017")
+def test_registration_failure_names_the_case(query, monkeypatch) -> None:
+    def fail(*args: object) -> None:
+        raise RuntimeError("sitk::ERROR: All samples map outside moving image buffer")
+
+    monkeypatch.setattr(registration_module, "_affine_stage", fail)
+    with pytest.raises(
+        RegistrationError, match=r"^case-017: affine registration failed: All samples map outside"
+    ) as caught:
+        register_images(query[0], query[0], case="case-017")
     assert caught.value.check == "registration_failed"
     assert isinstance(caught.value, InvalidInputError)  # batch stages record it as a reject
+
+
+@pytest.mark.parametrize("role", ["query", "reference"])
+def test_a_constant_image_is_refused_before_registering(query, role: str) -> None:
+    """ITK failed on a flat image with its histogram's "Zero-valued spacing is not supported"."""
+    flat = sitk.Image(SIZE, sitk.sitkFloat32) + 3.5
+    flat.CopyInformation(query[0])
+    fixed, moving = (flat, query[0]) if role == "query" else (query[0], flat)
+    with pytest.raises(RegistrationError) as caught:
+        register_images(fixed, moving, case="case-017")
+    assert caught.value.check == "registration_failed" and caught.value.path == "case-017"
+    assert caught.value.reason.startswith(f"the {role} image is constant (value 3.5): nothing to align")
+
+
+@pytest.mark.parametrize(
+    ("role", "size", "message"),
+    [
+        ("query", (3, 3, 3), "3 voxel(s) along axis x"),
+        ("reference", (22, 24, 1), "1 voxel(s) along axis z"),
+    ],
+)
+def test_a_volume_too_small_to_register_is_refused(query, role: str, size: tuple, message: str) -> None:
+    """ITK's pyramid smoothing failed on it with "requires a minimum of four pixels along the dimension"."""
+    values = np.random.default_rng(0).normal(size=size[::-1]).astype(np.float32)
+    small = sitk.GetImageFromArray(values)
+    fixed, moving = (small, query[0]) if role == "query" else (query[0], small)
+    with pytest.raises(RegistrationError) as caught:
+        register_images(fixed, moving, case="c")
+    assert caught.value.reason.startswith(f"the {role} image is too small to register: {message}")
+    assert "at least 4 along every axis" in caught.value.reason
 
 
 def test_label_on_another_grid_is_refused(query) -> None:

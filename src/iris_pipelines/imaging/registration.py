@@ -173,10 +173,37 @@ def _global_threads(threads: int) -> Iterator[None]:
         sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(previous)
 
 
+_MIN_VOXELS_PER_AXIS = 4  # ITK's recursive Gaussian (pyramid smoothing, image gradients) needs 4
+
+
 def _check_image(image: sitk.Image, case: str, role: str) -> None:
     if image.GetDimension() != 3:
         raise RegistrationError(
             case, f"the {role} is {image.GetDimension()}-D; registration needs 3-D images"
+        )
+
+
+def _check_registrable(image: sitk.Image, case: str, role: str) -> None:
+    """Refuse what ITK's registration fails on with a cryptic message: a constant image (Mattes' histogram
+    gets zero bin width: "Zero-valued spacing is not supported") and an axis of fewer than four voxels (the
+    recursive Gaussian smoothing and gradient: "requires a minimum of four pixels along the dimension")."""
+    size = image.GetSize()
+    thin = [axis for axis, n in enumerate(size) if n < _MIN_VOXELS_PER_AXIS]
+    if thin:
+        axis = thin[0]
+        raise RegistrationError(
+            case,
+            f"the {role} is too small to register: {size[axis]} voxel(s) along axis {'xyz'[axis]} "
+            f"(size {tuple(size)}), where registration needs at least {_MIN_VOXELS_PER_AXIS} along every "
+            "axis",
+        )
+    values = sitk.GetArrayViewFromImage(image)
+    low, high = values.min(), values.max()
+    if low == high:  # never true with a NaN voxel; ITK reports such an image itself
+        raise RegistrationError(
+            case,
+            f"the {role} is constant (value {float(low):g}): nothing to align, mutual information is "
+            "undefined",
         )
 
 
@@ -272,12 +299,14 @@ def register_images(
     The B-spline result is kept only if it beats the affine one on full-resolution mutual information:
     it is optimised on the coarse levels only, and on a pair that an affine map already aligns it can
     only add noise (it cost 2-3 Dice points on the synthetic affine test before this check).
-    Any ITK failure (no overlap, a flat image, a diverging optimiser) becomes a :class:`RegistrationError`
-    naming ``case``.
+    A constant image, or one with fewer than four voxels along an axis, is refused up front; any ITK failure
+    (no overlap, a diverging optimiser) becomes a :class:`RegistrationError` naming ``case``.
     """
     config = config or RegistrationConfig()
     _check_image(fixed, case, "query image")
     _check_image(moving, case, "reference image")
+    _check_registrable(fixed, case, "query image")
+    _check_registrable(moving, case, "reference image")
     start = time.perf_counter()
     stage = "affine"
     with _global_threads(config.threads):
