@@ -469,7 +469,8 @@ def test_segment_from_stored_embeddings(files, embeddings, tmp_path, strategy, o
 
 
 def test_stored_embeddings_errors(files, embeddings, tmp_path) -> None:
-    common = ["--image", files["query"], "--embeddings", embeddings, "--model", files["bundle"]]
+    # --spacing: at the project's 6 mm the scan is too small for the network, which is refused first
+    common = ["--image", files["query"], "--embeddings", embeddings, "--model", files["bundle"], *SPACING]
     result = invoke(*common, "--dataset", "omega", "--out", tmp_path / "o.nii.gz")
     assert result.exit_code == 2
     assert (
@@ -745,8 +746,46 @@ def test_a_scan_too_small_for_the_network_is_skipped_and_the_batch_goes_on(
     assert result.exit_code == 1, result.output
     summary = pd.read_csv(out / "segmentations.csv", keep_default_na=False)
     assert summary["status"].tolist() == ["failed", "ok"]
-    assert "over a volume of (4, 5, 6) voxels is too small" in summary["reason"][0]
+    assert summary["reason"][0].startswith(f"{tiny}: the scan is 6×5×4 voxels on the model's 1×1×1 mm grid")
     assert (out / "scan.nii.gz").is_file()
+
+
+@pytest.mark.parametrize("what", ["reference", "scan"])
+def test_an_input_too_small_for_the_network_is_named_with_what_to_do(
+    files, tmp_path, monkeypatch, what
+) -> None:
+    """A tightly cropped reference, or a tiny scan, failed with the network's ValueError naming no file."""
+    if (
+        what == "reference"
+    ):  # ref_b cropped to its corner: some of the blob and some air, 12×12×10 voxels of 1.2 mm
+        tiny = tmp_path / "tight_ref.nrrd"
+        for source, target in (
+            (files["ref_b"], tiny),
+            (files["ref_b_label"], tmp_path / "tight_labels.nrrd"),
+        ):
+            write_image(sitk.RegionOfInterest(read_image(source), (12, 12, 10), (0, 0, 0)), target)
+        assert 5 in sitk.GetArrayViewFromImage(read_image(tmp_path / "tight_labels.nrrd"))
+        args = ["--image", files["query"], "--reference", f"{tiny}:{tmp_path / 'tight_labels.nrrd'}"]
+        expected = f"{tiny}: the reference image is 15×15×12 voxels on the model's 1×1×1 mm grid, too small"
+        remedy = "use a reference with more context around the class"
+    else:
+        tiny = tmp_path / "tiny.nii.gz"
+        image, _ = make_scan((1.0, 1.0, 1.0), tuple(CENTRE + [2.0, 2.0, 3.0]), np.eye(3), (6, 5, 4))
+        write_image(image, tiny)
+        args, remedy = ["--image", tiny, *_reference(files)], "segment a larger scan"
+        expected = (
+            f"{tiny}: the scan is 6×5×4 voxels on the model's 1×1×1 mm grid, too small for this network"
+        )
+
+        def no_encoding(*args, **kwargs):
+            raise AssertionError("encoded the references for a scan too small to segment")
+
+        monkeypatch.setattr(segment_module, "prepare_task", no_encoding)
+    result = invoke(*args, "--model", files["bundle"], "--out", tmp_path / "o.nii.gz", *SPACING)
+    assert result.exit_code == 2, result.output
+    message = " ".join(result.output.split())
+    assert expected in message and "must exceed 16 voxels" in message, message
+    assert remedy in message and "a finer --spacing" in message and "Traceback" not in message
 
 
 def test_a_directory_of_scans_and_dicom_series_in_another_format(files, tmp_path, one_torch_thread) -> None:
@@ -775,8 +814,38 @@ def test_a_directory_of_scans_and_dicom_series_in_another_format(files, tmp_path
     )
 
 
+def test_an_earlier_runs_output_and_an_empty_folder_in_images_are_not_scans(
+    files, tmp_path, monkeypatch, caplog
+) -> None:
+    """A second run into another --out inside --images read the first run's output folder as a DICOM
+    series, reported it as a failed scan and exited 1."""
+    _known_prediction(files, monkeypatch, files["query"])
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    write_image(read_image(files["query"]), scans / "a.nii.gz")
+    common = ["--images", scans, *_reference(files), "--model", files["bundle"], *SPACING]
+    assert invoke(*common, "--out", scans / "labels_v1").exit_code == 0
+    (scans / "empty").mkdir()
+    with caplog.at_level("INFO", logger="iris_pipelines.segment"):
+        result = invoke(*common, "--out", scans / "labels_v2")
+    assert result.exit_code == 0, result.output
+    summary = pd.read_csv(scans / "labels_v2" / "segmentations.csv", keep_default_na=False)
+    assert summary["image"].tolist() == [str(scans / "a.nii.gz")] and summary["status"].tolist() == ["ok"]
+    logged = {(r.levelname, r.getMessage()) for r in caplog.records}
+    assert (
+        "INFO",
+        f"--images: skipped the folder {scans / 'labels_v1'}: it holds segmentations.csv, so it is the "
+        "output of an earlier iris segment run, not a DICOM series",
+    ) in logged
+    assert (
+        "WARNING",
+        f"--images: skipped the folder {scans / 'empty'}: it is empty, not a DICOM series",
+    ) in logged
+
+
 @pytest.mark.parametrize(
-    "clash", ["overwrite a scan", "one output for two scans", "one sidecar for two scans"]
+    "clash",
+    ["overwrite a scan", "one output for two scans", "one sidecar for two scans", "one name in two folders"],
 )
 def test_output_names_that_clash_are_refused_before_any_work(files, tmp_path, monkeypatch, clash) -> None:
     def no_encoding(*args, **kwargs):
@@ -794,15 +863,28 @@ def test_output_names_that_clash_are_refused_before_any_work(files, tmp_path, mo
         expected = (
             f"{scans / 'a.mha'} and {scans / 'a.nii.gz'} would both write {tmp_path / 'out' / 'a.nrrd'}"
         )
-    else:  # a.mha and a.nii.gz keep their formats, but both sidecars would be a.json
+    elif clash == "one sidecar for two scans":  # a.mha and a.nii.gz keep their formats, not their a.json
         write_image(read_image(files["query"]), scans / "a.mha")
         args = ["--images", scans, "--out", tmp_path / "out"]
         expected = (
             f"{scans / 'a.mha'} and {scans / 'a.nii.gz'} would both write {tmp_path / 'out' / 'a.json'}"
         )
+    else:
+        (tmp_path / "other").mkdir()
+        write_image(read_image(files["query"]), tmp_path / "other" / "a.nii.gz")
+        args = ["--image", scans / "a.nii.gz", "--image", tmp_path / "other" / "a.nii.gz"]
+        args += ["--out", tmp_path / "out"]
+        expected = (
+            f"{scans / 'a.nii.gz'} and {tmp_path / 'other' / 'a.nii.gz'} would both write "
+            f"{tmp_path / 'out' / 'a.nii.gz'}"
+        )
     result = invoke(*args, *_reference(files), "--model", files["bundle"], *SPACING)
     assert result.exit_code == 2, result.output
-    assert expected in " ".join(result.output.split()) and "Traceback" not in result.output
+    message = " ".join(result.output.split())
+    assert expected in message and "Traceback" not in result.output
+    if clash != "overwrite a scan":  # --out-suffix cannot help: the sidecar <stem>.json ignores it
+        assert "--out-suffix" not in message
+        assert "rename one of them, or segment them in separate runs with different --out folders" in message
     assert not (tmp_path / "out").exists()
 
 
@@ -855,7 +937,20 @@ def test_a_reference_with_label_values_above_255_serves_for_the_classes_asked_fo
     assert result.exit_code == 0, result.output
     assert set(np.unique(sitk.GetArrayViewFromImage(read_image(tmp_path / "o.nii.gz")))) == {0, 5}
     refused = invoke(*common, "--out", tmp_path / "all.nii.gz")  # every class, 1003 included
-    assert refused.exit_code == 2 and "0..255" in " ".join(refused.output.split()), refused.output
+    message = " ".join(refused.output.split())
+    assert refused.exit_code == 2, refused.output
+    assert f"{tmp_path / 'aparc_aseg.mha'}: label values must lie in 0..255, got 0..1003" in message
+    # what README promises: with --classes such a reference serves (the message said only "relabel")
+    assert (
+        "relabel the classes as 1..255, or pass --classes with the values to segment (each in 1..255"
+        in message
+    )
+    refused = invoke(*common, "--classes", "5,1003", "--out", tmp_path / "all.nii.gz")
+    message = " ".join(refused.output.split())
+    assert (
+        refused.exit_code == 2
+        and "--classes must list foreground label values in 1..255, got [5, 1003]" in message
+    )
 
 
 def _model_finds_nothing(monkeypatch) -> None:
@@ -967,6 +1062,27 @@ def test_checked_keeps_what_the_model_finds_in_its_reference(files, tmp_path, mo
     )
     refused = invoke(*common, "--strategy", "checked", "--no-reference-check", "--out", checked)
     assert refused.exit_code == 2 and "drop --no-reference-check" in " ".join(refused.output.split())
+
+
+@pytest.mark.parametrize("strategy", ["one_shot", "checked"])
+def test_one_reference_strategies_record_and_warn_about_the_references_they_ignore(
+    files, tmp_path, monkeypatch, caplog, strategy
+) -> None:
+    """one_shot and checked use the first reference only; the others were accepted in silence and the
+    sidecar listed them all as if the task came from them."""
+    _known_prediction(files, monkeypatch, files["query"])
+    out = tmp_path / "o.nii.gz"
+    with caplog.at_level("WARNING", logger="iris_pipelines.segment"):
+        result = invoke(
+            "--image", files["query"], *_reference(files), *_reference(files, "ref_b"), "--model",
+            files["bundle"], "--strategy", strategy, "--out", out, *SPACING,
+        )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    sidecar = _check_sidecar(out, read_image(out))
+    assert sidecar["references"] == [{"image": str(files["ref_a"]), "label": str(files["ref_a_label"])}]
+    warned = " ".join(caplog.text.split())
+    assert f"--strategy {strategy} uses only the first reference ({files['ref_a']}); ignored: " in warned
+    assert f"{files['ref_b']}:{files['ref_b_label']}" in warned and "--strategy ensemble" in warned
 
 
 def test_a_ct_without_air_is_segmented_when_the_user_names_ct(files, tmp_path, monkeypatch, caplog) -> None:

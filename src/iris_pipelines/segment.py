@@ -55,12 +55,13 @@ from iris_pipelines.imaging.io import (
     write_text_atomic,
 )
 from iris_pipelines.imaging.registration import RegistrationConfig, array_to_image, registration_baseline
-from iris_pipelines.imaging.resample import LABEL_MAX, require_grid_fits
+from iris_pipelines.imaging.resample import LABEL_MAX, canonical_geometry, require_grid_fits
 from iris_pipelines.inference.bundle import PREPROCESS_KEYS, ModelBundle, newest_version
 from iris_pipelines.inference.device import resolve_device as inference_device
 from iris_pipelines.inference.sliding_window import volume_predictor
 from iris_pipelines.inference.strategies import (
     SELF_CHECK_DICE,
+    clamp_roi,
     context_ensemble,
     crop_reference,
     memory_bank_task,
@@ -76,7 +77,7 @@ from iris_pipelines.inference.volume import (
     prepare_label,
     segment_volume,
 )
-from iris_pipelines.model import Iris
+from iris_pipelines.model import Iris, IrisConfig
 
 logger = logging.getLogger(__name__)
 
@@ -188,8 +189,14 @@ class SegmentRequest:
             raise SegmentError("give at least one --reference IMAGE:LABEL, or --embeddings PATH")
         if self.strategy == "memory_bank" and self.embeddings is None and not self.dataset:
             raise SegmentError("--strategy memory_bank needs --dataset (the training dataset of the classes)")
-        if self.classes is not None and (not self.classes or min(self.classes) < 1):
-            raise SegmentError(f"--classes must list foreground label values >= 1, got {self.classes}")
+        if self.classes is not None and (
+            not self.classes or min(self.classes) < 1 or max(self.classes) > LABEL_MAX
+        ):
+            # The model's label grid is uint8: a value above 255 cannot be a class (a reference may hold
+            # such values, as FreeSurfer's cortical parcels, as long as --classes leaves them out).
+            raise SegmentError(
+                f"--classes must list foreground label values in 1..{LABEL_MAX}, got {self.classes}"
+            )
         if self.classes is not None:
             # "--classes 1,1" asks for one class: a repeat would be decoded twice and listed twice in the
             # sidecar and the probability map (the pyfunc segments a repeated class once, too).
@@ -202,6 +209,12 @@ class SegmentRequest:
             raise SegmentError(f"--roi must be one or three positive sizes in voxels, got {self.roi_size}")
         if self.channel is not None and self.channel < 0:
             raise SegmentError(f"--channel must be 0 or more, got {self.channel}")
+
+    def used_references(self) -> list[ReferenceSpec]:
+        """The references the strategy uses: only the first for ``one_shot`` and ``checked``."""
+        if self.strategy in ONE_REFERENCE_STRATEGIES:
+            return self.references[:1]
+        return list(self.references)
 
     def inputs(self) -> list[Path]:
         """Every file the request reads besides the scans: no output may replace one of them."""
@@ -540,6 +553,16 @@ def read_reference(
             "resample the label onto the image grid",
         )
     values = label_values(sitk.GetArrayViewFromImage(label), spec.label)
+    if not wanted and values.size and (values[0] < 0 or values[-1] > LABEL_MAX):
+        # Without --classes every value is a class, and the model's label grid holds 0..255; with it, the
+        # other values are dropped (keep_classes), so such a reference serves for the classes asked for.
+        raise InvalidInputError(
+            str(spec.label),
+            "label_range",
+            f"label values must lie in 0..{LABEL_MAX}, got {values[0]}..{values[-1]}: relabel the classes as "
+            f"1..{LABEL_MAX}, or pass --classes with the values to segment (each in 1..{LABEL_MAX}; the "
+            "label's other values are then ignored)",
+        )
     present = [int(v) for v in values if v not in (0, ignored)]
     missing = [c for c in (wanted or []) if c not in present]
     if missing:
@@ -584,6 +607,50 @@ def warn_tiny_classes(
             "--spacing if the model was trained at one",
             source, c, counts[c], grid,
         )  # fmt: skip
+
+
+def require_fits_network(
+    shape: Sequence[int],
+    roi: Sequence[int],
+    divisor: int,
+    path: Path,
+    what: str,
+    spacing: Sequence[float],
+    remedy: str,
+) -> None:
+    """Refuse, naming ``path``, an image whose canonical array (``shape``, [z, y, x]) is too small for the
+    network: the windows cut from it (``roi`` per axis, clamped to the volume) must exceed ``divisor``
+    (2**stages) on at least one axis so the bottleneck holds more than one voxel. The model and the sliding
+    window refuse such an input too, with a ValueError that names no file."""
+    window = clamp_roi(tuple(int(r) for r in roi), tuple(int(v) for v in shape))
+    if any(w > divisor for w in window):
+        return
+    size = "×".join(str(int(v)) for v in reversed(tuple(shape)))  # x×y×z, as the user reads a grid
+    grid = "×".join(f"{float(v):g}" for v in spacing)
+    raise InvalidInputError(
+        str(path),
+        "too_small",
+        f"the {what} is {size} voxels on the model's {grid} mm grid, too small for this network: at least "
+        f"one axis must exceed {divisor} voxels so its bottleneck holds more than one voxel; {remedy}",
+    )
+
+
+REFERENCE_TOO_SMALL = (
+    "use a reference with more context around the class (a larger crop of its scan), or a finer --spacing "
+    "if the model was trained at one"
+)
+SCAN_TOO_SMALL = (
+    "segment a larger scan (more context around the structure), or a finer --spacing if the model was "
+    "trained at one"
+)
+
+
+def scan_fits_network(
+    image: sitk.Image, path: Path, spacing: Sequence[float], roi: Sequence[int], divisor: int
+) -> None:
+    """:func:`require_fits_network` for a raw scan, from its header alone (its canonical grid's size)."""
+    shape = canonical_geometry(Geometry.from_image(image), spacing).size[::-1]
+    require_fits_network(shape, roi, divisor, path, "scan", spacing, SCAN_TOO_SMALL)
 
 
 def reference_task(
@@ -904,17 +971,34 @@ def prepare_task(
     params, params_source = preprocessing
     roi = tuple(request.roi_size) if request.roi_size else bundle.inference_window()
     model = bundle.build_model().to(device)
+    divisor = model.config.size_divisor
+    if all(r <= divisor for r in roi):  # else every image would be refused as too small, naming it
+        raise SegmentError(
+            f"the window {list(roi)} (--roi, else the model's training crop) is too small for this network: "
+            f"at least one axis must exceed {divisor} voxels so its bottleneck holds more than one voxel"
+        )
     references: list[Reference] = []
     embeddings = embeddings_file(request.embeddings) if request.embeddings is not None else None
     table = read_embeddings(embeddings) if embeddings is not None else None
     if table is not None and not request.references:
         require_embeddings_fit(table, embeddings, bundle.weights_checksum, roi)  # type: ignore[arg-type]
     if request.references:
-        specs = request.references[:1] if request.strategy in ONE_REFERENCE_STRATEGIES else request.references
+        specs = request.used_references()
+        if len(specs) < len(request.references):
+            logger.warning(
+                "--strategy %s uses only the first reference (%s); ignored: %s. To use every reference, "
+                "pass --strategy ensemble (or tuning)",
+                request.strategy, specs[0].image,
+                ", ".join(f"{spec.image}:{spec.label}" for spec in request.references[len(specs) :]),
+            )  # fmt: skip
         for index, spec in enumerate(specs):
             reference, present = read_reference(
                 spec, labels or None, request.modality, params, ignored, request.require_air, request.channel
             )
+            require_fits_network(
+                reference.image.shape, roi, divisor, spec.image, "reference image", params["target_spacing"],
+                REFERENCE_TOO_SMALL,
+            )  # fmt: skip
             if index == 0 and not labels:
                 labels = present  # every class the first reference shows; the others must show them too
             references.append(reference)
@@ -1045,6 +1129,9 @@ def segment_scan(
     """
     step = on_step or (lambda _: None)
     step("segmenting")
+    scan_fits_network(
+        image, image_path, prepared.params["target_spacing"], prepared.roi, prepared.model.config.size_divisor
+    )
     predict = make_predictor(
         prepared.model, prepared.task, roi_size=prepared.roi, overlap=request.overlap, device=prepared.device
     )
@@ -1083,7 +1170,8 @@ def segment_scan(
         "output": str(out),
         "model": model_uri,
         "strategy": request.strategy,
-        "references": [{"image": str(r.image), "label": str(r.label)} for r in request.references],
+        # the references the task came from: one_shot and checked use only the first
+        "references": [{"image": str(r.image), "label": str(r.label)} for r in request.used_references()],
         "embeddings": None if request.embeddings is None else str(request.embeddings),
         "dataset": prepared.dataset,
         "modality": request.modality,
@@ -1146,6 +1234,21 @@ def out_of_memory_reason(image_path: Path, error: BaseException) -> str:
     return f"{image_path}: out of memory while segmenting it ({detail})"
 
 
+def early_scan_fit(
+    request: SegmentRequest, bundle: ModelBundle, image: sitk.Image, spacing: Sequence[float]
+) -> None:
+    """:func:`scan_fits_network` before the references are encoded, from the bundle's config (segment_scan
+    checks again with the network built); skipped when the config or the window is wrong, which
+    prepare_task names."""
+    try:
+        divisor = IrisConfig.from_dict(bundle.model_config).size_divisor
+    except (ValueError, TypeError, KeyError):
+        return
+    roi = tuple(request.roi_size) if request.roi_size else bundle.inference_window()
+    if any(r > divisor for r in roi) and request.image is not None:
+        scan_fits_network(image, request.image, spacing, roi, divisor)
+
+
 def segment(
     request: SegmentRequest,
     bundle: ModelBundle,
@@ -1171,6 +1274,7 @@ def segment(
     # A bad scan, or one whose canonical grid could not be allocated, fails before the references are read.
     image = read_scan(request.image, request.out, request.modality, request.require_air, request.channel)
     require_grid_fits(Geometry.from_image(image), preprocessing[0]["target_spacing"], str(request.image))
+    early_scan_fit(request, bundle, image, preprocessing[0]["target_spacing"])
     prepared = prepare_task(request, bundle, preprocessing, on_step=step)
     try:
         return segment_scan(
@@ -1194,21 +1298,44 @@ BATCH_SUMMARY = "segmentations.csv"
 _OWN_OUTPUT_SUFFIX = {"": ".nii.gz", ".mhd": ".mha", ".nhdr": ".nrrd"}
 
 
+def _not_a_series(path: Path) -> tuple[int, str] | None:
+    """Why the subdirectory ``path`` of ``--images`` is no scan (with the level to log it at), or None: it
+    holds an earlier run's output (its ``segmentations.csv``: expected, INFO), or nothing at all (a series
+    may be missing: WARNING). Any other folder is read as a DICOM series, and reported if it is not one."""
+    if (path / BATCH_SUMMARY).is_file():
+        return logging.INFO, f"it holds {BATCH_SUMMARY}, so it is the output of an earlier iris segment run"
+    try:
+        empty = not any(entry.name[0] != "." for entry in path.iterdir())
+    except OSError:  # unreadable: reported when read, as a scan that failed
+        return None
+    return (logging.WARNING, "it is empty") if empty else None
+
+
 def scans_in(directory: Path, exclude: Path | None = None) -> list[Path]:
     """The scans in ``directory``, sorted by name: every NIfTI, MetaImage and NRRD file, and every
     subdirectory as a DICOM series (one that is not is reported when read, like any bad scan).
 
-    ``exclude`` (the output directory, when it lies inside) is left out: a re-run must not read it.
+    ``exclude`` (the output directory, when it lies inside) is left out: a re-run must not read it. So
+    are an earlier run's output folder (one holding ``segmentations.csv``, logged at INFO) and an empty
+    folder (logged as a WARNING: a series may be missing).
     """
     if not directory.is_dir():
         raise InvalidInputError(str(directory), "missing_file", "--images must name an existing directory")
     skip = exclude.resolve() if exclude is not None else None
-    found = sorted(
-        path
-        for path in directory.iterdir()
-        if path.name[0] != "."
-        and ((path.is_file() and file_suffix(path)) or (path.is_dir() and path.resolve() != skip))
-    )
+    found = []
+    for path in sorted(directory.iterdir()):
+        if path.name[0] == ".":
+            continue
+        if path.is_file() and file_suffix(path):
+            found.append(path)
+        elif path.is_dir() and path.resolve() != skip:
+            skipped = _not_a_series(path)
+            if skipped is None:
+                found.append(path)
+            else:
+                logger.log(
+                    skipped[0], "--images: skipped the folder %s: %s, not a DICOM series", path, skipped[1]
+                )
     if not found:
         raise InvalidInputError(
             str(directory),
@@ -1248,8 +1375,11 @@ def batch_outputs(
         for path in written_files(out):
             key = path.resolve()
             if key in writers:
+                # Not --out-suffix: the sidecar <stem>.json is the same whatever the label map's format.
                 raise SegmentError(
-                    f"{writers[key]} and {image} would both write {path}; rename one or use --out-suffix"
+                    f"{writers[key]} and {image} would both write {path} (a scan's outputs are named after "
+                    "its file name, without folder or suffix); rename one of them, or segment them in "
+                    "separate runs with different --out folders"
                 )
             writers[key] = Path(image)
         pairs.append((Path(image), out))
