@@ -3,6 +3,7 @@ preprocessing is one; a class the memory bank lacks costs only that class."""
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -72,6 +73,36 @@ def test_when_no_episode_can_be_scored_the_stage_fails(untrained_bundle, collect
         EvaluationError, match=r"none of the 5 evaluated episode\(s\) could be scored \(alpha/"
     ):
         _evaluate(untrained_bundle, broken, index)
+
+
+def _without_classes(manifest: pd.DataFrame, dataset: str, case_id: str) -> None:
+    """The case holds no class in ``manifest``, as on a grid too coarse for its structures."""
+    row = (manifest.dataset == dataset) & (manifest.case_id == case_id)
+    manifest.loc[row, "class_bboxes"] = json.dumps({})
+    voxels = json.loads(manifest.loc[row, "class_voxels"].item())
+    manifest.loc[row, "class_voxels"] = json.dumps(dict.fromkeys(voxels, 0))
+
+
+def test_an_episode_whose_query_and_reference_share_no_class_here_is_a_failure(
+    untrained_bundle, collection
+) -> None:
+    """An index built from another manifest: such an episode was dropped without a row, and when every
+    episode was, evaluate returned an empty table as if it had scored something."""
+    manifest, index = collection
+    lost, *fine = _test_episodes(index)
+    changed = manifest.copy()
+    _without_classes(changed, lost["dataset"], lost["references"][0])
+    metrics = _evaluate(untrained_bundle, changed, index)
+    rows = metrics[metrics.episode_id == lost["episode_id"]]
+    assert set(rows.method) == {"one_shot", "paste"} and rows.dice.isna().all()
+    assert set(rows.label) == {int(c) for c in lost["classes"]}
+    assert rows.error.str.contains("the episode index was built from another one").all()
+    assert set(metrics.episode_id) == {e["episode_id"] for e in (lost, *fine)}
+
+    for episode in fine:
+        _without_classes(changed, episode["dataset"], episode["references"][0])
+    with pytest.raises(EvaluationError, match="none of the 5 evaluated episode"):
+        _evaluate(untrained_bundle, changed, index)
 
 
 def test_a_label_file_edited_after_preprocessing_is_refused(

@@ -216,6 +216,22 @@ def _load_episode(
     classes = [
         int(c) for c in episode["classes"] if int(c) in query.bboxes and int(c) in references[0].bboxes
     ]
+    if not classes:
+        # The episode builder lists only classes both show, so the manifest is not the one the index was
+        # built from (e.g. re-preprocessed at a spacing that loses a small class): a failure, not a skip.
+        raise ValueError(
+            f"none of the episode's classes {[int(c) for c in episode['classes']]} is in both its query "
+            f"{query.case_id} (holds {sorted(query.bboxes)}) and its first reference {references[0].case_id} "
+            f"(holds {sorted(references[0].bboxes)}) in this preprocessed manifest; the episode index was "
+            "built from another one: re-run episodes (kedro run --pipelines=episodes) after preprocess"
+        )
+    missing = [int(c) for c in episode["classes"] if int(c) not in query.bboxes]
+    if missing:
+        logger.warning(
+            "episode %s: class(es) %s are not scored: its query %s does not hold them in this preprocessed "
+            "manifest (the episode index was built from another one)",
+            episode["episode_id"], missing, query.case_id,
+        )  # fmt: skip
     unscored = [int(c) for c in episode["classes"] if int(c) in query.bboxes and int(c) not in classes]
     if unscored:  # every method is scored on the same classes, and one-shot and paste need reference 0
         logger.warning(
@@ -605,14 +621,15 @@ def _failed_episode_rows(
 ) -> list[dict[str, Any]]:
     """Rows of an episode that could not be scored: every method × class it would have had, metrics empty.
 
-    The classes are those the episode would have scored when its query and first reference are known, else
-    the classes it lists (a query missing from the manifest has no class table to consult).
+    The classes are those the episode would have scored when its query and first reference are known and
+    share one, else the classes it lists (a query missing from the manifest has no class table to consult).
     """
     dataset = info["dataset"]
     query = records.get((dataset, info["query"]))
     first = records.get((dataset, info["references"][0])) if info["references"] else None
     listed = [int(c) for c in info["classes"]]
-    classes = [c for c in listed if c in query.bboxes and c in first.bboxes] if query and first else listed
+    shared = [c for c in listed if c in query.bboxes and c in first.bboxes] if query and first else []
+    classes = shared or listed
     table = episode_index.get("classes", {}).get(dataset, {})
     unscored = dict.fromkeys(item.name for item in fields(MaskMetrics))
     rows = []
@@ -684,11 +701,6 @@ def evaluate_episodes(
         )
         try:
             episode = _load_episode(info, episode_index, records, rows_by_case, heldout_of)
-            if not episode.classes:
-                logger.warning(
-                    "episode %s: no class in both query and first reference; skipped", info["episode_id"]
-                )
-                continue
             out.extend(_score_episode(episode, runner, params, context))
             scored_episodes += 1
         except EPISODE_FAILURES as failure:
