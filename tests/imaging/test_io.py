@@ -685,3 +685,132 @@ def test_nifti_header_that_nibabel_refuses_is_refused(
     assert (caught.value.check, caught.value.path) == ("unreadable", str(path))
     assert caught.value.reason.startswith("the NIfTI header is invalid: nibabel refuses it (")
     assert reason in caught.value.reason
+
+
+_RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0])
+
+
+def _oblique_sform(sizes: tuple[float, float, float] = (0.9, 0.9, 2.0), shear: bool = False) -> np.ndarray:
+    """A RAS affine turned 15° about z (or, with ``shear``, with its slice axis leaning 15° towards y)."""
+    turn = np.deg2rad(15.0)
+    if shear:
+        axes = np.array([[1.0, 0.0, 0.0], [0.0, 1.0, np.sin(turn)], [0.0, 0.0, np.cos(turn)]])
+    else:
+        axes = np.array([[np.cos(turn), -np.sin(turn), 0.0], [np.sin(turn), np.cos(turn), 0.0], [0, 0, 1.0]])
+    affine = np.eye(4)
+    affine[:3, :3] = axes @ np.diag(sizes)
+    affine[:3, 3] = [-10.0, -18.0, -2.0]
+    return affine
+
+
+def _nifti_with_forms(
+    path: Path,
+    *,
+    sform: np.ndarray | None,
+    qform: np.ndarray | None = None,
+    zooms: tuple[float, float, float] | None = None,
+    patch: dict[int, float] | None = None,
+) -> Path:
+    """A NIfTI placed by ``sform`` and/or ``qform`` (code 0 where None), with pixdim set to ``zooms`` (by
+    default the placement's voxel sizes), then each pixdim[index] of the stored header overwritten as
+    ``patch`` says (nibabel refuses to write a negative voxel size itself)."""
+    image = nibabel.Nifti1Image(np.zeros((26, 26, 12), np.float32), None)
+    image.set_qform(qform, code=0 if qform is None else 1)
+    image.set_sform(sform, code=0 if sform is None else 1)
+    placed = sform if sform is not None else qform
+    image.header.set_zooms(zooms or tuple(np.linalg.norm(placed[:3, :3], axis=0)))
+    nibabel.save(image, path)
+    if patch:
+        header = bytearray(gzip.decompress(path.read_bytes()))
+        for index, value in patch.items():
+            header[76 + 4 * index : 80 + 4 * index] = struct.pack("<f", value)  # pixdim[index]
+        path.write_bytes(gzip.compress(bytes(header)))
+    return path
+
+
+@pytest.mark.parametrize("verify", [True, False])
+def test_sform_only_nifti_whose_pixdim_disagree_is_refused(tmp_path: Path, verify: bool) -> None:
+    """With no qform, ITK took the spacing from pixdim (1 mm) and only the direction from the sform
+    (0.9 x 0.9 x 2 mm), so a mask written from it lay up to 11 mm off its scan in nibabel, FSL and viewers."""
+    path = _nifti_with_forms(tmp_path / "scan.nii.gz", sform=_oblique_sform(), zooms=(1.0, 1.0, 1.0))
+    with pytest.raises(InvalidInputError) as caught:
+        read_image(path, verify=verify)
+    error = caught.value
+    assert (error.check, error.path) == ("pixdim_mismatch", str(path))
+    assert str(error).startswith(f"{path}: the sform (code 1), which alone places the voxels (qform code 0)")
+    assert "has voxel sizes (0.9, 0.9, 2) but the header's pixdim says (1, 1, 1)" in error.reason
+    assert "place the voxels up to 11.5" in error.reason
+    assert "img.header.set_zooms((0.9, 0.9, 2))" in error.reason
+    assert "img.set_qform(img.get_sform(), code=1)" in error.reason
+
+
+def test_sform_only_nifti_whose_pixdim_agree_reads_where_nibabel_places_it(tmp_path: Path) -> None:
+    """The check leaves a consistent sform-only file alone: ITK's spacing and every voxel's world position
+    are nibabel's (RAS turned into ITK's LPS)."""
+    affine = _oblique_sform()
+    path = _nifti_with_forms(tmp_path / "scan.nii.gz", sform=affine, zooms=(0.9, 0.9, 2.0))
+    image = read_image(path)
+    assert image.GetSpacing() == pytest.approx((0.9, 0.9, 2.0), abs=1e-6)
+    nib_affine = nibabel.load(path).affine
+    for index in [(0, 0, 0), (25, 0, 0), (0, 25, 11), (25, 25, 11), (7, 19, 5)]:
+        expected = _RAS_TO_LPS @ (nib_affine @ [*index, 1.0])[:3]
+        np.testing.assert_allclose(image.TransformIndexToPhysicalPoint(index), expected, atol=1e-4)
+
+
+def test_sform_only_nifti_with_a_sheared_sform_is_refused_as_sheared(tmp_path: Path) -> None:
+    """ITK cannot read a sheared sform with no qform beside it: it failed with "No orthonormal definition
+    found", reported as a file that "may be truncated, corrupt or not a valid NIfTI file"."""
+    sform = _oblique_sform(shear=True)
+    path = _nifti_with_forms(tmp_path / "scan.nii.gz", sform=sform, zooms=(0.9, 0.9, 2.0))
+    error = _read_error(path)
+    assert (error.check, error.path) == ("non_orthogonal_direction", str(path))
+    assert "the sform (code 1), which alone places the voxels (qform code 0), is sheared" in error.reason
+    assert ".nrrd or .mha" in error.reason and "corrupt" not in error.reason
+
+
+@pytest.mark.parametrize("forms", ["qform", "sform", "both"])
+def test_nifti_with_a_negative_voxel_size_is_refused(tmp_path: Path, forms: str) -> None:
+    """ITK read an axis with a negative pixdim mirrored whichever form placed the voxels, while nibabel
+    took its absolute value: the far corner of this scan lay 45 mm apart in the two."""
+    affine = _oblique_sform()
+    path = _nifti_with_forms(
+        tmp_path / "scan.nii.gz",
+        sform=None if forms == "qform" else affine,
+        qform=None if forms == "sform" else affine,
+        patch={1: -0.9},
+    )
+    error = _read_error(path)
+    assert (error.check, error.path) == ("pixdim_mismatch", str(path))
+    assert "the header's voxel sizes (pixdim) (-0.9, 0.9, 2) are negative in pixdim[1]" in error.reason
+
+
+def test_qform_only_nifti_with_a_qfac_neither_1_nor_minus_1_is_refused(tmp_path: Path) -> None:
+    """A qfac of -0.5: ITK took its sign and mirrored the slice axis, nibabel read it as 1."""
+    path = _nifti_with_forms(tmp_path / "scan.nii.gz", sform=None, qform=_oblique_sform(), patch={0: -0.5})
+    error = _read_error(path)
+    assert (error.check, error.path) == ("pixdim_mismatch", str(path))
+    assert "the qform's handedness (qfac, pixdim[0]) is -0.5 rather than 1 or -1" in error.reason
+
+
+@pytest.mark.parametrize(
+    ("forms", "patch"),
+    [("qform", {1: 0.0}), ("qform", {0: 0.0}), ("qform", {0: 0.5}), ("sform", {0: -0.5})],
+    ids=["qform-zero-pixdim", "qform-zero-qfac", "qform-qfac-half", "sform-odd-qfac"],
+)
+def test_pixdim_oddities_itk_and_nibabel_read_alike_are_accepted(
+    tmp_path: Path, forms: str, patch: dict[int, float]
+) -> None:
+    """A zero voxel size or qfac both readers take as 1, and a qfac the sform makes irrelevant, still read,
+    where nibabel places the voxels."""
+    affine = _oblique_sform()
+    path = _nifti_with_forms(
+        tmp_path / "scan.nii.gz",
+        sform=affine if forms == "sform" else None,
+        qform=affine if forms == "qform" else None,
+        patch=patch,
+    )
+    image = read_image(path)
+    nib_affine = nibabel.load(path).affine
+    for index in [(0, 0, 0), (25, 25, 11)]:
+        expected = _RAS_TO_LPS @ (nib_affine @ [*index, 1.0])[:3]
+        np.testing.assert_allclose(image.TransformIndexToPhysicalPoint(index), expected, atol=1e-4)

@@ -233,15 +233,109 @@ def _check_nifti(path: Path, payload_bytes: int, *, is_label: bool) -> None:
             )
 
 
+def _stored_pixdim(loaded: nibabel.Nifti1Image) -> np.ndarray:
+    """The header's pixdim as the file stores it: nibabel's load corrects it (a negative voxel size to its
+    absolute value, a qfac other than 1 or -1 to 1) where ITK's reader mirrors the axis instead."""
+    with loaded.file_map["image"].get_prepare_fileobj("rb") as handle:
+        stored = type(loaded.header).from_fileobj(handle, check=False)
+    return np.asarray(stored["pixdim"], dtype=np.float64)
+
+
+def _sizes(values: Sequence[float]) -> str:
+    return "(" + ", ".join(f"{float(v):.6g}" for v in values) + ")"
+
+
+def _corner_offset(shape: Sequence[int], matrix: np.ndarray) -> float:
+    """How far apart two placements whose 3x3 parts differ by ``matrix`` put a corner voxel of ``shape``."""
+    size = (tuple(shape[:3]) + (1, 1, 1))[:3]
+    corners = np.array(list(itertools.product(*((0, n - 1) for n in size))), dtype=np.float64)
+    return float(np.linalg.norm(corners @ matrix.T, axis=1).max())
+
+
+def _require_unmirrored_pixdim(
+    path: Path, pixdim: np.ndarray, axes: int, qform_code: int, sform_code: int
+) -> None:
+    """Refuse a pixdim that ITK reads mirrored and nibabel does not: a negative voxel size (ITK mirrors
+    that axis whichever form places the voxels, nibabel takes its absolute value), or, when the qform alone
+    places them, a negative qfac other than -1 (ITK mirrors the slice axis, nibabel takes 1)."""
+    negative = [axis for axis in range(axes) if pixdim[1 + axis] < 0]
+    if negative:
+        raise InvalidInputError(
+            str(path),
+            "pixdim_mismatch",
+            f"the header's voxel sizes (pixdim) {_sizes(pixdim[1 : 1 + axes])} are negative in "
+            f"{', '.join(f'pixdim[{1 + axis}]' for axis in negative)}: ITK reads such an axis mirrored "
+            "while nibabel (and the tools that follow it) takes the absolute value, so they place the "
+            "voxels in mirror image and a mask made from it would lie off the scan in some tools; find out "
+            "which orientation is right and store it with positive voxel sizes (loading the file with "
+            "nibabel and saving it again stores nibabel's reading)",
+        )
+    qfac = float(pixdim[0])
+    if qform_code > 0 and sform_code == 0 and qfac < 0 and qfac != -1:
+        raise InvalidInputError(
+            str(path),
+            "pixdim_mismatch",
+            f"the qform's handedness (qfac, pixdim[0]) is {qfac:g} rather than 1 or -1, and the qform alone "
+            "places the voxels (sform code 0): ITK reads it as -1, mirroring the slice axis, while nibabel "
+            "reads it as 1, so a mask made from it would lie off the scan in some tools; set it to 1 or -1, "
+            "whichever is right (loading the file with nibabel and saving it again stores 1)",
+        )
+
+
+def _require_sform_read_alike(
+    path: Path, shape: Sequence[int], sform: np.ndarray, sform_code: int, pixdim: np.ndarray, axes: int
+) -> None:
+    """Refuse an sform that ITK reads differently from nibabel and FSL when there is no qform.
+
+    ITK takes only the direction from the sform: the voxel spacing comes from pixdim (0 read as 1), so
+    voxel sizes that disagree with the sform's (ITK warns "unexpected scales in sform") move every voxel
+    off where nibabel, FSL and viewers put it. A sheared sform ITK cannot read at all.
+    """
+    columns = sform[:3, :3]
+    if not np.all(np.isfinite(sform)):
+        return  # a NaN or infinite sform: ITK's reader or the geometry check reports it
+    sizes = np.linalg.norm(columns, axis=0)
+    direction = columns / np.maximum(sizes, np.finfo(float).tiny)
+    if not np.allclose(direction @ direction.T, np.eye(3), rtol=0.0, atol=_ORTHONORMAL_ATOL):
+        raise InvalidInputError(
+            str(path),
+            "non_orthogonal_direction",
+            f"the sform (code {sform_code}), which alone places the voxels (qform code 0), is sheared (its "
+            "axes are not perpendicular, e.g. a gantry-tilted CT): ITK cannot read a sheared placement from "
+            "a NIfTI file, while nibabel and FSL use it as it is; resample the scan onto a grid with "
+            "perpendicular axes, or store it as .nrrd or .mha, which keep a sheared direction",
+        )
+    stored = pixdim[1 : 1 + axes]
+    itk_sizes = sizes.copy()
+    itk_sizes[:axes] = np.where(np.isfinite(stored) & (stored != 0), np.abs(stored), 1.0)
+    # Per mm of voxel size, as the qform and sform are compared.
+    if (np.abs(itk_sizes - sizes) / np.maximum(sizes, np.finfo(float).tiny)).max() <= _FORMS_ATOL_MATRIX:
+        return
+    offset = _corner_offset(shape, direction * (itk_sizes - sizes))
+    raise InvalidInputError(
+        str(path),
+        "pixdim_mismatch",
+        f"the sform (code {sform_code}), which alone places the voxels (qform code 0), has voxel sizes "
+        f"{_sizes(sizes[:axes])} but the header's pixdim says {_sizes(stored)}: ITK takes the spacing from "
+        "pixdim and only the direction from the sform, while nibabel, FSL and viewers use the sform as it "
+        f"is, so they place the voxels up to {offset:.4g} mm apart and a mask made from it would lie off "
+        "the scan in some tools; if the sform is right, make pixdim agree with it (e.g. in nibabel "
+        f"img.header.set_zooms({_sizes(sizes[:axes])}) and save) or store it as the qform too "
+        "(img.set_qform(img.get_sform(), code=1), which sets pixdim as well), else fix the sform",
+    )
+
+
 def _require_one_placement(path: Path) -> None:
-    """Refuse a NIfTI whose qform and sform are both in use but place the voxels differently, or that has
-    neither.
+    """Refuse a NIfTI whose qform and sform are both in use but place the voxels differently, that has
+    neither, or whose header ITK reads differently from nibabel in another way.
 
     Tools disagree on which form wins: ITK takes the qform when the sform code is 2 or 4, nibabel, FSL and
     most viewers take the sform. With neither (both codes 0, an Analyze-era conversion) each tool invents a
-    placement from the voxel sizes, and ITK's is mirrored and shifted against nibabel's and FSL's. Whichever
-    is read here, a mask written from the scan carries it in both forms, so in the other tools the mask
-    lies off its scan. Reads the header only.
+    placement from the voxel sizes, and ITK's is mirrored and shifted against nibabel's and FSL's. With the
+    sform alone, ITK takes the voxel sizes from pixdim instead of the sform, and fails on a sheared one; a
+    negative voxel size (or, with the qform alone, a negative qfac other than -1) ITK reads mirrored and
+    nibabel does not. Whichever is read here, a mask written from the scan carries it in both forms, so in
+    the other tools the mask lies off its scan. Reads the header only.
     """
     loaded = _nibabel_image(path)
     if loaded is None:
@@ -262,7 +356,14 @@ def _require_one_placement(path: Path) -> None:
             "img.set_sform(affine, code=1) (with the affine of the scanner, or of the image this one was "
             "converted from), or `fslorient -setsformcode 1` once the sform holds it",
         )
-    if qform_code == 0 or sform_code == 0:
+    shape = tuple(header.get_data_shape())
+    axes = min(len(shape), 3)
+    pixdim = _stored_pixdim(loaded)
+    _require_unmirrored_pixdim(path, pixdim, axes, qform_code, sform_code)
+    if qform_code == 0:
+        _require_sform_read_alike(path, shape, sform, sform_code, pixdim, axes)
+        return
+    if sform_code == 0:
         return
     translation = np.abs(qform[:3, 3] - sform[:3, 3]).max()
     # Per mm of voxel size, as direction cosines are compared: thick slices scale the round-off too.
@@ -630,7 +731,8 @@ def read_image(
     reports NaN/Inf voxels as a label map's problem (``non_finite_label``) rather than an image's.
     A DICOM series must have evenly spaced slices at distinct positions and no gantry tilt, a detached
     header (``.mhd``, ``.nhdr``) its data files, and a NIfTI a header nibabel accepts, with a qform or an
-    sform, and agreeing ones when it has both, whatever ``verify`` says: these checks read headers only.
+    sform, agreeing ones when it has both, and voxel sizes (pixdim) that ITK reads as nibabel does, whatever
+    ``verify`` says: these checks read headers only.
     """
     source = Path(path)
     if not source.exists():
