@@ -213,6 +213,13 @@ def _load_episode(
         raise ValueError(f"case(s) {absent} of dataset {dataset} are not in the preprocessed manifest")
     query = records[(dataset, episode["query"])]
     references = [records[(dataset, case)] for case in episode["references"]]
+    # The label file first: one edited or broken since preprocessing explains any disagreement below.
+    table = episode_index["classes"][dataset]
+    row = rows[(dataset, query.case_id)]
+    label_path = str(row["label_path"])
+    _require_label_as_preprocessed(label_path, str(row["label_sha256"]))
+    truth_image = read_image(label_path, verify=False)  # verify=False: the bytes are the ones ingest checked
+    truth = _truth_labels(truth_image, label_path)
     classes = [
         int(c) for c in episode["classes"] if int(c) in query.bboxes and int(c) in references[0].bboxes
     ]
@@ -238,11 +245,6 @@ def _load_episode(
             "episode %s: class(es) %s of the query are not scored: its first reference %s does not show them",
             episode["episode_id"], unscored, references[0].case_id,
         )  # fmt: skip
-    table = episode_index["classes"][dataset]
-    row = rows[(dataset, query.case_id)]
-    label_path = str(row["label_path"])
-    _require_label_as_preprocessed(label_path, str(row["label_sha256"]))
-    truth_image = read_image(label_path, verify=False)  # verify=False: the bytes are the ones ingest checked
     image, _ = load_arrays(query)
     return _Episode(
         info=episode,
@@ -256,7 +258,7 @@ def _load_episode(
         image=image,
         grid=_geometry(row["preprocessed_geometry"]),
         original=_geometry(row["original_geometry"]),
-        truth=_truth_labels(truth_image, label_path),
+        truth=truth,
         spacing=spacing_from_image(truth_image),
     )
 
