@@ -487,6 +487,32 @@ def test_an_msd_file_linked_into_a_symlink_cache_is_read_through_its_listed_name
     assert manifest["image_path"].iloc[0] == str(root / "imagesTr" / "liver_0.nii.gz")
 
 
+def test_a_csv_file_linked_into_a_symlink_cache_is_read_through_its_listed_name(tmp_path: Path) -> None:
+    """As for MSD: the CSV layout resolved its files too, so a link into DVC's suffix-less cache was
+    rejected as ``unsupported_format``."""
+    cache = tmp_path / ".dvc" / "cache"
+    hospital = tmp_path / "hospital"
+    rows = []
+    for index, case_id in enumerate(["a", "b"]):
+        for name, volume in (
+            (f"{case_id}.nii.gz", image_volume(seed=index)),
+            (f"{case_id}_seg.nii.gz", label_volume()),
+        ):
+            listed = write(volume, hospital / name)
+            stored = cache / name.split(".")[0] / f"{index:030x}"
+            stored.parent.mkdir(parents=True)
+            shutil.move(listed, stored)
+            listed.symlink_to(stored)
+        rows.append({"case_id": case_id, "image": f"{case_id}.nii.gz", "label": f"{case_id}_seg.nii.gz"})
+    csv_path = write_csv(hospital, rows, labels={"1": "liver", "2": "tumour"})
+    manifest, report = ingest_sources(
+        [{"name": "h", "layout": "csv", "path": str(csv_path), "modality": "CT"}]
+    )
+    assert report.empty, report.to_dict("records")
+    assert list(manifest["image_format"]) == ["nifti", "nifti"]
+    assert manifest["label_path"].iloc[0] == str(hospital / "a_seg.nii.gz")
+
+
 @pytest.mark.parametrize(
     "sources",
     [{"name": "liver", "layout": "msd", "path": "/data/Task03_Liver"}, "/data/Task03_Liver", 3],

@@ -347,7 +347,8 @@ def _make_ref(
 
 
 def _listed_path(directory: Path, listed: str) -> Path:
-    """``listed`` (a path in dataset.json) under ``directory``, its folders resolved but not its file.
+    """``listed`` (a path in dataset.json or a CSV manifest) under ``directory``, its folders resolved but
+    not its file.
 
     The case id is the listed file's name: a symlinked file (git-annex, DataLad, a DVC symlink cache, a
     task combined from links) would otherwise be named after its target (``SHA256E-s…``, a cache hash,
@@ -572,8 +573,8 @@ def _discover_csv(source: _Source) -> tuple[list[CaseRef], list[Problem]]:
             ref = _make_ref(
                 source,
                 case_id,
-                image=(base / row["image"]).resolve(),
-                label=(base / row["label"]).resolve(),
+                image=_listed_path(base, row["image"]),
+                label=_listed_path(base, row["label"]),
                 labels=labels,
                 modality=source.modality,
                 subject_id=row.get("subject_id") or None,
