@@ -56,7 +56,7 @@ from iris_pipelines.imaging.io import (
 )
 from iris_pipelines.imaging.registration import RegistrationConfig, array_to_image, registration_baseline
 from iris_pipelines.imaging.resample import LABEL_MAX, canonical_geometry, require_grid_fits
-from iris_pipelines.inference.bundle import PREPROCESS_KEYS, ModelBundle, newest_version
+from iris_pipelines.inference.bundle import PREPROCESS_KEYS, BundleError, ModelBundle, newest_version
 from iris_pipelines.inference.device import resolve_device as inference_device
 from iris_pipelines.inference.sliding_window import volume_predictor
 from iris_pipelines.inference.strategies import (
@@ -77,7 +77,7 @@ from iris_pipelines.inference.volume import (
     prepare_label,
     segment_volume,
 )
-from iris_pipelines.model import Iris, IrisConfig
+from iris_pipelines.model import Iris
 
 logger = logging.getLogger(__name__)
 
@@ -1241,8 +1241,8 @@ def early_scan_fit(
     checks again with the network built); skipped when the config or the window is wrong, which
     prepare_task names."""
     try:
-        divisor = IrisConfig.from_dict(bundle.model_config).size_divisor
-    except (ValueError, TypeError, KeyError):
+        divisor = bundle.config().size_divisor
+    except BundleError:
         return
     roi = tuple(request.roi_size) if request.roi_size else bundle.inference_window()
     if any(r > divisor for r in roi) and request.image is not None:

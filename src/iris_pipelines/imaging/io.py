@@ -202,11 +202,8 @@ def _nibabel_image(path: Path) -> nibabel.Nifti1Image | None:
         return None
 
 
-def _check_nifti(path: Path, payload_bytes: int, *, is_label: bool) -> None:
+def _check_nifti(path: Path, loaded: nibabel.Nifti1Image, payload_bytes: int, *, is_label: bool) -> None:
     """Fail on what ITK's NIfTI reader hides: missing voxel bytes (zero-filled) and NaN/Inf (set to 0)."""
-    loaded = _nibabel_image(path)
-    if loaded is None:
-        return  # not readable as NIfTI by either library: ITK's reader reports the problem next
     proxy = loaded.dataobj
     expected = proxy.offset + int(np.prod(proxy.shape)) * proxy.dtype.itemsize
     if payload_bytes < expected:
@@ -325,7 +322,7 @@ def _require_sform_read_alike(
     )
 
 
-def _require_one_placement(path: Path) -> None:
+def _require_one_placement(path: Path, loaded: nibabel.Nifti1Image) -> None:
     """Refuse a NIfTI whose qform and sform are both in use but place the voxels differently, that has
     neither, or whose header ITK reads differently from nibabel in another way.
 
@@ -337,9 +334,6 @@ def _require_one_placement(path: Path) -> None:
     nibabel does not. Whichever is read here, a mask written from the scan carries it in both forms, so in
     the other tools the mask lies off its scan. Reads the header only.
     """
-    loaded = _nibabel_image(path)
-    if loaded is None:
-        return  # not readable as NIfTI by either library: ITK's reader reports the problem next
     header = loaded.header
     try:
         qform, qform_code = header.get_qform(coded=True)
@@ -751,14 +745,17 @@ def read_image(
         header = _read_header(source, image_format)
         if header is not None:
             _require_data_files(source, header)
-        if image_format == "nifti":
-            _require_one_placement(source)
+        # The header once for both NIfTI checks; None when neither library can read it: ITK's reader
+        # reports the problem next.
+        nifti = _nibabel_image(source) if image_format == "nifti" else None
+        if nifti is not None:
+            _require_one_placement(source, nifti)
         if verify:
             with source.open("rb") as handle:
                 gzipped = handle.read(2) == _GZIP_MAGIC
             payload_bytes = _gzip_payload_bytes(source) if gzipped else source.stat().st_size
-            if image_format == "nifti":
-                _check_nifti(source, payload_bytes, is_label=is_label)
+            if nifti is not None:
+                _check_nifti(source, nifti, payload_bytes, is_label=is_label)
             elif image_format == "mha" and header is not None:
                 _check_metaimage_size(source, header)
         reader = sitk.ImageFileReader()

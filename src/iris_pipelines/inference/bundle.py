@@ -178,13 +178,16 @@ class ModelBundle:
             metadata=document.get("metadata", {}),
         )
 
-    def build_model(self) -> Iris:
-        """The network in eval mode; a state_dict that does not fit the config is an error, not a warning."""
+    def config(self) -> IrisConfig:
+        """The network's configuration, read from the bundle without building the network."""
         try:
-            config = IrisConfig.from_dict(self.model_config)
+            return IrisConfig.from_dict(self.model_config)
         except (TypeError, ValueError) as error:
             raise BundleError(f"model bundle config is not a valid IrisConfig: {error}") from error
-        model = Iris(config)
+
+    def build_model(self) -> Iris:
+        """The network in eval mode; a state_dict that does not fit the config is an error, not a warning."""
+        model = Iris(self.config())
         try:
             model.load_state_dict(self.state_dict, strict=True)
         except RuntimeError as error:
