@@ -12,6 +12,7 @@ from iris_pipelines.evaluation.report import (
     headline_metrics,
     markdown_report,
     reference_check_table,
+    subject_bootstrap_interval,
     summary_by_dataset,
     summary_by_group,
 )
@@ -264,3 +265,28 @@ def test_the_reference_check_table_splits_flagged_classes_from_the_others() -> N
     assert "## Reference check" in report and "one_shot_below_paste" in report
     # a table written before the column existed has no check to report
     assert reference_check_table(metrics.drop(columns="reference_check_dice")).empty
+
+
+def test_n_counts_scored_rows_and_failures_count_the_failed_ones() -> None:
+    scored = _rows("one_shot", np.linspace(0.2, 0.8, 12), episodes=4)
+    failed = _rows("one_shot", np.full(6, np.nan), episodes=2, dataset="E").assign(error="unreadable scan")
+    by_group = summary_by_group(pd.concat([scored, failed], ignore_index=True))
+    row = by_group.set_index(["group", "method"]).loc[("seen", "one_shot")]
+    assert (row.n, row.failures) == (12, 6)
+    assert row.dice == pytest.approx(0.5)
+
+
+def test_the_interval_keeps_its_false_win_rate_near_nominal_with_few_subjects() -> None:
+    """A zero true gain must rarely read as a clear win. Tables of 5 subjects (the fewest given an
+    interval) with 3–8 correlated pairs each: the plain percentile bootstrap put its lower bound above 0
+    in 8.7 % of them, against 2.5 % nominal."""
+    rng = np.random.default_rng(11)
+    tables, false_wins = 2000, 0
+    for _ in range(tables):
+        counts = rng.integers(3, 9, size=5)
+        subject_effect = rng.normal(0.0, 0.1, 5)
+        pairs = zip(subject_effect, counts, strict=True)
+        sums = np.array([(effect + rng.normal(0.0, 0.15, n)).sum() for effect, n in pairs])
+        low, _ = subject_bootstrap_interval(sums, counts.astype(float), rng, resamples=1000)
+        false_wins += low > 0
+    assert false_wins / tables < 0.06
