@@ -1,5 +1,7 @@
 import os
 import shutil
+import signal
+import time
 from datetime import timedelta
 from pathlib import Path
 
@@ -166,3 +168,61 @@ def test_ranks_that_resume_different_steps_stop_instead_of_training_apart(collec
         assert "the ranks resumed from different checkpoints" in message
         assert "rank 0: step 2, rank 1: step 0" in message
     assert not (folders[1] / "step_00000004.pt").exists() and not (folders[0] / "step_00000004.pt").exists()
+
+
+class CallbackFailed(Exception):
+    pass
+
+
+@pytest.mark.skipif(not Path("/proc/self").exists(), reason="reads the process table in /proc")
+def test_ranks_are_reaped_when_the_metrics_callback_fails(collection, tmp_path, monkeypatch):
+    """Before, the launcher terminated the ranks but never joined them: they stayed zombies for as long as
+    the launching process (a notebook kernel, a Kedro session) lived."""
+    from iris_pipelines.launch import local_ddp
+
+    contexts = []
+    real_spawn = local_ddp.mp.spawn
+
+    def spawn(*args, **kwargs):
+        contexts.append(real_spawn(*args, **kwargs))
+        return contexts[-1]
+
+    def failing_callback(record):
+        raise CallbackFailed("MLflow refused the record")
+
+    monkeypatch.setattr(local_ddp.mp, "spawn", spawn)
+    with pytest.raises(CallbackFailed):
+        launch_training(
+            "local_ddp",
+            nprocs=2,
+            backend="gloo",
+            on_metrics=failing_callback,
+            **_kwargs(collection, tmp_path, steps=2),
+        )
+    pids = [process.pid for process in contexts[0].processes]
+    assert [pid for pid in pids if Path(f"/proc/{pid}").exists()] == []
+
+
+def _ignore_sigterm_and_wait(ready):
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    ready.set()
+    time.sleep(600)
+
+
+@pytest.mark.skipif(os.name != "posix", reason="SIGTERM cannot be ignored on Windows")
+def test_a_rank_that_does_not_exit_on_sigterm_is_killed_and_reaped():
+    from iris_pipelines.launch.local_ddp import stop_ranks
+
+    context = mp.get_context("fork")  # the child runs one function of this module; fork starts it at once
+    ready = context.Event()
+    process = context.Process(target=_ignore_sigterm_and_wait, args=(ready,))
+    process.start()
+    try:
+        assert ready.wait(60)
+        stop_ranks([process], grace_s=0.5)
+        assert process.exitcode == -signal.SIGKILL
+        assert not Path(f"/proc/{process.pid}").exists()
+    finally:
+        if process.is_alive():
+            process.kill()
+            process.join()

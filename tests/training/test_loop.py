@@ -1,4 +1,5 @@
 import copy
+import logging
 
 import numpy as np
 import pytest
@@ -191,7 +192,8 @@ def test_task_augmentation_recipe_trains_and_logs_the_exclusive_term(collection,
 def test_a_diverging_run_stops_before_its_weights_replace_the_good_checkpoints(collection, tmp_path):
     """Pruning keeps two checkpoints: NaN weights saved twice would leave nothing to resume from."""
     with pytest.raises(
-        TrainingDiverged, match="training diverged: the (loss is nan|weights hold NaN)"
+        TrainingDiverged,
+        match="training diverged: the (loss is nan|weights hold NaN|gradient norm is (nan|inf))",
     ) as caught:
         _run(collection, tmp_path, "diverged", lr=1e8, checkpoint_every=1, steps=6)
     assert "Lower train.lr" in str(caught.value)
@@ -275,3 +277,83 @@ def test_a_resumed_run_checkpoints_the_rng_state_of_an_uninterrupted_one(collect
     assert reference["step"] == resumed["step"] == 4
     assert torch.equal(resumed["rng"]["torch"], reference["rng"]["torch"])
     assert resumed["rng"]["python"] == reference["rng"]["python"]
+
+
+def test_a_nan_loss_stops_training_at_its_own_step_before_the_optimiser_takes_it(
+    collection, tmp_path, monkeypatch
+):
+    """Before, the loss was read only on logging steps: a NaN at step 2 with log_every=5 was reported at
+    step 5, with step 5's lr, after three optimiser steps on NaN gradients."""
+    from iris_pipelines.training import loop
+
+    real_loss, calls = loop.segmentation_loss, []
+
+    def nan_at_step_2(logits, *args, **kwargs):
+        calls.append(len(calls) + 1)
+        if len(calls) == 2:  # as a bad episode (a NaN voxel, an overflow under bf16) would
+            logits = logits * float("nan")
+        return real_loss(logits, *args, **kwargs)
+
+    monkeypatch.setattr(loop, "segmentation_loss", nan_at_step_2)
+    with pytest.raises(TrainingDiverged, match="the gradient norm is nan at step 2 ") as caught:
+        _run(collection, tmp_path, steps=8, log_every=5)
+    config = TrainConfig.from_dict(fast_train_config(steps=8))
+    assert f"(lr {config.lr * lr_factor(1, config):.3g};" in str(caught.value)
+    assert calls == [1, 2]
+
+
+def test_a_resume_names_the_changed_recipe_keys_and_ignores_scheduling_ones(collection, tmp_path, caplog):
+    """Before, a resume after lowering num_workers (or log_every, ...) warned of "a different train config"
+    without naming a key, as did a changed lr."""
+    _run(collection, tmp_path, steps=2, checkpoint_every=2)
+    with caplog.at_level(logging.WARNING, logger="iris_pipelines.training.loop"):
+        _run(collection, tmp_path, steps=2, checkpoint_every=1, log_every=2, val_every=3)
+        assert [r.message for r in caplog.records if r.name == "iris_pipelines.training.loop"] == []
+        _run(collection, tmp_path, steps=2, checkpoint_every=2, lr=5e-3, weight_decay=0.5)
+    assert "written with another train config (lr 0.002 → 0.005, weight_decay 1e-05 → 0.5)" in caplog.text
+
+
+def test_a_newest_checkpoint_lacking_keys_is_passed_over_for_the_one_before(collection, tmp_path, caplog):
+    """Before, a readable file of other code in the folder failed every resume with a bare KeyError."""
+    _run(collection, tmp_path, steps=2, checkpoint_every=1)
+    good = torch.load(latest_checkpoint(tmp_path / "ck"), weights_only=False)
+    foreign = tmp_path / "ck" / "step_00000003.pt"
+    torch.save({"model": good["model"], "step": 3}, foreign)
+    resumed = _run(collection, tmp_path, steps=3, checkpoint_every=1)
+    assert [h["step"] for h in resumed.history] == [1, 2, 3]
+    assert f"training checkpoint {foreign} lacks ['optimizer', 'scheduler', 'rng', 'sampler'," in caplog.text
+
+
+def test_a_second_run_in_a_checkpoint_folder_another_run_writes_to_is_refused(collection, tmp_path):
+    """Before, two runs of one recipe shared the folder, and each deleted the other's temporary files
+    mid-write: a bare FileNotFoundError, or checkpoints of two runs interleaved."""
+    refusals = []
+
+    def start_a_second_run(record):
+        if record.get("step") == 1 and "loss" in record:
+            try:
+                _run(collection, tmp_path, steps=2)
+            except RuntimeError as error:
+                refusals.append(str(error))
+
+    assert _run(collection, tmp_path, on_metrics=start_a_second_run, steps=2).final_step == 2
+    assert len(refusals) == 1
+    assert f"another training run is writing checkpoints in {tmp_path / 'ck'}" in refusals[0]
+    assert _run(collection, tmp_path, steps=2).final_step == 2  # the lock went with the run that ended
+
+    def crash_at_step_1(record):
+        raise Crash("simulated failure")
+
+    with pytest.raises(Crash):
+        _run(collection, tmp_path, "failed", on_metrics=crash_at_step_1, steps=1)
+    assert _run(collection, tmp_path, "failed", steps=1).final_step == 1  # and with the one that failed
+
+
+def test_ranks_that_end_with_different_weights_are_refused_naming_them(tmp_path):
+    from iris_pipelines.training.loop import require_same_weights_on_every_rank
+
+    require_same_weights_on_every_rank(["a" * 64] * 3, tmp_path)
+    with pytest.raises(
+        RuntimeError, match=r"different weights \(ranks 0, 2: aaaaaaaaaaaa…; rank 1: bbbbbbbbbbbb…\)"
+    ):
+        require_same_weights_on_every_rank(["a" * 64, "b" * 64, "a" * 64], tmp_path)

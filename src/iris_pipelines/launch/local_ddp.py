@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import os
 import tempfile
+import time
 import traceback
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,7 @@ class RankFailedError(RuntimeError):
 
 RENDEZVOUS_HOST = "127.0.0.1"
 RENDEZVOUS_TIMEOUT = timedelta(minutes=5)
+RANK_EXIT_GRACE_S = 5.0  # how long a terminated rank may take to exit before it is killed
 
 
 def usable_cpus() -> int:
@@ -99,6 +101,22 @@ def _worker(
         torch.save(result, Path(result_dir) / "result.pt")
 
 
+def stop_ranks(processes: Sequence[Any], grace_s: float = RANK_EXIT_GRACE_S) -> None:
+    """Terminate the ranks still running and reap every one: a rank terminated but never joined stays a
+    zombie for as long as the launching process (a notebook kernel, a Kedro session) lives, and one that
+    does not exit within ``grace_s`` of SIGTERM is killed."""
+    for process in processes:
+        if process.is_alive():
+            process.terminate()
+    deadline = time.monotonic() + grace_s
+    for process in processes:
+        process.join(max(0.0, deadline - time.monotonic()))
+    for process in processes:
+        if process.is_alive():
+            process.kill()
+            process.join()
+
+
 def run_local_ddp(nprocs: int = 2, backend: str | None = None, **run_training_kwargs: Any) -> TrainResult:
     """``run_training`` on ``nprocs`` spawned ranks; returns rank 0's result (with every rank's checksum)."""
     if nprocs < 1:
@@ -131,9 +149,7 @@ def run_local_ddp(nprocs: int = 2, backend: str | None = None, **run_training_kw
                     if done:
                         break
             except BaseException:
-                for process in ranks.processes:  # Ctrl-C or a failing callback: no rank trains on
-                    if process.is_alive():
-                        process.terminate()
+                stop_ranks(ranks.processes)  # Ctrl-C or a failing callback: no rank trains on
                 raise
         except mp.ProcessRaisedException as error:
             raise RankFailedError(

@@ -34,7 +34,9 @@ from iris_pipelines.model import Iris, IrisConfig, dice_score, segmentation_loss
 
 from .augment import AugmentParams
 from .checkpoint import (
+    SCHEDULING_KEYS,
     capture_rng_state,
+    exclusive_checkpoint_folder,
     load_latest_checkpoint,
     restore_rng_state,
     save_checkpoint,
@@ -277,6 +279,10 @@ def validate(
     return [{"step": step, "dataset": d, "dice": float(np.mean(v))} for d, v in sorted(scores.items())]
 
 
+# What _resume reads from a checkpoint: a file lacking one is passed over for the one before it.
+RESUME_KEYS = ("model", "optimizer", "scheduler", "rng", "sampler", "history", "validation", "step")
+
+
 @dataclass
 class _State:
     step: int = 0
@@ -293,7 +299,7 @@ def _resume(
     device: torch.device,
     world_size: int,
 ) -> _State:
-    found = load_latest_checkpoint(checkpoint_dir)
+    found = load_latest_checkpoint(checkpoint_dir, required_keys=RESUME_KEYS)
     if found is None:
         return _State()
     path, ckpt = found
@@ -316,14 +322,31 @@ def _resume(
     model.to(device)
     optimizer.load_state_dict(ckpt["optimizer"])
     scheduler.load_state_dict(ckpt["scheduler"])
-    if ckpt.get("train_config") != config.to_dict():
+    changed = _recipe_changes(ckpt.get("train_config"), config.to_dict())
+    if changed:
         # The optimiser's and scheduler's states carry the old lr and weight decay; without this a
         # resumed run would keep them while the log says otherwise.
         _apply_schedule(optimizer, scheduler, config)
-        logger.warning("resuming %s written with a different train config; continuing with the new one", path)
+        logger.warning(
+            "resuming %s, written with another train config (%s); continuing with the new one", path, changed
+        )
     restore_rng_state(ckpt["rng"])
     logger.info("resumed from %s at step %d", path, ckpt["step"])
     return _State(int(ckpt["sampler"]["step"]), list(ckpt["history"]), list(ckpt["validation"]))
+
+
+def _recipe_changes(saved: Mapping[str, Any] | None, current: Mapping[str, Any]) -> str:
+    """The train-config keys whose values differ from the checkpoint's, as ``key old → new``; "" when
+    none does. ``SCHEDULING_KEYS`` change no weight, so a change of them alone resumes silently."""
+    if saved is None:
+        return "the checkpoint records none"
+    missing = "(not recorded)"
+    keys = sorted((saved.keys() | current.keys()) - set(SCHEDULING_KEYS))
+    return ", ".join(
+        f"{key} {saved.get(key, missing)} → {current.get(key, missing)}"
+        for key in keys
+        if saved.get(key, missing) != current.get(key, missing)
+    )
 
 
 def require_same_resume_step(steps: Sequence[int], checkpoint_dir: Path) -> None:
@@ -337,6 +360,26 @@ def require_same_resume_step(steps: Sequence[int], checkpoint_dir: Path) -> None
             "must be one shared directory that every node sees (not node-local disk): put "
             "checkpoint_dir on the shared filesystem, or wait for it to sync, and requeue"
         )
+
+
+def require_same_weights_on_every_rank(checksums: Sequence[str], checkpoint_dir: Path) -> None:
+    """DDP keeps every rank's weights bit-identical. Ranks that ended apart (a collective one rank
+    skipped, a faulty GPU) trained no single model, and only rank 0's weights would be kept."""
+    if len(set(checksums)) <= 1:
+        return
+    ranks_by_checksum: dict[str, list[int]] = {}
+    for rank, checksum in enumerate(checksums):
+        ranks_by_checksum.setdefault(checksum, []).append(rank)
+    by_rank = "; ".join(
+        f"rank{'s' if len(ranks) > 1 else ''} {', '.join(map(str, ranks))}: {checksum[:12]}…"
+        for checksum, ranks in ranks_by_checksum.items()
+    )
+    raise RuntimeError(
+        f"the {len(checksums)} ranks ended training with different weights ({by_rank}), so the run made "
+        f"no single model and nothing of it is kept. The checkpoints in {checkpoint_dir} hold rank 0's "
+        "weights and may have drifted too: move that folder away and train afresh; if ranks drift apart "
+        "again, suspect the hardware of the ranks that differ"
+    )
 
 
 def _apply_schedule(optimizer, scheduler: LambdaLR, config: TrainConfig) -> None:
@@ -431,136 +474,157 @@ def run_training(
     _check_class_table(episode_index, class_ids)
     iris_config = _model_config(model_config, class_ids)
     config.check_crop_fits(iris_config.size_divisor)
-    _seed_everything(config.seed)  # same init on every rank (DDP also broadcasts rank 0's weights)
-    model = Iris(iris_config).to(device)
-    optimizer = make_optimizer(model, config)
-    scheduler = LambdaLR(optimizer, lambda index: lr_factor(index, config))
-    state = _resume(checkpoint_dir, model, optimizer, scheduler, config, device, world_size)
-    if distributed:
-        resumed: list[Any] = [None] * world_size
-        dist.all_gather_object(resumed, state.step)
-        require_same_resume_step(resumed, checkpoint_dir)
-    net: nn.Module = _EpisodeModel(model)
-    if distributed:
-        # Buffers are not broadcast: the memory bank is kept identical by all-gathered updates.
-        net = DistributedDataParallel(
-            net, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False
-        )
-    if config.compile:
-        # After the DDP wrap, as torch documents for DDP + compile; ``model`` stays the plain module,
-        # so checkpoints, validation and the memory bank never see the compiled wrapper's key prefix.
-        net = torch.compile(net)
-    sampler = EpisodeSampler(
-        train_pool(episode_index, records),
-        class_ids,
-        config,
-        rank=rank,
-        batch_size=config.batch_size // world_size,
-        augment=AugmentParams(flip_prob=config.flip_prob),
-    )
-    val_episodes = validation_episodes(episode_index, records) if is_main else []
-
-    progress = tqdm(
-        total=config.steps, initial=state.step, desc="train", disable=not is_main, dynamic_ncols=True
-    )
-    window_start, window_steps = time.perf_counter(), 0
-    for cpu_batch in _loader(sampler, config, state.step, device):
-        step = state.step + 1
-        batch = batch_to_device(cpu_batch, device)
-        lr = optimizer.param_groups[0]["lr"]
-        with autocast_context(device, config.precision):
-            logits, task = net(batch["query"], batch["ref_image"], batch["ref_masks"], batch["class_mask"])
-        terms = segmentation_loss(
-            logits,
-            batch["query_masks"],
-            batch["class_mask"],
-            config.dice_weight,
-            config.bce_weight,
-            exclusive_weight=config.exclusive_weight,
-        )
-        optimizer.zero_grad(set_to_none=True)
-        terms.total.backward()
-        if config.grad_clip is not None:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-        optimizer.step()
-        scheduler.step()
-        update_memory_bank(
-            model, task, batch["class_ids"], batch["class_mask"], config.memory_bank_momentum, world_size
-        )
-        state.step, window_steps = step, window_steps + 1
-        progress.update(1)
-
-        last = step == config.steps
-        if step % config.log_every == 0 or step == 1 or last:
-            parts = [terms.total, terms.dice, terms.bce] + (
-                [terms.exclusive] if terms.exclusive is not None else []
+    # Rank 0 writes the checkpoints; the lock refuses a second run in this folder before it resumes.
+    with exclusive_checkpoint_folder(checkpoint_dir) if is_main else contextlib.nullcontext():
+        _seed_everything(config.seed)  # same init on every rank (DDP also broadcasts rank 0's weights)
+        model = Iris(iris_config).to(device)
+        optimizer = make_optimizer(model, config)
+        scheduler = LambdaLR(optimizer, lambda index: lr_factor(index, config))
+        state = _resume(checkpoint_dir, model, optimizer, scheduler, config, device, world_size)
+        if distributed:
+            resumed: list[Any] = [None] * world_size
+            dist.all_gather_object(resumed, state.step)
+            require_same_resume_step(resumed, checkpoint_dir)
+        net: nn.Module = _EpisodeModel(model)
+        if distributed:
+            # Buffers are not broadcast: the memory bank is kept identical by all-gathered updates.
+            net = DistributedDataParallel(
+                net, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False
             )
-            loss, dice_loss, ce_loss, *exclusive = _global_mean([t.item() for t in parts], world_size, device)
-            if not np.isfinite(loss):  # the same mean on every rank, so all of them stop here
-                raise _diverged(f"the loss is {loss} at step {step} (lr {lr:.3g})", checkpoint_dir)
-            elapsed = time.perf_counter() - window_start
-            record = {
-                "step": step,
-                "loss": loss,
-                "dice_loss": dice_loss,
-                "ce_loss": ce_loss,
-                **({"exclusive_loss": exclusive[0]} if exclusive else {}),
-                "lr": lr,
-                "samples_per_s": window_steps * config.batch_size / max(elapsed, 1e-9),
-            }
-            state.history.append(record)
-            emit(record)
-            progress.set_postfix(loss=f"{loss:.4f}", samples_s=f"{record['samples_per_s']:.2f}")
-            window_start, window_steps = time.perf_counter(), 0
-        if is_main and val_episodes and (step % config.val_every == 0 or last):
-            for record in validate(model, val_episodes, config, device, step):
-                state.validation.append(record)
-                emit(record)
-        stop = stop_requested is not None and not last and _any_rank(stop_requested(), world_size, device)
-        if step % config.checkpoint_every == 0 or last or stop:
-            if _any_rank(not _finite(model), world_size, device):
-                raise _diverged(f"the weights hold NaN or infinite values after step {step}", checkpoint_dir)
-            if is_main:
-                save_checkpoint(
-                    checkpoint_dir,
-                    step,
-                    {
-                        "model": model.state_dict(),
-                        "optimizer": optimizer.state_dict(),
-                        "scheduler": scheduler.state_dict(),
-                        "rng": capture_rng_state(),
-                        "sampler": {"step": step},
-                        "world_size": world_size,
-                        "train_config": config.to_dict(),
-                        "model_config": iris_config.to_dict(),
-                        "class_ids": class_ids,
-                        "history": state.history,
-                        "validation": state.validation,
-                    },
-                )
-            if distributed:
-                dist.barrier()
-        if stop:
-            progress.close()
-            raise TrainingInterrupted(step)
-    progress.close()
+        if config.compile:
+            # After the DDP wrap, as torch documents for DDP + compile; ``model`` stays the plain module,
+            # so checkpoints, validation and the memory bank never see the compiled wrapper's key prefix.
+            net = torch.compile(net)
+        sampler = EpisodeSampler(
+            train_pool(episode_index, records),
+            class_ids,
+            config,
+            rank=rank,
+            batch_size=config.batch_size // world_size,
+            augment=AugmentParams(flip_prob=config.flip_prob),
+        )
+        val_episodes = validation_episodes(episode_index, records) if is_main else []
 
-    final = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-    checksums = [weights_checksum(final)]
-    if distributed:
-        gathered: list[Any] = [None] * world_size
-        dist.all_gather_object(gathered, checksums[0])
-        checksums = [str(c) for c in gathered]
-    return TrainResult(
-        state_dict=final,
-        model_config=iris_config.to_dict(),
-        history=state.history,
-        validation=state.validation,
-        class_ids=class_ids,
-        world_size=world_size,
-        final_step=state.step,
-        weights_checksum=checksums,
-    )
+        progress = tqdm(
+            total=config.steps, initial=state.step, desc="train", disable=not is_main, dynamic_ncols=True
+        )
+        window_start, window_steps = time.perf_counter(), 0
+        for cpu_batch in _loader(sampler, config, state.step, device):
+            step = state.step + 1
+            batch = batch_to_device(cpu_batch, device)
+            lr = optimizer.param_groups[0]["lr"]
+            with autocast_context(device, config.precision):
+                logits, task = net(
+                    batch["query"], batch["ref_image"], batch["ref_masks"], batch["class_mask"]
+                )
+            terms = segmentation_loss(
+                logits,
+                batch["query_masks"],
+                batch["class_mask"],
+                config.dice_weight,
+                config.bce_weight,
+                exclusive_weight=config.exclusive_weight,
+            )
+            optimizer.zero_grad(set_to_none=True)
+            terms.total.backward()
+            if config.grad_clip is not None:
+                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+            else:
+                grad_norm = torch.nn.utils.get_total_norm(
+                    p.grad for p in model.parameters() if p.grad is not None
+                )
+            # Every step, before the optimiser takes a NaN: the logged loss is only read every log_every
+            # steps. One host sync; DDP has all-reduced the gradients, so every rank stops at this step.
+            if not torch.isfinite(grad_norm):
+                raise _diverged(
+                    f"the gradient norm is {float(grad_norm)} at step {step} (lr {lr:.3g}; this rank's loss "
+                    f"{terms.total.item()})",
+                    checkpoint_dir,
+                )
+            optimizer.step()
+            scheduler.step()
+            update_memory_bank(
+                model, task, batch["class_ids"], batch["class_mask"], config.memory_bank_momentum, world_size
+            )
+            state.step, window_steps = step, window_steps + 1
+            progress.update(1)
+
+            last = step == config.steps
+            if step % config.log_every == 0 or step == 1 or last:
+                parts = [terms.total, terms.dice, terms.bce] + (
+                    [terms.exclusive] if terms.exclusive is not None else []
+                )
+                loss, dice_loss, ce_loss, *exclusive = _global_mean(
+                    [t.item() for t in parts], world_size, device
+                )
+                if not np.isfinite(loss):  # the same mean on every rank, so all of them stop here
+                    raise _diverged(f"the loss is {loss} at step {step} (lr {lr:.3g})", checkpoint_dir)
+                elapsed = time.perf_counter() - window_start
+                record = {
+                    "step": step,
+                    "loss": loss,
+                    "dice_loss": dice_loss,
+                    "ce_loss": ce_loss,
+                    **({"exclusive_loss": exclusive[0]} if exclusive else {}),
+                    "lr": lr,
+                    "samples_per_s": window_steps * config.batch_size / max(elapsed, 1e-9),
+                }
+                state.history.append(record)
+                emit(record)
+                progress.set_postfix(loss=f"{loss:.4f}", samples_s=f"{record['samples_per_s']:.2f}")
+                window_start, window_steps = time.perf_counter(), 0
+            if is_main and val_episodes and (step % config.val_every == 0 or last):
+                for record in validate(model, val_episodes, config, device, step):
+                    state.validation.append(record)
+                    emit(record)
+            stop = stop_requested is not None and not last and _any_rank(stop_requested(), world_size, device)
+            if step % config.checkpoint_every == 0 or last or stop:
+                if _any_rank(not _finite(model), world_size, device):
+                    raise _diverged(
+                        f"the weights hold NaN or infinite values after step {step}", checkpoint_dir
+                    )
+                if is_main:
+                    save_checkpoint(
+                        checkpoint_dir,
+                        step,
+                        {
+                            "model": model.state_dict(),
+                            "optimizer": optimizer.state_dict(),
+                            "scheduler": scheduler.state_dict(),
+                            "rng": capture_rng_state(),
+                            "sampler": {"step": step},
+                            "world_size": world_size,
+                            "train_config": config.to_dict(),
+                            "model_config": iris_config.to_dict(),
+                            "class_ids": class_ids,
+                            "history": state.history,
+                            "validation": state.validation,
+                        },
+                    )
+                if distributed:
+                    dist.barrier()
+            if stop:
+                progress.close()
+                raise TrainingInterrupted(step)
+        progress.close()
+
+        final = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+        checksums = [weights_checksum(final)]
+        if distributed:
+            gathered: list[Any] = [None] * world_size
+            dist.all_gather_object(gathered, checksums[0])
+            checksums = [str(c) for c in gathered]
+            require_same_weights_on_every_rank(checksums, checkpoint_dir)
+        return TrainResult(
+            state_dict=final,
+            model_config=iris_config.to_dict(),
+            history=state.history,
+            validation=state.validation,
+            class_ids=class_ids,
+            world_size=world_size,
+            final_step=state.step,
+            weights_checksum=checksums,
+        )
 
 
 __all__ = [
