@@ -1,11 +1,14 @@
-"""A throw-away MLflow tracking + registry store (SQLite) and artifact root, for tests."""
+"""A throw-away MLflow tracking + registry store (SQLite) and artifact root, for tests; in-process Kedro
+sessions on a project copy, for what whole runs leave in MLflow."""
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+import sys
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import mlflow
 import pytest
@@ -36,3 +39,84 @@ def temporary_mlflow_store(root: Path) -> Iterator[str]:
                 mlflow.end_run()
             mlflow.set_tracking_uri(None)
             mlflow.set_registry_uri(None)
+
+
+EPISODES_VERSION = "2026-01-01T00.00.00.000Z"
+
+
+def episodes_project(root: Path, preprocessed_manifest) -> Path:
+    """A copy of the project's code and conf (no MLflow store) whose data holds one version of
+    ``preprocessed_manifest``: `kedro run --pipelines=episodes` (one node, well under a second) runs on it,
+    for tests of what whole Kedro runs leave in MLflow."""
+    from kedro.io import DataCatalog
+    from project_copy import copy_project
+
+    copy_project(root)
+    entry = {
+        "type": "iris_pipelines.datasets.AtomicParquetDataset",
+        "filepath": str(root / "data" / "05_model_input" / "preprocessed_manifest.parquet"),
+        "versioned": True,
+    }
+    catalog = DataCatalog.from_config({"preprocessed_manifest": entry}, save_version=EPISODES_VERSION)
+    catalog.save("preprocessed_manifest", preprocessed_manifest)
+    return root
+
+
+def project_runs(root: Path) -> list:
+    """The MLflow runs of the project's own store (``root/mlflow.db``), oldest first."""
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    return client.search_runs(experiments, order_by=["attributes.start_time ASC"])
+
+
+@contextmanager
+def in_process_sessions(root: Path) -> Iterator[Callable[..., Any]]:
+    """``session(**kwargs)`` creates a KedroSession of the project at ``root`` in this process, as a notebook
+    or a script looping over sessions does (kedro-mlflow's hook and the project's hooks are process-wide
+    objects). No MLFLOW_* variable of the caller's shell reaches them; MLflow's process-wide settings, the
+    variables and the working directory are restored on leaving."""
+    from kedro.framework.session import KedroSession
+    from kedro.framework.startup import bootstrap_project
+
+    saved = {key: value for key, value in os.environ.items() if key.startswith("MLFLOW_")}
+    for key in saved:
+        del os.environ[key]
+    cwd, python_path, search_path = Path.cwd(), os.environ.get("PYTHONPATH"), list(sys.path)
+    os.chdir(root)
+    try:
+        bootstrap_project(root)
+        yield lambda **kwargs: KedroSession.create(project_path=root, **kwargs)
+    finally:
+        while mlflow.active_run() is not None:
+            mlflow.end_run()
+        mlflow.set_tracking_uri(None)
+        mlflow.set_registry_uri(None)
+        mlflow.tracking.fluent._active_experiment_id = None
+        for key in [key for key in os.environ if key.startswith("MLFLOW_")]:
+            del os.environ[key]
+        os.environ.update(saved)
+        os.chdir(cwd)
+        # bootstrap_project puts the copy's src first on sys.path and PYTHONPATH (later `kedro` children)
+        sys.path[:] = search_path
+        if python_path is None:
+            os.environ.pop("PYTHONPATH", None)
+        else:
+            os.environ["PYTHONPATH"] = python_path
+        _forget_relative_sqlite_stores()
+
+
+def _forget_relative_sqlite_stores() -> None:
+    """MLflow caches a store and its SQLAlchemy engine (open connections) per URI string: the project's
+    relative ``sqlite:///mlflow.db`` would stay bound to this test's file for the rest of the process."""
+    from mlflow.store.model_registry.sqlalchemy_store import SqlAlchemyStore as RegistryStore
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore as TrackingStore
+    from mlflow.tracking._model_registry.registry import ModelRegistryStoreRegistry
+    from mlflow.tracking._tracking_service.registry import TrackingStoreRegistry
+
+    TrackingStoreRegistry._get_store_with_resolved_uri.cache_clear()
+    ModelRegistryStoreRegistry._get_store_with_resolved_uri.cache_clear()
+    for store in (TrackingStore, RegistryStore):
+        with store._engine_map_lock:
+            for uri in [uri for uri in store._engine_map if uri.startswith("sqlite:///")]:
+                if not Path(uri[len("sqlite:///") :]).is_absolute():
+                    store._engine_map.pop(uri).dispose()

@@ -115,6 +115,27 @@ def test_provenance_is_printed_without_reproducing(registered) -> None:
     assert "lock file │ matches current" in output or "lock file │ differs" in output
 
 
+def test_review_shows_how_the_run_ended_and_the_registered_weights(registered) -> None:
+    """A version whose training run failed or was deleted may lack what a completed registration records:
+    the review says how the run ended, and which weights the version stands for."""
+    uri, data_root = registered
+    client = mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
+    version = client.get_model_version("iris", "1")
+    output = " ".join(review(uri, data_root).output.split())
+    assert "run status │ FINISHED" in output and "run lifecycle stage │ active" in output
+    # the first 40 hex digits: a narrow terminal folds the rest onto the next table line
+    assert f"weights sha256 │ {version.tags['weights_sha256'][:40]}" in output and "note:" not in output
+    client.set_terminated(version.run_id, "FAILED")
+    client.delete_run(version.run_id)
+    try:
+        output = " ".join(review(uri, data_root).output.split())
+    finally:
+        client.restore_run(version.run_id)
+        client.set_terminated(version.run_id, "FINISHED")
+    assert "run status │ FAILED" in output and "run lifecycle stage │ deleted" in output
+    assert f"note: version 1: its run {version.run_id} is FAILED, not FINISHED; what it recorded" in output
+
+
 def test_reproduce_passes_on_a_fresh_model(registered) -> None:
     uri, data_root = registered
     result = review(uri, data_root, "--reproduce")
@@ -312,6 +333,38 @@ def test_segment_downloads_the_registered_bundle(registered, tmp_path) -> None:
     assert result.exit_code == 0, result.output
     sidecar = json.loads((tmp_path / "out.json").read_text())
     assert sidecar["model"] == "models:/iris/1" and sidecar["roi_size"] == [32, 32, 32]  # the training crop
+
+
+def test_segment_reads_the_registry_of_its_project_as_review_does(registered, tmp_path, monkeypatch) -> None:
+    """`iris segment --project P --model models:/iris/1` looked in ./mlflow.db of the current folder,
+    while `iris review --project P` read P/mlflow.db."""
+    import sqlite3
+
+    from test_cli_segment import make_scan
+
+    from iris_pipelines.imaging import write_image
+
+    uri, _ = registered
+    project = tmp_path / "project"
+    project.mkdir()
+    with sqlite3.connect(uri[len("sqlite:///") :]) as source, sqlite3.connect(project / "mlflow.db") as copy:
+        source.backup(copy)  # the project's store; its artifact paths are absolute
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")  # the registered fixture's: the project's store decides
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    image, label = make_scan((1.2, 1.0, 1.5), (-10.0, -8.0, 0.0), np.eye(3), size=(24, 24, 16))
+    write_image(image, elsewhere / "scan.nii.gz")
+    write_image(label, elsewhere / "ref_labels.nii.gz")
+    reviewed = CliRunner().invoke(main, ["review", "models:/iris/1", "--project", str(project)])
+    assert reviewed.exit_code == 0, reviewed.output
+    result = CliRunner().invoke(
+        main,
+        ["segment", "--image", "scan.nii.gz", "--model", "models:/iris/1", "--project", str(project),
+         "--reference", "scan.nii.gz:ref_labels.nii.gz", "--spacing", "1", "--out", "out.nii.gz"],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert (elsewhere / "out.nii.gz").is_file() and not (elsewhere / "mlflow.db").exists()
 
 
 @pytest.mark.skipif(

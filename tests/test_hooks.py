@@ -6,6 +6,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from kedro.framework.hooks import hook_impl
 from processes import catching
 
 from iris_pipelines import hooks
@@ -33,6 +34,13 @@ def test_a_clean_checkout_and_ignored_data_are_clean(checkout: Path) -> None:
 
 
 def test_a_new_source_file_never_committed_is_dirty(checkout: Path) -> None:
+    (checkout / "extra_node.py").write_text("y = 2\n")
+    assert hooks.git_state(checkout)["git_dirty"] == "true"
+
+
+def test_a_new_source_file_is_dirty_when_git_is_told_to_hide_untracked_files(checkout: Path) -> None:
+    """`status.showUntrackedFiles=no` (set for big checkouts, or globally) empties `git status`'s list."""
+    _git(checkout, "config", "status.showUntrackedFiles", "no")
     (checkout / "extra_node.py").write_text("y = 2\n")
     assert hooks.git_state(checkout)["git_dirty"] == "true"
 
@@ -170,3 +178,69 @@ def test_a_run_under_nohup_survives_the_terminal_closing(mlflow_store) -> None:
         assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
     finally:
         signal.signal(signal.SIGHUP, previous)
+
+
+@pytest.fixture
+def episodes_copy(tmp_path: Path, collection) -> Path:
+    from mlflow_support import episodes_project
+
+    return episodes_project(tmp_path / "project", collection[0])
+
+
+def test_two_sessions_in_one_process_make_two_finished_runs(episodes_copy: Path) -> None:
+    """A notebook or a sweep script runs one KedroSession after another: each `kedro run` is its own
+    MLflow run, FINISHED with its own parameters, and none stays active for the next session to log into
+    (the second one failed with "Changing param values is not allowed")."""
+    import mlflow
+    from mlflow_support import in_process_sessions, project_runs
+
+    with in_process_sessions(episodes_copy) as session:
+        for seed in (0, 1):
+            with session(runtime_params={"episodes": {"seed": seed}}) as each:
+                each.run(pipeline_names=["episodes"])
+            assert mlflow.active_run() is None
+    runs = project_runs(episodes_copy)
+    assert [(run.info.status, run.data.params["episodes.seed"]) for run in runs] == [
+        ("FINISHED", "0"),
+        ("FINISHED", "1"),
+    ]
+    assert runs[0].data.tags["run_id"] != runs[1].data.tags["run_id"]  # one Kedro session each
+
+
+def test_a_run_that_fails_before_its_pipeline_starts_ends_failed(
+    episodes_copy: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Kedro reports only the pipeline's own errors to on_pipeline_error: a hook failing after kedro-mlflow
+    opened the run (the lock file cannot be logged to a full or unreachable artifact store) left the run
+    open, and MLflow's exit handler then recorded it FINISHED."""
+    import mlflow
+    from mlflow_support import in_process_sessions, project_runs
+
+    def full_store(*args, **kwargs) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(mlflow, "log_artifact", full_store)
+    with in_process_sessions(episodes_copy) as session:
+        with session() as failing, pytest.raises(OSError, match="No space left"):
+            failing.run(pipeline_names=["episodes"])
+        assert mlflow.active_run() is None
+    assert [run.info.status for run in project_runs(episodes_copy)] == ["FAILED"]
+
+
+def test_a_failed_start_leaves_a_callers_own_run_open(mlflow_store) -> None:
+    import mlflow
+    from kedro.framework.hooks.manager import _create_hook_manager
+
+    class Failing:
+        @hook_impl
+        def before_pipeline_run(self) -> None:
+            raise OSError("artifact store unreachable")
+
+    manager = _create_hook_manager()
+    manager.register(hooks.FailedStartHooks())
+    manager.register(Failing())
+    with mlflow.start_run() as own:  # a script's own run, which kedro-mlflow then logs into
+        with pytest.raises(OSError):
+            manager.hook.before_pipeline_run(run_params={}, pipeline=None, catalog=None)
+        assert mlflow.active_run().info.run_id == own.info.run_id
+    assert mlflow_store.get_run(own.info.run_id).info.status == "FINISHED"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from types import SimpleNamespace
 
 import pytest
@@ -77,7 +78,12 @@ class _Registry:
     def get_model_version(self, name: str, version: str) -> SimpleNamespace:
         if name != "iris" or version not in ("1", "2"):
             raise _NotFound(f"Model Version (name={name}, version={version}) not found")
-        return SimpleNamespace(version=version, tags={}, run_id=None, model_id=None, source="")
+        tags = {key: "x" for key in registry.REQUIRED_VERSION_TAGS}
+        return SimpleNamespace(version=version, tags=tags, run_id=f"run{version}", model_id=None, source="")
+
+    def get_run(self, run_id: str) -> SimpleNamespace:
+        info = SimpleNamespace(run_id=run_id, status="FINISHED", lifecycle_stage="active")
+        return SimpleNamespace(info=info, data=SimpleNamespace(metrics={}, params={}, tags={}))
 
     def get_registered_model(self, name: str) -> SimpleNamespace:
         if name != "iris":
@@ -110,6 +116,39 @@ def test_a_version_that_does_not_exist_lists_those_that_do(monkeypatch, uri: str
 def test_latest_is_the_highest_version(monkeypatch) -> None:
     monkeypatch.setattr(registry, "_client", lambda tracking: _Registry())
     assert registry.resolve("models:/iris/latest", "sqlite:///mlflow.db").version == "2"
+
+
+def test_latest_passes_over_versions_whose_registration_did_not_complete(tmp_path) -> None:
+    """A training run that failed after its version was created (a dropped request while tagging, a crash)
+    left a version without provenance or weights hash: `latest` (iris segment, iris review) used it
+    silently. It now takes the newest version whose run FINISHED with the tags present, and says which
+    newer ones it passed over; a version named by number is still served, with a note."""
+    import mlflow
+    from mlflow_support import temporary_mlflow_store
+
+    complete = {"git_commit": "c0ffee", "weights_sha256": "ab" * 32}
+    with temporary_mlflow_store(tmp_path) as uri:
+        client = mlflow.MlflowClient()
+        client.create_registered_model("iris")
+        runs = {}
+        for number, (status, tags) in enumerate(
+            [("FINISHED", complete), ("FAILED", complete), ("FINISHED", {"git_commit": "c0ffee"})], start=1
+        ):
+            run = client.create_run(os.environ["MLFLOW_EXPERIMENT_ID"])
+            client.set_terminated(run.info.run_id, status)
+            client.create_model_version("iris", f"runs:/{run.info.run_id}/iris", run.info.run_id, tags=tags)
+            runs[number] = run.info.run_id
+        latest = registry.resolve("models:/iris/latest", uri)
+        named = registry.resolve("models:/iris/2", uri)
+    assert latest.version == "1" and latest.run.info.run_id == runs[1]
+    assert latest.problems == [
+        "models:/iris/latest is version 1, the newest complete registration; passed over: "
+        f"version 3 (no weights_sha256 tag); version 2 (its run {runs[2]} is FAILED, not FINISHED)"
+    ]
+    assert named.version == "2" and named.problems == [
+        f"version 2: its run {runs[2]} is FAILED, not FINISHED; what it recorded (tags, metrics, artifacts) "
+        "may be incomplete"
+    ]
 
 
 def _tiny_bundle(metadata_checksum: str | None = None):

@@ -1,5 +1,6 @@
 """Project settings: the hpcc env's MLflow server comes from MLFLOW_TRACKING_URI, or a message says so;
-the package runs as `python -m`; cluster logs stay out of git status."""
+`kedro run` and the iris commands agree on the MLflow store, whose registry is the tracking store; the
+package runs as `python -m`; cluster logs stay out of git status."""
 
 from __future__ import annotations
 
@@ -28,7 +29,57 @@ def test_hpcc_without_a_tracking_uri_says_what_to_export(monkeypatch: pytest.Mon
         _mlflow_server("hpcc")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.example.org:5000")
     assert _mlflow_server("hpcc")["mlflow_tracking_uri"] == "http://mlflow.example.org:5000"
-    assert _mlflow_server("local")["mlflow_tracking_uri"] == "sqlite:///mlflow.db"
+
+
+@pytest.mark.parametrize("exported", [None, "http://mlflow.example.org:5000", "sqlite:///runs/team.db"])
+def test_kedro_run_and_the_iris_commands_use_the_same_store(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, exported: str | None
+) -> None:
+    """With MLFLOW_TRACKING_URI exported, a base-env `kedro run` wrote to ./mlflow.db while `iris review`
+    and `iris segment` read the variable's store, and found no registered model."""
+    from iris_pipelines import registry
+
+    if exported is None:
+        monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    else:
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", exported)
+    server = _mlflow_server("local")
+    monkeypatch.chdir(tmp_path)  # kedro-mlflow opens a relative SQLite file from the project root
+    iris = registry.tracking_uri(None, ROOT)
+    monkeypatch.chdir(ROOT)
+    for uri in (server["mlflow_tracking_uri"], server["mlflow_registry_uri"]):
+        if uri.startswith("sqlite:///"):
+            assert iris == f"sqlite:///{(ROOT / uri[len('sqlite:///') :]).resolve()}"
+        else:
+            assert iris == uri == exported
+
+
+@pytest.mark.parametrize("env", ["local", "hpcc"])
+def test_the_registry_is_the_tracking_store_whatever_mlflow_registry_uri_says(
+    monkeypatch: pytest.MonkeyPatch, env: str
+) -> None:
+    """A stray MLFLOW_REGISTRY_URI (a shell profile; any mlflow.set_registry_uri in the process exports
+    it) sent model versions to another store than their run, where the iris commands never look."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.example.org:5000")
+    monkeypatch.setenv("MLFLOW_REGISTRY_URI", "sqlite:////elsewhere/registry.db")
+    server = _mlflow_server(env)
+    assert server["mlflow_registry_uri"] == server["mlflow_tracking_uri"]
+
+
+def test_a_kedro_session_registers_models_in_its_tracking_store(tmp_path: Path) -> None:
+    """What kedro-mlflow sets up in the process, where register_model's MlflowClient and log_model look."""
+    import mlflow
+    from mlflow_support import in_process_sessions
+    from project_copy import copy_project
+
+    project = copy_project(tmp_path / "project")
+    with in_process_sessions(project) as session:
+        os.environ["MLFLOW_REGISTRY_URI"] = f"sqlite:///{tmp_path / 'other_registry.db'}"
+        with session() as kedro_session:
+            kedro_session.load_context()
+        assert mlflow.get_tracking_uri() == "sqlite:///mlflow.db"  # the project's, opened from its root
+        assert mlflow.get_registry_uri() == mlflow.get_tracking_uri()
+        assert mlflow.MlflowClient()._registry_uri == mlflow.get_tracking_uri()
 
 
 def test_python_dash_m_runs_kedros_run_command() -> None:

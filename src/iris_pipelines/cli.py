@@ -19,6 +19,7 @@ from rich.table import Table
 from iris_pipelines import __version__
 
 if TYPE_CHECKING:
+    from iris_pipelines.registry import LoadedModel
     from iris_pipelines.segment import SegmentRequest
 
 # No markup: file and class names such as "scan [v2].nii.gz" are printed as they are, never parsed.
@@ -369,8 +370,9 @@ def _project_option(help_text: str):
     "of the scans is unreliable. One extra segmentation per reference; the Dice goes into the sidecar.",
 )
 @click.option("--device", type=str, default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
-@_tracking_uri_option("sqlite:///mlflow.db here")
-@_project_option("Kedro project whose conf/base gives the default preprocessing.")
+@_tracking_uri_option("sqlite:///<project>/mlflow.db")
+@_project_option("Kedro project whose conf/base gives the default preprocessing and whose mlflow.db holds "
+                 "--model's registry version.")  # fmt: skip
 @click.option(
     "--out",
     "out_text",
@@ -464,7 +466,7 @@ def segment(images: tuple[Path, ...], images_dir: Path | None, references: tuple
             return
         with steps(6 if request.references and reference_check else 5) as step:
             step("loading model")
-            model = registry.load_model_bundle(model_ref, registry.tracking_uri(tracking_uri))
+            model = registry.load_model_bundle(model_ref, registry.tracking_uri(tracking_uri, project_dir))
             result = run_segment(
                 request,
                 model.bundle,
@@ -484,6 +486,13 @@ def segment(images: tuple[Path, ...], images_dir: Path | None, references: tuple
     console.print(f"sidecar: {result.sidecar_path}")
     if result.summary["probabilities"] is not None:
         console.print(f"probabilities: {result.summary['probabilities']['path']}")
+    _registry_notes(model)
+
+
+def _registry_notes(model: LoadedModel) -> None:
+    """What the registry lookup noted: newer versions `latest` passed over, a run that did not finish."""
+    for problem in model.record.problems if model.record is not None else []:
+        click.echo(f"note: {problem}", err=True)
 
 
 @main.command()
@@ -577,7 +586,7 @@ def _segment_scans(request: SegmentRequest, scans: list[Path], out_dir: Path, ou
     )
     with steps(len(scans) + 2) as step:
         step("loading model")
-        model = registry.load_model_bundle(model_ref, registry.tracking_uri(tracking_uri))
+        model = registry.load_model_bundle(model_ref, registry.tracking_uri(tracking_uri, project_dir))
         step("reading references and encoding the task")
         outcome = segment_batch(
             request, scans, out_dir, model.bundle, model_uri=model_ref, model_source=model.source(),
@@ -596,6 +605,7 @@ def _segment_scans(request: SegmentRequest, scans: list[Path], out_dir: Path, ou
             table.add_row(str(scan), "ok", str(written[str(scan)].label_path))
     console.print(table)
     console.print(f"summary: {outcome.summary_path}")
+    _registry_notes(model)
     if outcome.failures:
         click.echo(
             f"{len(outcome.failures)} of {len(scans)} scan(s) failed; see {outcome.summary_path}", err=True

@@ -49,8 +49,10 @@ def git_state(project_path: Path) -> dict[str, str]:
     if commit is None:
         return {"git_commit": "unknown", "git_dirty": "unknown"}
     # Untracked files count: a new source file never committed changes what runs. Data, the venv and the
-    # MLflow store are git-ignored. A status that fails or times out (a slow NFS) is not "clean".
-    changes = git("status", "--porcelain")
+    # MLflow store are git-ignored. `--untracked-files=normal` overrides a user's or checkout's
+    # `status.showUntrackedFiles=no`, under which git lists no untracked file at all. A status that fails
+    # or times out (a slow NFS) is not "clean".
+    changes = git("status", "--porcelain", "--untracked-files=normal")
     return {"git_commit": commit, "git_dirty": "unknown" if changes is None else str(bool(changes)).lower()}
 
 
@@ -108,6 +110,35 @@ class ProvenanceHooks:
             tags["git_commit"][:12],
             tags["git_dirty"],
         )
+
+
+class FailedStartHooks:
+    """A run whose start fails ends FAILED, not FINISHED.
+
+    Kedro calls ``before_pipeline_run`` outside the ``try`` that reports a failing pipeline through
+    ``on_pipeline_error``: when a hook raises after kedro-mlflow opened the run (``ProvenanceHooks``
+    logging the lock file to an artifact store that is full, unreachable or read-only), nothing ended the
+    run, and MLflow's exit handler closed it as FINISHED (in a notebook, it stayed open and took the next
+    session's records). This wrapper sees every ``before_pipeline_run`` hook's outcome and ends the runs
+    opened during the call, leaving a run the caller had opened before it alone.
+    """
+
+    @hook_impl(wrapper=True)
+    def before_pipeline_run(self) -> Any:
+        before = mlflow.active_run()
+        caller_run_id = None if before is None else before.info.run_id
+        try:
+            return (yield)
+        except BaseException as error:
+            status = "FAILED" if isinstance(error, Exception) else "KILLED"  # Ctrl-C, SystemExit
+            while (active := mlflow.active_run()) is not None and active.info.run_id != caller_run_id:
+                logger.error(
+                    "kedro run failed before its pipeline started: MLflow run %s ends %s",
+                    active.info.run_id,
+                    status,
+                )
+                mlflow.end_run(status)
+            raise
 
 
 class InterruptedRunHooks:

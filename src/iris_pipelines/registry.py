@@ -33,6 +33,10 @@ EVALUATION_PARAMETERS_ARTIFACT = "config/evaluation_parameters.json"
 # bundle in a folder named BUNDLE_ARTIFACT.
 PYFUNC_BUNDLE = f"artifacts/{BUNDLE_ARTIFACT}"
 
+# register_model creates a version with all its tags at once; a version without these (registered by an
+# earlier release whose tagging failed midway) lacks its provenance and the hash its weights are checked by.
+REQUIRED_VERSION_TAGS = ("git_commit", "weights_sha256")
+
 _MODEL_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:/(?P<version>\d+|latest)|@(?P<alias>[\w.-]+))$")
 # What MLflow answers for a version or alias that does not exist (as opposed to a store it cannot reach).
 _NOT_FOUND_CODES = ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE")
@@ -47,18 +51,21 @@ def is_registry_uri(model: str) -> bool:
 
 
 def tracking_uri(option: str | None, project_dir: str | os.PathLike[str] | None = None) -> str:
-    """``--tracking-uri``, else ``$MLFLOW_TRACKING_URI``, else the project's ``sqlite:///mlflow.db``.
+    """``--tracking-uri``, else ``$MLFLOW_TRACKING_URI``, else the project's ``sqlite:///mlflow.db``: the
+    store conf/base/mlflow.yml gives `kedro run` (the variable when set, else the project's SQLite file).
 
-    The default SQLite file is taken relative to ``project_dir`` (the current directory when None), as
-    kedro-mlflow does for ``kedro run`` started there.
+    A relative SQLite file (the default, or one in the variable) is taken relative to ``project_dir`` (the
+    current directory when None), where `kedro run` opens it (ProjectRootHooks runs from the project root).
     """
     if option:
         return option
-    if os.environ.get("MLFLOW_TRACKING_URI"):
-        return os.environ["MLFLOW_TRACKING_URI"]
-    if project_dir is None:
-        return DEFAULT_TRACKING_URI
-    return f"sqlite:///{(Path(project_dir) / 'mlflow.db').resolve()}"
+    uri = os.environ.get("MLFLOW_TRACKING_URI", "").strip() or DEFAULT_TRACKING_URI
+    if project_dir is None or not uri.startswith("sqlite:///"):
+        return uri
+    path, options = (uri[len("sqlite:///") :].split("?", 1) + [""])[:2]
+    if Path(path).is_absolute() or path in ("", ":memory:"):
+        return uri
+    return f"sqlite:///{(Path(project_dir) / path).resolve()}" + (f"?{options}" if options else "")
 
 
 def _check_reachable(uri: str) -> None:
@@ -305,9 +312,63 @@ def _what_exists(client: Any, name: str) -> str:
     return listed + (f"; aliases: {', '.join(f'@{a} = {v}' for a, v in aliases)}" if aliases else "")
 
 
+def _read_run(client: Any, run_id: str | None) -> tuple[Any | None, str | None]:
+    """(the run, None), or (None, why it cannot be read)."""
+    if run_id is None:
+        return None, "the version has no source run"
+    try:
+        return client.get_run(run_id), None
+    except Exception as error:  # noqa: BLE001
+        return None, f"run {run_id}: {_one_line(error)}"
+
+
+def _run_state(run: Any) -> str | None:
+    """Why a run's records are not those of a completed run (failed, killed, still running, deleted);
+    None for a FINISHED, active run."""
+    info = getattr(run, "info", None)
+    status = getattr(info, "status", "FINISHED")
+    stage = getattr(info, "lifecycle_stage", "active")
+    if status != "FINISHED":
+        return f"its run {info.run_id} is {status}, not FINISHED"
+    if stage == "deleted":
+        return f"its run {info.run_id} is deleted"
+    return None
+
+
+def _incomplete(client: Any, version: Any) -> tuple[str | None, Any | None]:
+    """(why ``version`` is not a complete registration, or None; its run when read)."""
+    missing = [key for key in REQUIRED_VERSION_TAGS if not (version.tags or {}).get(key)]
+    run, problem = _read_run(client, version.run_id or None)
+    reasons = [] if run is None else [_run_state(run)]
+    reasons += [problem, f"no {', '.join(missing)} tag{'s' if len(missing) > 1 else ''}" if missing else None]
+    found = [reason for reason in reasons if reason]
+    return ("; ".join(found) if found else None), run
+
+
+def _latest_complete(client: Any, uri: str, name: str, numbers: list[int]) -> tuple[Any, Any, list[str]]:
+    """The highest version that is a complete registration (run FINISHED, provenance tags present), its
+    run, and a note per newer version passed over; a RegistryError when there is none."""
+    skipped = []
+    for number in reversed(numbers):
+        version = client.get_model_version(name, str(number))
+        reason, run = _incomplete(client, version)
+        if reason is None:
+            return version, run, skipped
+        skipped.append(f"version {number} ({reason})")
+    raise RegistryError(
+        f"{uri}: no complete version of {name!r} (a run that finished, with provenance tags): "
+        f"{'; '.join(skipped)}; name a version (models:/{name}/<n>) to use one anyway"
+    )
+
+
 def resolve(uri: str, tracking: str) -> RegisteredModel:
-    """``models:/<name>/<version>``, ``models:/<name>/latest`` (the highest version) or
-    ``models:/<name>@<alias>`` → the version, its tags and its run."""
+    """``models:/<name>/<version>``, ``models:/<name>/latest`` or ``models:/<name>@<alias>`` → the version,
+    its tags and its run.
+
+    ``latest`` is the highest complete version: one whose run FINISHED (not failed, killed, still running
+    or deleted) and that carries the provenance tags; newer versions passed over are named in
+    ``problems``. A version named by number or alias is used as it is, with a note when its run did not
+    finish."""
     match = _MODEL_URI.match(uri)
     if match is None:
         raise RegistryError(
@@ -316,6 +377,7 @@ def resolve(uri: str, tracking: str) -> RegisteredModel:
         )
     client = _client(tracking)
     name = match["name"]
+    latest_run, skipped = None, []
     try:
         if match["alias"]:
             version = client.get_model_version_by_alias(name, match["alias"])
@@ -323,7 +385,7 @@ def resolve(uri: str, tracking: str) -> RegisteredModel:
             numbers = _versions(client, name)
             if not numbers:
                 raise RegistryError(f"{uri}: {_what_exists(client, name) or f'{name!r} has no version'}")
-            version = client.get_model_version(name, str(numbers[-1]))
+            version, latest_run, skipped = _latest_complete(client, uri, name, numbers)
         else:
             version = client.get_model_version(name, match["version"])
     except RegistryError:
@@ -345,13 +407,19 @@ def resolve(uri: str, tracking: str) -> RegisteredModel:
         model_id=_logged_model_id(version),
         client=client,
     )
-    if record.run_id is not None:
-        try:
-            record.run = client.get_run(record.run_id)
-        except Exception as error:  # noqa: BLE001
-            record.problems.append(f"run {record.run_id}: {_one_line(error)}")
-    else:
-        record.problems.append("the version has no source run")
+    if skipped:
+        record.problems.append(
+            f"{uri} is version {record.version}, the newest complete registration; passed over: "
+            f"{'; '.join(skipped)}"
+        )
+    record.run, problem = (latest_run, None) if latest_run is not None else _read_run(client, record.run_id)
+    if problem:
+        record.problems.append(problem)
+    elif (state := _run_state(record.run)) is not None:
+        record.problems.append(
+            f"version {record.version}: {state}; what it recorded (tags, metrics, artifacts) may be "
+            "incomplete"
+        )
     return record
 
 

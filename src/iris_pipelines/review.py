@@ -79,10 +79,15 @@ def provenance(
     def tag(key: str) -> str:
         return tags.get(key) or run_tags.get(key) or MISSING
 
+    run_info = getattr(record.run, "info", None)
     model = [
         ("model URI", record.uri),
         ("run id", record.run_id or MISSING),
         ("run name", run_tags.get("mlflow.runName", MISSING)),
+        # A FAILED, KILLED or deleted run's version may lack what a completed registration records.
+        ("run status", getattr(run_info, "status", None) or MISSING),
+        ("run lifecycle stage", getattr(run_info, "lifecycle_stage", None) or MISSING),
+        ("weights sha256", tags.get("weights_sha256") or MISSING),
         ("tracking URI", record.tracking_uri),
     ]
     code = [

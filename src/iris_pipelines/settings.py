@@ -4,7 +4,13 @@ import os
 
 from kedro.config import OmegaConfigLoader
 
-from iris_pipelines.hooks import InputVersionHooks, InterruptedRunHooks, ProjectRootHooks, ProvenanceHooks
+from iris_pipelines.hooks import (
+    FailedStartHooks,
+    InputVersionHooks,
+    InterruptedRunHooks,
+    ProjectRootHooks,
+    ProvenanceHooks,
+)
 from iris_pipelines.mlflow_warnings import without_type_hint_warning
 
 # kedro-mlflow's `kedro mlflow` commands import its KedroPipelineModel, whose missing type hints MLflow warned
@@ -12,7 +18,13 @@ from iris_pipelines.mlflow_warnings import without_type_hint_warning
 with without_type_hint_warning():
     import kedro_mlflow.mlflow  # noqa: F401
 
-HOOKS = (ProjectRootHooks(), ProvenanceHooks(), InputVersionHooks(), InterruptedRunHooks())
+HOOKS = (
+    ProjectRootHooks(),
+    ProvenanceHooks(),
+    InputVersionHooks(),
+    InterruptedRunHooks(),
+    FailedStartHooks(),  # a hook wrapper: its place in the tuple does not matter
+)
 
 
 def required_env(name: str) -> str:
@@ -28,6 +40,14 @@ def required_env(name: str) -> str:
     return value
 
 
+def env_or(name: str, default: str) -> str:
+    """``${env_or:NAME,'default'}``: the variable's value when it is set (not blank), else ``default``.
+    conf/base/mlflow.yml takes ``MLFLOW_TRACKING_URI`` this way, as ``iris review``/``iris segment`` do
+    (``registry.tracking_uri``), so that `kedro run` and the iris commands use the same MLflow store."""
+    value = os.environ.get(name, "").strip()
+    return value or default
+
+
 CONFIG_LOADER_CLASS = OmegaConfigLoader
 CONFIG_LOADER_ARGS = {
     "base_env": "base",
@@ -37,5 +57,5 @@ CONFIG_LOADER_ARGS = {
     "config_patterns": {
         "mlflow": ["mlflow*", "mlflow*/**", "**/mlflow*"],
     },
-    "custom_resolvers": {"required_env": required_env},
+    "custom_resolvers": {"required_env": required_env, "env_or": env_or},
 }

@@ -305,3 +305,74 @@ def test_an_index_edited_after_it_was_written_is_tagged_by_its_content(caplog) -
     edited = input_checksums(index, manifest)["episode_index_checksum"]
     assert edited == index_checksum(index) != written
     assert "it was edited after the episodes pipeline wrote it" in caplog.text
+
+
+def test_the_train_node_refuses_a_run_whose_ranks_ended_with_different_weights(
+    tmp_path: Path, monkeypatch
+) -> None:
+    """Before, every rank's checksum was gathered and recorded but never compared: a run whose ranks fell
+    out of step was bundled and registered with rank 0's weights as if it were fine."""
+    from iris_pipelines import launch
+    from iris_pipelines.model import Iris
+    from iris_pipelines.training import TrainResult, weights_checksum
+
+    model_config = build_model_config({"size": "tiny"})
+    weights = Iris(IrisConfig.from_dict(model_config)).state_dict()
+
+    def ranks_out_of_step(launcher, **kwargs):
+        return TrainResult(
+            state_dict=weights,
+            model_config=model_config,
+            history=[],
+            validation=[],
+            class_ids={"alpha/1": 0, "alpha/2": 1, "beta/1": 2},
+            world_size=2,
+            final_step=4,
+            weights_checksum=[weights_checksum(weights), "0" * 64],
+        )
+
+    monkeypatch.setattr(launch, "launch_training", ranks_out_of_step)
+    manifest = pd.DataFrame({"case_id": ["a"], "cache_key": ["k"]})
+    params = {"launcher": "local_ddp", "checkpoint_root": str(tmp_path), "steps": 4}
+    refused = r"the 2 ranks ended training with different weights \(rank 0: \w{12}…; rank 1: 000000000000…\)"
+    with pytest.raises(RuntimeError, match=refused):
+        train_iris({"checksum": "e"}, manifest, {"size": "tiny"}, params)
+
+
+def test_a_version_exists_only_with_all_its_tags(mlflow_store: Path, monkeypatch) -> None:
+    """The version was created first and tagged in ~20 further requests: one dropped by the server (a
+    timeout, a restart) left it without provenance or weights hash, and `models:/iris/latest` served it.
+    Now the version is created with its tags in one request: no tagging request follows to fail."""
+    import torch
+    from mlflow.store.model_registry.sqlalchemy_store import SqlAlchemyStore
+
+    from iris_pipelines import registry
+    from iris_pipelines.model import Iris
+    from iris_pipelines.pipelines.train.nodes import register_model
+    from iris_pipelines.training import weights_checksum
+
+    created: list[dict[str, str]] = []
+    create = SqlAlchemyStore.create_model_version
+
+    def recording(self, *args, **kwargs):
+        version = create(self, *args, **kwargs)
+        created.append(dict(version.tags))  # what a reader sees from the moment the version exists
+        return version
+
+    def dropped(*args, **kwargs) -> None:
+        raise mlflow.exceptions.MlflowException("API request failed: Read timed out")
+
+    monkeypatch.setattr(SqlAlchemyStore, "create_model_version", recording)
+    monkeypatch.setattr(mlflow.MlflowClient, "set_model_version_tag", dropped)
+    torch.manual_seed(0)
+    model = Iris(IrisConfig.tiny())
+    checksum = weights_checksum(model.state_dict())
+    bundle = ModelBundle.from_model(model, metadata={"weights_checksum": [checksum]})
+    parameters = {"train": {"registry_name": "tagged"}}
+    with mlflow.start_run():
+        entry = register_model(bundle, {"checksum": "e"}, pd.DataFrame({"cache_key": ["k"]}), parameters)
+    tags = mlflow.MlflowClient().get_model_version("tagged", entry["version"]).tags
+    assert created == [tags]
+    assert tags["weights_sha256"] == checksum and {"git_commit", "git_dirty", "kedro_env"} <= set(tags)
+    latest = registry.resolve("models:/tagged/latest", mlflow.get_tracking_uri())
+    assert latest.version == entry["version"] and latest.problems == []

@@ -28,15 +28,12 @@ from iris_pipelines.hooks import INPUT_VERSION_TAG_PREFIX, LOCK_FILE, provenance
 from iris_pipelines.inference.bundle import PREPROCESS_KEYS, ModelBundle
 from iris_pipelines.inference.pyfunc_model import MODEL_CONFIG, SIGNATURE
 from iris_pipelines.registry import BUNDLE_ARTIFACT
+from iris_pipelines.training.checkpoint import SCHEDULING_KEYS
 
 logger = logging.getLogger(__name__)
 
 # Keys of params:train that steer the node, not the train loop (TrainConfig rejects unknown keys).
 NODE_KEYS = ("launcher", "launcher_options", "checkpoint_root", "registry_name")
-# Keys of TrainConfig that change how often the loop logs, validates and saves, or how many processes load
-# episodes, but not a single weight (episodes are a function of seed, rank and step): left out of the
-# checkpoint folder's key, so lowering num_workers after a loader ran out of memory resumes the run.
-SCHEDULING_KEYS = ("num_workers", "log_every", "val_every", "checkpoint_every")
 PROVENANCE_KEYS = ("git_commit", "git_dirty", "lockfile_sha256", "installed_lock_sha256", "kedro_env")
 PACKAGE_DIR = Path(__file__).resolve().parents[2]
 PYFUNC_SOURCE = PACKAGE_DIR / "inference" / "pyfunc_model.py"
@@ -295,6 +292,7 @@ def train_iris(
     the training volumes were prepared, from the bundle alone.
     """
     from iris_pipelines.launch import launch_training
+    from iris_pipelines.training.loop import require_same_weights_on_every_rank
 
     preprocess = recorded_preprocessing(params_preprocess, preprocessed_manifest)
 
@@ -324,6 +322,9 @@ def train_iris(
         **dict(node.get("launcher_options") or {}),
     )
     stream.replay([*result.history, *result.validation])
+    # The bundle keeps rank 0's weights as the run's model: refused, whatever launcher ran the ranks, unless
+    # every rank ended with them.
+    require_same_weights_on_every_rank(result.weights_checksum, ckpt)
     metadata = {
         "launcher": launcher,
         "world_size": int(result.world_size),
@@ -433,7 +434,11 @@ def register_model(
     preprocessed_manifest: pd.DataFrame,
     parameters: dict[str, Any],
 ) -> dict[str, Any]:
-    """Log the bundle to the active MLflow run, register it as a pickle-free pyfunc, tag the version."""
+    """Log the bundle to the active MLflow run and register it as a pickle-free pyfunc.
+
+    The version is created with all its tags in one registry request: tagged one request at a time, a
+    failure midway (a timeout, a server restart) left a version without its provenance or weights hash.
+    """
     run = mlflow.active_run()
     if run is None:
         raise RuntimeError(
@@ -441,6 +446,7 @@ def register_model(
         )
     run = mlflow.get_run(run.info.run_id)
     name = parameters.get("train", {}).get("registry_name", "iris")
+    tags = registry_tags(run, iris_model, episode_index, preprocessed_manifest)
     with tempfile.TemporaryDirectory(prefix="iris-register-") as scratch:
         bundle_dir = iris_model.save(Path(scratch) / BUNDLE_ARTIFACT)  # the folder name is the pyfunc's path
         mlflow.log_artifacts(str(bundle_dir), artifact_path=BUNDLE_ARTIFACT)
@@ -460,16 +466,14 @@ def register_model(
                 python_model=str(PYFUNC_SOURCE),
                 artifacts={"bundle": str(bundle_dir)},
                 code_paths=[str(_package_code(Path(scratch)))],
-                registered_model_name=name,
                 pip_requirements=_pip_requirements(),
                 # Without a signature MLflow drops predict's params (``threshold``) with only a warning.
                 signature=SIGNATURE,
                 model_config=MODEL_CONFIG,
             )
-    version = str(info.registered_model_version)
-    client = mlflow.MlflowClient()
-    for key, value in registry_tags(run, iris_model, episode_index, preprocessed_manifest).items():
-        client.set_model_version_tag(name, version, key, value)
+    # The registration log_model(registered_model_name=…) makes, with the tags in the same request.
+    registered = mlflow.register_model(f"models:/{info.model_id}", name, tags=tags)
+    version = str(registered.version)
     logger.info("Registered %s version %s from run %s", name, version, run.info.run_id)
     return {
         "name": name,
