@@ -4,10 +4,11 @@
 
 Reads the latest ``iris_model``, ``episode_index`` and ``preprocessed_manifest`` from the project's catalog
 and makes the same library calls as ``notebooks/01_quickstart.ipynb``: per-class reference windows
-(``class_embeddings``, ``evaluate.roi_size``), ``context_ensemble``, ``sliding_window_segment`` and
-``logits_to_labels``. The default episode is the first test episode of a held-out dataset; the figure shows
-an axial and a coronal slice through the middle of the true labels, with Dice per method on the
-preprocessed grid. Default output: ``docs/segmentation-overlay.png``.
+(``class_embeddings``; ``evaluate.roi_size``, or the model's training crop when it is left out, as in
+``evaluate``), ``context_ensemble``, ``sliding_window_segment`` and ``logits_to_labels``. The default
+episode is the first test episode of a held-out dataset; the figure shows an axial and a coronal slice
+through the middle of the true labels, with Dice per method on the preprocessed grid. Default output:
+``docs/segmentation-overlay.png``.
 """
 
 from __future__ import annotations
@@ -61,6 +62,7 @@ def main() -> None:
     from iris_pipelines.imaging.registration import paste_label
     from iris_pipelines.inference import strategies
     from iris_pipelines.inference.sliding_window import sliding_window_segment
+    from iris_pipelines.pipelines.embed_tasks.nodes import roi_size_or_training_crop
     from iris_pipelines.training.sampler import case_records
 
     manifest, episode_index = catalog.load("preprocessed_manifest"), catalog.load("episode_index")
@@ -80,8 +82,10 @@ def main() -> None:
     image, truth = load_arrays(query)
 
     evaluate = params["evaluate"]
-    roi = tuple(evaluate["roi_size"])
     bundle = catalog.load("iris_model")
+    # As evaluate: evaluate.roi_size, or the model's training crop when it is left out (null).
+    roi = roi_size_or_training_crop(bundle, evaluate.get("roi_size"), "evaluate")
+    print(f"window {'x'.join(map(str, roi))} voxels")
     model = bundle.build_model().to("cuda" if torch.cuda.is_available() else "cpu")
     pool, valid = [], []
     for reference in references:

@@ -239,11 +239,18 @@ def test_quickstart_notebook_executes(trained_project: Path, monkeypatch: pytest
     workdir = trained_project / "notebooks"  # run where a user would; the notebook walks up to the root
     workdir.mkdir(exist_ok=True)
     monkeypatch.delenv("IRIS_PROJECT", raising=False)
-    monkeypatch.setenv("IRIS_ENV", TINY_ENV)  # the params evaluate ran with (roi size)
+    # The params evaluate ran with, but evaluate.roi_size left out, which the README allows (the model's
+    # training crop, the 32³ evaluate used): the notebook did tuple(None).
+    notebook_env = f"{TINY_ENV}_no_roi_size"
+    (trained_project / "conf" / notebook_env).mkdir(exist_ok=True)
+    no_roi_size = {**TINY_PARAMS, "evaluate": {**TINY_PARAMS["evaluate"], "roi_size": None}}
+    (trained_project / "conf" / notebook_env / "parameters_tiny.yml").write_text(yaml.safe_dump(no_roi_size))
+    monkeypatch.setenv("IRIS_ENV", notebook_env)
     client = NotebookClient(
         nb, kernel_name="python3", timeout=300, resources={"metadata": {"path": str(workdir)}}
     )
     client.execute()  # raises CellExecutionError, with the cell and its traceback, if any cell fails
+    assert "window: 32x32x32 voxels" in "".join(_text(cell) for cell in nb.cells)
 
     errors = [o for cell in nb.cells for o in cell.get("outputs", []) if o.get("output_type") == "error"]
     assert not errors
@@ -262,6 +269,8 @@ def test_quickstart_notebook_executes(trained_project: Path, monkeypatch: pytest
         assert any("image/png" in o.get("data", {}) for o in cell.outputs), "a figure cell showed no image"
     tsne = _tagged(nb, "tsne")[0]
     assert any("application/vnd.plotly.v1+json" in o.get("data", {}) for o in tsne.outputs)
+    page = latest_version(trained_project.resolve() / "data/08_reporting/tsne.html")
+    assert f"interactive page: {page}" in _text(tsne)  # the catalog's path (data_root), the newest version
     summary = _tagged(nb, "summary")[0]
     assert any("text/html" in o.get("data", {}) for o in summary.outputs)
     assert all(method in _text(summary) for method in METHODS)

@@ -216,3 +216,34 @@ def test_every_file_dataset_in_the_base_catalog_saves_atomically():
                 f"{catalog.name}: {name} uses the stock {entry['type']}, which leaves a truncated file "
                 "when a save fails; use its iris_pipelines.datasets.Atomic* counterpart"
             )
+
+
+@pytest.mark.parametrize(
+    ("cls", "good", "error"),
+    [
+        (AtomicJSONDataset, {"episodes": [1, 2]}, json.JSONDecodeError),
+        (AtomicParquetDataset, pd.DataFrame({"dice": [0.5]}), Exception),  # pyarrow's ArrowInvalid
+    ],
+    ids=["json", "parquet"],
+)
+def test_a_damaged_latest_version_is_named_when_it_fails_to_load(tmp_path, cls, good, error):
+    """Kedro's error named the dataset's folder and a new save version, not the version file that
+    failed, so a file truncated outside Kedro could not be told from the intact versions."""
+    path = tmp_path / f"index.{'json' if cls is AtomicJSONDataset else 'parquet'}"
+    older, latest = "2026-01-01T00.00.00.000Z", "2026-01-02T00.00.00.000Z"
+    for version in (older, latest):
+        cls(filepath=str(path), version=Version(None, version)).save(good)
+    damaged = path / latest / path.name
+    damaged.write_bytes(damaged.read_bytes()[:7])
+
+    with pytest.raises(DatasetError) as failure:
+        cls(filepath=str(path), version=Version(None, None)).load()
+    message = str(failure.value)
+    assert message.startswith(f"Cannot load {damaged} ({cls.__name__}): ")
+    assert "--load-versions" in message
+    assert isinstance(failure.value.__cause__, error)
+
+    intact = cls(filepath=str(path), version=Version(older, None)).load()
+    assert intact == good if isinstance(good, dict) else intact.equals(good)
+    with pytest.raises(DatasetError, match=r"Cannot load .*missing\.json \(AtomicJSONDataset\): FileNotF"):
+        AtomicJSONDataset(filepath=str(tmp_path / "missing.json")).load()

@@ -114,3 +114,43 @@ def test_case_ids_survive_the_catalogs_csv_round_trip(tmp_path: Path) -> None:
 
     hover = {str(row[2]) for trace in tsne_html(loaded).data for row in trace.customdata}
     assert hover == {"0007", "0012", "1e3", "memory bank"}
+
+
+def test_every_dataset_gets_its_own_symbol_in_the_interactive_map(caplog) -> None:
+    """Plotly's 5 default symbols made four pairs of the 9 phantom datasets (a seen and a held-out one
+    among them) share a symbol; past the 48 symbols a warning says they repeat."""
+    coordinates = _coordinates(24)
+    coordinates["dataset"] = [f"D{i % 12}" for i in range(24)] * 2  # 12 datasets, 2 classes each
+    symbols: dict[str, set] = {}
+    for trace in tsne_html(coordinates).data:
+        symbols.setdefault(trace.name.split(", ")[1], set()).add(trace.marker.symbol)
+    assert len(symbols) == 12
+    assert all(len(symbol) == 1 for symbol in symbols.values())  # one symbol for all of a dataset's points
+    assert len({next(iter(symbol)) for symbol in symbols.values()}) == 12
+    assert not caplog.records
+
+    coordinates = _coordinates(49)
+    coordinates["dataset"] = [f"D{i}" for i in range(49)] * 2
+    assert len({trace.marker.symbol for trace in tsne_html(coordinates).data}) == 48
+    assert "49 datasets in the interactive t-SNE map: past 48, symbols repeat" in caplog.text
+
+
+def test_a_value_whose_only_point_is_in_the_memory_bank_has_a_legend_entry() -> None:
+    """The legend labelled reference series only: a class (or dataset) seen only as a memory-bank row
+    was drawn but missing from the PNG's legend."""
+    coordinates = pd.DataFrame(
+        {
+            "dataset": ["A", "A", "B", "C"],
+            "label": [1, 1, 2, 3],
+            "class_name": ["liver", "liver", "spleen", "kidney"],
+            "source": ["reference", "memory_bank", "memory_bank", "reference"],
+            "case_id": ["k1", "", "", "k2"],
+            "heldout": False,
+            "novel": False,
+            "x": [0.0, 1.0, 2.0, 3.0],
+            "y": [0.0, 1.0, 2.0, 3.0],
+        }
+    )
+    by_class, by_dataset = tsne_png(coordinates).axes
+    assert [t.get_text() for t in by_class.get_legend().get_texts()] == ["kidney", "liver", "spleen"]
+    assert [t.get_text() for t in by_dataset.get_legend().get_texts()] == ["A", "B", "C"]

@@ -8,7 +8,8 @@ place once the write has finished (``os.replace``, atomic on POSIX), so a failed
 previous state untouched and Kedro, which lists versions by the target's name, never sees the scratch.
 
 Only local paths need this: object stores (s3, gcs, abfs) publish an object when its upload completes,
-so remote targets are written directly, as the stock datasets do.
+so remote targets are written directly, as the stock datasets do. A load that fails names the file (the
+version) it read, which the stock error does not.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import uuid
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from kedro.io.core import DatasetError
+from kedro.io.core import DatasetError, get_filepath_str
 from kedro_datasets.json import JSONDataset
 from kedro_datasets.matplotlib import MatplotlibDataset
 from kedro_datasets.pandas import CSVDataset, ParquetDataset
@@ -38,7 +39,29 @@ class AtomicSaveMixin:
 
     Put it before the stock class (``class AtomicCSVDataset(AtomicSaveMixin, CSVDataset)``): the stock
     ``save`` runs unchanged and asks ``_get_save_path`` where to write, which answers the scratch path.
+    A load that fails names the file it read: the stock error names the dataset's folder and save
+    version, not the load version, so a corrupt latest version was not told from the intact ones.
     """
+
+    def load(self) -> Any:
+        # As in save: the stock load without Kedro's wrapper, which wraps this method already.
+        stock_load = inspect.unwrap(super().load)  # type: ignore[misc]
+        try:
+            return stock_load(self)
+        except DatasetError:  # no version to load, a write-only dataset: the stock message says so
+            raise
+        except Exception as exc:
+            # The version the stock load resolved (cached), so the file it failed on.
+            path = get_filepath_str(self._get_load_path(), self._protocol)  # type: ignore[attr-defined]
+            hint = (
+                "; if this version is damaged, delete its folder or load an earlier version "
+                "(kedro run --load-versions=<dataset>:<version>)"
+                if self._version  # type: ignore[attr-defined]
+                else ""
+            )
+            raise DatasetError(
+                f"Cannot load {path} ({type(self).__name__}): {type(exc).__name__}: {exc}{hint}"
+            ) from exc
 
     _scratch_path: PurePosixPath | None = None
 

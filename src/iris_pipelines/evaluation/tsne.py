@@ -28,6 +28,16 @@ HTML_COLOURS = (
     *PNG_COLOURS,
     *(to_hex(c) for name in ("tab20b", "tab20c") for c in matplotlib.colormaps[name].colors),
 )
+# One symbol per dataset: plotly express cycles through 5 by default, so in the 9-dataset collection four
+# pairs of datasets (a seen and a held-out one among them) shared a symbol. 24 filled shapes that differ
+# in outline, then the same shapes open: 48.
+_FILLED_SYMBOLS = (
+    "circle", "square", "diamond", "triangle-up", "cross", "x", "triangle-down", "pentagon", "star",
+    "hexagon", "hourglass", "triangle-left", "star-triangle-up", "triangle-right", "hexagram", "bowtie",
+    "diamond-wide", "star-square", "octagon", "triangle-ne", "star-diamond", "diamond-tall", "triangle-sw",
+    "star-triangle-down",
+)  # fmt: skip
+HTML_SYMBOLS = (*_FILLED_SYMBOLS, *(f"{symbol}-open" for symbol in _FILLED_SYMBOLS))
 
 
 def tsne_coordinates(embeddings: pd.DataFrame, *, perplexity: float = 30.0, seed: int = 0) -> pd.DataFrame:
@@ -76,6 +86,14 @@ def png_styles(count: int) -> list[tuple[str, str]]:
     ]
 
 
+def html_symbols(count: int) -> list[str]:
+    """A plotly marker symbol for each of ``count`` datasets, all different up to 48 datasets."""
+    if count > len(HTML_SYMBOLS):
+        logger.warning("%d datasets in the interactive t-SNE map: past %d, symbols repeat", count,
+                       len(HTML_SYMBOLS))  # fmt: skip
+    return [HTML_SYMBOLS[i % len(HTML_SYMBOLS)] for i in range(count)]
+
+
 def tsne_png(coordinates: pd.DataFrame) -> Figure:
     """Two panels: coloured by class concept (shared names across datasets) and by dataset."""
     figure = Figure(figsize=(14, 6))  # pyplot-free: no backend, no global state
@@ -83,6 +101,7 @@ def tsne_png(coordinates: pd.DataFrame) -> Figure:
     for axis, key in zip(axes, ("class_name", "dataset"), strict=True):
         values = sorted(coordinates[key].astype(str).unique())
         for value, (colour, marker) in zip(values, png_styles(len(values)), strict=True):
+            labelled = False  # the value's first series gets the legend entry, a memory-bank one too
             for source in ("reference", "memory_bank"):
                 rows = coordinates[
                     (coordinates[key].astype(str) == value) & (coordinates["source"] == source)
@@ -93,8 +112,9 @@ def tsne_png(coordinates: pd.DataFrame) -> Figure:
                 axis.scatter(
                     rows["x"], rows["y"], s=80 if bank else 25, marker=marker, color=colour,
                     edgecolors="black" if bank else "face", linewidths=1.2 if bank else 0,
-                    label=None if bank else value,
+                    label=None if labelled else value,
                 )  # fmt: skip
+                labelled = True
         axis.set_title(f"task embeddings by {key.replace('_', ' ')} (large, black-edged = memory bank)")
         axis.legend(fontsize=7, ncols=2, loc="best", markerscale=0.8)
         axis.set_xticks([])
@@ -118,6 +138,7 @@ def tsne_html(coordinates: pd.DataFrame) -> PlotlyFigure:
         color="class_name",
         color_discrete_sequence=HTML_COLOURS,
         symbol="dataset",
+        symbol_sequence=html_symbols(table["dataset"].nunique(dropna=False)),
         hover_data={
             "dataset": True,
             "class_name": True,

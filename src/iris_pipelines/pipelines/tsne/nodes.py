@@ -28,6 +28,8 @@ def plot_task_embeddings(tsne_coordinates: pd.DataFrame) -> tuple[Figure, Plotly
         mlflow.log_figure(png, "tsne/tsne.png")
         with tempfile.TemporaryDirectory(prefix="iris-tsne-") as scratch:
             page = Path(scratch) / "tsne.html"
-            html.write_html(page, include_plotlyjs="cdn")
+            # plotly.js inside the page (~4.5 MB), as the catalog's copy: one that loads it from a CDN is
+            # blank offline, e.g. on cluster nodes or an MLflow server without internet access.
+            html.write_html(page, include_plotlyjs=True)
             mlflow.log_artifact(str(page), artifact_path="tsne")
     return png, html
