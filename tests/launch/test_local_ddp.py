@@ -90,6 +90,38 @@ def test_a_cpu_run_on_a_gpu_host_uses_gloo(monkeypatch, tmp_path):
     assert chosen == ["gloo", "nccl", "nccl"]
 
 
+def test_a_gpu_index_for_several_ranks_is_refused_before_any_rank_starts(monkeypatch, tmp_path):
+    """``device: cuda:0`` with 2 ranks put both on GPU 0; it is refused before spawning or queueing."""
+    import submitit
+
+    from iris_pipelines.launch import local_ddp
+
+    def spawned(*_args, **_kwargs):
+        raise AssertionError("started ranks that would share one GPU")
+
+    monkeypatch.setattr(local_ddp.mp, "spawn", spawned)
+    with pytest.raises(ValueError, match=r"'cuda:0' puts all 2 ranks on one GPU"):
+        launch_training("local_ddp", nprocs=2, train_config={"device": "cuda:0"}, checkpoint_dir=tmp_path)
+
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "sbatch").write_text("#!/bin/sh\nexit 1\n")
+    (tmp_path / "bin" / "sbatch").chmod(0o755)
+    monkeypatch.setenv("PATH", str(tmp_path / "bin"))
+    monkeypatch.setattr(submitit, "SlurmExecutor", spawned)
+    with pytest.raises(ValueError, match=r"'cuda:0' puts all 4 ranks on one GPU"):
+        launch_training(
+            "slurm",
+            folder=tmp_path / "jobs",
+            nodes=2,
+            tasks_per_node=2,
+            model_config=tiny_model_config(),
+            train_config=fast_train_config(device="cuda:0", batch_size=4),
+            episode_index={},
+            preprocessed_manifest=None,
+            checkpoint_dir=tmp_path / "ck",
+        )
+
+
 def test_the_slurm_launcher_refuses_a_crop_the_network_cannot_take_before_queueing(monkeypatch, tmp_path):
     """Before, the pre-queue check took a crop no larger than 2**stages on every axis: the job waited for
     its nodes, then failed at its first forward step."""

@@ -54,6 +54,14 @@ def test_a_rank_trains_on_the_gpu_of_its_local_rank(monkeypatch, local_rank, exp
     assert resolve_device(TrainConfig(device="auto"), rank=3) == torch.device("cuda", expected)
 
 
+def test_a_gpu_index_with_several_ranks_is_refused():
+    """``cuda:0`` would put every rank on GPU 0; one rank may name its GPU."""
+    with pytest.raises(ValueError, match=r"'cuda:0' puts all 2 ranks on one GPU; use 'auto'"):
+        resolve_device(TrainConfig(device="cuda:0"), rank=1, world_size=2)
+    assert resolve_device(TrainConfig(device="cuda:1"), rank=0) == torch.device("cuda", 1)
+    assert resolve_device(TrainConfig(device="cuda"), rank=1, world_size=2) == torch.device("cuda")
+
+
 def test_validation_scores_only_classes_both_crops_show(tmp_path):
     """Windows centred on two classes far apart show one of them: the other must neither be asked of the
     model with an empty reference nor score its empty target as a perfect 1.0."""

@@ -52,7 +52,7 @@ from typing import TYPE_CHECKING, Any
 from iris_pipelines.model import IrisConfig
 from iris_pipelines.signals import install_handlers, restore_handlers
 from iris_pipelines.training import TrainConfig, TrainResult, run_training
-from iris_pipelines.training.loop import TrainingInterrupted
+from iris_pipelines.training.loop import TrainingInterrupted, resolve_device
 
 from .local_ddp import default_backend, place_rank
 
@@ -555,6 +555,7 @@ def run_slurm(
     config.check_crop_fits(IrisConfig.from_dict(run_training_kwargs["model_config"]).size_divisor)
     if config.batch_size % world_size:
         raise ValueError(f"batch_size {config.batch_size} is not divisible by the {world_size} SLURM ranks")
+    resolve_device(config, 0, world_size=world_size)  # a GPU index for several ranks
     # absolute(), not resolve(): compute nodes may mount the shared filesystem under the configured path
     # but not under the login node's real one behind its symlinks.
     run_training_kwargs["checkpoint_dir"] = str(Path(run_training_kwargs["checkpoint_dir"]).absolute())

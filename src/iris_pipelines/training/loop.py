@@ -111,15 +111,23 @@ def lr_factor(index: int, config: TrainConfig) -> float:
     return config.final_lr_fraction**progress
 
 
-def resolve_device(config: TrainConfig, rank: int) -> torch.device:
+def resolve_device(config: TrainConfig, rank: int, world_size: int = 1) -> torch.device:
     """``auto``: this rank's GPU on its node, or the CPU.
 
     The node-local index is ``LOCAL_RANK`` (set by the DDP and SLURM launchers, as by torchrun), the GPU
     those launchers pinned for NCCL. The global rank modulo the node's GPUs is only a fallback: it names
-    another GPU when SLURM places ranks cyclically or unevenly over the nodes.
+    another GPU when SLURM places ranks cyclically or unevenly over the nodes. A GPU index given with
+    several ranks is refused: every rank would train on that one GPU, which NCCL rejects only after the
+    ranks started (or which runs them all on one card).
     """
     if config.device != "auto":
-        return torch.device(config.device)
+        device = torch.device(config.device)
+        if world_size > 1 and device.type == "cuda" and device.index is not None:
+            raise ValueError(
+                f"train.device {config.device!r} puts all {world_size} ranks on one GPU; use 'auto' or "
+                "'cuda', which give each rank the GPU of its LOCAL_RANK"
+            )
+        return device
     if torch.cuda.is_available():
         local_rank = int(os.environ.get("LOCAL_RANK", rank))
         return torch.device("cuda", local_rank % torch.cuda.device_count())
@@ -465,7 +473,7 @@ def run_training(
     if config.batch_size % world_size:
         raise ValueError(f"batch_size {config.batch_size} is not divisible by world_size {world_size}")
     checkpoint_dir = Path(checkpoint_dir)
-    device = resolve_device(config, rank)
+    device = resolve_device(config, rank, world_size)
     is_main = rank == 0
     emit = on_metrics if (on_metrics and is_main) else (lambda _: None)
 
