@@ -68,6 +68,12 @@ def test_registered_pyfunc_segments_a_query(mlflow_store: str, tmp_path: Path) -
     assert set(np.unique(only_three)) == {3}
     as_frame = pd.DataFrame([{k: v for k, v in request.items()}])
     assert model.predict(as_frame).shape == request["query"].shape
+    pairs = {
+        "reference_image": [request["reference_image"]] * 2,
+        "reference_mask": [request["reference_mask"]] * 2,
+    }
+    twice = model.predict({**request, **pairs}, params={"threshold": LOWEST_THRESHOLD})  # a context ensemble
+    np.testing.assert_array_equal(twice, everything)
 
 
 def test_bad_requests_are_explained() -> None:
@@ -190,3 +196,160 @@ def test_a_class_asked_for_twice_is_segmented_once(monkeypatch) -> None:
     )  # fmt: skip
     np.testing.assert_array_equal(twice, once)
     assert set(decoded) == {1}
+
+
+def _pyfunc():
+    from iris_pipelines.inference.pyfunc_model import IrisPyfuncModel
+
+    torch.manual_seed(0)
+    pyfunc = IrisPyfuncModel()
+    pyfunc.model = Iris(IrisConfig.tiny()).eval()
+    pyfunc.bundle = ModelBundle.from_model(pyfunc.model)
+    return pyfunc
+
+
+def _second_reference() -> tuple[np.ndarray, np.ndarray]:
+    """A reference on another grid than the query and the first reference, holding labels 1 and 2 (not 3)."""
+    shape = (14, 18, 16)
+    mask = np.zeros(shape, dtype=np.uint8)
+    mask[3:8, 2:7, 3:9] = 1
+    mask[8:13, 10:16, 6:14] = 2
+    return np.random.default_rng(1).normal(size=shape).astype(np.float32), mask
+
+
+def _ensemble_labels(model, query, references, labels, threshold, window) -> np.ndarray:
+    """The ensemble computed directly: per-reference class embeddings, their context_ensemble over the
+    references that hold each class, the query segmented under it."""
+    from iris_pipelines.inference.sliding_window import sliding_window_segment
+    from iris_pipelines.inference.strategies import context_ensemble, encode_class_windows, logits_to_labels
+
+    with torch.no_grad():
+        pool = torch.zeros(len(references), len(labels), model.config.num_tokens, model.config.embed_dim)
+        valid = torch.zeros(len(references), len(labels), dtype=torch.bool)
+        for row, (image, mask) in enumerate(references):
+            present = [c for c in labels if (mask == c).any()]
+            ref = torch.from_numpy(image)[None, None]
+            masks = [torch.from_numpy(mask == c)[None, None].float() for c in present]
+            if window is None:
+                embedding = model.encode_task(ref, torch.cat(masks, dim=1))
+            else:
+                embedding = encode_class_windows(model, ref, masks, window)
+            pool[row, [labels.index(c) for c in present]] = embedding[0]
+            valid[row, [labels.index(c) for c in present]] = True
+        task = context_ensemble(pool, valid)
+        volume = torch.from_numpy(query)[None, None]
+        if window is None:
+            logits = model.segment(volume, task)
+        else:
+            logits = sliding_window_segment(model, volume, task, roi_size=window)
+        return logits_to_labels(logits.float(), labels, threshold).numpy()
+
+
+def test_several_references_give_their_per_class_context_ensemble() -> None:
+    """reference_image/reference_mask as lists: each class's embedding is the mean over the references that
+    hold it (label 3 only the first, 2 only the second, 1 both), as iris segment --strategy ensemble."""
+    pyfunc = _pyfunc()
+    request = _request()
+    second = _second_reference()
+    references = [(request["reference_image"], request["reference_mask"]), second]
+    several = {
+        "query": request["query"],
+        "reference_image": [image for image, _ in references],
+        "reference_mask": [mask for _, mask in references],
+    }
+    labels = pyfunc.predict(None, several, params={"threshold": LOWEST_THRESHOLD})
+    window = pyfunc.bundle.inference_window()
+    expected = _ensemble_labels(
+        pyfunc.model, request["query"], references, [1, 2, 3], LOWEST_THRESHOLD, window
+    )
+    np.testing.assert_array_equal(labels, expected)
+    assert set(np.unique(labels)) == {1, 2, 3}  # at the lowest cut every class wins some voxels
+    one_shot = pyfunc.predict(None, request, params={"threshold": LOWEST_THRESHOLD})
+    assert not np.array_equal(labels, one_shot)  # the second reference changed the result
+    from iris_pipelines.inference.pyfunc_model import segment_with_references
+
+    whole = segment_with_references(
+        pyfunc.model, request["query"], *zip(*references, strict=True), threshold=LOWEST_THRESHOLD
+    )
+    expected = _ensemble_labels(pyfunc.model, request["query"], references, [1, 2, 3], LOWEST_THRESHOLD, None)
+    np.testing.assert_array_equal(whole, expected)
+
+
+def test_two_identical_references_give_the_one_shot_result() -> None:
+    pyfunc = _pyfunc()
+    request = _request()
+    one_shot = pyfunc.predict(None, request, params={"threshold": LOWEST_THRESHOLD})
+    for pairs in (2, 1):
+        several = {
+            "query": request["query"],
+            "reference_image": [request["reference_image"]] * pairs,
+            "reference_mask": (request["reference_mask"],) * pairs,  # a tuple does as well as a list
+        }
+        labels = pyfunc.predict(None, several, params={"threshold": LOWEST_THRESHOLD})
+        np.testing.assert_array_equal(labels, one_shot)
+
+
+def test_a_class_held_by_the_second_reference_only_is_segmented() -> None:
+    pyfunc = _pyfunc()
+    request = _request()
+    image, mask = _second_reference()
+    several = {**request, "reference_image": [request["reference_image"], image]}
+    several["reference_mask"] = [request["reference_mask"], mask]
+    only_two = pyfunc.predict(None, {**several, "classes": [2]}, params={"threshold": LOWEST_THRESHOLD})
+    assert set(np.unique(only_two)) == {2}
+    # Label 2 from the second reference's embedding, label 3 from the first's: each class's own holder.
+    labels = pyfunc.predict(None, {**several, "classes": [2, 3]}, params={"threshold": LOWEST_THRESHOLD})
+    assert set(np.unique(labels)) == {2, 3}
+    references = [(request["reference_image"], request["reference_mask"]), (image, mask)]
+    window = pyfunc.bundle.inference_window()
+    expected = _ensemble_labels(pyfunc.model, request["query"], references, [2, 3], LOWEST_THRESHOLD, window)
+    np.testing.assert_array_equal(labels, expected)
+
+
+def test_bad_reference_lists_are_explained() -> None:
+    pyfunc = _pyfunc()
+    request = _request()
+    image, mask = _second_reference()
+    images, masks = [request["reference_image"], image], [request["reference_mask"], mask]
+    several = {"query": request["query"], "reference_image": images, "reference_mask": masks}
+    with pytest.raises(
+        ValueError, match=r"reference_image holds 2 image\(s\) but reference_mask 1 mask\(s\)"
+    ):
+        pyfunc.predict(None, {**several, "reference_mask": masks[:1]})
+    with pytest.raises(ValueError, match="empty lists; give at least one reference pair"):
+        pyfunc.predict(None, {**several, "reference_image": [], "reference_mask": []})
+    with pytest.raises(ValueError, match="both be single 3-D arrays .* or both lists"):
+        pyfunc.predict(None, {**several, "reference_mask": request["reference_mask"]})
+    with pytest.raises(ValueError, match=r"reference pair 1: reference_mask\[1\] \(14, 18, 15\) must match"):
+        pyfunc.predict(None, {**several, "reference_mask": [masks[0], mask[..., 1:]]})
+    nan_image = image.copy()
+    nan_image[2, 3, 4] = np.nan
+    with pytest.raises(ValueError, match=r"reference_image\[1\] has 1 NaN or infinite voxel\(s\)"):
+        pyfunc.predict(None, {**several, "reference_image": [images[0], nan_image]})
+    with pytest.raises(ValueError, match="class 4: none of the 2 references holds it"):
+        pyfunc.predict(None, {**several, "classes": [1, 4]})
+    with pytest.raises(ValueError, match="none of the 2 reference masks has a foreground label"):
+        pyfunc.predict(None, {**several, "reference_mask": [np.zeros_like(m) for m in masks]})
+
+
+def test_a_dataframe_request_may_hold_lists_of_references() -> None:
+    """A one-row DataFrame whose reference cells hold lists of arrays, as MLflow's serving layer builds."""
+    pyfunc = _pyfunc()
+    request = _request()
+    image, mask = _second_reference()
+    several = {
+        "query": request["query"],
+        "reference_image": [request["reference_image"], image],
+        "reference_mask": [request["reference_mask"], mask],
+    }
+    expected = pyfunc.predict(None, several, params={"threshold": LOWEST_THRESHOLD})
+    frame = pd.DataFrame([several])
+    assert isinstance(frame.loc[0, "reference_image"], list)
+    np.testing.assert_array_equal(
+        pyfunc.predict(None, frame, params={"threshold": LOWEST_THRESHOLD}), expected
+    )
+    with_classes = pd.DataFrame([{**several, "classes": [2, 3]}])
+    labels = pyfunc.predict(None, with_classes, params={"threshold": LOWEST_THRESHOLD})
+    assert set(np.unique(labels)) == {2, 3}
+    with pytest.raises(ValueError, match="one query per call; got a DataFrame of 2 rows"):
+        pyfunc.predict(None, pd.concat([frame, frame], ignore_index=True))
