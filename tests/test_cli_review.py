@@ -7,6 +7,7 @@ root, inside one MLflow run, so the version carries the provenance and eval tags
 
 from __future__ import annotations
 
+import os
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -39,9 +40,14 @@ from iris_pipelines.review import (
 )
 
 PROJECT = Path(__file__).parents[1]
+# Kedro saves every versioned dataset of a session under the session id, which kedro-mlflow tags its run
+# with (run_id): these stand for the sessions of ingest, preprocess, episodes and train.
+INGEST_SESSION = "2025-12-31T00.00.00.000Z"
 EPISODES_VERSION = "2026-01-01T00.00.00.000Z"
 MANIFEST_VERSION = "2026-01-01T00.00.01.000Z"
+TRAIN_SESSION = "2026-01-01T00.00.02.000Z"
 LATER_EPISODES_VERSION = "2026-02-01T00.00.00.000Z"
+INGEST_OVERRIDES = "{'phantoms': {'cases_per_dataset': 4, 'size_scale': 0.6}}"  # kedro run --params=…
 
 
 def _parameters(root: Path) -> dict:
@@ -59,7 +65,27 @@ def _parameters(root: Path) -> dict:
             "strategies": ["one_shot", "ensemble"], "baselines": ["paste"], "roi_size": [32, 32, 32],
             "nsd_tolerance_mm": 3.0,
         },
+        # as configured when training ran: ingest ran with --params (INGEST_OVERRIDES)
+        "phantoms": {"cases_per_dataset": 16, "size_scale": 1.0},
+        "episodes": {"seed": 0},
     }  # fmt: skip
+
+
+def _upstream_runs() -> None:
+    """The runs that saved the training data, as kedro-mlflow records them: tagged with their Kedro session
+    (run_id) and --params (runtime_params), the params their nodes read, and the versions they read."""
+    upstream = [
+        ("ingest", INGEST_SESSION, {"phantoms.cases_per_dataset": 4, "phantoms.size_scale": 0.6},
+         {"runtime_params": INGEST_OVERRIDES}),
+        ("preprocess", MANIFEST_VERSION, {"preprocess.target_spacing": "[3.0, 3.0, 3.0]"},
+         {"input_version.case_manifest": INGEST_SESSION}),
+        ("episodes", EPISODES_VERSION, {"episodes.seed": 0},
+         {"input_version.preprocessed_manifest": MANIFEST_VERSION}),
+    ]  # fmt: skip
+    for name, session, params, tags in upstream:
+        with mlflow.start_run(run_name=name):
+            mlflow.set_tags({"run_id": session, **tags})
+            mlflow.log_params(params)
 
 
 @pytest.fixture(scope="module")
@@ -74,14 +100,15 @@ def registered(tmp_path_factory, collection, one_torch_thread):
     persisted = {name: config[name] for name in pipeline.datasets() if name in config}
     DataCatalog.from_config(persisted, save_version=EPISODES_VERSION).save("episode_index", index)
     DataCatalog.from_config(persisted, save_version=MANIFEST_VERSION).save("preprocessed_manifest", manifest)
-    catalog = DataCatalog.from_config(persisted)
+    catalog = DataCatalog.from_config(persisted, save_version=TRAIN_SESSION)
     catalog["parameters"] = MemoryDataset(parameters)
     for key, value in parameters.items():
         catalog[f"params:{key}"] = MemoryDataset(value)
     hooks = _create_hook_manager()
     hooks.register(InputVersionHooks())
     with temporary_mlflow_store(root) as uri:
-        with mlflow.start_run():
+        _upstream_runs()
+        with mlflow.start_run(run_name="train", tags={"run_id": TRAIN_SESSION}):
             ProvenanceHooks().before_pipeline_run(run_params={"project_path": str(PROJECT), "env": "test"})
             SequentialRunner().run(pipeline, catalog, hook_manager=hooks)
         yield uri, data_root
@@ -134,6 +161,80 @@ def test_review_shows_how_the_run_ended_and_the_registered_weights(registered) -
         client.set_terminated(version.run_id, "FINISHED")
     assert "run status │ FAILED" in output and "run lifecycle stage │ deleted" in output
     assert f"note: version 1: its run {version.run_id} is FAILED, not FINISHED; what it recorded" in output
+
+
+def _table(output: str, title: str) -> str:
+    """The rows of the review's table whose title starts with ``title`` (up to the next table's title)."""
+    start = output.index(title)
+    end = output.find("parameters of run", start + len(title))
+    return output[start : end if end > 0 else len(output)]
+
+
+def test_review_shows_the_parameters_of_the_runs_that_made_the_data(registered) -> None:
+    """config/parameters.json holds phantoms.* as configured when training ran (16 cases); the data was
+    made by an ingest run with --params=phantoms.cases_per_dataset=4. The training run's table holds the
+    sections it read; each run that saved its data (found by its Kedro session = the data version) shows
+    its own params and --params, labelled by what it saved."""
+    uri, data_root = registered
+    result = review(uri, data_root)
+    assert result.exit_code == 0, result.output
+    output = " ".join(result.output.split())
+    assert "cases_per_dataset │ 16" not in output  # the training run's copy, shown as if it made the data
+    assert "note:" not in output
+    trained = _table(output, "parameters of the training run train")
+    assert "train.steps │ 2" in trained and "model.size │ tiny" in trained
+    assert 'evaluate.strategies │ ["one_shot", "ensemble"]' in trained  # it evaluated the version, too
+    assert "phantoms" not in trained.split("not read by this run")[0]
+    assert "not read by this run │ episodes, phantoms:" in trained
+    ingest = _table(output, "parameters of run ingest (saved case_manifest)")
+    assert f"saved case_manifest │ version {INGEST_SESSION}" in ingest
+    assert f"kedro session │ {INGEST_SESSION}" in ingest
+    assert "--params phantoms.cases_per_dataset │ 4" in ingest
+    assert "--params phantoms.size_scale │ 0.6" in ingest
+    assert "phantoms.cases_per_dataset │ 4" in ingest and "phantoms.size_scale │ 0.6" in ingest
+    assert f"saved preprocessed_manifest │ version {MANIFEST_VERSION}" in _table(
+        output, "parameters of run preprocess (saved preprocessed_manifest)"
+    )
+    episodes = _table(output, "parameters of run episodes (saved episode_index)")
+    assert "episodes.seed │ 0" in episodes and "--params │ none" in episodes
+    assert output.index("run ingest") < output.index("run preprocess") < output.index("run episodes")
+
+
+def test_train_sections_are_those_the_train_pipeline_reads() -> None:
+    from iris_pipelines.review import TRAIN_SECTIONS
+
+    read = {name[len("params:") :] for name in train_pipeline().inputs() if name.startswith("params:")}
+    assert read == set(TRAIN_SECTIONS)
+
+
+def test_data_whose_run_is_not_in_the_store_is_noted(registered) -> None:
+    """Data saved through another store, or whose run was deleted: a note, not the training run's copy of
+    the configuration shown as the producer's."""
+    uri, data_root = registered
+    client = mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
+    (ingest,) = client.search_runs(
+        [client.get_run(client.get_model_version("iris", "1").run_id).info.experiment_id],
+        filter_string=f"tags.run_id = '{INGEST_SESSION}'",
+    )
+    elsewhere = "2025-06-01T00.00.00.000Z"
+    client.delete_run(ingest.info.run_id)
+    try:
+        with restored_version_tags(uri, "iris", "1") as client:
+            client.set_model_version_tag("iris", "1", "input_version.episode_index", elsewhere)
+            output = " ".join(review(uri, data_root).output.split())
+    finally:
+        client.restore_run(ingest.info.run_id)
+    assert (
+        f"note: case_manifest version {INGEST_SESSION} (read by run preprocess): the run that saved it "
+        f"({ingest.info.run_id}) is deleted" in output
+    )
+    assert (
+        f"note: episode_index version {elsewhere} (read by the training run): no run of experiment" in output
+        and f"has tag run_id = {elsewhere}" in output
+    )
+    assert "parameters of run ingest" not in output and "parameters of run episodes" not in output
+    assert "parameters of run preprocess (saved preprocessed_manifest)" in output
+    assert "cases_per_dataset" not in output
 
 
 def test_reproduce_passes_on_a_fresh_model(registered) -> None:
@@ -434,3 +535,100 @@ def test_task_embeddings_are_reproduced_on_the_device_they_record(monkeypatch):
         "are re-made on cpu, while the evaluation ran on cuda:0: if embed_tasks ran there too, expect "
         "differences in the last bits"
     ]
+
+
+@contextmanager
+def login_recording_server() -> Iterator[tuple[str, list]]:
+    """A tracking server that wants a login and answers every request 401, recording the Authorization
+    header each one brought."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    seen: list = []
+
+    class Unauthenticated(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            seen.append(self.headers.get("Authorization"))
+            body = b'{"error_code": "UNAUTHENTICATED", "message": "You are not authenticated."}'
+            self.send_response(401)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        do_POST = do_GET
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Unauthenticated)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}", seen
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+
+
+def test_review_and_segment_send_the_server_login_of_the_kedro_env(tmp_path, monkeypatch) -> None:
+    """`kedro run --env=hpcc` logs in with the `mlflow_server` entry of conf/hpcc/credentials.yml
+    (kedro-mlflow exports it); `iris review` / `iris segment --env hpcc` send the same login, unless the
+    variable is already exported, and never print it."""
+    import base64
+
+    project = tmp_path / "project"
+    shutil.copytree(PROJECT / "conf", project / "conf", ignore=shutil.ignore_patterns("credentials*"))
+    credentials = project / "conf" / "hpcc" / "credentials.yml"
+    credentials.write_text(
+        "mlflow_server:\n  MLFLOW_TRACKING_USERNAME: alice\n  MLFLOW_TRACKING_PASSWORD: pw-1\n"
+    )
+    login_variables = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN")
+
+    def unset_login() -> None:  # the commands export into this process: undone after the test
+        for name in login_variables:
+            monkeypatch.setenv(name, "")
+            monkeypatch.delenv(name)
+
+    def basic(user: str, password: str) -> str:
+        return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+
+    def review_hpcc() -> tuple[int, str]:
+        result = CliRunner().invoke(
+            main, ["review", "models:/iris/1", "--project", str(project), "--env", "hpcc"]
+        )
+        return result.exit_code, " ".join(result.output.split())
+
+    unset_login()
+    scan = tmp_path / "scan.nii.gz"
+    with login_recording_server() as (uri, seen):
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)  # as on the cluster; conf/hpcc requires it
+        code, output = review_hpcc()
+        assert code == 2 and "UNAUTHENTICATED" in output, output
+        assert seen[-1] == basic("alice", "pw-1") and "pw-1" not in output and "note:" not in output
+
+        unset_login()
+        monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "bob")  # exported: wins over the file
+        monkeypatch.delenv("MLFLOW_TRACKING_URI")  # --tracking-uri instead: conf/hpcc's URI is not needed
+        segmented = CliRunner().invoke(
+            main,
+            ["segment", "--image", str(scan), "--reference", f"{scan}:{scan}", "--model", "models:/iris/1",
+             "--out", str(tmp_path / "out.nii.gz"), "--project", str(project), "--env", "hpcc",
+             "--tracking-uri", uri],
+        )  # fmt: skip
+        assert segmented.exit_code == 2 and "UNAUTHENTICATED" in segmented.output, segmented.output
+        assert seen[-1] == basic("bob", "pw-1") and "pw-1" not in segmented.output
+        assert "MLFLOW_TRACKING_URI" not in os.environ
+
+        unset_login()
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+        credentials.write_text("other_server:\n  MLFLOW_TRACKING_TOKEN: tk-1\n")
+        code, output = review_hpcc()
+        assert seen[-1] is None and "tk-1" not in output
+        assert "names credentials 'mlflow_server', but no credentials.yml" in output
+
+        credentials.unlink()
+        code, output = review_hpcc()
+        assert seen[-1] is None and "has no credentials.yml" in output
+        assert code == 2 and "UNAUTHENTICATED" in output

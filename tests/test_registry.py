@@ -210,3 +210,33 @@ def test_the_registered_weights_load(tmp_path) -> None:
     bundle.save(tmp_path / "bundle")
     loaded = _version_serving(tmp_path / "bundle", {"weights_sha256": bundle.weights_checksum}).load_bundle()
     assert loaded.weights_checksum == bundle.weights_checksum
+
+
+def test_unreadable_credentials_are_named_without_their_content(tmp_path, monkeypatch) -> None:
+    """A YAML error quotes the line it failed on: the note names the file's kind and the error's type only,
+    and nothing is exported."""
+    conf = tmp_path / "conf"
+    (conf / "base").mkdir(parents=True)
+    (conf / "hpcc").mkdir()
+    (conf / "hpcc" / "mlflow.yml").write_text("server:\n  credentials: mlflow_server\n")
+    (conf / "hpcc" / "credentials.yml").write_text(
+        'mlflow_server:\n  MLFLOW_TRACKING_PASSWORD: "pw-1\n  x: [\n'
+    )
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "")
+    monkeypatch.delenv("MLFLOW_TRACKING_PASSWORD")  # undone after the test, should it be exported
+    notes = registry.export_credentials(tmp_path, "hpcc")
+    assert len(notes) == 1 and notes[0].startswith(f"cannot read the credentials.yml of {conf} (env hpcc): ")
+    assert "pw-1" not in notes[0] and "MLFLOW_TRACKING_PASSWORD" not in os.environ
+    assert registry.export_credentials(tmp_path, None) == []  # the default env names no login
+
+
+def test_the_login_is_looked_up_where_the_project_settings_say() -> None:
+    """export_credentials finds mlflow.yml and credentials.yml without importing settings.py (it imports
+    kedro-mlflow, which sets up logging): its envs and patterns must stay those of settings.py."""
+    from iris_pipelines.settings import CONFIG_LOADER_ARGS
+
+    assert {
+        key: CONFIG_LOADER_ARGS[key] for key in registry.CONFIG_LOADER_ENVS
+    } == registry.CONFIG_LOADER_ENVS
+    assert CONFIG_LOADER_ARGS["config_patterns"]["mlflow"] == registry.MLFLOW_CONFIG_PATTERNS
+    assert "credentials" not in CONFIG_LOADER_ARGS["config_patterns"]  # Kedro's default patterns

@@ -235,6 +235,16 @@ def _tracking_uri_option(fallback: str):
     )
 
 
+def _server_login(model: str, project_dir: Path, env: str | None) -> None:
+    """For a registry URI, export the MLflow server login ``kedro run --env=<env>`` uses (credentials.yml;
+    variables already set win), and say what is missing."""
+    from iris_pipelines import registry
+
+    if registry.is_registry_uri(model):
+        for note in registry.export_credentials(project_dir, env):
+            click.echo(f"note: {note}", err=True)
+
+
 def _project_option(help_text: str):
     return click.option(
         "--project",
@@ -374,6 +384,14 @@ def _project_option(help_text: str):
 @_project_option("Kedro project whose conf/base gives the default preprocessing and whose mlflow.db holds "
                  "--model's registry version.")  # fmt: skip
 @click.option(
+    "--env",
+    type=str,
+    default=None,
+    help="Kedro env whose mlflow.yml and credentials.yml give the MLflow server login for a registry "
+    "--model, as for `kedro run --env` (default: local; variables already exported win). Only the login: "
+    "preprocessing defaults come from conf/base.",
+)
+@click.option(
     "--out",
     "out_text",
     # the text as typed: Path drops the trailing separator that makes `--out newdir/` a directory
@@ -404,7 +422,7 @@ def segment(images: tuple[Path, ...], images_dir: Path | None, references: tuple
             roi: str | None,
             overlap: float, threshold: float, tuning_steps: int, tuning_lr: float, reference_check: bool,
             device: str,
-            tracking_uri: str | None, project_dir: Path, out_text: str,
+            tracking_uri: str | None, project_dir: Path, env: str | None, out_text: str,
             out_suffix: str | None, save_probabilities: bool) -> None:  # fmt: skip
     """Segment scans in context: the classes shown by the references (or stored task embeddings).
 
@@ -461,6 +479,7 @@ def segment(images: tuple[Path, ...], images_dir: Path | None, references: tuple
         )
         request.check()
         require_writable_directory(out if batch else out.parent, out)  # before the model is fetched
+        _server_login(model_ref, project_dir, env)
         if batch:
             _segment_scans(request, scans, out, out_suffix, model_ref, tracking_uri, project_dir, spacing_mm)
             return
@@ -512,7 +531,14 @@ def _registry_notes(model: LoadedModel) -> None:
 )
 @_tracking_uri_option("sqlite:///<project>/mlflow.db")
 @_project_option("Kedro project whose catalog locates the recorded data versions.")
-@click.option("--env", type=str, default=None, help="Kedro env of the catalog (default: the recorded one).")
+@click.option(
+    "--env",
+    type=str,
+    default=None,
+    help="Kedro env whose mlflow.yml and credentials.yml give the MLflow server login, as for `kedro run "
+    "--env` (default: local; variables already exported win), and whose catalog --reproduce reads "
+    "(default: the recorded env).",
+)
 @click.option(
     "--data-root",
     type=str,
@@ -529,6 +555,7 @@ def review(model_uri: str, run_reproduce: bool, tolerance: float, tracking_uri: 
     from iris_pipelines import registry
     from iris_pipelines import review as reviewing
 
+    _server_login(model_uri, project_dir, env)
     with user_errors():
         record = registry.resolve(model_uri, registry.tracking_uri(tracking_uri, project_dir))
         parameters = record.parameters()

@@ -68,6 +68,84 @@ def tracking_uri(option: str | None, project_dir: str | os.PathLike[str] | None 
     return f"sqlite:///{(Path(project_dir) / path).resolve()}" + (f"?{options}" if options else "")
 
 
+# settings.py's CONFIG_LOADER_ARGS as far as finding mlflow.yml and credentials.yml goes. Not imported from
+# there: settings imports kedro-mlflow, which sets up Kedro's logging (its handlers, an info.log in the
+# current directory) and warns, in every iris command that reads the registry (tests/test_registry.py
+# checks that the two agree).
+CONFIG_LOADER_ENVS = {"base_env": "base", "default_run_env": "local"}
+MLFLOW_CONFIG_PATTERNS = ["mlflow*", "mlflow*/**", "**/mlflow*"]
+
+
+def export_credentials(project_dir: str | os.PathLike[str], env: str | None) -> list[str]:
+    """Export the MLflow server login that ``kedro run --env=<env>`` exports, for this process; notes.
+
+    kedro-mlflow reads ``server.credentials`` of the env's ``mlflow.yml`` (conf/hpcc: ``mlflow_server``) and
+    exports every key of that credentials entry (``MLFLOW_TRACKING_USERNAME``, ``MLFLOW_TRACKING_PASSWORD``
+    or ``MLFLOW_TRACKING_TOKEN``, an artifact store's keys) as an environment variable. The same is done
+    here through Kedro's OmegaConfigLoader, except that a variable already set wins over the file. A
+    missing file or entry is a note (the server's 401 then says the rest); no note or message holds a
+    value, and the errors of reading credentials are named by type only (a YAML error quotes the line it
+    failed on).
+    """
+    from kedro.config import MissingConfigException, OmegaConfigLoader
+    from omegaconf import OmegaConf
+
+    conf = Path(project_dir) / "conf"
+    shown = env or CONFIG_LOADER_ENVS["default_run_env"]
+    try:
+        loader = OmegaConfigLoader(
+            conf_source=str(conf),
+            env=env,
+            config_patterns={"mlflow": MLFLOW_CONFIG_PATTERNS},
+            **CONFIG_LOADER_ENVS,
+        )
+        # server.credentials alone, unresolved: the rest of mlflow.yml needs settings.py's resolvers, and
+        # conf/hpcc's tracking URI an $MLFLOW_TRACKING_URI that --tracking-uri may stand in for here. The
+        # env's files override base's, key by key (the soft merge settings.py asks for).
+        base, overrides, *_ = loader._read_raw_config("mlflow")
+        server: dict[str, Any] = {}
+        absent = object()
+        for config in [*base.values(), *overrides.values()]:
+            named = OmegaConf.select(config, "server.credentials", default=absent)
+            if named is not absent:
+                server["credentials"] = named
+    except MissingConfigException:
+        return []  # not a Kedro project: nothing names a login
+    except Exception as error:  # noqa: BLE001 - an unreadable mlflow.yml: said, not fatal
+        return [f"cannot read mlflow.yml of {conf} (env {shown}) for the server login: {_one_line(error)}"]
+    key = server.get("credentials")
+    if not key:
+        return []
+    try:
+        entry = loader["credentials"].get(key)
+    except MissingConfigException:
+        return [
+            f"mlflow.yml of env {shown} names credentials {key!r}, but {conf} has no credentials.yml "
+            f"(in {conf / 'base'} or {conf / shown}): continuing without the MLflow server login"
+        ]
+    except Exception as error:  # noqa: BLE001 - never quote the file: it holds the password
+        return [
+            f"cannot read the credentials.yml of {conf} (env {shown}): {type(error).__name__}; "
+            "continuing without the MLflow server login"
+        ]
+    if not isinstance(entry, dict) or not entry:
+        return [
+            f"mlflow.yml of env {shown} names credentials {key!r}, but no credentials.yml of {conf} "
+            f"(base, {shown}) has that entry: continuing without the MLflow server login"
+        ]
+    kept = []
+    for name, value in entry.items():
+        if value is None:
+            continue
+        if os.environ.get(str(name)):
+            kept.append(str(name))
+        else:
+            os.environ[str(name)] = str(value)
+    if kept:
+        return [f"{', '.join(kept)} already set in the environment: used instead of credentials {key!r}"]
+    return []
+
+
 def _check_reachable(uri: str) -> None:
     """A missing SQLite file would be created empty by MLflow (and then 'model not found'): say so."""
     if uri.startswith("sqlite:///"):
@@ -100,6 +178,20 @@ def _one_line(error: BaseException) -> str:
 
 _UNREAD = object()  # an artifact not read yet (None is "read, and absent")
 
+# kedro-mlflow tags each run with Kedro's run_params, among them ``run_id``: the Kedro session id, which
+# Kedro also uses as the save version of every versioned dataset the session writes. An
+# ``input_version.<name>`` tag therefore names the session, and so the MLflow run, that saved that input.
+SESSION_TAG = "run_id"
+LINEAGE_LOOKUPS = 50  # data versions looked up at most (each a search of the experiment's runs)
+
+
+@dataclass
+class ProducingRun:
+    """An MLflow run that saved data the model was made from, and which (dataset, version) it saved."""
+
+    run: Any
+    saved: list[tuple[str, str]] = field(default_factory=list)
+
 
 @dataclass
 class RegisteredModel:
@@ -122,6 +214,7 @@ class RegisteredModel:
     _evaluation_run: Any | None = field(default=None, init=False, repr=False)
     _evaluation_run_read: bool = field(default=False, init=False, repr=False)
     _evaluation_parameters: Any = field(default=_UNREAD, init=False, repr=False)
+    _lineage: list[ProducingRun] | None = field(default=None, init=False, repr=False)
 
     @property
     def params(self) -> dict[str, str]:
@@ -206,6 +299,95 @@ class RegisteredModel:
                         self.evaluation_run_id, EVALUATION_PARAMETERS_ARTIFACT
                     )
         return self._evaluation_parameters
+
+    def data_lineage(self) -> list[ProducingRun]:
+        """The runs that saved the data the training run read, and the data those runs read, oldest first.
+
+        Each ``input_version.<name>`` tag (the version's, else its run's) is the Kedro session that saved
+        that version, found as the run of the training run's experiment tagged ``run_id = <version>``;
+        its own ``input_version.*`` tags lead further up (episodes → preprocess → ingest). A version no
+        run of this store was tagged with (saved through another store, or its run deleted) is noted in
+        ``problems``. Read once.
+        """
+        if self._lineage is not None:
+            return self._lineage
+        self._lineage = []
+        if self.run is None:
+            return self._lineage
+        from iris_pipelines.hooks import INPUT_VERSION_TAG_PREFIX as PREFIX
+
+        def inputs(tags: dict[str, str]) -> list[tuple[str, str]]:
+            return sorted(
+                (key[len(PREFIX) :], value)
+                for key, value in tags.items()
+                if key.startswith(PREFIX) and value and value != "unversioned"
+            )
+
+        experiment = self.run.info.experiment_id
+        own = {self.run_tags.get(SESSION_TAG)} - {None}
+        pending = [(name, version, "the training run") for name, version in inputs(
+            {**self.run_tags, **self.tags}
+        )]  # fmt: skip
+        producers: dict[str, ProducingRun] = {}
+        by_version: dict[str, str | None] = {}
+        while pending:
+            name, version, reader = pending.pop(0)
+            if version in own:  # saved by the training run itself (iris_model)
+                continue
+            if version not in by_version:
+                if len(by_version) >= LINEAGE_LOOKUPS:
+                    self.problems.append(f"data lineage: stopped after {LINEAGE_LOOKUPS} data versions")
+                    break
+                run, problem = self._session_run(experiment, name, version, reader)
+                by_version[version] = None if run is None else run.info.run_id
+                if problem:
+                    self.problems.append(problem)
+                if run is not None and run.info.run_id not in producers:
+                    producers[run.info.run_id] = ProducingRun(run)
+                    label = f"run {run.data.tags.get('mlflow.runName') or run.info.run_id}"
+                    pending += [(n, v, label) for n, v in inputs(dict(run.data.tags))]
+            producer = producers.get(by_version[version] or "")
+            if producer is not None and (name, version) not in producer.saved:
+                producer.saved.append((name, version))
+        self._lineage = sorted(producers.values(), key=lambda p: p.run.info.start_time or 0)
+        return self._lineage
+
+    def _session_run(self, experiment: str, name: str, version: str, reader: str) -> tuple[Any, str | None]:
+        """(the run of ``experiment`` tagged ``run_id = version``, or None; a note, or None)."""
+        from mlflow.entities import ViewType
+
+        what = f"{name} version {version} (read by {reader})"
+        if "'" in version:
+            return None, f"{what}: not a Kedro session id; the run that saved it is not looked up"
+        try:
+            runs = self.client.search_runs(
+                [experiment],
+                filter_string=f"tags.{SESSION_TAG} = '{version}'",
+                run_view_type=ViewType.ALL,
+                order_by=["attributes.start_time DESC"],
+                max_results=10,
+            )
+        except Exception as error:  # noqa: BLE001 - a review shows what it can read
+            return None, f"{what}: cannot search for the run that saved it: {_one_line(error)}"
+        active = [run for run in runs if run.info.lifecycle_stage != "deleted"]
+        if not active:
+            where = f"experiment {experiment} of {self.tracking_uri}"
+            if runs:
+                return None, (
+                    f"{what}: the run that saved it ({runs[0].info.run_id}) is deleted; the parameters it "
+                    "was made with are not shown"
+                )
+            return None, (
+                f"{what}: no run of {where} has tag {SESSION_TAG} = {version} (the Kedro session that "
+                "saved it); the data came from another store, or its run was deleted, so the parameters "
+                "it was made with are not shown"
+            )
+        if len(active) > 1:
+            return active[0], (
+                f"{what}: {len(active)} runs have tag {SESSION_TAG} = {version}; showing the newest, "
+                f"{active[0].info.run_id}"
+            )
+        return active[0], None
 
     def download_bundle(self, destination: str | os.PathLike[str]) -> Path:
         """The version's bundle directory under ``destination``: the ``artifacts/bundle`` directory of its

@@ -24,6 +24,8 @@ from iris_pipelines.registry import (
     EVAL_TAG_PREFIX,
     EVALUATION_DEVICE_TAG,
     PARAMETERS_ARTIFACT,
+    SESSION_TAG,
+    ProducingRun,
     RegisteredModel,
 )
 
@@ -31,6 +33,12 @@ INPUTS = ("episode_index", "preprocessed_manifest")
 CHECKSUM_TAGS = ("episode_index_checksum", "preprocessed_manifest_checksum")
 EVAL_METRIC_PREFIX = "eval/"  # ... and logs eval/<group>/<method>/<metric> to its run
 MISSING = "(not recorded)"
+# The sections train's nodes read (params:model, params:train, params:preprocess; see
+# pipelines/train/pipeline.py), and those a run that also evaluated read.
+TRAIN_SECTIONS = ("model", "preprocess", "train")
+EVALUATION_SECTIONS = ("embed_tasks", "evaluate")
+# kedro-mlflow logs register_model's ``parameters`` input (the whole configuration) as parameters.<…>
+WHOLE_CONFIG_PARAM = "parameters."
 
 Section = tuple[str, list[tuple[str, str]]]
 
@@ -73,7 +81,8 @@ def _final_metric(record: RegisteredModel, key: str) -> str:
 def provenance(
     record: RegisteredModel, project_dir: Path, parameters: Mapping[str, Any] | None
 ) -> list[Section]:
-    """Titled (key, value) sections: model, code and environment, data, training, evaluation, parameters."""
+    """Titled (key, value) sections: model, code and environment, data, training, evaluation, the
+    parameters the training run read, and those of each run that saved the data it read."""
     tags, run_tags = record.tags, record.run_tags
 
     def tag(key: str) -> str:
@@ -140,22 +149,89 @@ def provenance(
     if record.evaluated_separately:
         settings = record.evaluation_parameters() or {}
         evaluation += [(f"evaluation settings: {key}", _fmt(value)) for key, value in _flatten(settings)]
-    if parameters is not None:
-        params = [(key, _fmt(value)) for key, value in _flatten(parameters)]
-        params_title = f"parameters ({PARAMETERS_ARTIFACT})"
-    else:
-        params = [(key, value) for key, value in sorted(record.params.items())]
-        params_title = f"parameters (run params; {PARAMETERS_ARTIFACT} {MISSING})"
-    if not params:
-        params = [("parameters", MISSING)]
     return [
         (f"model {record.name} version {record.version}", model),
         ("code and environment", code),
         ("data", data),
         ("training", training),
         ("evaluation", evaluation),
-        (params_title, params),
+        training_parameters(record, parameters),
+        *[producer_parameters(producer) for producer in record.data_lineage()],
     ]
+
+
+def sections_read(record: RegisteredModel) -> list[str]:
+    """The parameter sections the training run's nodes read: train's, evaluate's when that run evaluated,
+    and any other its kedro-mlflow params show it read (``<section>.<key>``; ``parameters.*`` is the whole
+    configuration register_model logs, not a section it read)."""
+    read = set(TRAIN_SECTIONS)
+    if any(key.startswith(EVAL_METRIC_PREFIX) for key in record.metrics):
+        read.update(EVALUATION_SECTIONS)
+    read.update(key.split(".", 1)[0] for key in record.params if not key.startswith(WHOLE_CONFIG_PARAM))
+    return sorted(read)
+
+
+def _run_params(run_params: Mapping[str, str]) -> list[tuple[str, str]]:
+    """A run's logged params, less the whole configuration register_model logs as ``parameters.*``."""
+    own = {key: value for key, value in run_params.items() if not key.startswith(WHOLE_CONFIG_PARAM)}
+    return sorted(own.items())
+
+
+def training_parameters(record: RegisteredModel, parameters: Mapping[str, Any] | None) -> Section:
+    """The sections of ``config/parameters.json`` the training run read. The rest of that file is the
+    configuration as it stood when training ran, not what made its data: :func:`producer_parameters`
+    shows that, from the runs that saved the data."""
+    run = record.run_tags.get("mlflow.runName") or record.run_id or MISSING
+    if parameters is None:
+        rows = _run_params(record.params) or [("parameters", MISSING)]
+        return f"parameters of the training run {run} (its run params; {PARAMETERS_ARTIFACT} {MISSING})", rows
+    read = sections_read(record)
+    rows = [(key, _fmt(value)) for key, value in _flatten({k: v for k, v in parameters.items() if k in read})]
+    others = sorted(key for key in parameters if key not in read)
+    if others:
+        rows.append(
+            (
+                "not read by this run",
+                f"{', '.join(others)}: {PARAMETERS_ARTIFACT} holds them as configured when training ran; "
+                "the values that made its data are those of the runs that saved it",
+            )
+        )
+    shown = ", ".join(key for key in read if key in parameters)
+    return f"parameters of the training run {run} ({PARAMETERS_ARTIFACT}: {shown or 'none'})", rows
+
+
+def _runtime_params(tag: str | None) -> list[tuple[str, str]]:
+    """kedro-mlflow's ``runtime_params`` tag (the ``--params`` of `kedro run`, a Python dict's repr) as
+    ``--params <key>`` rows."""
+    import ast
+
+    if not tag:
+        return [("--params", "none")]
+    try:
+        overrides = ast.literal_eval(tag)
+    except (ValueError, SyntaxError):
+        return [("--params", tag)]
+    if not isinstance(overrides, Mapping):
+        return [("--params", tag)]
+    return [(f"--params {key}", _fmt(value)) for key, value in _flatten(overrides)] or [("--params", "none")]
+
+
+def producer_parameters(producer: ProducingRun) -> Section:
+    """What one run that saved the model's data (ingest, preprocess, episodes) ran with: its ``--params``
+    (kedro-mlflow's ``runtime_params`` tag) and the params its nodes read, as it logged them."""
+    tags = dict(producer.run.data.tags)
+    name = tags.get("mlflow.runName") or "?"
+    rows = [
+        *[(f"saved {dataset}", f"version {version}") for dataset, version in producer.saved],
+        ("run id", producer.run.info.run_id),
+        ("run status", producer.run.info.status),
+        ("kedro session", tags.get(SESSION_TAG, MISSING)),
+        ("kedro command", tags.get("kedro_command", MISSING)),
+        ("kedro env", tags.get("kedro_env") or tags.get("env") or MISSING),
+        *_runtime_params(tags.get("runtime_params")),
+        *(_run_params(producer.run.data.params) or [("parameters", "none logged")]),
+    ]
+    return f"parameters of run {name} (saved {', '.join(dataset for dataset, _ in producer.saved)})", rows
 
 
 # ---------------------------------------------------------------------------------------------- reproduce
