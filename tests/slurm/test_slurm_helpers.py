@@ -290,11 +290,15 @@ def test_ranks_meet_at_the_address_rank_0_bound_and_published(tmp_path):
 
     address_file = tmp_path / "rendezvous_7_attempt0.json"
     joined = {}
+    # Every store stays open until both ranks have read: rank 0's store is the server, and closing it as
+    # soon as rank 0 has read could cut off rank 1's read still in flight (as a training run's never is).
+    stores = []
 
     def join(rank: int) -> None:
         store = slurm_launcher.rendezvous_store(
             rank, 2, "127.0.0.1", address_file, timeout=timedelta(seconds=30)
         )
+        stores.append(store)
         store.set(f"rank{rank}", "here")
         joined[rank] = store.get(f"rank{1 - rank}").decode()
 
