@@ -124,8 +124,10 @@ def run_local_ddp(nprocs: int = 2, backend: str | None = None, **run_training_kw
     for key in ("rank", "world_size"):
         if key in run_training_kwargs:
             raise TypeError(f"the local_ddp launcher sets {key} itself; do not pass it")
-    # A GPU index for several ranks fails here, not in every spawned rank.
-    resolve_device(TrainConfig.from_dict(dict(run_training_kwargs["train_config"])), 0, world_size=nprocs)
+    # A GPU index for several ranks fails here, not in every spawned rank (the rest of the config is
+    # checked in the ranks, whose errors name them).
+    device = str(run_training_kwargs["train_config"].get("device", TrainConfig.device))
+    resolve_device(TrainConfig(device=device), 0, world_size=nprocs)
     backend = backend or default_backend(run_training_kwargs["train_config"])
     if backend == "nccl" and torch.cuda.device_count() < nprocs:
         raise ValueError(f"nccl with {nprocs} ranks needs {nprocs} GPUs, found {torch.cuda.device_count()}")
