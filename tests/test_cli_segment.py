@@ -328,6 +328,91 @@ def test_a_class_missing_from_a_reference_is_refused(files, tmp_path) -> None:
     assert str(files["ref_a_label"]) in result.output
 
 
+@pytest.fixture(scope="module")
+def other_labels(files) -> dict[str, Path]:
+    """A reference from another label set: the blob labelled 3, not 5 (as two datasets name one organ)."""
+    spacing, size = (1.1, 1.1, 1.5), (24, 22, 16)
+    image, label = make_scan(spacing, _centred_origin(spacing, np.eye(3), size), np.eye(3), size, value=3)
+    paths = {
+        "image": files["ref_a"].parent / "ref_c.nii.gz",
+        "label": files["ref_a"].parent / "ref_c_labels.nii.gz",
+    }
+    write_image(image, paths["image"])
+    write_image(label, paths["label"])
+    return paths
+
+
+def _other(other_labels) -> list[str]:
+    return ["--reference", f"{other_labels['image']}:{other_labels['label']}"]
+
+
+def _prepared(files, specs, strategy="ensemble", **options) -> segment_module.PreparedTask:
+    request = segment_module.SegmentRequest(
+        references=[segment_module.ReferenceSpec(*spec) for spec in specs], strategy=strategy,
+        roi_size=(32, 32, 32), reference_check=False, **options,
+    )  # fmt: skip
+    return segment_module.prepare_task(request, ModelBundle.load(files["bundle"]), (PARAMS, "test"))
+
+
+def test_an_ensemble_takes_each_class_from_the_references_that_show_it(files, other_labels) -> None:
+    """As evaluate's ensemble and the pyfunc: class 5 is the mean over the two references that label it,
+    class 3 comes from the one that does; none of them needs every class."""
+    a, b = (files["ref_a"], files["ref_a_label"]), (files["ref_b"], files["ref_b_label"])
+    c = (other_labels["image"], other_labels["label"])
+    prepared = _prepared(files, [a, b, c])
+    assert prepared.labels == [3, 5]
+    assert [ref["classes"] for ref in prepared.references] == [[5], [5], [3]]
+    alone = {name: _prepared(files, [spec], "one_shot").task for name, spec in (("a", a), ("b", b), ("c", c))}
+    torch.testing.assert_close(prepared.task[:, 0], alone["c"][:, 0], rtol=0, atol=1e-6)
+    torch.testing.assert_close(
+        prepared.task[:, 1], (alone["a"][:, 0] + alone["b"][:, 0]) / 2, rtol=0, atol=1e-6
+    )
+    # Two references that both show every class: the plain mean of the two.
+    both = _prepared(files, [a, b])
+    torch.testing.assert_close(both.task, (alone["a"] + alone["b"]) / 2, rtol=0, atol=1e-6)
+
+
+def test_an_ensemble_of_references_with_different_classes_segments_them_all(
+    files, other_labels, tmp_path, one_torch_thread
+) -> None:
+    out = tmp_path / "o.nii.gz"
+    result = invoke(
+        "--image", files["query"], *_reference(files), *_other(other_labels),
+        "--model", files["bundle"], "--strategy", "tuning", "--tuning-steps", "1", "--out", out, *SPACING,
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    sidecar = _check_sidecar(out, read_image(out))
+    assert [c["label"] for c in sidecar["classes"]] == [3, 5]
+    assert [(r["label"], r["classes"]) for r in sidecar["references"]] == [
+        (str(files["ref_a_label"]), [5]),
+        (str(other_labels["label"]), [3]),
+    ]
+    checked = sidecar["reference_check"]["references"]
+    assert checked[0]["dice"]["3"] is None and checked[1]["dice"]["5"] is None  # not shown: not scored
+
+
+def test_an_ensemble_class_no_reference_shows_is_refused(files, other_labels, tmp_path) -> None:
+    common = (
+        "--image", files["query"], *_reference(files), *_reference(files, "ref_b"),
+        "--model", files["bundle"],
+    )  # fmt: skip
+    result = invoke(*common, "--classes", "5,7", "--out", tmp_path / "o.nii.gz", *SPACING)
+    assert result.exit_code == 2
+    assert "class(es) [7]: no reference shows them" in result.output
+    assert f"{files['ref_b_label']}: [5]" in result.output and "Traceback" not in result.output
+    # A reference that shows none of the classes asked for adds nothing: named, not silently dropped.
+    result = invoke(
+        *common, *_other(other_labels), "--classes", "5",
+        "--out", tmp_path / "o.nii.gz", *SPACING,
+    )  # fmt: skip
+    assert result.exit_code == 2
+    assert (
+        f"{other_labels['label']}" in result.output
+        and "no voxel of class(es) [5] (it holds [3])" in result.output
+    )
+    assert not (tmp_path / "o.nii.gz").exists()
+
+
 def test_a_class_asked_for_twice_is_segmented_once(files, tmp_path) -> None:
     out = tmp_path / "o.nii.gz"
     result = invoke(
@@ -1079,7 +1164,9 @@ def test_one_reference_strategies_record_and_warn_about_the_references_they_igno
         )  # fmt: skip
     assert result.exit_code == 0, result.output
     sidecar = _check_sidecar(out, read_image(out))
-    assert sidecar["references"] == [{"image": str(files["ref_a"]), "label": str(files["ref_a_label"])}]
+    assert sidecar["references"] == [
+        {"image": str(files["ref_a"]), "label": str(files["ref_a_label"]), "classes": [5]}
+    ]
     warned = " ".join(caplog.text.split())
     assert f"--strategy {strategy} uses only the first reference ({files['ref_a']}); ignored: " in warned
     assert f"{files['ref_b']}:{files['ref_b_label']}" in warned and "--strategy ensemble" in warned

@@ -396,11 +396,12 @@ def ignore_label(path: Path) -> int | None:
 def class_names(
     labels: Sequence[int],
     labels_file: Path | None,
-    label_path: Path | None,
+    label_paths: Sequence[Path] = (),
     known: Mapping[int, str] | None = None,
 ) -> dict[int, str]:
-    """Names for ``labels``: ``--labels`` file, else the label map's JSON sidecar, else ``known`` (what the
-    embeddings table or the model bundle calls the class), else ``class_<n>``.
+    """Names for ``labels``: ``--labels`` file, else the reference label maps' JSON sidecars (the first
+    that names a class), else ``known`` (what the embeddings table or the model bundle calls the class),
+    else ``class_<n>``.
 
     A sidecar that holds no class names (e.g. a BIDS sidecar) is skipped with a warning: the names are a
     convenience there, while ``--labels`` asked for is an error when it cannot be read.
@@ -408,9 +409,11 @@ def class_names(
     declared: dict[int, str] = {}
     if labels_file is not None:
         declared = read_class_names(labels_file)
-    elif label_path is not None and sidecar_path(label_path).is_file():
+    for label_path in () if labels_file is not None else label_paths:
+        if not sidecar_path(label_path).is_file():
+            continue
         try:
-            declared = read_class_names(sidecar_path(label_path))
+            declared = read_class_names(sidecar_path(label_path)) | declared  # the earlier reference wins
         except InvalidInputError as error:
             logger.warning("class names: skipped %s (use --labels to name the classes)", error)
     fallback = known or {}
@@ -529,13 +532,16 @@ def read_reference(
     ignored: int | None = None,
     require_air: bool = True,
     channel: int | None = None,
+    require_every_class: bool = True,
 ) -> tuple[Reference, list[int]]:
     """Read and check a reference pair (the image's volume ``channel`` when it is 4-D); returns it on the
     canonical grid and its foreground values.
 
     The image and label must share a grid (a label on another grid is almost always the wrong file), and
-    the label must hold every ``wanted`` class, before and after resampling. ``ignored`` (nnU-Net's
-    ``"ignore"`` label) marks unannotated voxels, never a foreground value.
+    the label must hold every ``wanted`` class, or with ``require_every_class`` False (one of several
+    references of an ensemble, each class taken from those that hold it) at least one of them; whether
+    resampling kept them is checked later, on the canonical grid. ``ignored`` (nnU-Net's ``"ignore"``
+    label) marks unannotated voxels, never a foreground value.
     """
     image = pick_channel(read_image(spec.image), spec.image, channel, "reference image")
     require_scalar_volume(image, spec.image, "reference image")
@@ -565,12 +571,16 @@ def read_reference(
         )
     present = [int(v) for v in values if v not in (0, ignored)]
     missing = [c for c in (wanted or []) if c not in present]
-    if missing:
+    if missing and (require_every_class or len(missing) == len(wanted or [])):
         raise InvalidInputError(
             str(spec.label),
             "missing_class",
             f"the reference label has no voxel of class(es) {missing} (it holds {present}); "
-            "drop them with --classes or use a reference that shows them",
+            + (
+                "drop them with --classes or use a reference that shows them"
+                if require_every_class
+                else "it adds nothing to the task: drop this reference, or change --classes"
+            ),
         )
     if not present:
         raise InvalidInputError(str(spec.label), "empty_label", "the reference label has no foreground voxel")
@@ -653,10 +663,58 @@ def scan_fits_network(
     require_fits_network(shape, roi, divisor, path, "scan", spacing, SCAN_TOO_SMALL)
 
 
+def reference_holdings(
+    references: Sequence[Reference], shown: Sequence[Sequence[int]], labels: Sequence[int], strategy: str
+) -> np.ndarray:
+    """(R, K) bool: which reference shows which class on the model's grid, checked before any encoding.
+
+    One-reference strategies need every class in their reference. The others (each class's embedding the
+    mean over the references that show it, as evaluate's ``ensemble`` and the pyfunc build it) need each
+    class in at least one reference; a class that resampling lost from a reference that labels it
+    (``shown``: its label file's values) is warned about, as the embedding then comes from the others.
+    """
+    held = np.array([[bool(np.any(ref.label == v)) for v in labels] for ref in references], dtype=bool)
+    if strategy in ONE_REFERENCE_STRATEGIES:
+        class_masks(references[0].label, labels, source=str(references[0].spec.label))  # names a lost class
+        return held
+    nowhere = [int(v) for v, column in zip(labels, held.T, strict=True) if not column.any()]
+    if nowhere:
+        holds = "; ".join(
+            f"{ref.spec.label}: {[int(v) for v, h in zip(labels, row, strict=True) if h]}"
+            for ref, row in zip(references, held, strict=True)
+        )
+        raise SegmentError(
+            f"class(es) {nowhere}: no reference shows them on the model's grid (absent, or thinner than its "
+            f"spacing {list(references[0].grid.spacing)} mm in the references that label them); the "
+            f"references hold: {holds}. Add a reference that shows them, or leave them out of --classes"
+        )
+    for ref, row, values in zip(references, held, shown, strict=True):
+        lost = [int(v) for v, h in zip(labels, row, strict=True) if not h and v in values]
+        if lost:
+            logger.warning(
+                "%s: class(es) %s have no voxel left on the model's grid (thinner than its spacing), so "
+                "their embeddings come from the other references only",
+                ref.spec.label, lost,
+            )  # fmt: skip
+    if len(references) > 1 and not held.all():
+        logger.info(
+            "ensemble over %d references, each class from those that show it: %s",
+            len(references),
+            ", ".join(f"{int(v)}: {int(n)}" for v, n in zip(labels, held.sum(axis=0), strict=True)),
+        )
+    return held
+
+
+def label_masks(label: np.ndarray, labels: Sequence[int]) -> Tensor:
+    """(1, K, D, H, W) float masks of ``labels`` in a canonical label map, empty for a class it lacks."""
+    return torch.from_numpy(np.stack([label == v for v in labels]))[None].float()
+
+
 def reference_task(
     model: Iris,
     references: Sequence[Reference],
     labels: Sequence[int],
+    held: np.ndarray,
     strategy: str,
     roi_size: Sequence[int],
     *,
@@ -666,25 +724,33 @@ def reference_task(
     """T (1, K, m+1, C) from reference images: one-shot (first), context ensemble, or tuned ensemble.
 
     Each class is encoded from a window centred on it, as ``embed_tasks`` and ``evaluate`` do, so the
-    numbers of a model's evaluation describe what this command does.
+    numbers of a model's evaluation describe what this command does. ``held`` (:func:`reference_holdings`)
+    says which reference shows which class: a class's ensemble embedding is the mean over those, and in
+    tuning a reference's loss counts only its own classes.
     """
     used = references[:1] if strategy in ONE_REFERENCE_STRATEGIES else references
-    embeddings = []
-    for reference in used:
-        class_masks(
-            reference.label, labels, source=str(reference.spec.label)
-        )  # names a class lost by resampling
-        embeddings.append(class_embeddings(model, reference.image, reference.label, labels, roi_size))
-    task = context_ensemble(torch.cat(embeddings))
+    pool, valid = [], []
+    for reference, row in zip(used, held[: len(used)], strict=True):
+        if not row.any():
+            continue  # resampling left it none of the classes: warned about by reference_holdings
+        shown = [v for v, h in zip(labels, row, strict=True) if h]
+        embedding = class_embeddings(model, reference.image, reference.label, shown, roi_size)
+        slots = embedding.new_zeros((1, len(labels), *embedding.shape[2:]))
+        slots[0, torch.from_numpy(row)] = embedding[0]
+        pool.append(slots)
+        valid.append(torch.from_numpy(row))
+    task = context_ensemble(torch.cat(pool), torch.stack(valid))
     if strategy != "tuning":
         return task
     pairs = []
     for reference in used:
-        masks = torch.from_numpy(class_masks(reference.label, labels))[None].float()
         image = torch.from_numpy(np.ascontiguousarray(reference.image))[None, None]
-        pairs.append(crop_reference(image, masks, roi_size))
-    holds = torch.stack([m.flatten(2).sum(dim=2)[0] > 0 for _, m in pairs]).any(dim=0)
-    return tune_task_embedding(model, task, pairs, steps=tuning_steps, lr=tuning_lr, class_mask=holds).task
+        pairs.append(crop_reference(image, label_masks(reference.label, labels), roi_size))
+    # A class tuned at all must be in some reference's crop; within a reference, only its own classes count
+    # (one that does not label a class says nothing about where it is).
+    in_a_crop = torch.stack([m.flatten(2).sum(dim=2)[0] > 0 for _, m in pairs]).any(dim=0)
+    slots = torch.from_numpy(held[: len(used)]) & in_a_crop
+    return tune_task_embedding(model, task, pairs, steps=tuning_steps, lr=tuning_lr, class_mask=slots).task
 
 
 # ------------------------------------------------------------------------------------ stored embeddings
@@ -884,6 +950,9 @@ class PreparedTask:
     # --strategy checked: the classes the check flagged, taken from this reference registered to each scan
     registered_classes: list[int] = field(default_factory=list)
     registered_reference: Reference | None = None
+    # The references the task came from (one_shot and checked use only the first), with the classes each
+    # gave: an ensemble takes a class from the references that show it.
+    references: list[dict[str, Any]] = field(default_factory=list)
 
 
 def check_on_references(
@@ -906,7 +975,7 @@ def check_on_references(
     predict = make_predictor(model, task, roi_size=roi, overlap=request.overlap, device=device)
     rows, scores = [], []
     for reference in references:
-        masks = torch.from_numpy(class_masks(reference.label, labels))[None]
+        masks = label_masks(reference.label, labels)  # a class this reference lacks scores NaN
         image = torch.from_numpy(np.ascontiguousarray(reference.image))[None, None].to(device)
         with torch.no_grad():
             dice = reference_self_dice(predict(image), masks, request.threshold).cpu()
@@ -978,6 +1047,7 @@ def prepare_task(
             f"at least one axis must exceed {divisor} voxels so its bottleneck holds more than one voxel"
         )
     references: list[Reference] = []
+    held = np.zeros((0, 0), dtype=bool)  # which reference shows which class
     embeddings = embeddings_file(request.embeddings) if request.embeddings is not None else None
     table = read_embeddings(embeddings) if embeddings is not None else None
     if table is not None and not request.references:
@@ -991,27 +1061,35 @@ def prepare_task(
                 request.strategy, specs[0].image,
                 ", ".join(f"{spec.image}:{spec.label}" for spec in request.references[len(specs) :]),
             )  # fmt: skip
-        for index, spec in enumerate(specs):
+        one_reference_strategy = request.strategy in ONE_REFERENCE_STRATEGIES
+        shown = []
+        for spec in specs:
             reference, present = read_reference(
-                spec, labels or None, request.modality, params, ignored, request.require_air, request.channel
-            )
+                spec, labels or None, request.modality, params, ignored, request.require_air, request.channel,
+                require_every_class=one_reference_strategy or len(specs) == 1,
+            )  # fmt: skip
             require_fits_network(
                 reference.image.shape, roi, divisor, spec.image, "reference image", params["target_spacing"],
                 REFERENCE_TOO_SMALL,
             )  # fmt: skip
-            if index == 0 and not labels:
-                labels = present  # every class the first reference shows; the others must show them too
             references.append(reference)
+            shown.append(present)
+        if not labels:  # every class the reference shows; for an ensemble, every class any reference shows
+            labels = sorted(set().union(*shown))
+        held = reference_holdings(references, shown, labels, request.strategy)
 
     step("embedding")
     dataset = request.dataset
     check = None
     if references:
         names = class_names(
-            labels, request.labels_file, request.references[0].label, bundle_class_names(bundle, dataset)
+            labels,
+            request.labels_file,
+            [r.spec.label for r in references],
+            bundle_class_names(bundle, dataset),
         )  # fails before work
         task = reference_task(
-            model, references, labels, request.strategy, roi,
+            model, references, labels, held, request.strategy, roi,
             tuning_steps=request.tuning_steps, tuning_lr=request.tuning_lr,
         )  # fmt: skip
         if request.reference_check:
@@ -1023,15 +1101,20 @@ def prepare_task(
         task, labels, stored_names, dataset = stored_task(
             model, table, request.dataset, request.strategy, request.classes
         )
-        names = class_names(labels, request.labels_file, None, stored_names)
+        names = class_names(labels, request.labels_file, (), stored_names)
     else:
         task, labels = bank_task(model, bundle, str(request.dataset), request.classes)
-        names = class_names(labels, request.labels_file, None, bundle_class_names(bundle, dataset))
+        names = class_names(labels, request.labels_file, (), bundle_class_names(bundle, dataset))
     registered = list(check["unreliable"]) if check is not None and request.strategy == "checked" else []
     return PreparedTask(
         model, task, labels, names, dataset, params, params_source, roi, device,  # type: ignore[arg-type]
         weights_sha256=bundle.weights_checksum, embeddings=embeddings, reference_check=check,
         registered_classes=registered, registered_reference=references[0] if registered else None,
+        references=[
+            {"image": str(ref.spec.image), "label": str(ref.spec.label),
+             "classes": [int(v) for v, h in zip(labels, row, strict=True) if h]}
+            for ref, row in zip(references, held, strict=True)
+        ],
     )  # fmt: skip
 
 
@@ -1170,8 +1253,7 @@ def segment_scan(
         "output": str(out),
         "model": model_uri,
         "strategy": request.strategy,
-        # the references the task came from: one_shot and checked use only the first
-        "references": [{"image": str(r.image), "label": str(r.label)} for r in request.used_references()],
+        "references": prepared.references,
         "embeddings": None if request.embeddings is None else str(request.embeddings),
         "dataset": prepared.dataset,
         "modality": request.modality,

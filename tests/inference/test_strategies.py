@@ -282,6 +282,30 @@ def test_tuning_leaves_the_slots_outside_its_class_mask_as_they_were(tiny_model:
     assert not torch.equal(result.task[:, 0], initial[:, 0])
 
 
+def test_tuning_counts_in_each_reference_only_the_classes_of_its_row(tiny_model: Iris, scans: Scans) -> None:
+    """With a (references, K) class_mask, a reference that does not label a class says nothing about it:
+    what its mask holds in that slot changes nothing, while the reference that labels it does."""
+    (image_a, masks_a), (image_c, masks_c) = scans["a"], scans["c"]
+    initial = encode_reference(tiny_model, *scans["b"])
+    rows = torch.tensor([[True, True], [True, False]])
+
+    def tuned(slot_1_of_c: torch.Tensor) -> torch.Tensor:
+        masks = torch.cat([masks_c[:, :1], slot_1_of_c], dim=1)
+        references = [(image_a, masks_a), (image_c, masks)]
+        return tune_task_embedding(tiny_model, initial, references, steps=3, lr=0.1, class_mask=rows).task
+
+    empty = tuned(torch.zeros_like(masks_c[:, 1:]))
+    torch.testing.assert_close(tuned(masks_c[:, 1:]), empty, rtol=0, atol=0)
+    torch.testing.assert_close(tuned(torch.ones_like(masks_c[:, 1:])), empty, rtol=0, atol=0)
+    everything = tune_task_embedding(
+        tiny_model, initial, [(image_a, masks_a), (image_c, masks_c)], steps=3, lr=0.1,
+        class_mask=torch.tensor([True, True]),
+    )  # fmt: skip
+    assert not torch.equal(everything.task, empty)  # with the slot counted, c's mask of class 2 matters
+    with pytest.raises(ValueError, match=r"class_mask must have shape \(2,\) or \(2, 2\)"):
+        tune_task_embedding(tiny_model, initial, [scans["a"], scans["c"]], steps=1, class_mask=rows[:1, :1])
+
+
 def test_tuning_follows_the_plain_adam_loop_on_segment(tiny_model: Iris, scans: Scans) -> None:
     """Encoding the references once is an optimisation only: the same steps as segmenting each time."""
     references = [scans["a"], scans["c"]]

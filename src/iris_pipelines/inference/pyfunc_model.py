@@ -267,8 +267,7 @@ def segment_with_references(
 ) -> np.ndarray:
     """:func:`segment_one_shot` with several reference pairs, each on its own grid: the task embedding is
     the per-class context ensemble (``context_ensemble`` with its ``valid`` table) over the references that
-    hold the class, as ``evaluate``'s ``ensemble`` builds it (``iris segment --strategy ensemble`` takes the
-    same mean, with every class in every reference).
+    hold the class, as ``evaluate``'s ``ensemble`` and ``iris segment --strategy ensemble`` build it.
 
     Each reference's classes are encoded as one reference's are (per class window, or whole with ``window``
     None). ``classes`` defaults to the union of the references' foreground labels; a class asked for must

@@ -470,6 +470,24 @@ def frozen(model: Iris):
             module.training = training
 
 
+def _reference_slots(
+    class_mask: Tensor | None, references: int, slots: int, device: torch.device
+) -> list[Tensor | None]:
+    """Each reference's (1, K) loss slots from ``class_mask`` (None, (K,) or (N, K)); see
+    :func:`tune_task_embedding`."""
+    if class_mask is None:
+        return [None] * references
+    mask = class_mask.to(device, torch.bool)
+    if mask.dim() == 1:
+        mask = mask.expand(references, -1)
+    if tuple(mask.shape) != (references, slots):
+        raise ValueError(
+            f"class_mask must have shape ({slots},) or ({references}, {slots}) (references, class slots), "
+            f"got {tuple(class_mask.shape)}"
+        )
+    return [row.reshape(1, -1) for row in mask]
+
+
 def tune_task_embedding(
     model: Iris,
     task: Tensor,
@@ -491,7 +509,9 @@ def tune_task_embedding(
         lr: Adam learning rate.
         class_mask: optional (K,) bool of slots to tune; the others are left exactly as given (their
             own loss terms are dropped, and the gradient that reaches them through the decoder's
-            attention between class tokens is zeroed, or Adam would scale it to full-size steps).
+            attention between class tokens is zeroed, or Adam would scale it to full-size steps). Or
+            (N, K), one row per reference: reference n's loss counts only the slots of row n (a reference
+            that does not label a class says nothing about it), and a slot in no row is left as given.
 
     The loss is ``segmentation_loss`` (Dice + BCE, as in training) averaged over the references, each
     segmented whole: crop references larger than a window first (:func:`crop_reference`).
@@ -511,7 +531,7 @@ def tune_task_embedding(
                 f"{task.shape[1]} class slots"
             )
         pairs.append((image.to(device, torch.float32), masks.to(device, torch.float32)))
-    slots = None if class_mask is None else class_mask.to(device, torch.bool).reshape(1, -1)
+    rows = _reference_slots(class_mask, len(pairs), task.shape[1], device)
     tuned = task.detach().to(device, torch.float32).clone().requires_grad_(True)
     optimizer = torch.optim.Adam([tuned], lr=lr)
     losses: list[float] = []
@@ -523,14 +543,14 @@ def tune_task_embedding(
                 optimizer.zero_grad(set_to_none=True)
                 loss = sum(
                     segmentation_loss(model.segment(features, tuned), masks, slots).total
-                    for features, masks in encoded
+                    for (features, masks), slots in zip(encoded, rows, strict=True)
                 ) / len(encoded)
                 losses.append(float(loss.detach()))
                 if step == steps:
                     break
                 loss.backward()
-                if slots is not None:
-                    tuned.grad.mul_(slots.reshape(1, -1, 1, 1))
+                if class_mask is not None:
+                    tuned.grad.mul_(torch.cat(rows).any(dim=0).reshape(1, -1, 1, 1))
                 optimizer.step()
     return TuningResult(tuned.detach().to(task.dtype), losses)
 
