@@ -38,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (  # noqa: E402
     ROOT,
     IncrementalReport,
+    error_row,
     fill_unset,
     print_table,
     report_header,
@@ -134,8 +135,8 @@ def gpu_step_rate(args, device: torch.device) -> tuple[float | None, str]:
     if args.step_rate:
         return args.step_rate, "--step-rate"
     if args.train_json:
-        # The loader's rows are measured by now: a missing or failed training step leaves them without a
-        # ratio rather than losing them.
+        # Read before the rows: a missing or failed training step leaves them without a ratio rather than
+        # stopping the loader.
         try:
             payload = json.loads(Path(args.train_json).read_text())
         except (OSError, json.JSONDecodeError) as error:
@@ -240,24 +241,46 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         )  # fmt: skip
         report = IncrementalReport(args.json, header)
         targets = {"over_step_rate_min_with_8_workers": 1.5}
-        rows = []
+        # A step rate that is only read (given, or from train_step's JSON) is known before the rows: every
+        # partial report then carries each row's ratio, so a step stopped at its time limit keeps the
+        # target's figure. Measured in this process it comes after the rows, which its failure must not cost.
+        measure_later = not (args.skip_step_rate or args.step_rate or args.train_json)
+        if args.skip_step_rate:
+            step_rate, step_source = None, "skipped"
+        elif measure_later:
+            step_rate, step_source = None, "to be measured after the loader's rows"
+        else:
+            step_rate, step_source = gpu_step_rate(args, device)
+        rows: list[dict[str, Any]] = []
         for workers in args.workers:
-            rows.append(measure_loader(sampler_mod, sampler, workers, args, device))
+            try:
+                row = measure_loader(sampler_mod, sampler, workers, args, device)
+                row["over_step_rate"] = row["batches_per_s"] / step_rate if step_rate else None
+            except Exception as error:  # e.g. a worker killed when /dev/shm fills: keep the other counts
+                row = {"workers": workers, **error_row(error)}
+            rows.append(row)
             print_table(rows[-1:], list(rows[-1]))
-            report.update(results=rows, targets=targets)
+            report.update(
+                results=rows, step_rate={"steps_per_s": step_rate, "source": step_source}, targets=targets
+            )
 
-    step_rate, step_source = (None, "skipped") if args.skip_step_rate else gpu_step_rate(args, device)
-    for row in rows:
-        row["over_step_rate"] = row["batches_per_s"] / step_rate if step_rate else None
+    if measure_later:
+        step_rate, step_source = gpu_step_rate(args, device)
+        for row in rows:
+            if "batches_per_s" in row:
+                row["over_step_rate"] = row["batches_per_s"] / step_rate if step_rate else None
     print()
     print_table(rows, ["workers", "batches_per_s", "episodes_per_s", "first_batch_s", "over_step_rate"])
     if step_rate:
         print(f"GPU step rate {step_rate:.3f} steps/s ({step_source}); target: >= 1.5x with 8 workers")
     else:
         print(step_source)
-    return report.finish(
+    payload = report.finish(
         results=rows, step_rate={"steps_per_s": step_rate, "source": step_source}, targets=targets
     )
+    if all("error" in row for row in rows):
+        raise SystemExit(f"every worker count failed; the first: {rows[0]['error']}")
+    return payload
 
 
 if __name__ == "__main__":

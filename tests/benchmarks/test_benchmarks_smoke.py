@@ -327,3 +327,103 @@ def test_the_loader_keeps_its_rows_when_the_training_step_left_no_rate(tmp_path)
     assert all(r["over_step_rate"] is None and r["batches_per_s"] > 0 for r in payload["results"])
     assert payload["step_rate"] == {"steps_per_s": None, "source": f"no step rate: {missing} unreadable "
                                     f"([Errno 2] No such file or directory: '{missing}')"}  # fmt: skip
+
+
+def _run_loader(monkeypatch, tmp_path, measure, *workers: str) -> tuple[dict, list[dict]]:
+    """dataloader.main in this process with ``measure`` for measure_loader, the step rate read from a
+    train_step JSON (2 steps/s); also every partial JSON as it was on disk after each row."""
+    dataloader = _load("dataloader")
+    out, partials = tmp_path / "dataloader.json", []
+
+    class Spy(dataloader.IncrementalReport):
+        def update(self, **fields):
+            super().update(**fields)
+            partials.append(json.loads(out.read_text()))
+
+    monkeypatch.setattr(dataloader, "IncrementalReport", Spy)
+    monkeypatch.setattr(dataloader, "measure_loader", measure(dataloader.measure_loader))
+    train_json = tmp_path / "train_step_eager.json"
+    train_json.write_text(json.dumps({"results": [{"model": "iris", "batch": 1, "step_ms": 500.0}]}))
+    argv = [
+        "--quick",
+        "--synthetic",
+        "--workers",
+        *workers,
+        "--train-json",
+        str(train_json),
+        "--json",
+        str(out),
+    ]
+    payload = dataloader.main(argv)
+    assert json.loads(out.read_text())["results"] == payload["results"] and payload["partial"] is False
+    return payload, partials
+
+
+def test_every_partial_loader_report_has_the_ratio_to_the_step_rate(monkeypatch, tmp_path):
+    """The device suite may stop the loader at its limit: the rows it left must carry the target's ratio."""
+
+    def measure(real):
+        return lambda sampler_mod, sampler, workers, args, device: {"workers": workers, "batches_per_s": 3.0}
+
+    payload, partials = _run_loader(monkeypatch, tmp_path, measure, "8", "0")
+    assert [len(p["results"]) for p in partials] == [1, 2] and all(p["partial"] for p in partials)
+    for report in [*partials, payload]:
+        ratios = [r.get("over_step_rate") for r in report["results"]]
+        assert ratios == pytest.approx([1.5] * len(report["results"])), report["results"]
+        assert report["step_rate"]["steps_per_s"] == pytest.approx(2.0)
+
+
+def test_a_loader_row_that_raises_is_recorded_and_the_others_are_measured(monkeypatch, tmp_path):
+    """8 workers can die (a small /dev/shm); the single-process row and its ratio must still be reported."""
+
+    def measure(real):
+        def flaky(sampler_mod, sampler, workers, args, device):
+            if workers == 8:
+                raise RuntimeError("DataLoader worker (pid 123) is killed by signal: Bus error.")
+            return real(sampler_mod, sampler, workers, args, device)
+
+        return flaky
+
+    payload, partials = _run_loader(monkeypatch, tmp_path, measure, "8", "0")
+    failed, measured = payload["results"]
+    assert failed == {
+        "workers": 8,
+        "error": "RuntimeError: DataLoader worker (pid 123) is killed by signal: Bus error.",
+    }
+    assert measured["workers"] == 0 and measured["batches_per_s"] > 0
+    assert measured["over_step_rate"] == pytest.approx(measured["batches_per_s"] / 2.0)
+    assert partials[0]["results"] == [failed] and partials[0]["step_rate"]["steps_per_s"] == pytest.approx(
+        2.0
+    )
+
+
+def test_an_encoder_that_fails_is_recorded_and_the_cases_without_it_are_measured(monkeypatch, tmp_path):
+    """Compiled, the first encode is the first compilation: its error must cost its cases, not the step."""
+    inference = _load("inference")
+
+    def broken(self, *args, **kwargs):
+        raise RuntimeError("simulated compile error")
+
+    monkeypatch.setattr(inference.Iris, "encode_task", broken)
+    out = tmp_path / "inference.json"
+    threads = torch.get_num_threads()
+    try:
+        payload = inference.main(["--quick", "--threads", "1", "--json", str(out)])
+    finally:
+        torch.set_num_threads(threads)
+    assert json.loads(out.read_text())["partial"] is False
+    rows = {r["case"]: r for r in payload["results"]}
+    assert rows["encode_task"]["error"] == "RuntimeError: simulated compile error"
+    assert rows["resample"]["seconds"] > 0  # needs no encoder
+    skipped = {
+        "one_shot_cached",
+        "2_queries",
+        "single_class",
+        "k_one_pass",
+        "k_single_passes",
+        "sliding_window",
+    }
+    assert {
+        case for case, row in rows.items() if row.get("error") == "skipped: encode_task failed"
+    } == skipped
+    assert payload["ratios"] == {}

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import itertools
 import json
 import os
 import re
@@ -69,6 +70,9 @@ def test_quick_suite_runs_on_the_gpu_image_and_feeds_the_loader_the_step_rate(tm
     assert "wrote" in by_step["inference_eager"]["log_tail"]
     loader = by_step["dataloader"]["results"]
     assert loader["step_rate"]["source"].startswith(str(work / "train_step_eager.json"))
+    # The most workers first (the target's row), each row with its ratio.
+    assert [r["workers"] for r in loader["results"]] == [2, 0]
+    assert all(r["over_step_rate"] > 0 for r in loader["results"])
     # The GPU plan's own options are parsed under --quick too (the quick batch overrides 2 4).
     assert "--batch 2 4" in by_step["train_step_eager"]["command"]
     assert by_step["train_step_eager"]["results"]["settings"]["batch"] == [1]
@@ -77,6 +81,27 @@ def test_quick_suite_runs_on_the_gpu_image_and_feeds_the_loader_the_step_rate(tm
     assert "train_step_eager: tflops_iris_over_nnunet_b1" in summary
     assert "inference_eager: K classes in one pass / one class" in summary
     assert "dataloader: 2 workers / step rate" in summary
+
+
+def _values(args: tuple[str, ...], option: str) -> list[str]:
+    """The values after ``option`` in a step's arguments, up to the next option."""
+    rest = args[args.index(option) + 1 :]
+    return list(itertools.takewhile(lambda a: not a.startswith("--"), rest))
+
+
+def test_the_plan_measures_the_targets_rows_first_and_compiles_few_configurations(suite):
+    """Rows run in order and a step may be stopped at its limit: what a target is judged on comes first."""
+    steps = {step.name: step for step in suite.plan()}
+    # Issue 8: the loader sustains >= 1.5x the step rate with 8 workers; the slow 0-worker row goes last.
+    loader = steps["dataloader"]
+    assert _values(loader.args, "--workers")[0] == "8"
+    assert _values(loader.args, "--workers")[-1] == "0"
+    assert _values(loader.quick_args, "--workers") == ["2", "0"]
+    # The eager step keeps batch 2 and 4; the compiled one compiles each model once, with few repeats.
+    assert _values(steps["train_step_eager"].args, "--batch") == ["2", "4"]
+    compiled = steps["train_step"].args
+    assert "--no-compile" not in compiled and _values(compiled, "--batch") == ["2"]
+    assert int(_values(compiled, "--warmup")[0]) <= 2 and int(_values(compiled, "--repeats")[0]) <= 10
 
 
 def test_the_gpu_image_emulation_blocks_what_the_machine_lacks():
