@@ -17,18 +17,25 @@ import yaml
 from click.testing import CliRunner
 from scipy.spatial.transform import Rotation
 
+import iris_pipelines
 import iris_pipelines.segment as segment_module
 from iris_pipelines.cli import main
 from iris_pipelines.evaluation import ModelInfo, build_task_embeddings
 from iris_pipelines.evaluation.embeddings import embedding_tensor
-from iris_pipelines.imaging import Geometry, read_image, write_dicom_series, write_image
+from iris_pipelines.imaging import Geometry, InvalidInputError, read_image, write_dicom_series, write_image
+from iris_pipelines.imaging.io import file_sha256
 from iris_pipelines.inference import prepare_image, prepare_label
 from iris_pipelines.inference.bundle import ModelBundle
 from iris_pipelines.segment import (
+    ReferenceSpec,
     SegmentError,
     SegmentResult,
+    class_names,
     read_class_names,
+    read_embeddings,
+    read_reference,
     require_embeddings_fit,
+    scans_in,
     sidecar_path,
     stored_task,
 )
@@ -1165,8 +1172,11 @@ def test_one_reference_strategies_record_and_warn_about_the_references_they_igno
     assert result.exit_code == 0, result.output
     sidecar = _check_sidecar(out, read_image(out))
     assert sidecar["references"] == [
-        {"image": str(files["ref_a"]), "label": str(files["ref_a_label"]), "classes": [5]}
-    ]
+        {
+            "image": str(files["ref_a"]), "label": str(files["ref_a_label"]), "classes": [5],
+            "image_sha256": file_sha256(files["ref_a"]), "label_sha256": file_sha256(files["ref_a_label"]),
+        }
+    ]  # fmt: skip
     warned = " ".join(caplog.text.split())
     assert f"--strategy {strategy} uses only the first reference ({files['ref_a']}); ignored: " in warned
     assert f"{files['ref_b']}:{files['ref_b_label']}" in warned and "--strategy ensemble" in warned
@@ -1639,3 +1649,183 @@ def test_a_4d_scan_is_segmented_from_the_channel_asked_for(files, tmp_path, monk
     assert beyond.exit_code == 2 and "--channel 2 is not one of them (0 to 1)" in " ".join(
         beyond.output.split()
     )
+
+
+@pytest.mark.parametrize("save_probabilities", [True, False])
+def test_an_earlier_label_map_beside_the_scans_is_not_read_as_a_scan(
+    files, tmp_path, monkeypatch, caplog, save_probabilities
+) -> None:
+    """`--image scans/a.nii.gz --out scans/a_seg.nii.gz`, then `--images scans`: the label map was read as a
+    scan (a CT without air, or with --modality MR segmented as one), and with --save-probabilities the batch
+    was refused, as a_seg_probabilities.nii.gz and a_seg.nii.gz "would both write" one file."""
+    _known_prediction(files, monkeypatch, files["query"])
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    for name in ("a.nii.gz", "b.nii.gz"):
+        write_image(read_image(files["query"]), scans / name)
+    common = [*_reference(files), "--model", files["bundle"], "--no-reference-check", *SPACING]
+    common += ["--save-probabilities"] if save_probabilities else []
+    assert invoke("--image", scans / "a.nii.gz", "--out", scans / "a_seg.nii.gz", *common).exit_code == 0
+    with caplog.at_level("INFO", logger="iris_pipelines.segment"):
+        result = invoke("--images", scans, "--out", tmp_path / "labels", *common)
+    assert result.exit_code == 0, result.output
+    summary = pd.read_csv(tmp_path / "labels" / "segmentations.csv", keep_default_na=False)
+    assert summary["image"].tolist() == [str(scans / "a.nii.gz"), str(scans / "b.nii.gz")]
+    skipped = [scans / "a_seg.nii.gz"] + (
+        [scans / "a_seg_probabilities.nii.gz"] if save_probabilities else []
+    )
+    logged = {r.getMessage() for r in caplog.records if r.levelname == "INFO"}
+    sidecar = scans / "a_seg.json"
+    for path in skipped:
+        assert f"--images: skipped {path}: iris segment wrote it (see {sidecar}), not a scan" in logged
+
+
+def test_a_scan_beside_a_sidecar_of_another_output_is_still_a_scan(tmp_path) -> None:
+    """Only the file a sidecar names as its output (and its probabilities) is skipped: a.nii.gz stays a scan
+    when a.json describes the label map a.mha written beside it."""
+    (tmp_path / "a.nii.gz").write_bytes(b"scan")
+    (tmp_path / "a.mha").write_bytes(b"label map")
+    sidecar = {"strategy": "one_shot", "preprocess": {}, "classes": [], "output": "elsewhere/a.mha"}
+    (tmp_path / "a.json").write_text(json.dumps(sidecar))
+    assert scans_in(tmp_path) == [tmp_path / "a.nii.gz"]
+
+
+def test_folders_that_hold_this_or_an_earlier_output_folder_are_not_scans(
+    files, tmp_path, monkeypatch, caplog
+) -> None:
+    """--out scans/results/run1, then run2: the second run read scans/results as a DICOM series, reported
+    it as a failed scan ("holds no DICOM series") and exited 1."""
+    _known_prediction(files, monkeypatch, files["query"])
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    write_image(read_image(files["query"]), scans / "a.nii.gz")
+    common = ["--images", scans, *_reference(files), "--model", files["bundle"], "--no-reference-check"]
+    assert invoke(*common, "--out", scans / "results" / "run1", *SPACING).exit_code == 0
+    with caplog.at_level("INFO", logger="iris_pipelines.segment"):
+        result = invoke(*common, "--out", scans / "results" / "run2", *SPACING)
+    assert result.exit_code == 0, result.output
+    summary = pd.read_csv(scans / "results" / "run2" / "segmentations.csv", keep_default_na=False)
+    assert summary["image"].tolist() == [str(scans / "a.nii.gz")] and summary["status"].tolist() == ["ok"]
+    assert (
+        f"--images: skipped the folder {scans / 'results'}: it holds the output directory "
+        f"{scans / 'results' / 'run2'}, not a DICOM series"
+    ) in caplog.text
+    caplog.clear()
+    with caplog.at_level("INFO", logger="iris_pipelines.segment"):  # a third run writes elsewhere
+        assert scans_in(scans, exclude=tmp_path / "elsewhere") == [scans / "a.nii.gz"]
+    assert (
+        f"--images: skipped the folder {scans / 'results'}: it holds only folders, among them "
+        f"{scans / 'results' / 'run1'}, an earlier run's output, not a DICOM series"
+    ) in caplog.text
+
+
+def test_an_interrupted_batch_lists_the_scans_it_did_not_reach(files, tmp_path, monkeypatch) -> None:
+    """Ctrl-C during a batch left segmentations.csv with the scans done only: the others were missing."""
+    _known_prediction(files, monkeypatch, files["query"])
+    scans = [tmp_path / f"{name}.nii.gz" for name in "abc"]
+    for scan in scans:
+        write_image(read_image(files["query"]), scan)
+    real_read_scan = segment_module.read_scan
+
+    def interrupted_at_b(path, *args, **kwargs):
+        if path == scans[1]:
+            raise KeyboardInterrupt
+        return real_read_scan(path, *args, **kwargs)
+
+    monkeypatch.setattr(segment_module, "read_scan", interrupted_at_b)
+    args = [arg for scan in scans for arg in ("--image", scan)]
+    result = invoke(
+        *args, *_reference(files), "--model", files["bundle"], "--no-reference-check",
+        "--out", tmp_path / "labels", *SPACING,
+    )  # fmt: skip
+    assert result.exit_code == 1 and "Aborted" in result.output
+    summary = pd.read_csv(tmp_path / "labels" / "segmentations.csv", keep_default_na=False)
+    assert summary["image"].tolist() == [str(scan) for scan in scans]
+    assert summary["status"].tolist() == ["ok", "not run", "not run"]
+    assert summary["reason"].tolist() == ["", "interrupted", "interrupted"]
+    assert summary["output"].tolist() == [str(tmp_path / "labels" / "a.nii.gz"), "", ""]
+
+
+@pytest.mark.parametrize("device", ["mps", "xla", "meta", "gpu", "CPU"])
+def test_a_device_other_than_cpu_or_cuda_is_one_line_before_any_reading(
+    files, tmp_path, monkeypatch, device
+) -> None:
+    """--device mps gave a traceback (torch parses it and fails moving the model there); --device gpu or CPU
+    printed torch's list of 20 device types."""
+
+    def no_reading(*args, **kwargs):
+        raise AssertionError("read the scan although the device is wrong")
+
+    monkeypatch.setattr(segment_module, "read_scan", no_reading)
+    result = invoke(
+        "--image", files["query"], *_reference(files), "--model", files["bundle"], "--device", device,
+        "--out", tmp_path / "o.nii.gz", *SPACING,
+    )  # fmt: skip
+    assert result.exit_code == 2, result.output
+    assert f"--device '{device}': expected auto, cpu, cuda or cuda:N" in result.output
+    assert "Traceback" not in result.output and "xpu" not in result.output
+
+
+def test_the_sidecar_records_what_a_reviewer_needs_to_redo_the_result(
+    files, tmp_path, monkeypatch, one_torch_thread
+) -> None:
+    """The sidecar lacked --overlap, the package version, the --labels file, the normalisation actually used
+    (the bundle records only the spacing) and checksums of the scan and the references."""
+    _known_prediction(files, monkeypatch, files["dicom"])
+    labels = tmp_path / "names.json"
+    labels.write_text(json.dumps({"5": "liver"}))
+    out = tmp_path / "o.nii.gz"
+    result = invoke(
+        "--image", files["dicom"], *_reference(files), "--model", files["bundle"], "--strategy", "one_shot",
+        "--labels", labels, "--overlap", "0.25", "--no-reference-check", "--out", out, *SPACING,
+        "--project", tmp_path,  # no parameters_preprocess.yml: the normalisation is PreprocessParams' default
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    sidecar = json.loads(sidecar_path(out).read_text())
+    assert sidecar["overlap"] == 0.25 and sidecar["labels_file"] == str(labels)
+    assert sidecar["iris_pipelines_version"] == iris_pipelines.__version__
+    assert sidecar["preprocess"] == PARAMS  # what the sources gave, as before
+    assert sidecar["preprocess_resolved"] == {
+        "target_spacing": [1.0, 1.0, 1.0], "ct_window": [-990.0, 500.0], "percentiles": [2.0, 98.0]
+    }  # fmt: skip
+    assert sidecar["image_sha256"] == file_sha256(files["dicom"])  # a series folder: its files
+    (reference,) = sidecar["references"]
+    assert reference["image_sha256"] == file_sha256(files["ref_a"])
+    assert reference["label_sha256"] == file_sha256(files["ref_a_label"])
+    without = tmp_path / "without.nii.gz"
+    result = invoke(
+        "--image", files["query"], *_reference(files), "--model", files["bundle"], "--strategy", "one_shot",
+        "--no-reference-check", "--out", without, *SPACING,
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    sidecar = json.loads(sidecar_path(without).read_text())
+    assert sidecar["labels_file"] is None and sidecar["overlap"] == 0.5
+    assert sidecar["image_sha256"] == file_sha256(files["query"])
+
+
+def test_a_missing_embeddings_file_is_named_as_missing(tmp_path) -> None:
+    with pytest.raises(InvalidInputError) as caught:
+        read_embeddings(tmp_path / "nope.parquet")
+    assert str(caught.value) == f"{tmp_path / 'nope.parquet'}: the file does not exist; check the path"
+
+
+def test_an_empty_reference_label_says_what_to_do(files, tmp_path) -> None:
+    empty = tmp_path / "empty_labels.mha"
+    write_image(read_image(files["ref_a_label"]) * 0, empty)
+    with pytest.raises(InvalidInputError) as caught:
+        read_reference(ReferenceSpec(files["ref_a"], empty), None, "CT", PARAMS)
+    assert str(caught.value) == (
+        f"{empty}: the reference label has no foreground voxel (every voxel is 0): check that it is the "
+        f"label map of {files['ref_a']} and that its export kept the classes, or use a reference whose "
+        "label shows the classes to segment"
+    )
+
+
+def test_a_labels_file_that_names_no_class_for_a_segmented_one_is_warned_about(tmp_path, caplog) -> None:
+    labels = tmp_path / "names.json"
+    labels.write_text(json.dumps({"1": "liver"}))
+    with caplog.at_level("WARNING", logger="iris_pipelines.segment"):
+        names = class_names([1, 3], labels)
+    assert names == {1: "liver", 3: "class_3"}
+    warned = f"--labels {labels} names no class of label value(s) [3], which are segmented as class_3"
+    assert warned in caplog.text

@@ -32,6 +32,7 @@ import torch
 import yaml
 from torch import Tensor
 
+from iris_pipelines import __version__
 from iris_pipelines.collection.ingest import (
     CT_AIR_CHECK_HU,
     first_grid_difference,
@@ -39,6 +40,7 @@ from iris_pipelines.collection.ingest import (
     volume_at,
 )
 from iris_pipelines.collection.layouts import parse_labels
+from iris_pipelines.collection.preprocessing import PreprocessParams
 from iris_pipelines.evaluation.embeddings import (
     class_embeddings,
     embedded_roi_size,
@@ -49,6 +51,7 @@ from iris_pipelines.evaluation.evaluate import EvaluateParams
 from iris_pipelines.imaging import Geometry, InvalidInputError, read_image, write_image
 from iris_pipelines.imaging.io import (
     detached_data_files,
+    file_sha256,
     file_suffix,
     require_scalar_volume,
     require_storable,
@@ -209,6 +212,7 @@ class SegmentRequest:
             raise SegmentError(f"--roi must be one or three positive sizes in voxels, got {self.roi_size}")
         if self.channel is not None and self.channel < 0:
             raise SegmentError(f"--channel must be 0 or more, got {self.channel}")
+        resolve_device(self.device)  # a device this machine lacks fails before the model is fetched
 
     def used_references(self) -> list[ReferenceSpec]:
         """The references the strategy uses: only the first for ``one_shot`` and ``checked``."""
@@ -259,15 +263,22 @@ def protected_inputs(
 def is_segment_sidecar(path: Path) -> bool:
     """Whether ``path`` is a sidecar this command wrote: a JSON object with the keys only it writes together
     (``strategy``, ``preprocess`` and the ``classes`` list), so a re-run may replace it."""
+    return segment_sidecar(path) is not None
+
+
+def segment_sidecar(path: Path) -> dict[str, Any] | None:
+    """The sidecar at ``path`` when this command wrote it (see :func:`is_segment_sidecar`), else None."""
     try:
         document = json.loads(path.read_text(encoding="utf-8-sig"))
     except (OSError, ValueError):  # unreadable, not UTF-8 or not JSON: not ours
-        return False
-    return (
+        return None
+    if (
         isinstance(document, dict)
         and {"strategy", "preprocess", "classes"} <= document.keys()
         and isinstance(document["classes"], list)
-    )
+    ):
+        return document
+    return None
 
 
 def refuse_overwrites(out: Path, protected: Mapping[Path, str]) -> None:
@@ -337,10 +348,13 @@ def sidecar_path(out: str | Path) -> Path:
     return Path(out).with_name(f"{stem}.json")
 
 
+_PROBABILITIES = "_probabilities"
+
+
 def probabilities_path(out: str | Path) -> Path:
     """``labels.nii.gz`` → ``labels_probabilities.nii.gz`` next to it, in the label map's format."""
     stem, suffix = _stem_and_suffix(Path(out))
-    return Path(out).with_name(f"{stem}_probabilities{suffix}")
+    return Path(out).with_name(f"{stem}{_PROBABILITIES}{suffix}")
 
 
 def _read_json(path: Path) -> Any:
@@ -417,7 +431,14 @@ def class_names(
         except InvalidInputError as error:
             logger.warning("class names: skipped %s (use --labels to name the classes)", error)
     fallback = known or {}
-    return {int(v): declared.get(int(v), fallback.get(int(v), f"class_{int(v)}")) for v in labels}
+    names = {int(v): declared.get(int(v), fallback.get(int(v), f"class_{int(v)}")) for v in labels}
+    unnamed = [v for v in names if v not in declared]
+    if labels_file is not None and unnamed:  # asked for names: a class without one is likely a wrong file
+        logger.warning(
+            "--labels %s names no class of label value(s) %s, which are segmented as %s",
+            labels_file, unnamed, ", ".join(names[v] for v in unnamed),
+        )  # fmt: skip
+    return names
 
 
 def _as_triple(values: Any, what: str) -> tuple[float, float, float]:
@@ -583,7 +604,14 @@ def read_reference(
             ),
         )
     if not present:
-        raise InvalidInputError(str(spec.label), "empty_label", "the reference label has no foreground voxel")
+        raise InvalidInputError(
+            str(spec.label),
+            "empty_label",
+            f"the reference label has no foreground voxel (every voxel is 0"
+            f"{'' if ignored is None else f' or {ignored}, ignored'}): check that it is the label map of "
+            f"{spec.image} and that its export kept the classes, or use a reference whose label shows the "
+            "classes to segment",
+        )
     if wanted:
         label = keep_classes(label, wanted)
     volume = prepare_image(image, modality, params, source=str(spec.image))
@@ -771,6 +799,8 @@ def embeddings_file(path: Path) -> Path:
 
 def read_embeddings(path: Path) -> pd.DataFrame:
     """A ``task_embeddings`` parquet (the embed_tasks output), checked for the columns used here."""
+    if not path.exists():  # else pandas says only "not a readable parquet table (<path>)"
+        raise InvalidInputError(str(path), "missing_file", "the file does not exist; check the path")
     try:
         table = pd.read_parquet(path)
     except (OSError, ValueError) as error:
@@ -1112,7 +1142,8 @@ def prepare_task(
         registered_classes=registered, registered_reference=references[0] if registered else None,
         references=[
             {"image": str(ref.spec.image), "label": str(ref.spec.label),
-             "classes": [int(v) for v, h in zip(labels, row, strict=True) if h]}
+             "classes": [int(v) for v, h in zip(labels, row, strict=True) if h],
+             "image_sha256": file_sha256(ref.spec.image), "label_sha256": file_sha256(ref.spec.label)}
             for ref, row in zip(references, held, strict=True)
         ],
     )  # fmt: skip
@@ -1248,9 +1279,13 @@ def segment_scan(
         for path in image_files(probabilities_path(out)):
             path.unlink(missing_ok=True)
     write_image(result, out)  # last: a label map on disk means its probabilities, if any, are its own
+    resolved = PreprocessParams.coerce(prepared.params)
     summary = {
         "image": str(image_path),
+        # the file's, or a DICOM folder's files' (names and contents): what was segmented, if it changes later
+        "image_sha256": file_sha256(image_path),
         "output": str(out),
+        "iris_pipelines_version": __version__,
         "model": model_uri,
         "strategy": request.strategy,
         "references": prepared.references,
@@ -1260,12 +1295,16 @@ def segment_scan(
         "channel": request.channel,
         "preprocess": prepared.params,
         "preprocess_source": prepared.params_source,
+        # what the scan was normalised with: "preprocess" holds only what the source recorded
+        "preprocess_resolved": {key: list(getattr(resolved, key)) for key in PREPROCESS_KEYS},
         "roi_size": list(prepared.roi),
+        "overlap": request.overlap,
         "threshold": request.threshold,
         "device": str(prepared.device),
         "geometry": Geometry.from_image(result).to_dict(),
         "voxel_volume_mm3": float(np.prod(result.GetSpacing())),
         "classes": label_volumes(result, prepared.names),
+        "labels_file": None if request.labels_file is None else str(request.labels_file),
         "probabilities": None
         if probabilities is None
         else {
@@ -1380,17 +1419,52 @@ BATCH_SUMMARY = "segmentations.csv"
 _OWN_OUTPUT_SUFFIX = {"": ".nii.gz", ".mhd": ".mha", ".nhdr": ".nrrd"}
 
 
-def _not_a_series(path: Path) -> tuple[int, str] | None:
+def _not_a_series(path: Path, out: Path | None) -> tuple[int, str] | None:
     """Why the subdirectory ``path`` of ``--images`` is no scan (with the level to log it at), or None: it
-    holds an earlier run's output (its ``segmentations.csv``: expected, INFO), or nothing at all (a series
-    may be missing: WARNING). Any other folder is read as a DICOM series, and reported if it is not one."""
+    holds the output directory ``out`` (``--out scans/results/run2``: expected, INFO), an earlier run's
+    output (its ``segmentations.csv``, or only folders with one somewhere below: INFO), or nothing at all (a
+    series may be missing: WARNING). Any other folder is read as a DICOM series, and reported if it is not
+    one."""
+    if out is not None and path.resolve() in out.resolve().parents:
+        return logging.INFO, f"it holds the output directory {out}"
     if (path / BATCH_SUMMARY).is_file():
         return logging.INFO, f"it holds {BATCH_SUMMARY}, so it is the output of an earlier iris segment run"
     try:
-        empty = not any(entry.name[0] != "." for entry in path.iterdir())
+        entries = [entry for entry in path.iterdir() if entry.name[0] != "."]
     except OSError:  # unreadable: reported when read, as a scan that failed
         return None
-    return (logging.WARNING, "it is empty") if empty else None
+    if not entries:
+        return logging.WARNING, "it is empty"
+    if not any(entry.is_file() for entry in entries):
+        # Only folders, so no DICOM series (its subfolders are not read as part of one): an earlier run's
+        # output below (scans/results/run1) is found by listing folders, without reading any file.
+        earlier = next(path.rglob(BATCH_SUMMARY), None)
+        if earlier is not None:
+            return (
+                logging.INFO,
+                f"it holds only folders, among them {earlier.parent}, an earlier run's output",
+            )
+    return None
+
+
+def earlier_output(path: Path) -> Path | None:
+    """The sidecar that shows the file ``path`` in ``--images`` to be what iris segment wrote (its label map,
+    the sidecar's ``output``, or that label map's probabilities), else None: segmented again, a label map
+    would fail as a CT or, as --modality MR, be segmented as if it were a scan."""
+    sidecar = segment_sidecar(sidecar_path(path))
+    if sidecar is not None and isinstance(sidecar.get("output"), str):
+        if Path(sidecar["output"]).name == path.name:  # the name: the folder may have moved since
+            return sidecar_path(path)
+    stem, suffix = _stem_and_suffix(path)
+    if not stem.endswith(_PROBABILITIES):
+        return None
+    label = path.with_name(f"{stem.removesuffix(_PROBABILITIES)}{suffix}")
+    sidecar = segment_sidecar(sidecar_path(label))
+    probabilities = None if sidecar is None else sidecar.get("probabilities")
+    if isinstance(probabilities, Mapping) and isinstance(probabilities.get("path"), str):
+        if Path(probabilities["path"]).name == path.name:
+            return sidecar_path(label)
+    return None
 
 
 def scans_in(directory: Path, exclude: Path | None = None) -> list[Path]:
@@ -1398,8 +1472,9 @@ def scans_in(directory: Path, exclude: Path | None = None) -> list[Path]:
     subdirectory as a DICOM series (one that is not is reported when read, like any bad scan).
 
     ``exclude`` (the output directory, when it lies inside) is left out: a re-run must not read it. So
-    are an earlier run's output folder (one holding ``segmentations.csv``, logged at INFO) and an empty
-    folder (logged as a WARNING: a series may be missing).
+    are the folders that hold it, an earlier run's output folder (one holding ``segmentations.csv``, or
+    only folders with one below) and the files an earlier run wrote (:func:`earlier_output`), logged at
+    INFO, and an empty folder (logged as a WARNING: a series may be missing).
     """
     if not directory.is_dir():
         raise InvalidInputError(str(directory), "missing_file", "--images must name an existing directory")
@@ -1409,9 +1484,13 @@ def scans_in(directory: Path, exclude: Path | None = None) -> list[Path]:
         if path.name[0] == ".":
             continue
         if path.is_file() and file_suffix(path):
-            found.append(path)
+            sidecar = earlier_output(path)
+            if sidecar is None:
+                found.append(path)
+            else:
+                logger.info("--images: skipped %s: iris segment wrote it (see %s), not a scan", path, sidecar)
         elif path.is_dir() and path.resolve() != skip:
-            skipped = _not_a_series(path)
+            skipped = _not_a_series(path, exclude)
             if skipped is None:
                 found.append(path)
             else:
@@ -1566,6 +1645,10 @@ def segment_batch(
             logger.warning("skipped %s", reason)
             failures.append((image_path, reason))
             rows.append(_summary_row(image_path, out, None, reason))
-    finally:  # an unexpected error (or Ctrl-C) still leaves the table of the scans done so far
+    finally:  # an unexpected error (or Ctrl-C) still leaves the table, listing the scans it did not reach
+        rows += [
+            {"image": str(image), "output": "", "status": "not run", "reason": "interrupted"}
+            for image, _ in pairs[len(rows) :]
+        ]
         write_text_atomic(summary_path, pd.DataFrame(rows).to_csv(index=False))
     return BatchResult(results, failures, summary_path)

@@ -244,6 +244,23 @@ def test_dicom_directory_with_two_series_reads_the_largest(tmp_path: Path, make_
     assert "2 DICOM series" in caplog.text
 
 
+def test_dicom_directory_with_two_series_of_the_most_slices_is_refused(tmp_path: Path, make_image) -> None:
+    """Two series of one slice count: which one was read depended on GDCM's order, without a word."""
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    uids = []
+    for series in ("first", "second", "small"):
+        write_dicom_series(make_image(size=(6, 5, 3 if series == "small" else 4)), tmp_path / series)
+        uids.append(_uids(tmp_path / series)[0][1])
+        for item in (tmp_path / series).iterdir():
+            (mixed / f"{series}_{item.name}").write_bytes(item.read_bytes())
+    error = _read_error(mixed)
+    assert (error.check, error.path) == ("several_series", str(mixed))
+    assert "holds 3 DICOM series, 2 of them with the most slices (4)" in error.reason
+    assert uids[0] in error.reason and uids[1] in error.reason and uids[2] not in error.reason
+    assert "move each series into its own folder" in error.reason
+
+
 def test_dicom_refuses_left_handed_direction(tmp_path: Path, make_image) -> None:
     with pytest.raises(ValueError, match="right-handed"):
         write_dicom_series(make_image(direction=(1, 0, 0, 0, 1, 0, 0, 0, -1)), tmp_path / "series")
@@ -766,6 +783,17 @@ def test_sform_only_nifti_with_a_sheared_sform_is_refused_as_sheared(tmp_path: P
     assert (error.check, error.path) == ("non_orthogonal_direction", str(path))
     assert "the sform (code 1), which alone places the voxels (qform code 0), is sheared" in error.reason
     assert ".nrrd or .mha" in error.reason and "corrupt" not in error.reason
+
+
+def test_sform_only_nifti_with_a_zero_voxel_size_is_named_so_not_sheared(tmp_path: Path) -> None:
+    """An sform whose second column is all zeros was reported as "sheared", with advice to resample."""
+    sform = _oblique_sform()
+    sform[:3, 1] = 0.0
+    path = _nifti_with_forms(tmp_path / "scan.nii.gz", sform=sform, zooms=(0.9, 0.9, 2.0))
+    error = _read_error(path)
+    assert (error.check, error.path) == ("bad_geometry", str(path))
+    assert "gives voxel axis j a size of 0 mm" in error.reason and "sheared" not in error.reason
+    assert "fix the header's placement" in error.reason
 
 
 @pytest.mark.parametrize("forms", ["qform", "sform", "both"])

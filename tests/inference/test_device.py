@@ -12,9 +12,13 @@ def test_auto_picks_the_gpu_when_there_is_one_else_the_cpu():
     assert resolve_device("cpu") == torch.device("cpu")
 
 
-def test_a_device_torch_does_not_know_is_named():
-    with pytest.raises(ValueError, match=r"device 'gpu0': .*"):
-        resolve_device("gpu0")
+@pytest.mark.parametrize("name", ["gpu0", "gpu", "CPU", "mps", "xla", "meta", "cuda:x", "cpu:0", " cpu"])
+def test_a_device_other_than_auto_cpu_or_cuda_is_named_with_the_choices(name):
+    """torch parses mps, xla or meta and fails only when the model is moved there (a traceback), and answers a
+    typo such as "gpu" with its list of ~20 device types this code never runs on."""
+    with pytest.raises(ValueError) as caught:
+        resolve_device(name)
+    assert str(caught.value) == f"device {name!r}: expected auto, cpu, cuda or cuda:N"
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="asks for CUDA on a machine without it")

@@ -292,6 +292,17 @@ def _require_sform_read_alike(
     if not np.all(np.isfinite(sform)):
         return  # a NaN or infinite sform: ITK's reader or the geometry check reports it
     sizes = np.linalg.norm(columns, axis=0)
+    flat = [axis for axis in range(3) if sizes[axis] == 0]
+    if flat:  # first: a zero column has no direction, which the check below would report as a shear
+        raise InvalidInputError(
+            str(path),
+            "bad_geometry",
+            f"the sform (code {sform_code}), which alone places the voxels (qform code 0), gives voxel "
+            f"{'axes' if len(flat) > 1 else 'axis'} {', '.join('ijk'[axis] for axis in flat)} a size of 0 mm "
+            "(an all-zero column), so every voxel along it would lie at one place; fix the header's "
+            "placement: set the sform to the scan's affine (e.g. in nibabel img.set_sform(affine, code=1), "
+            "with the scanner's voxel sizes), or re-export the scan from its source",
+        )
     direction = columns / np.maximum(sizes, np.finfo(float).tiny)
     if not np.allclose(direction @ direction.T, np.eye(3), rtol=0.0, atol=_ORTHONORMAL_ATOL):
         raise InvalidInputError(
@@ -698,6 +709,15 @@ def _pick_dicom_series(directory: Path) -> list[str]:
         )
     series = {sid: sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(directory), sid) for sid in series_ids}
     chosen = max(series_ids, key=lambda sid: len(series[sid]))
+    largest = [sid for sid in series_ids if len(series[sid]) == len(series[chosen])]
+    if len(largest) > 1:  # which one max() returns depends on GDCM's order: not the user's choice
+        raise InvalidInputError(
+            str(directory),
+            "several_series",
+            f"the directory holds {len(series_ids)} DICOM series, {len(largest)} of them with the most "
+            f"slices ({len(series[chosen])}), so which one to read cannot be told (SeriesInstanceUIDs: "
+            f"{', '.join(largest)}); move each series into its own folder and point to the one you mean",
+        )
     if len(series_ids) > 1:
         logger.warning(
             "%s holds %d DICOM series; reading the largest (%s, %d slices)",
