@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import itertools
+import math
+
 import numpy as np
 import pandas as pd
 import pytest
 
 from iris_pipelines.evaluation.report import (
     class_bars,
+    dice_boxplot,
+    expanded_tail,
+    failure_table,
     gain_over_baseline,
     headline_metrics,
     markdown_report,
@@ -206,6 +212,20 @@ def test_class_bars_give_labels_that_share_a_name_a_bar_each() -> None:
     assert one_shot_heights == pytest.approx([0.5, 0.5, 0.8])
 
 
+def test_class_bars_draw_no_bar_for_a_method_that_never_ran_on_a_dataset() -> None:
+    """memory_bank does not run on held-out datasets: its missing bar read as a Dice of 0."""
+    seen = pd.concat([_rows(m, np.full(30, 0.8)) for m in ("memory_bank", "paste")], ignore_index=True)
+    held = _rows("paste", np.full(30, 0.6), dataset="H", heldout=True)
+    axis = class_bars(pd.concat([seen, held], ignore_index=True)).axes[0]
+    memory_bank = [bar.get_height() for bar in axis.containers[0]]
+    assert memory_bank[:3] == pytest.approx([0.8] * 3) and np.isnan(memory_bank[3:]).all()
+
+
+def test_the_box_plot_counts_scored_rows_only() -> None:
+    titles = [axis.get_title() for axis in dice_boxplot(_with_failures()).axes]
+    assert titles[0] == "seen (n = 15 classes × episodes)"  # not the 6 rows of the failed episodes
+
+
 def test_class_bars_of_an_empty_evaluation_draw_no_bars() -> None:
     empty = _rows("paste", np.zeros(0), episodes=0)
     assert class_bars(empty).axes[0].containers == []
@@ -267,13 +287,65 @@ def test_the_reference_check_table_splits_flagged_classes_from_the_others() -> N
     assert reference_check_table(metrics.drop(columns="reference_check_dice")).empty
 
 
-def test_n_counts_scored_rows_and_failures_count_the_failed_ones() -> None:
+def _with_failures() -> pd.DataFrame:
+    """12 scored one-shot rows, 3 rows where the method failed (scored as empty: Dice 0) and 6 rows of
+    two episodes that failed (no metrics)."""
     scored = _rows("one_shot", np.linspace(0.2, 0.8, 12), episodes=4)
+    errored = _rows("one_shot", np.zeros(3), episodes=1, dataset="F").assign(error="did not converge")
     failed = _rows("one_shot", np.full(6, np.nan), episodes=2, dataset="E").assign(error="unreadable scan")
-    by_group = summary_by_group(pd.concat([scored, failed], ignore_index=True))
-    row = by_group.set_index(["group", "method"]).loc[("seen", "one_shot")]
-    assert (row.n, row.failures) == (12, 6)
-    assert row.dice == pytest.approx(0.5)
+    return pd.concat([scored, errored, failed], ignore_index=True)
+
+
+def test_n_counts_method_errors_as_empty_predictions_and_not_failed_episodes() -> None:
+    """A method that failed is scored as the empty prediction a user gets (in n and the mean); a failed
+    episode has no metrics (in neither). One `failures` column counted both while the report said they
+    all had no metrics."""
+    metrics = _with_failures()
+    row = summary_by_group(metrics).set_index(["group", "method"]).loc[("seen", "one_shot")]
+    assert (row.n, row.episode_failures, row.method_errors) == (15, 6, 3)
+    assert row.dice == pytest.approx(0.5 * 12 / 15)
+    by_dataset = summary_by_dataset(metrics).set_index("dataset")
+    assert by_dataset.loc["E", ["n", "episode_failures", "method_errors"]].tolist() == [0, 6, 0]
+    report = markdown_report(
+        summary_by_group(metrics), by_dataset.reset_index(), gain_over_baseline(metrics), {}
+    )
+    assert (
+        "scored as an empty prediction (Dice 0)" in report
+        and "they have no\nmetrics and are not in `n`" in report
+    )
+
+
+def test_the_report_lists_failures_and_mlflow_gets_the_counts() -> None:
+    metrics = _with_failures()
+    summary, gains = summary_by_group(metrics), gain_over_baseline(metrics)
+    failures = failure_table(metrics)
+    assert failures.to_dict("records") == [
+        {"episode_id": "F/case_000", "method": "one_shot", "classes": "a, b, c", "scored": True,
+         "error": "did not converge"},
+        {"episode_id": "E/case_000", "method": "one_shot", "classes": "a, b, c", "scored": False,
+         "error": "unreadable scan"},
+        {"episode_id": "E/case_001", "method": "one_shot", "classes": "a, b, c", "scored": False,
+         "error": "unreadable scan"},
+    ]  # fmt: skip
+    report = markdown_report(summary, summary_by_dataset(metrics), gains, {}, failures=failures)
+    listed = report[report.index("## Failures") :]
+    assert "E/case_001" in listed and "unreadable scan" in listed and "did not converge" in listed
+    headline = headline_metrics(summary, gains)
+    counts = {
+        name: headline[f"eval/seen/one_shot/{name}"] for name in ("n", "episode_failures", "method_errors")
+    }
+    assert counts == {"n": 15, "episode_failures": 6, "method_errors": 3}
+
+
+def test_the_failures_section_is_bounded() -> None:
+    many = _rows("one_shot", np.full(3 * 60, np.nan), episodes=60).assign(error="bad | label\nfile")
+    report = markdown_report(summary_by_group(many), summary_by_dataset(many), pd.DataFrame(), {},
+                             failures=failure_table(many))  # fmt: skip
+    listed = report[report.index("## Failures") :]
+    assert listed.count("bad \\| label file") == 50 and "… and 10 more" in listed
+    clean = _rows("one_shot", np.full(30, 0.5))
+    assert "(none)" in markdown_report(summary_by_group(clean), summary_by_dataset(clean), pd.DataFrame(), {},
+                                       failures=failure_table(clean))  # fmt: skip
 
 
 def test_the_interval_keeps_its_false_win_rate_near_nominal_with_few_subjects() -> None:
@@ -290,3 +362,49 @@ def test_the_interval_keeps_its_false_win_rate_near_nominal_with_few_subjects() 
         low, _ = subject_bootstrap_interval(sums, counts.astype(float), rng, resamples=1000)
         false_wins += low > 0
     assert false_wins / tables < 0.06
+
+
+def test_the_interval_of_a_few_subjects_does_not_depend_on_the_seed() -> None:
+    """At 5 subjects the expanded tail is 0.1 %: with 2000 draws each bound was one or two extreme draws
+    and moved with the seed (a lower bound either side of 0). Up to 6 subjects every resample is taken."""
+    rng = np.random.default_rng(5)
+    for subjects in (5, 6):
+        sums, counts = rng.normal(0.03, 0.1, subjects) * 4, np.full(subjects, 4.0)
+        bounds = {subject_bootstrap_interval(sums, counts, np.random.default_rng(s)) for s in range(10)}
+        assert len(bounds) == 1
+        draws = np.array(list(itertools.product(range(subjects), repeat=subjects)))
+        tail = expanded_tail(subjects)
+        exact = np.quantile(sums[draws].sum(1) / counts[draws].sum(1), [tail, 1 - tail])
+        assert bounds.pop() == pytest.approx(tuple(exact))
+
+
+class _CountingGenerator:
+    """A generator that records how many resamples were drawn."""
+
+    def __init__(self, seed: int) -> None:
+        self.rng, self.sizes = np.random.default_rng(seed), []
+
+    def integers(self, low: int, high: int, size: tuple[int, int]) -> np.ndarray:
+        self.sizes.append(size)
+        return self.rng.integers(low, high, size=size)
+
+
+@pytest.mark.parametrize("subjects", [7, 8, 10, 14])
+def test_enough_draws_fall_beyond_each_bound(subjects: int) -> None:
+    counting = _CountingGenerator(0)
+    subject_bootstrap_interval(np.linspace(-1, 1, subjects), np.ones(subjects), counting)
+    [(resamples, _)] = counting.sizes
+    assert resamples * expanded_tail(subjects) >= 25
+
+
+@pytest.mark.parametrize("subjects", [15, 16, 30])
+def test_groups_of_15_subjects_or_more_keep_their_intervals(subjects: int) -> None:
+    """The README records intervals of make run's groups: 2000 draws already put 25 beyond each bound."""
+    sums, counts = np.random.default_rng(subjects).normal(0.05, 0.1, subjects), np.full(subjects, 3.0)
+    counting = _CountingGenerator(7)
+    interval = subject_bootstrap_interval(sums, counts, counting)
+    assert counting.sizes == [(2000, subjects)]
+    draws = np.random.default_rng(7).integers(0, subjects, size=(2000, subjects))
+    tail = expanded_tail(subjects)
+    assert interval == tuple(np.quantile(sums[draws].sum(1) / counts[draws].sum(1), [tail, 1 - tail]))
+    assert math.isfinite(interval[0])

@@ -7,6 +7,7 @@ Groups: ``seen`` (test episodes of training datasets), ``heldout`` (datasets nev
 
 from __future__ import annotations
 
+import math
 import zlib
 from collections.abc import Mapping
 
@@ -21,6 +22,14 @@ from .evaluate import BASELINES, GROUPS
 
 METRICS = ("dice", "iou", "nsd", "hd95_mm")
 MIN_INTERVAL_SUBJECTS = 5  # fewest query subjects a gain's bootstrap interval is reported for
+# Up to 6 subjects every one of the n**n ordered resamples is taken, so the bound has no seed: 6**6 = 46 656
+# is little more work than the ~10 000-26 000 draws 5-6 subjects would otherwise need; 7**7 = 823 543 is.
+EXACT_SUBJECTS = 6
+# Fewest Monte Carlo draws expected beyond each bound: with 2 (2000 draws, 5 subjects) the bound was one
+# or two extreme draws and the verdict changed with the seed.
+BEYOND_BOUND = 25
+COUNTS = ("n", "hd95_n", "episode_failures", "method_errors")  # logged to MLflow beside the means
+MAX_FAILURE_LINES = 50  # the report lists this many; the metrics table has all
 
 
 def group_rows(metrics: pd.DataFrame, group: str) -> pd.DataFrame:
@@ -40,15 +49,21 @@ def _method_order(metrics: pd.DataFrame) -> list[str]:
 
 
 def _aggregate(rows: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
+    # A row with an error and a Dice is a method that failed (or cannot segment the class), scored as the
+    # empty prediction a user would get, so it is in n and the means; one without a Dice is an episode that
+    # could not be scored at all, and is in neither.
+    failed, scored = rows["error"].astype(str) != "", rows["dice"].notna()
+    rows = rows.assign(_episode_failure=failed & ~scored, _method_error=failed & scored)
     table = rows.groupby(keys, sort=False).agg(
-        n=("dice", "count"),  # scored rows: a failed episode's rows have no Dice and count in failures
+        n=("dice", "count"),
         dice=("dice", "mean"),
         dice_std=("dice", "std"),
         iou=("iou", "mean"),
         nsd=("nsd", "mean"),
         hd95_mm=("hd95_mm", "mean"),  # NaN (an empty side) is skipped; hd95_n says how many counted
         hd95_n=("hd95_mm", "count"),
-        failures=("error", lambda e: int((e.astype(str) != "").sum())),
+        episode_failures=("_episode_failure", "sum"),
+        method_errors=("_method_error", "sum"),
     )
     return table.reset_index()
 
@@ -105,13 +120,20 @@ def subject_bootstrap_interval(
     With a handful of subjects the bootstrap spans little more than their means: at 2 a zero true gain
     read as a clear win 21 % of the time (3: 11 %, nominal 2.5 %), so below MIN_INTERVAL_SUBJECTS there is
     no interval (NaN, NaN). Above, the quantiles are widened for the spread the few subjects only estimate
-    (``expanded_tail``).
+    (``expanded_tail``). Those tails are thin (0.1 % at 5 subjects), so up to EXACT_SUBJECTS subjects all
+    resamples are enumerated (``rng`` is not used) and above, ``resamples`` is raised until BEYOND_BOUND
+    draws are expected beyond each bound (from 15 subjects on, 2000 is enough and stays).
     """
-    if len(sums) < MIN_INTERVAL_SUBJECTS:
+    subjects = len(sums)
+    if subjects < MIN_INTERVAL_SUBJECTS:
         return np.nan, np.nan
-    draws = rng.integers(0, len(sums), size=(resamples, len(sums)))
+    tail = expanded_tail(subjects)
+    if subjects <= EXACT_SUBJECTS:
+        draws = np.indices((subjects,) * subjects).reshape(subjects, -1).T
+    else:
+        resamples = max(resamples, math.ceil(BEYOND_BOUND / tail))
+        draws = rng.integers(0, subjects, size=(resamples, subjects))
     means = sums[draws].sum(axis=1) / counts[draws].sum(axis=1)
-    tail = expanded_tail(len(sums))
     low, high = np.quantile(means, [tail, 1 - tail])
     return float(low), float(high)
 
@@ -219,6 +241,36 @@ def reference_check_table(
     return pd.DataFrame(rows, columns=columns)
 
 
+def failure_table(metrics: pd.DataFrame) -> pd.DataFrame:
+    """The rows with an ``error``, one line per episode × method × error with its classes: ``scored``
+    when they count as an empty prediction (the method failed), not when the episode failed (no metrics)."""
+    columns = ["episode_id", "method", "classes", "scored", "error"]
+    failed = metrics[metrics["error"].astype(str) != ""] if not metrics.empty else metrics
+    if failed.empty:
+        return pd.DataFrame(columns=columns)
+    lines = (
+        failed.assign(scored=failed["dice"].notna())
+        .groupby(["episode_id", "method", "error", "scored"], sort=False)["class_name"]
+        .agg(lambda names: ", ".join(map(str, names)))
+    )
+    return lines.reset_index().rename(columns={"class_name": "classes"})[columns]
+
+
+def _failure_lines(failures: pd.DataFrame) -> list[str]:
+    if failures.empty:
+        return ["(none)"]
+    shown = failures.head(MAX_FAILURE_LINES)
+    # An error may hold newlines or "|", which would break the Markdown table.
+    shown = shown.assign(error=[" ".join(str(e).split()).replace("|", "\\|") for e in shown["error"]])
+    lines = [shown.to_markdown(index=False)]
+    if len(failures) > len(shown):
+        lines += [
+            "",
+            f"… and {len(failures) - len(shown)} more; all are in evaluation_metrics' `error` column.",
+        ]
+    return lines
+
+
 def dice_pivot(summary: pd.DataFrame, index: str) -> pd.DataFrame:
     """``index`` × method table of mean Dice, methods in report order (strategies, then baselines)."""
     pivot = summary.pivot(index=index, columns="method", values="dice")
@@ -232,9 +284,10 @@ def markdown_report(
     gains: pd.DataFrame,
     model: Mapping[str, str],
     reference_check: pd.DataFrame | None = None,
+    failures: pd.DataFrame | None = None,
 ) -> str:
     """The evaluation as Markdown: Dice per group, the paired gain over paste, the reference check, per
-    dataset, all metrics."""
+    dataset, all metrics and, when ``failures`` (:func:`failure_table`) is given, what failed."""
     check = reference_check if reference_check is not None else pd.DataFrame()
     lines = [
         "# Iris evaluation",
@@ -246,8 +299,11 @@ def markdown_report(
         "trained on; novel = held-out classes with no counterpart in training). Metrics are computed on",
         "each scan's original grid; HD95 and NSD in mm. HD95 is the mean over the rows where prediction and",
         "truth are both non-empty (`hd95_n` of them): a method that predicts nothing has no HD95, so read it",
-        "with `hd95_n` and Dice. `n` counts the scored episode × class rows; `failures` the rows of episodes",
-        "that failed (they have no metrics).",
+        "with `hd95_n` and Dice. `n` counts the scored episode × class rows. `method_errors` of them are",
+        "rows where the method failed (e.g. registration did not converge) or cannot segment the class:",
+        "they are scored as an empty prediction (Dice 0), as a user would get it, so they are in `n` and the",
+        "means. `episode_failures` counts the rows of episodes that could not be scored at all: they have no",
+        "metrics and are not in `n`. Both are listed under Failures.",
         "",
         dice_pivot(by_group, "group").round(3).to_markdown() if not by_group.empty else "(no rows)",
         "",
@@ -278,6 +334,17 @@ def markdown_report(
         by_group.round(3).to_markdown(index=False) if not by_group.empty else "(no rows)",
         "",
     ]
+    if failures is not None:
+        lines += [
+            "## Failures",
+            "",
+            f"Rows with an error, one line per episode × method × error (at most {MAX_FAILURE_LINES} lines).",
+            "`scored`: counted as an empty prediction (in `method_errors` and `n`); otherwise the episode",
+            "failed and has no metrics (in `episode_failures`).",
+            "",
+            *_failure_lines(failures),
+            "",
+        ]
     return "\n".join(lines)
 
 
@@ -286,12 +353,13 @@ def headline_metrics(by_group: pd.DataFrame, gains: pd.DataFrame) -> dict[str, f
 
     ``hd95_n`` goes beside ``hd95_mm``: HD95 exists only where prediction and truth are both non-empty, so
     a method that finds nothing on most queries has the mean of its few hits, the best HD95 of all, and
-    only the count tells. The gains add ``dice_gain_vs_<baseline>`` with its ``_ci_low`` and ``_ci_high``
-    per group × strategy.
+    only the count tells. ``n``, ``episode_failures`` and ``method_errors`` say what the means are over
+    (see :func:`markdown_report`). The gains add ``dice_gain_vs_<baseline>`` with its ``_ci_low`` and
+    ``_ci_high`` per group × strategy.
     """
     out = {}
     for row in by_group.to_dict("records"):
-        for metric in (*METRICS, "hd95_n"):
+        for metric in (*METRICS, *COUNTS):
             value = float(row[metric])
             if np.isfinite(value):
                 out[f"eval/{row['group']}/{row['method']}/{metric}"] = value
@@ -313,7 +381,7 @@ def dice_boxplot(metrics: pd.DataFrame) -> Figure:
         shown = [(m, d) for m, d in zip(methods, data, strict=True) if d.size]
         if shown:
             axis.boxplot([d for _, d in shown], tick_labels=[m for m, _ in shown], showmeans=True)
-        pairs = len(rows[["episode_id", "label"]].drop_duplicates())
+        pairs = len(rows.dropna(subset=["dice"])[["episode_id", "label"]].drop_duplicates())
         axis.set_title(f"{group} (n = {pairs} classes × episodes)")
         axis.tick_params(axis="x", rotation=45)
         axis.grid(axis="y", alpha=0.3)
@@ -347,7 +415,8 @@ def class_bars(metrics: pd.DataFrame) -> Figure:
     width = 0.8 / max(1, len(methods))
     positions = np.arange(len(table))
     for i, method in enumerate(methods):
-        axis.bar(positions + i * width, table[method].fillna(0).to_numpy(), width, label=method)
+        # NaN (the method never ran on that dataset, or its episodes failed) draws no bar, not a 0
+        axis.bar(positions + i * width, table[method].to_numpy(), width, label=method)
     axis.set_xticks(positions + 0.4 - width / 2, tick_labels, rotation=75, ha="right", fontsize=8)
     axis.set_ylabel("mean Dice")
     axis.set_ylim(0, 1)

@@ -16,9 +16,11 @@ both empty                    1.0    1.0    1.0    0.0
 ============================  =====  =====  =====  ==========
 
 Both empty is perfect agreement (nothing to find, nothing found), as in MONAI's ``DiceMetric`` with
-``ignore_empty=False``. With one side empty there is no surface to measure a distance to: MONAI returns
-``inf``, which would turn every mean it enters into ``inf``; NaN plus the flag keeps the row, is skipped by
-NaN-aware means and is counted separately by :func:`summarize_metrics`.
+``ignore_empty=False``. With one side empty there is no surface to measure a distance to, so HD95 is NaN,
+as MONAI 1.6's ``compute_hausdorff_distance`` returns it (with a warning; it gives NaN for both empty too,
+where this table has 0.0). These cases are decided here before MONAI is called, so the convention does not
+move with MONAI's. NaN plus the flag keeps the row, is skipped by NaN-aware means and is counted separately
+by :func:`summarize_metrics`.
 
 HD95 follows MONAI (and DeepMind's surface-distance): the larger of the two directed 95th percentiles of
 distances between boundary voxel centres. NSD counts boundary voxels (``use_subvoxels=False``) within the

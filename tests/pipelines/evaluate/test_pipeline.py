@@ -111,6 +111,7 @@ def test_every_strategy_and_baseline_is_scored_per_group(run, collection) -> Non
     report = catalog.load("evaluation_report")
     assert "| registration" in report or "registration |" in report
     assert "## Gain over pasting the reference mask" in report
+    assert "## Failures" in report.split("## All metrics per group")[1]  # listed, here "(none)"
     assert _saved_png(run, "evaluation_dice_boxplot.png") and _saved_png(run, "evaluation_class_dice.png")
 
 

@@ -15,6 +15,7 @@ from iris_pipelines.evaluation.report import (
     class_bars,
     dice_boxplot,
     dice_pivot,
+    failure_table,
     gain_over_baseline,
     headline_metrics,
     markdown_report,
@@ -173,7 +174,14 @@ def report_evaluation(
     first = evaluation_metrics.iloc[0] if not evaluation_metrics.empty else {}
     model = {key: str(first.get(key, "")) for key in ("model_uri", "weights_sha256")} if len(first) else {}
     gains = gain_over_baseline(evaluation_metrics)
-    report = markdown_report(by_group, by_dataset, gains, model, reference_check_table(evaluation_metrics))
+    report = markdown_report(
+        by_group,
+        by_dataset,
+        gains,
+        model,
+        reference_check_table(evaluation_metrics),
+        failure_table(evaluation_metrics),
+    )
     boxplot, bars = dice_boxplot(evaluation_metrics), class_bars(evaluation_metrics)
     if not by_group.empty:
         logger.info("Mean Dice per group and method:\n%s", dice_pivot(by_group, "group").round(3).to_string())
