@@ -73,10 +73,16 @@ def project_runs(root: Path) -> list:
 def in_process_sessions(root: Path) -> Iterator[Callable[..., Any]]:
     """``session(**kwargs)`` creates a KedroSession of the project at ``root`` in this process, as a notebook
     or a script looping over sessions does (kedro-mlflow's hook and the project's hooks are process-wide
-    objects). No MLFLOW_* variable of the caller's shell reaches them; MLflow's process-wide settings, the
-    variables and the working directory are restored on leaving."""
+    objects); ``session(project=other, **kwargs)`` one of another project, as a notebook comparing two does
+    (the working directory stays where the last session left it). No MLFLOW_* variable of the caller's
+    shell reaches them; MLflow's process-wide settings, the variables and the working directory are
+    restored on leaving."""
     from kedro.framework.session import KedroSession
     from kedro.framework.startup import bootstrap_project
+
+    def session(project: Path = root, **kwargs: Any) -> KedroSession:
+        bootstrap_project(project)
+        return KedroSession.create(project_path=project, **kwargs)
 
     saved = {key: value for key, value in os.environ.items() if key.startswith("MLFLOW_")}
     for key in saved:
@@ -84,8 +90,7 @@ def in_process_sessions(root: Path) -> Iterator[Callable[..., Any]]:
     cwd, python_path, search_path = Path.cwd(), os.environ.get("PYTHONPATH"), list(sys.path)
     os.chdir(root)
     try:
-        bootstrap_project(root)
-        yield lambda **kwargs: KedroSession.create(project_path=root, **kwargs)
+        yield session
     finally:
         while mlflow.active_run() is not None:
             mlflow.end_run()
@@ -102,21 +107,3 @@ def in_process_sessions(root: Path) -> Iterator[Callable[..., Any]]:
             os.environ.pop("PYTHONPATH", None)
         else:
             os.environ["PYTHONPATH"] = python_path
-        _forget_relative_sqlite_stores()
-
-
-def _forget_relative_sqlite_stores() -> None:
-    """MLflow caches a store and its SQLAlchemy engine (open connections) per URI string: the project's
-    relative ``sqlite:///mlflow.db`` would stay bound to this test's file for the rest of the process."""
-    from mlflow.store.model_registry.sqlalchemy_store import SqlAlchemyStore as RegistryStore
-    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore as TrackingStore
-    from mlflow.tracking._model_registry.registry import ModelRegistryStoreRegistry
-    from mlflow.tracking._tracking_service.registry import TrackingStoreRegistry
-
-    TrackingStoreRegistry._get_store_with_resolved_uri.cache_clear()
-    ModelRegistryStoreRegistry._get_store_with_resolved_uri.cache_clear()
-    for store in (TrackingStore, RegistryStore):
-        with store._engine_map_lock:
-            for uri in [uri for uri in store._engine_map if uri.startswith("sqlite:///")]:
-                if not Path(uri[len("sqlite:///") :]).is_absolute():
-                    store._engine_map.pop(uri).dispose()

@@ -160,7 +160,50 @@ def test_review_shows_how_the_run_ended_and_the_registered_weights(registered) -
         client.restore_run(version.run_id)
         client.set_terminated(version.run_id, "FINISHED")
     assert "run status │ FAILED" in output and "run lifecycle stage │ deleted" in output
-    assert f"note: version 1: its run {version.run_id} is FAILED, not FINISHED; what it recorded" in output
+    assert (
+        f"note: version 1: its run {version.run_id} ended FAILED and is deleted; what it recorded" in output
+    )
+
+
+def _local_path(uri: str) -> Path:
+    from urllib.parse import unquote, urlparse
+
+    return Path(unquote(urlparse(uri).path))
+
+
+def test_review_reports_a_model_bundle_whose_artifacts_were_deleted(registered) -> None:
+    """A clean-up of the artifact store (an admin's gc, a purged bucket prefix) left the version and its run:
+    the review noted only the missing config/parameters.json, as if the model were there to use. It names
+    where the bundle is (the logged model's, else the run's copy), or that neither holds it; a review
+    reports what it finds and exits 0, as for a failed run."""
+    from iris_pipelines.registry import _logged_model_id
+
+    uri, data_root = registered
+    client = mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
+    version = client.get_model_version("iris", "1")
+    model_id = _logged_model_id(version)
+    logged = _local_path(client.get_logged_model(model_id).artifact_location)
+    run = _local_path(client.get_run(version.run_id).info.artifact_uri)
+    outputs, moved = [" ".join(review(uri, data_root).output.split())], []
+    try:
+        for folder in (logged, run):
+            folder.rename(folder.with_name("aside"))
+            moved.append(folder)
+            result = review(uri, data_root)
+            assert result.exit_code == 0, result.output
+            outputs.append(" ".join(result.output.split()))
+    finally:
+        for folder in moved:
+            folder.with_name("aside").rename(folder)
+    # a narrow terminal folds the rest of the value onto the next table line
+    assert f"model bundle │ logged model {model_id}" in outputs[0]
+    assert f"model bundle │ run {version.run_id}" in outputs[1] and "no model bundle found" not in outputs[1]
+    assert "model bundle │ not found (see the note below)" in outputs[2]
+    assert (
+        f"note: models:/iris/1: no model bundle found (logged model {model_id} 'artifacts/model_bundle': no "
+        f"files; run {version.run_id} artifact 'model_bundle': no files); `iris segment` and --reproduce "
+        "cannot load this version" in outputs[2]
+    )
 
 
 def _table(output: str, title: str) -> str:

@@ -637,7 +637,9 @@ def test_the_sidecar_traces_an_alias_to_its_registry_version(
     class Registry:
         def get_model_version_by_alias(self, name: str, alias: str) -> SimpleNamespace:
             assert (name, alias) == ("iris", "champion")
-            return SimpleNamespace(version="4", tags={}, run_id=None, model_id=None, source="")
+            return SimpleNamespace(
+                version="4", tags={}, run_id=None, model_id=None, source="", status="READY"
+            )
 
     monkeypatch.setattr(registry, "_client", lambda uri: Registry())
     monkeypatch.setattr(registry.RegisteredModel, "load_bundle", lambda self: untrained_bundle)

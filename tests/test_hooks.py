@@ -2,14 +2,33 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import socket
 import subprocess
+import threading
+import time
+from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from kedro.framework.hooks import hook_impl
+from kedro.framework.hooks.manager import _create_hook_manager
 from processes import catching
 
 from iris_pipelines import hooks
+
+
+def _hooks(*plugins: object):
+    """Kedro's hook manager with ``plugins`` registered, as a session calls them (hook wrappers included)."""
+    manager = _create_hook_manager()
+    for plugin in plugins:
+        manager.register(plugin)
+    return manager.hook
+
+
+PIPELINE = {"run_params": {}, "pipeline": None, "catalog": None}  # what Kedro passes the pipeline hooks
 
 
 def _git(root: Path, *args: str) -> None:
@@ -62,11 +81,9 @@ def test_a_run_started_in_a_subfolder_works_from_the_project_root(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Relative paths in parameters and mlflow.yml would otherwise follow the subfolder."""
-    from types import SimpleNamespace
-
     (tmp_path / "notebooks").mkdir()
     monkeypatch.chdir(tmp_path / "notebooks")
-    hooks.ProjectRootHooks().after_context_created(SimpleNamespace(project_path=tmp_path))
+    _hooks(hooks.ProjectRootHooks()).after_context_created(context=SimpleNamespace(project_path=tmp_path))
     assert Path.cwd().resolve() == tmp_path.resolve()
 
 
@@ -107,14 +124,15 @@ def test_a_finished_or_failed_pipeline_and_a_callers_own_run_are_left_alone(mlfl
     import mlflow
 
     outcome = hooks.InterruptedRunHooks()
+    hook = _hooks(outcome)
     with mlflow.start_run() as own:  # a caller's run, e.g. wrapping session.run in a script
         outcome.before_pipeline_run()
-        outcome.after_pipeline_run()
+        hook.after_pipeline_run(run_result={}, **PIPELINE)
         outcome.after_context_created()
         outcome.end_interrupted_run()
         assert mlflow.active_run().info.run_id == own.info.run_id
         outcome.before_pipeline_run()
-        outcome.on_pipeline_error()
+        hook.on_pipeline_error(error=ValueError("a node failed"), **PIPELINE)
         outcome.end_interrupted_run()
         assert mlflow.active_run().info.run_id == own.info.run_id
     assert mlflow_store.get_run(own.info.run_id).info.status == "FINISHED"
@@ -122,8 +140,6 @@ def test_a_finished_or_failed_pipeline_and_a_callers_own_run_are_left_alone(mlfl
 
 def test_sigterm_exits_through_python_while_a_pipeline_runs(mlflow_store) -> None:
     """scancel and SLURM time limits send SIGTERM: it must unwind (exit handlers run), status 128 + 15."""
-    import signal
-
     import mlflow
 
     outcome = hooks.InterruptedRunHooks()
@@ -133,7 +149,7 @@ def test_sigterm_exits_through_python_while_a_pipeline_runs(mlflow_store) -> Non
         with pytest.raises(SystemExit) as exited:
             signal.raise_signal(signal.SIGTERM)
         assert exited.value.code == 128 + signal.SIGTERM
-        outcome.after_pipeline_run()
+        _hooks(outcome).after_pipeline_run(run_result={}, **PIPELINE)
         assert signal.getsignal(signal.SIGTERM) is before
 
 
@@ -163,8 +179,6 @@ def test_a_lock_changed_since_install_is_tagged_and_warned_about(
 
 
 def test_a_run_under_nohup_survives_the_terminal_closing(mlflow_store) -> None:
-    import signal
-
     import mlflow
 
     outcome = hooks.InterruptedRunHooks()
@@ -174,7 +188,7 @@ def test_a_run_under_nohup_survives_the_terminal_closing(mlflow_store) -> None:
             outcome.before_pipeline_run()
             assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN  # nohup's choice stands
             assert signal.getsignal(signal.SIGTERM) is hooks._exit_on_signal
-            outcome.after_pipeline_run()
+            _hooks(outcome).after_pipeline_run(run_result={}, **PIPELINE)
         assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
     finally:
         signal.signal(signal.SIGHUP, previous)
@@ -244,3 +258,200 @@ def test_a_failed_start_leaves_a_callers_own_run_open(mlflow_store) -> None:
             manager.hook.before_pipeline_run(run_params={}, pipeline=None, catalog=None)
         assert mlflow.active_run().info.run_id == own.info.run_id
     assert mlflow_store.get_run(own.info.run_id).info.status == "FINISHED"
+
+
+def _fails_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The tracking store fails the next request that ends a run (a server restarting, a locked SQLite)."""
+    import mlflow
+
+    real = mlflow.MlflowClient.set_terminated
+    calls = []
+
+    def flaky(self, run_id: str, *args, **kwargs) -> None:
+        calls.append(run_id)
+        if len(calls) == 1:
+            raise ConnectionError("tracking store unavailable")
+        real(self, run_id, *args, **kwargs)
+
+    monkeypatch.setattr(mlflow.MlflowClient, "set_terminated", flaky)
+
+
+def test_a_run_whose_end_fails_ends_failed_and_gives_the_signals_back(
+    episodes_copy: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """kedro-mlflow's after_pipeline_run failing to end the run (pluggy calls it before the project's hooks)
+    left the run RUNNING in the store for ever, and the run's SIGTERM/SIGHUP handlers in the process."""
+    import mlflow
+    from mlflow_support import in_process_sessions, project_runs
+
+    with in_process_sessions(episodes_copy) as session, catching(signal.SIGTERM):
+        before = signal.getsignal(signal.SIGTERM)
+        _fails_once(monkeypatch)
+        with session() as failing, pytest.raises(ConnectionError, match="tracking store unavailable"):
+            failing.run(pipeline_names=["episodes"])
+        assert mlflow.active_run() is None
+        assert signal.getsignal(signal.SIGTERM) is before
+        with session() as next_one:  # the next session of the process gets a run of its own
+            next_one.run(pipeline_names=["episodes"])
+    assert [run.info.status for run in project_runs(episodes_copy)] == ["FAILED", "FINISHED"]
+
+
+def test_a_run_that_cannot_be_ended_at_all_is_named_in_the_log(
+    mlflow_store, caplog: pytest.LogCaptureFixture
+) -> None:
+    import mlflow
+
+    class EndsTheRun:  # kedro-mlflow's after_pipeline_run
+        @hook_impl
+        def after_pipeline_run(self) -> None:
+            mlflow.end_run()
+
+    def unreachable(*args, **kwargs) -> None:
+        raise ConnectionError("tracking store unavailable")
+
+    outcome = hooks.InterruptedRunHooks()
+    with catching(signal.SIGTERM):
+        before = signal.getsignal(signal.SIGTERM)
+        run = mlflow.start_run()
+        outcome.before_pipeline_run()
+        with pytest.MonkeyPatch.context() as patch, pytest.raises(ConnectionError):
+            patch.setattr(mlflow.MlflowClient, "set_terminated", unreachable)
+            _hooks(outcome, EndsTheRun()).after_pipeline_run(run_result={}, **PIPELINE)
+        assert signal.getsignal(signal.SIGTERM) is before
+    assert mlflow.active_run() is None
+    assert f"MLflow run {run.info.run_id} could not be ended (tracking store unavailable)" in caplog.text
+    assert mlflow_store.get_run(run.info.run_id).info.status == "RUNNING"
+
+
+def test_a_hook_failing_as_the_pipeline_ends_leaves_a_callers_own_run_open(mlflow_store) -> None:
+    import mlflow
+
+    class Failing:
+        @hook_impl
+        def after_pipeline_run(self) -> None:
+            raise OSError("artifact store unreachable")
+
+    outcome = hooks.InterruptedRunHooks()
+    hook = _hooks(outcome, Failing())
+    with mlflow.start_run() as own:  # a script's own run, which kedro-mlflow then logs into
+        hook.after_context_created(context=None)
+        outcome.before_pipeline_run()
+        with pytest.raises(OSError):
+            hook.after_pipeline_run(run_result={}, **PIPELINE)
+        assert mlflow.active_run().info.run_id == own.info.run_id
+    assert mlflow_store.get_run(own.info.run_id).info.status == "FINISHED"
+
+
+def test_two_projects_in_one_process_keep_their_own_stores(tmp_path: Path, collection) -> None:
+    """A notebook comparing two projects wrote the second one's run into the first one's mlflow.db: MLflow
+    caches a store per URI string (the relative sqlite:///mlflow.db), and the second session's mlflow.yml
+    took the MLFLOW_TRACKING_URI kedro-mlflow had exported for the first for the user's. A store the user
+    exported is still used by both."""
+    import mlflow
+    from mlflow_support import episodes_project, in_process_sessions, project_runs
+
+    projects = [episodes_project(tmp_path / name, collection[0]) for name in ("first", "second")]
+    shared = tmp_path / "shared.db"
+    with in_process_sessions(projects[0]) as session:
+        for project in projects:
+            with session(project=project) as each:
+                each.run(pipeline_names=["episodes"])
+        os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{shared}"
+        for project in projects:
+            with session(project=project) as each:
+                each.run(pipeline_names=["episodes"])
+        assert os.environ["MLFLOW_TRACKING_URI"] == f"sqlite:///{shared}"
+    for project in projects:
+        (run,) = project_runs(project)
+        assert run.info.status == "FINISHED" and run.info.artifact_uri.startswith(str(project))
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{shared}")
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert len(runs) == 2
+
+
+@pytest.fixture
+def refused_port() -> int:
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        return closed.getsockname()[1]
+
+
+@pytest.fixture
+def silent_port() -> Iterator[int]:
+    """A server that accepts connections and never answers (overloaded, or behind a half-open firewall)."""
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        yield server.getsockname()[1]
+
+
+@pytest.mark.parametrize(("server", "reason"), [("refused_port", "Connection refused"),
+                                                ("silent_port", "no answer within 1 s")])  # fmt: skip
+def test_an_unreachable_tracking_server_fails_the_run_in_seconds(
+    episodes_copy: Path, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest, server: str,
+    reason: str,
+) -> None:  # fmt: skip
+    """MLflow's retries kept `kedro run --env=hpcc` waiting 4 (refused) to 20 minutes (no answer) before it
+    failed, a SLURM allocation's time."""
+    import mlflow
+    from mlflow_support import in_process_sessions
+
+    uri = f"http://127.0.0.1:{request.getfixturevalue(server)}"
+    monkeypatch.setenv(hooks.HEALTH_TIMEOUT_ENV, "1")
+    with in_process_sessions(episodes_copy) as session:
+        os.environ["MLFLOW_TRACKING_URI"] = uri
+        started = time.monotonic()
+        with session(env="hpcc") as failing, pytest.raises(hooks.TrackingServerUnreachable) as raised:
+            failing.run(pipeline_names=["episodes"])
+        assert time.monotonic() - started < 20
+        assert mlflow.active_run() is None
+    assert str(raised.value) == (
+        f"MLflow tracking server {uri} is unreachable ({reason}): start it or fix MLFLOW_TRACKING_URI, which "
+        "conf/hpcc/mlflow.yml reads"
+    )
+
+
+@pytest.fixture
+def answering_server() -> Iterator[tuple[int, dict]]:
+    """A server answering /health with the status in ``answer["status"]`` (200 to start with)."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    answer = {"status": 200, "paths": []}
+
+    class Health(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            answer["paths"].append(self.path)
+            self.send_response(answer["status"])
+            self.end_headers()
+
+        def log_message(self, *args) -> None:
+            pass
+
+    with ThreadingHTTPServer(("127.0.0.1", 0), Health) as server:
+        thread = threading.Thread(target=server.serve_forever, daemon=True)
+        thread.start()
+        yield server.server_address[1], answer
+        server.shutdown()
+
+
+def test_the_health_check_passes_any_answer_but_a_server_error(answering_server) -> None:
+    """A login the probe does not send (401) or a proxy without the route (404) is MLflow's to report; a
+    5xx is a proxy in front of a stopped server, which MLflow would retry for minutes."""
+    port, answer = answering_server
+    for status in (200, 401, 404):
+        answer["status"] = status
+        hooks.check_tracking_server(f"http://127.0.0.1:{port}/mlflow/", "hpcc")
+    assert answer["paths"] == ["/mlflow/health"] * 3
+    answer["status"] = 503
+    with pytest.raises(
+        hooks.TrackingServerUnreachable, match=r"unreachable \(HTTP 503 Service Unavailable\)"
+    ):
+        hooks.check_tracking_server(f"http://127.0.0.1:{port}", "hpcc")
+
+
+def test_the_health_check_never_sends_or_shows_a_login(refused_port: int, monkeypatch) -> None:
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    with pytest.raises(hooks.TrackingServerUnreachable) as raised:
+        hooks.check_tracking_server(f"https://alice:s3cret@127.0.0.1:{refused_port}/?token=t0k", "local")
+    assert str(raised.value) == (
+        f"MLflow tracking server https://127.0.0.1:{refused_port} is unreachable (Connection refused): start "
+        "it or fix mlflow_tracking_uri in conf/local/mlflow.yml"
+    )

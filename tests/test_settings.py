@@ -43,15 +43,13 @@ def test_kedro_run_and_the_iris_commands_use_the_same_store(
         monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     else:
         monkeypatch.setenv("MLFLOW_TRACKING_URI", exported)
+    monkeypatch.chdir(ROOT)  # where ProjectRootHooks runs `kedro run`, before mlflow.yml is read
     server = _mlflow_server("local")
-    monkeypatch.chdir(tmp_path)  # kedro-mlflow opens a relative SQLite file from the project root
+    monkeypatch.chdir(tmp_path)  # the iris commands take the project from --project
     iris = registry.tracking_uri(None, ROOT)
-    monkeypatch.chdir(ROOT)
-    for uri in (server["mlflow_tracking_uri"], server["mlflow_registry_uri"]):
-        if uri.startswith("sqlite:///"):
-            assert iris == f"sqlite:///{(ROOT / uri[len('sqlite:///') :]).resolve()}"
-        else:
-            assert iris == uri == exported
+    assert iris == server["mlflow_tracking_uri"] == server["mlflow_registry_uri"]
+    if exported is None or exported.startswith("sqlite:///"):
+        assert iris.startswith(f"sqlite:///{ROOT.resolve()}/")
 
 
 @pytest.mark.parametrize("env", ["local", "hpcc"])
@@ -77,7 +75,8 @@ def test_a_kedro_session_registers_models_in_its_tracking_store(tmp_path: Path) 
         os.environ["MLFLOW_REGISTRY_URI"] = f"sqlite:///{tmp_path / 'other_registry.db'}"
         with session() as kedro_session:
             kedro_session.load_context()
-        assert mlflow.get_tracking_uri() == "sqlite:///mlflow.db"  # the project's, opened from its root
+        # the project's, absolute: MLflow keeps a store per URI string for the rest of the process
+        assert mlflow.get_tracking_uri() == f"sqlite:///{project.resolve() / 'mlflow.db'}"
         assert mlflow.get_registry_uri() == mlflow.get_tracking_uri()
         assert mlflow.MlflowClient()._registry_uri == mlflow.get_tracking_uri()
 
@@ -100,3 +99,25 @@ def test_slurm_job_logs_in_the_project_folder_do_not_make_the_checkout_dirty() -
     for log in ("slurm-kedro-4242.out", "slurm-4243.out"):
         done = subprocess.run(["git", "check-ignore", "-q", log], cwd=ROOT, check=False)
         assert done.returncode == 0, f"{log} is not git-ignored: runs would be tagged git_dirty=true"
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("sqlite:///mlflow.db", "sqlite:///{cwd}/mlflow.db"),
+        ("sqlite:///runs/team.db?timeout=20", "sqlite:///{cwd}/runs/team.db?timeout=20"),
+        ("sqlite:////shared/mlflow.db", "sqlite:////shared/mlflow.db"),
+        ("sqlite:///:memory:", "sqlite:///:memory:"),
+        ("http://mlflow.example.org:5000", "http://mlflow.example.org:5000"),
+    ],
+)
+def test_a_relative_sqlite_store_is_made_absolute_from_the_project_root(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, value: str, expected: str
+) -> None:
+    """MLflow keeps a store per URI string: a relative one stayed the first project's file for the rest of
+    the process. ProjectRootHooks has made the project root the current directory when mlflow.yml is read."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", value)
+    assert settings.env_or("MLFLOW_TRACKING_URI", "unused") == expected.format(cwd=tmp_path.resolve())
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    assert settings.env_or("MLFLOW_TRACKING_URI", value) == expected.format(cwd=tmp_path.resolve())

@@ -9,16 +9,23 @@ A node sees loaded data, never the dataset or its version, but a reproducibility
 from __future__ import annotations
 
 import atexit
+import contextlib
 import hashlib
 import logging
 import os
 import re
 import signal
+import ssl
 import subprocess
 import sys
+import urllib.error
+import urllib.request
+from collections.abc import Generator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
+import click
 import mlflow
 from kedro.framework.hooks import hook_impl
 
@@ -142,7 +149,8 @@ class FailedStartHooks:
 
 
 class InterruptedRunHooks:
-    """An interrupted `kedro run` leaves its MLflow run KILLED, not FINISHED and not RUNNING for ever.
+    """An interrupted `kedro run` leaves its MLflow run KILLED, not FINISHED and not RUNNING for ever;
+    one whose end fails leaves it FAILED.
 
     Kedro reports a failing node through ``on_pipeline_error`` (kedro-mlflow then ends the run FAILED),
     but Ctrl-C (KeyboardInterrupt) and SIGTERM (``scancel``, a SLURM time limit, ``kill``) are not
@@ -152,12 +160,19 @@ class InterruptedRunHooks:
     the open run as KILLED. A run left open by an interrupted
     pipeline in a process that goes on (a notebook) is ended KILLED when the next session starts, rather
     than kedro-mlflow taking the next pipeline's records into it.
+
+    ``after_pipeline_run`` and ``on_pipeline_error`` are wrappers: pluggy calls kedro-mlflow's hooks first,
+    and when one of them raised (its ``end_run`` failing to reach the store: a tracking server restarting,
+    a locked SQLite file) a plain hook here never ran, so the run stayed RUNNING in the store and the
+    signal handlers stayed in the process. Kedro calls ``after_pipeline_run`` outside the ``try`` that
+    reports errors through ``on_pipeline_error``, so nothing else ends the run.
     """
 
     SIGNALS = (signal.SIGTERM, signal.SIGHUP)
 
     def __init__(self) -> None:
         self.open_run_id: str | None = None
+        self.callers_run_id: str | None = None  # opened before the session: kedro-mlflow logs into it
         self.previous: dict[int, Any] = {}
         atexit.register(self.end_interrupted_run)  # after MLflow's own: atexit runs it before MLflow's
 
@@ -177,6 +192,8 @@ class InterruptedRunHooks:
     @hook_impl(tryfirst=True)
     def after_context_created(self) -> None:
         self.end_interrupted_run()
+        active = mlflow.active_run()  # before kedro-mlflow's hook, which may open one
+        self.callers_run_id = None if active is None else active.info.run_id
 
     @hook_impl(trylast=True)  # after kedro-mlflow's, which opens the run
     def before_pipeline_run(self) -> None:
@@ -186,18 +203,54 @@ class InterruptedRunHooks:
         self.open_run_id = active.info.run_id
         self.previous = install_handlers(self.SIGNALS, _exit_on_signal)
 
-    @hook_impl
-    def after_pipeline_run(self) -> None:
-        self._pipeline_ended()
+    @hook_impl(wrapper=True)
+    def after_pipeline_run(self) -> Generator[None, Any, Any]:
+        return (yield from self._pipeline_ends())
 
-    @hook_impl
-    def on_pipeline_error(self) -> None:
-        self._pipeline_ended()
+    @hook_impl(wrapper=True)
+    def on_pipeline_error(self) -> Generator[None, Any, Any]:
+        return (yield from self._pipeline_ends())
 
-    def _pipeline_ended(self) -> None:
-        self.open_run_id = None
-        restore_handlers(self.previous)
-        self.previous = {}
+    def _pipeline_ends(self) -> Generator[None, Any, Any]:
+        """Around the other hooks: when one raises, the run ends here; the handlers go back either way."""
+        run_id = self.open_run_id
+        try:
+            return (yield)
+        except BaseException as error:
+            if run_id is not None and run_id != self.callers_run_id:  # the caller ends their own run
+                _end_unended_run(run_id, "FAILED" if isinstance(error, Exception) else "KILLED")
+            raise
+        finally:
+            self.open_run_id = None
+            restore_handlers(self.previous)
+            self.previous = {}
+
+
+def _end_unended_run(run_id: str, status: str) -> None:
+    """End ``run_id`` with ``status`` after a hook failed while the pipeline ended: off this process's run
+    stack (or the next session would log into it) and, where it is still RUNNING, in the store."""
+    ended = False  # here; kedro-mlflow may have ended it before another hook failed
+    while (active := mlflow.active_run()) is not None and active.info.run_id == run_id:
+        ended = True
+        with contextlib.suppress(Exception):  # it pops the run before it writes to the store
+            mlflow.end_run(status)
+    try:
+        client = mlflow.MlflowClient()
+        if client.get_run(run_id).info.status == "RUNNING":
+            client.set_terminated(run_id, status)
+            ended = True
+    except Exception as error:  # noqa: BLE001 - the hook's own error follows; this one is logged
+        logger.error(
+            "MLflow run %s could not be ended (%s): it stays RUNNING in the store; end it with "
+            "MlflowClient().set_terminated(%r, %r)",
+            run_id,
+            " ".join(str(error).split())[:300],
+            run_id,
+            status,
+        )
+        return
+    if ended:
+        logger.error("A hook failed as the pipeline ended: MLflow run %s ends %s", run_id, status)
 
 
 def _exit_on_signal(signum: int, _frame: Any) -> None:
@@ -211,15 +264,115 @@ class ProjectRootHooks:
     paths in parameters (``preprocess.output_dir``, ``train.checkpoint_root``, ``phantoms.root``) and
     mlflow.yml's ``sqlite:///mlflow.db`` follow the current folder: a run from ``notebooks/`` wrote its
     volumes, checkpoints and a second MLflow store there, and missed the caches and checkpoints.
-    ``tryfirst``: before kedro-mlflow's own ``after_context_created`` opens the tracking store.
+    A wrapper, so it runs before every plain ``after_context_created`` hook, kedro-mlflow's (which reads
+    mlflow.yml and opens the tracking store) among them.
+
+    It also hands the next session of the process (a notebook comparing two projects) the MLflow
+    variables as they were before this one: kedro-mlflow's ``mlflow.set_tracking_uri`` and
+    ``set_registry_uri`` export ``MLFLOW_TRACKING_URI`` and ``MLFLOW_REGISTRY_URI`` and never unset them,
+    and the next project's ``${env_or:MLFLOW_TRACKING_URI,…}`` took the previous project's store for the
+    user's. A value changed since (the user's own export) is left alone.
     """
 
-    @hook_impl(tryfirst=True)
-    def after_context_created(self, context: Any) -> None:
+    EXPORTED = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
+
+    def __init__(self) -> None:
+        # variable -> (its value before the last session's hooks, the value they left), where they differ
+        self.exported: dict[str, tuple[str | None, str | None]] = {}
+
+    @hook_impl(wrapper=True)
+    def after_context_created(self, context: Any) -> Generator[None, Any, Any]:
+        for key, (before, left) in self.exported.items():
+            if os.environ.get(key) == left:
+                _set_or_unset(key, before)
+        before = {key: os.environ.get(key) for key in self.EXPORTED}
         root = Path(context.project_path).resolve()
         if Path.cwd().resolve() != root:
             logger.warning("Running from the project root %s (started in %s)", root, Path.cwd())
             os.chdir(root)
+        try:
+            return (yield)
+        finally:
+            self.exported = {
+                key: (value, os.environ.get(key))
+                for key, value in before.items()
+                if os.environ.get(key) != value
+            }
+
+
+def _set_or_unset(key: str, value: str | None) -> None:
+    if value is None:
+        os.environ.pop(key, None)
+    else:
+        os.environ[key] = value
+
+
+class TrackingServerUnreachable(click.ClickException):
+    """The MLflow tracking server of the run's Kedro env did not answer its health check. A click error:
+    `kedro run` prints its one line (``Error: …``, exit status 1), not a traceback through the hooks."""
+
+
+HEALTH_TIMEOUT_ENV = "IRIS_MLFLOW_HEALTH_TIMEOUT"  # seconds the tracking server has to answer /health
+HEALTH_TIMEOUT_S = 10.0
+
+
+class TrackingServerHooks:
+    """A tracking server that does not answer fails `kedro run` in seconds, before anything runs.
+
+    MLflow's client retries an unreachable server for minutes (7 retries with back-off, 120 s read
+    timeouts: about 4 minutes for a refused connection, up to 20 for a server that never answers), which
+    on SLURM burns the allocation. One GET of the server's ``/health``, without retries, decides first:
+    no connection, no answer within ``$IRIS_MLFLOW_HEALTH_TIMEOUT`` seconds (default 10) or a 5xx (a
+    proxy in front of a stopped server) fail the run; any other answer, a TLS error included, lets MLflow
+    go on and report what it finds.
+    ``tryfirst``: before kedro-mlflow's ``after_context_created`` contacts the server.
+    """
+
+    @hook_impl(tryfirst=True)
+    def after_context_created(self, context: Any) -> None:
+        from kedro.config import MissingConfigException
+
+        if mlflow.active_run() is not None:
+            return  # kedro-mlflow logs into the caller's run, on its store, and ignores mlflow.yml
+        try:
+            uri = str(context.config_loader["mlflow"].get("server", {}).get("mlflow_tracking_uri") or "")
+        except MissingConfigException:
+            return
+        if urlsplit(uri).scheme in ("http", "https"):
+            check_tracking_server(uri, context.env or "local")
+
+
+def check_tracking_server(uri: str, env: str) -> None:
+    """Raise ``TrackingServerUnreachable`` unless the server at ``uri`` answers its ``/health``."""
+    parts = urlsplit(uri)
+    # No login (user:password@) or query (a token) in what is requested or shown; /health needs neither.
+    shown = f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}{parts.path.rstrip('/')}"
+    raw = os.environ.get(HEALTH_TIMEOUT_ENV, "").strip()
+    try:
+        timeout = float(raw) if raw else HEALTH_TIMEOUT_S
+    except ValueError:
+        raise ValueError(f"{HEALTH_TIMEOUT_ENV}={raw!r} is not a number of seconds") from None
+    try:
+        with urllib.request.urlopen(f"{shown}/health", timeout=timeout):
+            return
+    except urllib.error.HTTPError as error:
+        if error.code < 500:
+            return  # it answered (a login or a route it lacks): MLflow's own requests say the rest
+        reason = f"HTTP {error.code} {error.reason}"
+    except OSError as error:  # URLError (no connection), or a timeout or hang-up while reading
+        cause = error.reason if isinstance(error, urllib.error.URLError) else error
+        if isinstance(cause, ssl.SSLError):
+            return  # something answered; MLflow, with its own certificate settings, says what is wrong
+        if isinstance(cause, TimeoutError):
+            reason = f"no answer within {timeout:g} s"
+        else:
+            reason = getattr(cause, "strerror", None) or str(cause) or type(cause).__name__
+    source = f"mlflow_tracking_uri in conf/{env}/mlflow.yml"
+    if os.environ.get("MLFLOW_TRACKING_URI", "").strip() == uri:
+        source = f"MLFLOW_TRACKING_URI, which conf/{env}/mlflow.yml reads"
+    raise TrackingServerUnreachable(
+        f"MLflow tracking server {shown} is unreachable ({reason}): start it or fix {source}"
+    )
 
 
 INPUT_VERSION_TAG_PREFIX = "input_version."

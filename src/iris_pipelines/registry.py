@@ -17,7 +17,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from iris_pipelines.inference.bundle import BundleError, ModelBundle, bundle_directory
+from iris_pipelines.inference.bundle import (
+    CONFIG_FILE,
+    WEIGHTS_FILE,
+    BundleError,
+    ModelBundle,
+    bundle_directory,
+)
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"  # conf/base/mlflow.yml, relative to the project directory
 BUNDLE_ARTIFACT = "model_bundle"  # register_model logs the bundle directory under this run path
@@ -420,6 +426,42 @@ class RegisteredModel:
             f"{self.uri}: no model bundle could be downloaded ({'; '.join(tried) or 'no run'})"
         )
 
+    def bundle_location(self) -> str | None:
+        """Where :meth:`download_bundle` would fetch the bundle from, found by listing its files (nothing is
+        downloaded); None when neither place holds one, which is noted in ``problems`` (artifacts deleted
+        by a clean-up of the store: `iris segment` and ``--reproduce`` cannot load the version)."""
+        tried = []
+        if self.model_id:
+            where = f"logged model {self.model_id} {PYFUNC_BUNDLE!r}"
+            try:
+                from mlflow.artifacts import list_artifacts
+
+                location = self.client.get_logged_model(self.model_id).artifact_location
+                lacks = _lacks_bundle_files(
+                    list_artifacts(
+                        artifact_uri=f"{location.rstrip('/')}/{PYFUNC_BUNDLE}", tracking_uri=self.tracking_uri
+                    )
+                )
+            except Exception as error:  # noqa: BLE001 - a review shows what it can read
+                lacks = _one_line(error)
+            if lacks is None:
+                return where
+            tried.append(f"{where}: {lacks}")
+        if self.run_id is not None:
+            where = f"run {self.run_id} artifact {BUNDLE_ARTIFACT!r}"
+            try:
+                lacks = _lacks_bundle_files(self.client.list_artifacts(self.run_id, BUNDLE_ARTIFACT))
+            except Exception as error:  # noqa: BLE001
+                lacks = _one_line(error)
+            if lacks is None:
+                return where
+            tried.append(f"{where}: {lacks}")
+        self.problems.append(
+            f"{self.uri}: no model bundle found ({'; '.join(tried) or 'no logged model, no run'}); "
+            "`iris segment` and --reproduce cannot load this version"
+        )
+        return None
+
     def load_bundle(self) -> ModelBundle:
         with tempfile.TemporaryDirectory(prefix="iris-bundle-") as scratch:
             directory = self.download_bundle(scratch)
@@ -452,6 +494,15 @@ class RegisteredModel:
                 f"{claimed}, but its tensors hash to {held}; the weights were changed without updating "
                 f"config.json. {_REPLACED_WEIGHTS_REMEDY}"
             )
+
+
+def _lacks_bundle_files(listed: list[Any]) -> str | None:
+    """What an artifact listing lacks of a saved bundle (config and weights), None when it holds both."""
+    names = {Path(item.path).name for item in listed}
+    missing = [name for name in (CONFIG_FILE, WEIGHTS_FILE) if name not in names]
+    if not names:
+        return "no files"
+    return f"no {' or '.join(missing)}" if missing else None
 
 
 _REPLACED_WEIGHTS_REMEDY = (
@@ -505,41 +556,66 @@ def _read_run(client: Any, run_id: str | None) -> tuple[Any | None, str | None]:
 
 
 def _run_state(run: Any) -> str | None:
-    """Why a run's records are not those of a completed run (failed, killed, still running, deleted);
+    """How a run stands when it did not finish cleanly (ended FAILED or KILLED, still RUNNING, deleted);
     None for a FINISHED, active run."""
     info = getattr(run, "info", None)
     status = getattr(info, "status", "FINISHED")
-    stage = getattr(info, "lifecycle_stage", "active")
+    states = []
     if status != "FINISHED":
-        return f"its run {info.run_id} is {status}, not FINISHED"
-    if stage == "deleted":
-        return f"its run {info.run_id} is deleted"
-    return None
+        states.append(f"ended {status}" if status in ("FAILED", "KILLED") else f"is {status}")
+    if getattr(info, "lifecycle_stage", "active") == "deleted":
+        states.append("is deleted")
+    return f"its run {info.run_id} {' and '.join(states)}" if states else None
 
 
-def _incomplete(client: Any, version: Any) -> tuple[str | None, Any | None]:
-    """(why ``version`` is not a complete registration, or None; its run when read)."""
+def _incomplete(version: Any, run: Any | None, problem: str | None) -> str | None:
+    """Why ``version`` is not a complete registration, or None; ``run`` and ``problem`` are what
+    :func:`_read_run` made of its run.
+
+    register_model creates a version with all its tags in one request, as train's last node: one with
+    them, that MLflow finished registering (READY) and whose run is not deleted, holds the whole model.
+    How its run ended does not count: the run covers the rest of the `kedro run` (embed_tasks, evaluate,
+    tsne), and one of those failing says nothing about the model.
+    """
     missing = [key for key in REQUIRED_VERSION_TAGS if not (version.tags or {}).get(key)]
-    run, problem = _read_run(client, version.run_id or None)
-    reasons = [] if run is None else [_run_state(run)]
-    reasons += [problem, f"no {', '.join(missing)} tag{'s' if len(missing) > 1 else ''}" if missing else None]
+    deleted = run is not None and run.info.lifecycle_stage == "deleted"
+    reasons = [
+        problem,
+        f"its run {version.run_id} is deleted" if deleted else None,
+        f"its registration is {version.status}, not READY" if version.status != "READY" else None,
+        f"no {', '.join(missing)} tag{'s' if len(missing) > 1 else ''}" if missing else None,
+    ]
     found = [reason for reason in reasons if reason]
-    return ("; ".join(found) if found else None), run
+    return "; ".join(found) if found else None
+
+
+def _run_note(number: str, run: Any, complete: bool) -> str | None:
+    """What a version's run that did not finish cleanly means for it (None for a FINISHED, active run)."""
+    state = _run_state(run)
+    if state is None:
+        return None
+    if complete:
+        return (
+            f"version {number}: {state} after registering it; the model is complete (registered with its "
+            "tags), but what that run recorded later (evaluation, t-SNE) may be missing"
+        )
+    return f"version {number}: {state}; what it recorded (tags, metrics, artifacts) may be incomplete"
 
 
 def _latest_complete(client: Any, uri: str, name: str, numbers: list[int]) -> tuple[Any, Any, list[str]]:
-    """The highest version that is a complete registration (run FINISHED, provenance tags present), its
-    run, and a note per newer version passed over; a RegistryError when there is none."""
+    """The highest version that is a complete registration (provenance tags, READY, run not deleted),
+    its run, and a note per newer version passed over; a RegistryError when there is none."""
     skipped = []
     for number in reversed(numbers):
         version = client.get_model_version(name, str(number))
-        reason, run = _incomplete(client, version)
+        run, problem = _read_run(client, version.run_id or None)
+        reason = _incomplete(version, run, problem)
         if reason is None:
             return version, run, skipped
         skipped.append(f"version {number} ({reason})")
     raise RegistryError(
-        f"{uri}: no complete version of {name!r} (a run that finished, with provenance tags): "
-        f"{'; '.join(skipped)}; name a version (models:/{name}/<n>) to use one anyway"
+        f"{uri}: no complete version of {name!r} (registered with its provenance tags, its run not "
+        f"deleted): {'; '.join(skipped)}; name a version (models:/{name}/<n>) to use one anyway"
     )
 
 
@@ -547,10 +623,10 @@ def resolve(uri: str, tracking: str) -> RegisteredModel:
     """``models:/<name>/<version>``, ``models:/<name>/latest`` or ``models:/<name>@<alias>`` → the version,
     its tags and its run.
 
-    ``latest`` is the highest complete version: one whose run FINISHED (not failed, killed, still running
-    or deleted) and that carries the provenance tags; newer versions passed over are named in
-    ``problems``. A version named by number or alias is used as it is, with a note when its run did not
-    finish."""
+    ``latest`` is the highest complete version: one registered with its provenance tags (READY) whose run
+    is not deleted, however that run ended; newer versions passed over are named in ``problems``. A
+    version named by number or alias is used as it is. Either way a run that did not finish cleanly is
+    noted, with what that means for the version."""
     match = _MODEL_URI.match(uri)
     if match is None:
         raise RegistryError(
@@ -594,14 +670,15 @@ def resolve(uri: str, tracking: str) -> RegisteredModel:
             f"{uri} is version {record.version}, the newest complete registration; passed over: "
             f"{'; '.join(skipped)}"
         )
-    record.run, problem = (latest_run, None) if latest_run is not None else _read_run(client, record.run_id)
+    if latest_run is not None:
+        record.run, problem, complete = latest_run, None, True
+    else:
+        record.run, problem = _read_run(client, record.run_id)
+        complete = _incomplete(version, record.run, problem) is None
     if problem:
         record.problems.append(problem)
-    elif (state := _run_state(record.run)) is not None:
-        record.problems.append(
-            f"version {record.version}: {state}; what it recorded (tags, metrics, artifacts) may be "
-            "incomplete"
-        )
+    elif (note := _run_note(record.version, record.run, complete)) is not None:
+        record.problems.append(note)
     return record
 
 

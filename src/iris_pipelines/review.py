@@ -97,6 +97,8 @@ def provenance(
         ("run status", getattr(run_info, "status", None) or MISSING),
         ("run lifecycle stage", getattr(run_info, "lifecycle_stage", None) or MISSING),
         ("weights sha256", tags.get("weights_sha256") or MISSING),
+        # the artifacts may be gone (a store's clean-up) while the version and its run remain
+        ("model bundle", record.bundle_location() or "not found (see the note below)"),
         ("tracking URI", record.tracking_uri),
     ]
     code = [

@@ -1,6 +1,7 @@
 """Kedro project settings."""
 
 import os
+from pathlib import Path
 
 from kedro.config import OmegaConfigLoader
 
@@ -10,6 +11,7 @@ from iris_pipelines.hooks import (
     InterruptedRunHooks,
     ProjectRootHooks,
     ProvenanceHooks,
+    TrackingServerHooks,
 )
 from iris_pipelines.mlflow_warnings import without_type_hint_warning
 
@@ -19,7 +21,8 @@ with without_type_hint_warning():
     import kedro_mlflow.mlflow  # noqa: F401
 
 HOOKS = (
-    ProjectRootHooks(),
+    ProjectRootHooks(),  # its after_context_created wraps the others: first, wherever it stands
+    TrackingServerHooks(),
     ProvenanceHooks(),
     InputVersionHooks(),
     InterruptedRunHooks(),
@@ -43,9 +46,19 @@ def required_env(name: str) -> str:
 def env_or(name: str, default: str) -> str:
     """``${env_or:NAME,'default'}``: the variable's value when it is set (not blank), else ``default``.
     conf/base/mlflow.yml takes ``MLFLOW_TRACKING_URI`` this way, as ``iris review``/``iris segment`` do
-    (``registry.tracking_uri``), so that `kedro run` and the iris commands use the same MLflow store."""
-    value = os.environ.get(name, "").strip()
-    return value or default
+    (``registry.tracking_uri``), so that `kedro run` and the iris commands use the same MLflow store.
+
+    A relative SQLite file (``sqlite:///mlflow.db``) comes back absolute, from the current directory:
+    ProjectRootHooks has made that the project root before any hook reads mlflow.yml. MLflow caches a
+    store per URI string, so the relative URI stayed bound to the first project's file for the rest of the
+    process, and a second project's session (a notebook comparing two) wrote its runs there."""
+    value = os.environ.get(name, "").strip() or default
+    if not value.startswith("sqlite:///"):
+        return value
+    path, _, options = value[len("sqlite:///") :].partition("?")  # SQLAlchemy options follow a "?"
+    if path in ("", ":memory:") or Path(path).is_absolute():
+        return value
+    return f"sqlite:///{(Path.cwd() / path).resolve()}" + (f"?{options}" if options else "")
 
 
 CONFIG_LOADER_CLASS = OmegaConfigLoader
