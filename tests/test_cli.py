@@ -80,6 +80,17 @@ def test_phantoms_rejects_bad_options_in_one_line(tmp_path: Path, options: list[
     assert not (tmp_path / "p").exists(), "refused before anything is written"
 
 
+def test_phantoms_defaults_write_make_runs_collection():
+    """A bare `iris phantoms DIR` is the collection `make run` ingests, not another seed and size."""
+    import yaml
+
+    conf = yaml.safe_load((Path(__file__).parents[1] / "conf/base/parameters_ingest.yml").read_text())
+    defaults = {param.name: param.default for param in main.commands["phantoms"].params}
+    assert defaults["seed"] == conf["phantoms"]["seed"]
+    assert defaults["cases_per_dataset"] == conf["phantoms"]["cases_per_dataset"]
+    assert defaults["size_scale"] == conf["phantoms"]["size_scale"]
+
+
 def test_phantoms_refuses_a_folder_it_did_not_write(tmp_path: Path):
     mine = tmp_path / "p" / "Task07_Pancreas" / "dataset.json"
     mine.parent.mkdir(parents=True)

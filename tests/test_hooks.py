@@ -409,6 +409,28 @@ def test_an_unreachable_tracking_server_fails_the_run_in_seconds(
     )
 
 
+def test_an_env_missing_its_tracking_uri_variable_fails_in_one_line(
+    episodes_copy: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`kedro run --env=hpcc` without MLFLOW_TRACKING_URI said so only at the end of a 100-line traceback
+    of the config resolution inside kedro-mlflow's hook; a click error is the one line kedro prints."""
+    import click
+    import mlflow
+    from mlflow_support import in_process_sessions
+
+    with in_process_sessions(episodes_copy) as session:
+        monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+        with session(env="hpcc") as failing, pytest.raises(click.ClickException) as raised:
+            failing.run(pipeline_names=["episodes"])
+        assert mlflow.active_run() is None
+    message = str(raised.value)
+    assert message.startswith(
+        "conf/hpcc/mlflow.yml: the environment variable MLFLOW_TRACKING_URI is not set, and this Kedro env "
+        "needs it (e.g. export MLFLOW_TRACKING_URI=http://"
+    )
+    assert "\n" not in message and "full_key" not in message
+
+
 @pytest.fixture
 def answering_server() -> Iterator[tuple[int, dict]]:
     """A server answering /health with the status in ``answer["status"]`` (200 to start with)."""

@@ -307,6 +307,10 @@ def _set_or_unset(key: str, value: str | None) -> None:
         os.environ[key] = value
 
 
+class MissingEnvironmentVariable(ValueError):
+    """A variable a Kedro env's configuration needs (``${required_env:NAME}`` in settings.py) is not set."""
+
+
 class TrackingServerUnreachable(click.ClickException):
     """The MLflow tracking server of the run's Kedro env did not answer its health check. A click error:
     `kedro run` prints its one line (``Error: …``, exit status 1), not a traceback through the hooks."""
@@ -324,13 +328,16 @@ class TrackingServerHooks:
     on SLURM burns the allocation. One GET of the server's ``/health``, without retries, decides first:
     no connection, no answer within ``$IRIS_MLFLOW_HEALTH_TIMEOUT`` seconds (default 10) or a 5xx (a
     proxy in front of a stopped server) fail the run; any other answer, a TLS error included, lets MLflow
-    go on and report what it finds.
+    go on and report what it finds. An env that needs a variable left unset (``${required_env:…}``,
+    conf/hpcc's ``MLFLOW_TRACKING_URI``) fails here too, with the variable's one line rather than the
+    traceback of the config resolution in kedro-mlflow's hook.
     ``tryfirst``: before kedro-mlflow's ``after_context_created`` contacts the server.
     """
 
     @hook_impl(tryfirst=True)
     def after_context_created(self, context: Any) -> None:
         from kedro.config import MissingConfigException
+        from omegaconf.errors import InterpolationResolutionError
 
         if mlflow.active_run() is not None:
             return  # kedro-mlflow logs into the caller's run, on its store, and ignores mlflow.yml
@@ -338,6 +345,13 @@ class TrackingServerHooks:
             uri = str(context.config_loader["mlflow"].get("server", {}).get("mlflow_tracking_uri") or "")
         except MissingConfigException:
             return
+        except InterpolationResolutionError as error:
+            # OmegaConf keeps no exception chain, only "<class> raised while resolving interpolation: <msg>"
+            marker = f"{MissingEnvironmentVariable.__name__} raised while resolving interpolation: "
+            message = str(error).partition(marker)[2].split("\n")[0]
+            if not message:
+                raise
+            raise click.ClickException(f"conf/{context.env or 'local'}/mlflow.yml: {message}") from None
         if urlsplit(uri).scheme in ("http", "https"):
             check_tracking_server(uri, context.env or "local")
 

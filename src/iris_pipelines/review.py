@@ -111,7 +111,8 @@ def provenance(
             lock_status(tags.get("lockfile_sha256") or run_tags.get("lockfile_sha256"), project_dir),
         ),
         ("kedro env", tag("kedro_env")),
-        ("kedro command", run_tags.get("kedro_command", MISSING)),
+        # kedro-mlflow rebuilds the command from the pipelines and nodes run: no --env, no --params
+        ("kedro command (without env, params)", run_tags.get("kedro_command", MISSING)),
     ]
     data = [(f"version of {name}", tag(f"{INPUT_VERSION_TAG_PREFIX}{name}")) for name in INPUTS]
     others = [f"{INPUT_VERSION_TAG_PREFIX}{name}" for name in INPUTS]
@@ -228,7 +229,7 @@ def producer_parameters(producer: ProducingRun) -> Section:
         ("run id", producer.run.info.run_id),
         ("run status", producer.run.info.status),
         ("kedro session", tags.get(SESSION_TAG, MISSING)),
-        ("kedro command", tags.get("kedro_command", MISSING)),
+        ("kedro command (without env, params)", tags.get("kedro_command", MISSING)),
         ("kedro env", tags.get("kedro_env") or tags.get("env") or MISSING),
         *_runtime_params(tags.get("runtime_params")),
         *(_run_params(producer.run.data.params) or [("parameters", "none logged")]),

@@ -9,6 +9,7 @@ from iris_pipelines.hooks import (
     FailedStartHooks,
     InputVersionHooks,
     InterruptedRunHooks,
+    MissingEnvironmentVariable,
     ProjectRootHooks,
     ProvenanceHooks,
     TrackingServerHooks,
@@ -36,7 +37,7 @@ def required_env(name: str) -> str:
     error (Kedro allows ``oc.env`` in credentials only)."""
     value = os.environ.get(name, "").strip()
     if not value:
-        raise ValueError(
+        raise MissingEnvironmentVariable(
             f"the environment variable {name} is not set, and this Kedro env needs it "
             f"(e.g. export {name}=http://mlflow.example.org:5000; see slurm/README.md)"
         )

@@ -121,6 +121,28 @@ def test_without_sbatch_the_error_says_what_to_do(monkeypatch, tmp_path):
         run_slurm(folder=tmp_path, train_config={}, checkpoint_dir=tmp_path)
 
 
+def test_an_sbatch_that_refuses_the_job_is_one_message_with_its_reason(monkeypatch, tmp_path):
+    """sbatch installed but no cluster configured: its reason and what to do, not submitit's traceback."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "sbatch").write_text(
+        "#!/bin/sh\necho 'sbatch: fatal: Could not establish a configuration source' >&2\nexit 1\n"
+    )
+    (bin_dir / "sbatch").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    with pytest.raises(SlurmJobError) as refused:
+        run_slurm(
+            folder=tmp_path / "jobs", train_config=fast_train_config(steps=4), checkpoint_dir=tmp_path / "c",
+            model_config={}, episode_index={}, preprocessed_manifest=None,
+        )  # fmt: skip
+    message = str(refused.value)
+    assert (
+        "sbatch refused the training job: sbatch: fatal: Could not establish a configuration source"
+        in message
+    )
+    assert "SLURM_CONF" in message and str(tmp_path / "jobs") in message and "\n" not in message
+
+
 def test_a_mistyped_launcher_option_is_refused_before_submission(monkeypatch, tmp_path):
     """Not pickled into the job to fail on every rank after queueing: named, with the valid options."""
     monkeypatch.setenv("PATH", str(tmp_path))  # no sbatch: nothing could be submitted anyway

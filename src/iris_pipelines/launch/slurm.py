@@ -588,7 +588,16 @@ def run_slurm(
     }
     executor.update_parameters(**{k: v for k, v in parameters.items() if v is not None})
     with _outside_the_current_allocation():
-        job = executor.submit(SlurmTrainingJob(run_training_kwargs, backend, max_requeues))
+        try:
+            job = executor.submit(SlurmTrainingJob(run_training_kwargs, backend, max_requeues))
+        except submitit.core.utils.FailedJobError as error:  # submitit's message is sbatch's whole call
+            refusal = [line for line in str(error).splitlines() if "sbatch:" in line] or [str(error)]
+            raise SlurmJobError(
+                f"sbatch refused the training job: {' '.join(' '.join(refusal).split())[:500]}. Run on a "
+                "SLURM login node (for a local cluster, export the SLURM_CONF that "
+                f"slurm/local-cluster/start.sh prints) and check train.launcher_options; the submission "
+                f"script is in {job_folder}"
+            ) from None
     logger.info(
         "Submitted SLURM job %s: %d node(s) x %d rank(s); logs and metrics in %s",
         job.job_id,
