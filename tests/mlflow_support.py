@@ -35,10 +35,15 @@ def temporary_mlflow_store(root: Path) -> Iterator[str]:
         try:
             yield uri
         finally:
-            while mlflow.active_run() is not None:
-                mlflow.end_run()
-            mlflow.set_tracking_uri(None)
-            mlflow.set_registry_uri(None)
+            _end_runs_and_forget_the_store()
+
+
+def _end_runs_and_forget_the_store() -> None:
+    """What a test's MLflow set-up leaves: open runs ended, the process's tracking and registry URIs unset."""
+    while mlflow.active_run() is not None:
+        mlflow.end_run()
+    mlflow.set_tracking_uri(None)
+    mlflow.set_registry_uri(None)
 
 
 EPISODES_VERSION = "2026-01-01T00.00.00.000Z"
@@ -92,10 +97,7 @@ def in_process_sessions(root: Path) -> Iterator[Callable[..., Any]]:
     try:
         yield session
     finally:
-        while mlflow.active_run() is not None:
-            mlflow.end_run()
-        mlflow.set_tracking_uri(None)
-        mlflow.set_registry_uri(None)
+        _end_runs_and_forget_the_store()
         mlflow.tracking.fluent._active_experiment_id = None
         for key in [key for key in os.environ if key.startswith("MLFLOW_")]:
             del os.environ[key]

@@ -1748,6 +1748,38 @@ def test_an_interrupted_batch_lists_the_scans_it_did_not_reach(files, tmp_path, 
     assert summary["output"].tolist() == [str(tmp_path / "labels" / "a.nii.gz"), "", ""]
 
 
+def test_a_scan_that_raises_unexpectedly_is_listed_as_failed_not_interrupted(
+    files, tmp_path, monkeypatch
+) -> None:
+    """An error no scan is expected to raise stops the batch; the scan it came from failed (and loses its
+    earlier outputs, which would look current), the scans after it were not run."""
+    _known_prediction(files, monkeypatch, files["query"])
+    scans = [tmp_path / f"{name}.nii.gz" for name in "abc"]
+    for scan in scans:
+        write_image(read_image(files["query"]), scan)
+    stale = tmp_path / "labels" / "b.nii.gz"
+    stale.parent.mkdir()
+    stale.write_bytes(b"an earlier run's label map")
+    real_read_scan = segment_module.read_scan
+
+    def fails_at_b(path, *args, **kwargs):
+        if path == scans[1]:
+            raise RuntimeError("an unexpected\nfailure")
+        return real_read_scan(path, *args, **kwargs)
+
+    monkeypatch.setattr(segment_module, "read_scan", fails_at_b)
+    args = [arg for scan in scans for arg in ("--image", scan)]
+    result = invoke(
+        *args, *_reference(files), "--model", files["bundle"], "--no-reference-check",
+        "--out", tmp_path / "labels", *SPACING,
+    )  # fmt: skip
+    assert result.exit_code != 0 and isinstance(result.exception, RuntimeError)
+    summary = pd.read_csv(tmp_path / "labels" / "segmentations.csv", keep_default_na=False)
+    assert summary["status"].tolist() == ["ok", "failed", "not run"]
+    assert summary["reason"][1].startswith("RuntimeError: an unexpected failure")
+    assert summary["reason"][2] == "interrupted" and not stale.exists()
+
+
 @pytest.mark.parametrize("device", ["mps", "xla", "meta", "gpu", "CPU"])
 def test_a_device_other_than_cpu_or_cuda_is_one_line_before_any_reading(
     files, tmp_path, monkeypatch, device

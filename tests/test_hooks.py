@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -85,6 +86,28 @@ def test_a_run_started_in_a_subfolder_works_from_the_project_root(
     monkeypatch.chdir(tmp_path / "notebooks")
     _hooks(hooks.ProjectRootHooks()).after_context_created(context=SimpleNamespace(project_path=tmp_path))
     assert Path.cwd().resolve() == tmp_path.resolve()
+
+
+def test_new_hooks_after_a_package_reload_still_give_back_the_exported_store(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`%reload_kedro` re-imports the package, so the next session's hooks are new objects; what
+    kedro-mlflow exported for the last project must still be taken back, or the next project's
+    `${env_or:MLFLOW_TRACKING_URI,…}` reads the last one's store."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "recorded for teardown")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    monkeypatch.chdir(tmp_path)
+    context = SimpleNamespace(project_path=tmp_path)
+
+    class ExportsLikeKedroMlflow:
+        @hook_impl
+        def after_context_created(self) -> None:
+            os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp_path}/first/mlflow.db"
+
+    _hooks(hooks.ProjectRootHooks(), ExportsLikeKedroMlflow()).after_context_created(context=context)
+    assert os.environ["MLFLOW_TRACKING_URI"] == f"sqlite:///{tmp_path}/first/mlflow.db"
+    _hooks(hooks.ProjectRootHooks()).after_context_created(context=context)  # the reloaded package's
+    assert "MLFLOW_TRACKING_URI" not in os.environ
 
 
 @pytest.fixture
@@ -410,7 +433,7 @@ def test_an_unreachable_tracking_server_fails_the_run_in_seconds(
 
 
 def test_an_env_missing_its_tracking_uri_variable_fails_in_one_line(
-    episodes_copy: Path, monkeypatch: pytest.MonkeyPatch
+    episodes_copy: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     """`kedro run --env=hpcc` without MLFLOW_TRACKING_URI said so only at the end of a 100-line traceback
     of the config resolution inside kedro-mlflow's hook; a click error is the one line kedro prints."""
@@ -423,6 +446,12 @@ def test_an_env_missing_its_tracking_uri_variable_fails_in_one_line(
         with session(env="hpcc") as failing, pytest.raises(click.ClickException) as raised:
             failing.run(pipeline_names=["episodes"])
         assert mlflow.active_run() is None
+        mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/notebook.db")
+        with mlflow.start_run():  # a caller's own run: kedro-mlflow still resolves mlflow.yml first
+            os.environ.pop("MLFLOW_TRACKING_URI")  # which set_tracking_uri exported
+            with session(env="hpcc") as failing, pytest.raises(click.ClickException) as again:
+                failing.run(pipeline_names=["episodes"])
+    assert str(again.value) == str(raised.value)
     message = str(raised.value)
     assert message.startswith(
         "conf/hpcc/mlflow.yml: the environment variable MLFLOW_TRACKING_URI is not set, and this Kedro env "
@@ -467,6 +496,43 @@ def test_the_health_check_passes_any_answer_but_a_server_error(answering_server)
         hooks.TrackingServerUnreachable, match=r"unreachable \(HTTP 503 Service Unavailable\)"
     ):
         hooks.check_tracking_server(f"http://127.0.0.1:{port}", "hpcc")
+
+
+@pytest.fixture
+def not_http_port() -> Iterator[int]:
+    """A port where something other than an HTTP server answers (another service, a wrong port)."""
+    server = socket.create_server(("127.0.0.1", 0))
+
+    def answer() -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                connection, _ = server.accept()
+                with connection:
+                    connection.recv(1024)
+                    connection.sendall(b"NOT HTTP AT ALL\r\n")
+
+    threading.Thread(target=answer, daemon=True).start()
+    with server:
+        yield server.getsockname()[1]
+
+
+def test_the_health_check_is_one_line_for_odd_servers_addresses_and_timeouts(
+    not_http_port: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Not an HTTP server, a malformed address, a timeout that is no number of seconds: the one line
+    `kedro run` prints, not a traceback from http.client or urllib."""
+    import click
+
+    with pytest.raises(hooks.TrackingServerUnreachable, match=r"unreachable \(BadStatusLine: "):
+        hooks.check_tracking_server(f"http://127.0.0.1:{not_http_port}", "hpcc")
+    with pytest.raises(hooks.TrackingServerUnreachable, match="is unreachable"):
+        hooks.check_tracking_server("http://127.0.0.1:abc", "hpcc")
+    with pytest.raises(hooks.TrackingServerUnreachable, match=r"URI is malformed \(Invalid IPv6 URL\)"):
+        hooks.check_tracking_server("http://[::1", "hpcc")
+    for timeout in ("-1", "0", "abc", "inf"):
+        monkeypatch.setenv(hooks.HEALTH_TIMEOUT_ENV, timeout)
+        with pytest.raises(click.ClickException, match=f"{hooks.HEALTH_TIMEOUT_ENV}='{timeout}': expected"):
+            hooks.check_tracking_server(f"http://127.0.0.1:{not_http_port}", "hpcc")
 
 
 def test_the_health_check_never_sends_or_shows_a_login(refused_port: int, monkeypatch) -> None:

@@ -11,16 +11,19 @@ from __future__ import annotations
 import atexit
 import contextlib
 import hashlib
+import http.client
 import logging
+import math
 import os
 import re
 import signal
 import ssl
 import subprocess
 import sys
+import types
 import urllib.error
 import urllib.request
-from collections.abc import Generator
+from collections.abc import Generator, Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -230,15 +233,18 @@ def _end_unended_run(run_id: str, status: str) -> None:
     """End ``run_id`` with ``status`` after a hook failed while the pipeline ended: off this process's run
     stack (or the next session would log into it) and, where it is still RUNNING, in the store."""
     ended = False  # here; kedro-mlflow may have ended it before another hook failed
-    while (active := mlflow.active_run()) is not None and active.info.run_id == run_id:
-        ended = True
-        with contextlib.suppress(Exception):  # it pops the run before it writes to the store
-            mlflow.end_run(status)
     try:
-        client = mlflow.MlflowClient()
-        if client.get_run(run_id).info.status == "RUNNING":
-            client.set_terminated(run_id, status)
-            ended = True
+        # The store likely failed just now (a server restarting): MLflow's retries would hold the process
+        # for minutes per request, on SLURM in the allocation's time; one short try each, then the log.
+        with _environment(MLFLOW_HTTP_REQUEST_MAX_RETRIES="0", MLFLOW_HTTP_REQUEST_TIMEOUT="10"):
+            while (active := mlflow.active_run()) is not None and active.info.run_id == run_id:
+                ended = True
+                with contextlib.suppress(Exception):  # it pops the run before it writes to the store
+                    mlflow.end_run(status)
+            client = mlflow.MlflowClient()
+            if client.get_run(run_id).info.status == "RUNNING":
+                client.set_terminated(run_id, status)
+                ended = True
     except Exception as error:  # noqa: BLE001 - the hook's own error follows; this one is logged
         logger.error(
             "MLflow run %s could not be ended (%s): it stays RUNNING in the store; end it with "
@@ -271,18 +277,17 @@ class ProjectRootHooks:
     variables as they were before this one: kedro-mlflow's ``mlflow.set_tracking_uri`` and
     ``set_registry_uri`` export ``MLFLOW_TRACKING_URI`` and ``MLFLOW_REGISTRY_URI`` and never unset them,
     and the next project's ``${env_or:MLFLOW_TRACKING_URI,…}`` took the previous project's store for the
-    user's. A value changed since (the user's own export) is left alone.
+    user's. A value changed since (the user's own export) is left alone. What was exported is kept for the
+    process (:func:`_process_state`), not on this object: ``%reload_kedro`` re-imports the package, and so
+    makes new hooks, while the exported variables stay.
     """
 
     EXPORTED = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
 
-    def __init__(self) -> None:
-        # variable -> (its value before the last session's hooks, the value they left), where they differ
-        self.exported: dict[str, tuple[str | None, str | None]] = {}
-
     @hook_impl(wrapper=True)
     def after_context_created(self, context: Any) -> Generator[None, Any, Any]:
-        for key, (before, left) in self.exported.items():
+        state = _process_state()
+        for key, (before, left) in state.exported.items():
             if os.environ.get(key) == left:
                 _set_or_unset(key, before)
         before = {key: os.environ.get(key) for key in self.EXPORTED}
@@ -293,11 +298,39 @@ class ProjectRootHooks:
         try:
             return (yield)
         finally:
-            self.exported = {
+            # variable -> (its value before this session's hooks, the value they left), where they differ
+            state.exported = {
                 key: (value, os.environ.get(key))
                 for key, value in before.items()
                 if os.environ.get(key) != value
             }
+
+
+_STATE_MODULE = "_iris_pipelines_process_state"
+
+
+def _process_state() -> types.ModuleType:
+    """State of this Python process that must outlive the package's modules: Kedro's ``%reload_kedro``
+    removes every module whose name starts with the package's (so this one's name does not) and imports
+    them afresh, while the process environment and MLflow carry on."""
+    state = sys.modules.get(_STATE_MODULE)
+    if state is None:
+        state = types.ModuleType(_STATE_MODULE, "iris_pipelines hooks: state kept across %reload_kedro")
+        state.exported = {}
+        sys.modules[_STATE_MODULE] = state
+    return state
+
+
+@contextlib.contextmanager
+def _environment(**values: str) -> Iterator[None]:
+    """The process environment with ``values`` set, as it was afterwards."""
+    before = {key: os.environ.get(key) for key in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in before.items():
+            _set_or_unset(key, value)
 
 
 def _set_or_unset(key: str, value: str | None) -> None:
@@ -339,9 +372,7 @@ class TrackingServerHooks:
         from kedro.config import MissingConfigException
         from omegaconf.errors import InterpolationResolutionError
 
-        if mlflow.active_run() is not None:
-            return  # kedro-mlflow logs into the caller's run, on its store, and ignores mlflow.yml
-        try:
+        try:  # kedro-mlflow resolves mlflow.yml even when it then logs into a caller's run
             uri = str(context.config_loader["mlflow"].get("server", {}).get("mlflow_tracking_uri") or "")
         except MissingConfigException:
             return
@@ -352,20 +383,32 @@ class TrackingServerHooks:
             if not message:
                 raise
             raise click.ClickException(f"conf/{context.env or 'local'}/mlflow.yml: {message}") from None
-        if urlsplit(uri).scheme in ("http", "https"):
+        if mlflow.active_run() is not None:
+            return  # kedro-mlflow logs into the caller's run, on the caller's store
+        if uri.partition(":")[0].lower() in ("http", "https"):
             check_tracking_server(uri, context.env or "local")
 
 
 def check_tracking_server(uri: str, env: str) -> None:
     """Raise ``TrackingServerUnreachable`` unless the server at ``uri`` answers its ``/health``."""
-    parts = urlsplit(uri)
+    source = f"mlflow_tracking_uri in conf/{env}/mlflow.yml"
+    if os.environ.get("MLFLOW_TRACKING_URI", "").strip() == uri:
+        source = f"MLFLOW_TRACKING_URI, which conf/{env}/mlflow.yml reads"
+    try:
+        parts = urlsplit(uri)
+    except ValueError as error:  # not shown: the URI may hold a login
+        raise TrackingServerUnreachable(
+            f"the MLflow tracking URI is malformed ({error}): fix {source}"
+        ) from None
     # No login (user:password@) or query (a token) in what is requested or shown; /health needs neither.
     shown = f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}{parts.path.rstrip('/')}"
     raw = os.environ.get(HEALTH_TIMEOUT_ENV, "").strip()
     try:
         timeout = float(raw) if raw else HEALTH_TIMEOUT_S
     except ValueError:
-        raise ValueError(f"{HEALTH_TIMEOUT_ENV}={raw!r} is not a number of seconds") from None
+        timeout = math.nan
+    if not 0 < timeout < math.inf:
+        raise click.ClickException(f"{HEALTH_TIMEOUT_ENV}={raw!r}: expected a number of seconds above 0")
     try:
         with urllib.request.urlopen(f"{shown}/health", timeout=timeout):
             return
@@ -373,6 +416,8 @@ def check_tracking_server(uri: str, env: str) -> None:
         if error.code < 500:
             return  # it answered (a login or a route it lacks): MLflow's own requests say the rest
         reason = f"HTTP {error.code} {error.reason}"
+    except (http.client.HTTPException, ValueError) as error:  # not HTTP there; a malformed host or port
+        reason = f"{type(error).__name__}: {' '.join(str(error).split())[:200]}"
     except OSError as error:  # URLError (no connection), or a timeout or hang-up while reading
         cause = error.reason if isinstance(error, urllib.error.URLError) else error
         if isinstance(cause, ssl.SSLError):
@@ -381,9 +426,6 @@ def check_tracking_server(uri: str, env: str) -> None:
             reason = f"no answer within {timeout:g} s"
         else:
             reason = getattr(cause, "strerror", None) or str(cause) or type(cause).__name__
-    source = f"mlflow_tracking_uri in conf/{env}/mlflow.yml"
-    if os.environ.get("MLFLOW_TRACKING_URI", "").strip() == uri:
-        source = f"MLFLOW_TRACKING_URI, which conf/{env}/mlflow.yml reads"
     raise TrackingServerUnreachable(
         f"MLflow tracking server {shown} is unreachable ({reason}): start it or fix {source}"
     )

@@ -770,14 +770,16 @@ def reference_task(
     task = context_ensemble(torch.cat(pool), torch.stack(valid))
     if strategy != "tuning":
         return task
+    # A reference left with none of the classes would only dilute the mean loss over references.
+    showing = [(reference, row) for reference, row in zip(used, held[: len(used)], strict=True) if row.any()]
     pairs = []
-    for reference in used:
+    for reference, _ in showing:
         image = torch.from_numpy(np.ascontiguousarray(reference.image))[None, None]
         pairs.append(crop_reference(image, label_masks(reference.label, labels), roi_size))
     # A class tuned at all must be in some reference's crop; within a reference, only its own classes count
     # (one that does not label a class says nothing about where it is).
     in_a_crop = torch.stack([m.flatten(2).sum(dim=2)[0] > 0 for _, m in pairs]).any(dim=0)
-    slots = torch.from_numpy(held[: len(used)]) & in_a_crop
+    slots = torch.from_numpy(np.stack([row for _, row in showing])) & in_a_crop
     return tune_task_embedding(model, task, pairs, steps=tuning_steps, lr=tuning_lr, class_mask=slots).task
 
 
@@ -1621,6 +1623,7 @@ def segment_batch(
     failures: list[tuple[Path, str]] = []
     rows: list[dict[str, Any]] = []
     summary_path = out_dir / BATCH_SUMMARY
+    stopped: BaseException | None = None
     try:
         for image_path, out in pairs:
             if on_scan is not None:
@@ -1645,10 +1648,20 @@ def segment_batch(
             logger.warning("skipped %s", reason)
             failures.append((image_path, reason))
             rows.append(_summary_row(image_path, out, None, reason))
+    except BaseException as error:
+        stopped = error
+        raise
     finally:  # an unexpected error (or Ctrl-C) still leaves the table, listing the scans it did not reach
+        unreached = pairs[len(rows) :]
+        if unreached and isinstance(stopped, Exception):  # the scan in progress raised: it failed
+            image_path, out = unreached.pop(0)
+            reason = f"{type(stopped).__name__}: {' '.join(str(stopped).split())[:300]}" + _remove_outputs(
+                out
+            )
+            rows.append(_summary_row(image_path, out, None, reason))
         rows += [
             {"image": str(image), "output": "", "status": "not run", "reason": "interrupted"}
-            for image, _ in pairs[len(rows) :]
+            for image, _ in unreached
         ]
         write_text_atomic(summary_path, pd.DataFrame(rows).to_csv(index=False))
     return BatchResult(results, failures, summary_path)
