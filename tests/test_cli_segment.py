@@ -1721,25 +1721,31 @@ def test_folders_that_hold_this_or_an_earlier_output_folder_are_not_scans(
     ) in caplog.text
 
 
-def test_an_interrupted_batch_lists_the_scans_it_did_not_reach(files, tmp_path, monkeypatch) -> None:
-    """Ctrl-C during a batch left segmentations.csv with the scans done only: the others were missing."""
+def _batch_stopped_at_b(files, tmp_path, monkeypatch, error: BaseException) -> tuple[list[Path], object]:
+    """Scans a, b and c segmented in one batch, reading b raising ``error``; the scans and the CLI result."""
     _known_prediction(files, monkeypatch, files["query"])
     scans = [tmp_path / f"{name}.nii.gz" for name in "abc"]
     for scan in scans:
         write_image(read_image(files["query"]), scan)
     real_read_scan = segment_module.read_scan
 
-    def interrupted_at_b(path, *args, **kwargs):
+    def raises_at_b(path, *args, **kwargs):
         if path == scans[1]:
-            raise KeyboardInterrupt
+            raise error
         return real_read_scan(path, *args, **kwargs)
 
-    monkeypatch.setattr(segment_module, "read_scan", interrupted_at_b)
+    monkeypatch.setattr(segment_module, "read_scan", raises_at_b)
     args = [arg for scan in scans for arg in ("--image", scan)]
     result = invoke(
         *args, *_reference(files), "--model", files["bundle"], "--no-reference-check",
         "--out", tmp_path / "labels", *SPACING,
     )  # fmt: skip
+    return scans, result
+
+
+def test_an_interrupted_batch_lists_the_scans_it_did_not_reach(files, tmp_path, monkeypatch) -> None:
+    """Ctrl-C during a batch left segmentations.csv with the scans done only: the others were missing."""
+    scans, result = _batch_stopped_at_b(files, tmp_path, monkeypatch, KeyboardInterrupt())
     assert result.exit_code == 1 and "Aborted" in result.output
     summary = pd.read_csv(tmp_path / "labels" / "segmentations.csv", keep_default_na=False)
     assert summary["image"].tolist() == [str(scan) for scan in scans]
@@ -1753,26 +1759,10 @@ def test_a_scan_that_raises_unexpectedly_is_listed_as_failed_not_interrupted(
 ) -> None:
     """An error no scan is expected to raise stops the batch; the scan it came from failed (and loses its
     earlier outputs, which would look current), the scans after it were not run."""
-    _known_prediction(files, monkeypatch, files["query"])
-    scans = [tmp_path / f"{name}.nii.gz" for name in "abc"]
-    for scan in scans:
-        write_image(read_image(files["query"]), scan)
     stale = tmp_path / "labels" / "b.nii.gz"
     stale.parent.mkdir()
     stale.write_bytes(b"an earlier run's label map")
-    real_read_scan = segment_module.read_scan
-
-    def fails_at_b(path, *args, **kwargs):
-        if path == scans[1]:
-            raise RuntimeError("an unexpected\nfailure")
-        return real_read_scan(path, *args, **kwargs)
-
-    monkeypatch.setattr(segment_module, "read_scan", fails_at_b)
-    args = [arg for scan in scans for arg in ("--image", scan)]
-    result = invoke(
-        *args, *_reference(files), "--model", files["bundle"], "--no-reference-check",
-        "--out", tmp_path / "labels", *SPACING,
-    )  # fmt: skip
+    _, result = _batch_stopped_at_b(files, tmp_path, monkeypatch, RuntimeError("an unexpected\nfailure"))
     assert result.exit_code != 0 and isinstance(result.exception, RuntimeError)
     summary = pd.read_csv(tmp_path / "labels" / "segmentations.csv", keep_default_na=False)
     assert summary["status"].tolist() == ["ok", "failed", "not run"]
