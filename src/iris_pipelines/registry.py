@@ -24,6 +24,7 @@ from iris_pipelines.inference.bundle import (
     ModelBundle,
     bundle_directory,
 )
+from iris_pipelines.sqlite_store import absolute_sqlite_uri
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"  # conf/base/mlflow.yml, relative to the project directory
 BUNDLE_ARTIFACT = "model_bundle"  # register_model logs the bundle directory under this run path
@@ -66,12 +67,7 @@ def tracking_uri(option: str | None, project_dir: str | os.PathLike[str] | None 
     if option:
         return option
     uri = os.environ.get("MLFLOW_TRACKING_URI", "").strip() or DEFAULT_TRACKING_URI
-    if project_dir is None or not uri.startswith("sqlite:///"):
-        return uri
-    path, options = (uri[len("sqlite:///") :].split("?", 1) + [""])[:2]
-    if Path(path).is_absolute() or path in ("", ":memory:"):
-        return uri
-    return f"sqlite:///{(Path(project_dir) / path).resolve()}" + (f"?{options}" if options else "")
+    return uri if project_dir is None else absolute_sqlite_uri(uri, project_dir)
 
 
 # settings.py's CONFIG_LOADER_ARGS as far as finding mlflow.yml and credentials.yml goes. Not imported from

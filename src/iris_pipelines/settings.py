@@ -15,6 +15,7 @@ from iris_pipelines.hooks import (
     TrackingServerHooks,
 )
 from iris_pipelines.mlflow_warnings import without_type_hint_warning
+from iris_pipelines.sqlite_store import absolute_sqlite_uri
 
 # kedro-mlflow's `kedro mlflow` commands import its KedroPipelineModel, whose missing type hints MLflow warned
 # about in every kedro command; Kedro imports these settings first, so the class is created quietly here.
@@ -53,13 +54,7 @@ def env_or(name: str, default: str) -> str:
     ProjectRootHooks has made that the project root before any hook reads mlflow.yml. MLflow caches a
     store per URI string, so the relative URI stayed bound to the first project's file for the rest of the
     process, and a second project's session (a notebook comparing two) wrote its runs there."""
-    value = os.environ.get(name, "").strip() or default
-    if not value.startswith("sqlite:///"):
-        return value
-    path, _, options = value[len("sqlite:///") :].partition("?")  # SQLAlchemy options follow a "?"
-    if path in ("", ":memory:") or Path(path).is_absolute():
-        return value
-    return f"sqlite:///{(Path.cwd() / path).resolve()}" + (f"?{options}" if options else "")
+    return absolute_sqlite_uri(os.environ.get(name, "").strip() or default, Path.cwd())
 
 
 CONFIG_LOADER_CLASS = OmegaConfigLoader
